@@ -1,0 +1,347 @@
+//! `kata-runtime env`: the effective configuration and host facts, as TOML (default) or JSON.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use kata_config::{Config, HostLimits};
+use kata_hypervisor::host::{self, CpuInfo, MemInfo};
+use kata_hypervisor::probe;
+use serde::Serialize;
+
+/// Format version of this output (Kata's `Meta.Version`).
+pub const FORMAT_VERSION: &str = "1.0.26";
+
+/// `env` flags.
+#[derive(Debug, clap::Args)]
+pub struct EnvArgs {
+    /// Print JSON instead of TOML.
+    #[arg(long)]
+    pub json: bool,
+    /// Apply an annotation as a pod would (repeatable): prints the configuration that pod would
+    /// get, or the error it would get.
+    #[arg(long = "annotation", value_name = "KEY=VALUE", value_parser = super::parse_annotation)]
+    pub annotations: Vec<(String, String)>,
+}
+
+/// The whole report.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct EnvInfo {
+    kernel: KernelInfo,
+    meta: MetaInfo,
+    image: PathInfo,
+    initrd: PathInfo,
+    hypervisor: HypervisorInfo,
+    runtime: RuntimeInfo,
+    host: HostInfo,
+    agent: AgentInfo,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct KernelInfo {
+    path: String,
+    parameters: String,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct MetaInfo {
+    version: String,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct PathInfo {
+    path: String,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct HypervisorInfo {
+    name: String,
+    supported: bool,
+    machine_type: String,
+    version: String,
+    path: String,
+    accelerator: String,
+    accelerator_in_use: String,
+    block_device_driver: String,
+    entropy_source: String,
+    #[serde(rename = "SharedFS")]
+    shared_fs: String,
+    #[serde(rename = "VirtioFSDaemon")]
+    virtio_fs_daemon: String,
+    socket_path: String,
+    msize9p: u32,
+    memory_slots: u32,
+    default_vcpus: u32,
+    default_max_vcpus: u32,
+    default_memory: u32,
+    default_max_memory: u32,
+    #[serde(rename = "PCIeRootPort")]
+    pcie_root_port: u32,
+    #[serde(rename = "HotplugVFIOOnRootBus")]
+    hotplug_vfio_on_root_bus: bool,
+    debug: bool,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct RuntimeInfo {
+    path: String,
+    debug: bool,
+    trace: bool,
+    disable_guest_seccomp: bool,
+    disable_new_net_ns: bool,
+    sandbox_cgroup_only: bool,
+    internetworking_model: String,
+    static_sandbox_resource_mgmt: bool,
+    warnings: Vec<String>,
+    unsupported_keys: Vec<String>,
+    config: RuntimeConfigInfo,
+    version: RuntimeVersion,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct RuntimeConfigInfo {
+    path: String,
+    drop_ins: Vec<String>,
+    found_by: String,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct RuntimeVersion {
+    #[serde(rename = "OCI")]
+    oci: String,
+    version: SemVer,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct SemVer {
+    semver: String,
+    commit: String,
+    major: u64,
+    minor: u64,
+    patch: u64,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct HostInfo {
+    kernel: String,
+    architecture: String,
+    #[serde(rename = "VMContainerCapable")]
+    vm_container_capable: bool,
+    support_v_socks: bool,
+    distro: Distro,
+    #[serde(rename = "CPU")]
+    cpu: Cpu,
+    memory: Memory,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct Distro {
+    name: String,
+    version: String,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct Cpu {
+    vendor: String,
+    model: String,
+    #[serde(rename = "CPUs")]
+    cpus: u32,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct Memory {
+    total: u64,
+    free: u64,
+    available: u64,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct AgentInfo {
+    debug: bool,
+    trace: bool,
+    debug_console_enabled: bool,
+    dial_timeout: u32,
+    kernel_modules: Vec<String>,
+}
+
+/// Loads the effective configuration for a command line, as the shim would for a pod.
+pub fn effective_config(
+    config: Option<PathBuf>,
+    annotations: &[(String, String)],
+) -> anyhow::Result<Config> {
+    let map = annotations.iter().cloned().collect();
+    let inputs = super::search_inputs(config, map);
+    let (config, _container) = kata_config::load::load_effective(&inputs, &HostLimits::current())?;
+    Ok(config)
+}
+
+/// Runs `env`.
+pub fn run(config: Option<PathBuf>, args: EnvArgs) -> anyhow::Result<ExitCode> {
+    let config = effective_config(config, &args.annotations)?;
+    let info = collect(&config);
+    let text = if args.json {
+        serde_json::to_string_pretty(&info).context("failed to encode the report as JSON")?
+    } else {
+        toml::to_string(&info).context("failed to encode the report as TOML")?
+    };
+    println!("{text}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Builds the report.
+pub fn collect(c: &Config) -> EnvInfo {
+    let h = &c.hypervisor;
+    let kind = c.hypervisor_kind;
+    let path = h.effective_path(kind);
+    let version = if path.is_empty() {
+        String::new()
+    } else {
+        host::binary_version(Path::new(&path)).unwrap_or_else(|e| format!("unknown: {e}"))
+    };
+    let in_use =
+        match probe::cached(Path::new(&path), Path::new(&h.kernel)).and_then(|r| r.chosen()) {
+            Some(a) => a.name().to_string(),
+            None => "unknown (run 'kata-runtime check')".to_string(),
+        };
+    let cpu = CpuInfo::read();
+    let mem = MemInfo::read();
+    let (distro, distro_version) =
+        host::parse_os_release(&std::fs::read_to_string("/etc/os-release").unwrap_or_default());
+    let mut parts = crate::VERSION
+        .split('.')
+        .map(|p| p.parse::<u64>().unwrap_or(0));
+    EnvInfo {
+        kernel: KernelInfo {
+            path: h.kernel.clone(),
+            parameters: h.kernel_params.clone(),
+        },
+        meta: MetaInfo {
+            version: FORMAT_VERSION.to_string(),
+        },
+        image: PathInfo {
+            path: h.image.clone(),
+        },
+        initrd: PathInfo {
+            path: h.initrd.clone(),
+        },
+        hypervisor: HypervisorInfo {
+            name: kind.name().to_string(),
+            supported: kind.is_supported(),
+            machine_type: h.machine_type.clone(),
+            version,
+            path,
+            accelerator: toml_name(&h.accelerator),
+            accelerator_in_use: in_use,
+            block_device_driver: toml_name(&h.block_device_driver),
+            entropy_source: h.entropy_source.clone(),
+            shared_fs: toml_name(&h.shared_fs),
+            virtio_fs_daemon: h.virtio_fs_daemon.clone(),
+            socket_path: String::new(),
+            msize9p: h.msize_9p,
+            memory_slots: h.memory_slots,
+            default_vcpus: h.default_vcpus,
+            default_max_vcpus: h.default_maxvcpus,
+            default_memory: h.default_memory,
+            default_max_memory: h.default_maxmemory,
+            pcie_root_port: h.pcie_root_port,
+            hotplug_vfio_on_root_bus: h.hotplug_vfio_on_root_bus,
+            debug: h.enable_debug,
+        },
+        runtime: RuntimeInfo {
+            path: std::env::current_exe()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            debug: c.runtime.enable_debug,
+            trace: c.runtime.enable_tracing,
+            disable_guest_seccomp: c.runtime.disable_guest_seccomp,
+            disable_new_net_ns: c.runtime.disable_new_netns,
+            sandbox_cgroup_only: c.runtime.sandbox_cgroup_only,
+            internetworking_model: toml_name(&c.runtime.internetworking_model),
+            static_sandbox_resource_mgmt: c.runtime.static_resources(),
+            warnings: c.warnings.iter().map(|w| w.to_string()).collect(),
+            unsupported_keys: c
+                .unsupported
+                .iter()
+                .map(|u| format!("{}.{}", u.section, u.key))
+                .collect(),
+            config: RuntimeConfigInfo {
+                path: c.source.path.display().to_string(),
+                drop_ins: c
+                    .source
+                    .dropins
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect(),
+                found_by: c.source.found_by.to_string(),
+            },
+            version: RuntimeVersion {
+                oci: "1.0.2".to_string(),
+                version: SemVer {
+                    semver: crate::VERSION.to_string(),
+                    commit: crate::COMMIT.to_string(),
+                    major: parts.next().unwrap_or(0),
+                    minor: parts.next().unwrap_or(0),
+                    patch: parts.next().unwrap_or(0),
+                },
+            },
+        },
+        host: HostInfo {
+            kernel: host::kernel_release(),
+            architecture: arch().to_string(),
+            vm_container_capable: cpu.has(cpu.virt_flag()),
+            support_v_socks: host::has_vhost_vsock(),
+            distro: Distro {
+                name: distro,
+                version: distro_version,
+            },
+            cpu: Cpu {
+                vendor: cpu.vendor.clone(),
+                model: cpu.model.clone(),
+                cpus: cpu.cpus,
+            },
+            memory: Memory {
+                total: mem.total,
+                free: mem.free,
+                available: mem.available,
+            },
+        },
+        agent: AgentInfo {
+            debug: c.agent.enable_debug,
+            trace: c.agent.enable_tracing,
+            debug_console_enabled: c.agent.debug_console_enabled,
+            dial_timeout: c.agent.dial_timeout,
+            kernel_modules: c.agent.kernel_modules.clone(),
+        },
+    }
+}
+
+fn arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
+/// The TOML spelling of a serialisable enum value.
+pub fn toml_name<T: Serialize>(value: &T) -> String {
+    match toml::Value::try_from(value) {
+        Ok(toml::Value::String(s)) => s,
+        Ok(v) => v.to_string(),
+        Err(_) => String::new(),
+    }
+}

@@ -1,0 +1,33 @@
+//! Subcommands.
+
+pub mod check;
+pub mod env;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use kata_config::load::{FoundBy, SearchInputs};
+
+/// The configuration search inputs for a command line (`--config` wins over the search order).
+pub fn search_inputs(
+    config: Option<PathBuf>,
+    annotations: BTreeMap<String, String>,
+) -> SearchInputs {
+    SearchInputs::standard()
+        .with_explicit(config, FoundBy::CommandLine)
+        .with_annotations(annotations)
+}
+
+/// The search order, for `--show-default-config-paths`.
+pub fn default_config_paths() -> Vec<PathBuf> {
+    let s = SearchInputs::standard();
+    s.env_file.into_iter().chain(s.default_paths).collect()
+}
+
+/// Parses `KEY=VALUE`.
+pub fn parse_annotation(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
+}

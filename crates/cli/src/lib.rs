@@ -1,0 +1,106 @@
+//! `kata-runtime`, the command line of the runtime.
+//!
+//! One module per subcommand under [`commands`]; this file holds the argument model and the
+//! mapping of results to exit codes.
+
+pub mod commands;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Version of the runtime.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// Git commit the binary was built from (may be empty).
+pub const COMMIT: &str = env!("KATA_COMMIT");
+
+/// Kata Containers runtime command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "kata-runtime",
+    version,
+    about = "Kata Containers runtime: check the host, show the configuration"
+)]
+pub struct Cli {
+    /// Configuration file to use instead of the search order.
+    #[arg(
+        long,
+        visible_alias = "kata-config",
+        global = true,
+        value_name = "PATH"
+    )]
+    pub config: Option<PathBuf>,
+    /// Print the configuration search order and exit.
+    #[arg(long)]
+    pub show_default_config_paths: bool,
+    /// Debug logging on stderr.
+    #[arg(long, global = true)]
+    pub debug: bool,
+    /// Subcommand.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Tell whether this host can run Kata Containers, with KVM or with TCG emulation.
+    #[command(visible_alias = "kata-check")]
+    Check(commands::check::CheckArgs),
+    /// Show the effective configuration and host facts.
+    #[command(visible_alias = "kata-env")]
+    Env(commands::env::EnvArgs),
+    /// Print a shell completion script.
+    Completion {
+        /// Shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+/// Sets up logging on stderr.
+pub fn init_logging(debug: bool) {
+    let level = if debug { "debug" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KATA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> ExitCode {
+    if cli.show_default_config_paths {
+        for p in commands::default_config_paths() {
+            println!("{}", p.display());
+        }
+        return ExitCode::SUCCESS;
+    }
+    let result = match cli.command {
+        Some(Command::Check(args)) => commands::check::run(cli.config, args),
+        Some(Command::Env(args)) => commands::env::run(cli.config, args),
+        Some(Command::Completion { shell }) => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "kata-runtime", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        None => {
+            let _ = <Cli as clap::CommandFactory>::command().print_help();
+            Ok(ExitCode::from(2))
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("kata-runtime: {}", chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// An error and its causes on one line, each cause once.
+pub fn chain(e: &anyhow::Error) -> String {
+    kata_config::error_chain(e.as_ref())
+}

@@ -1,0 +1,321 @@
+//! kata-runtime as a user runs it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_kata-runtime"))
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn shipped() -> PathBuf {
+    repo().join("config/configuration-qemu.toml")
+}
+
+fn run(cmd: &mut Command) -> (Output, String, String) {
+    let out = cmd
+        .env_remove("KATA_CONF_FILE")
+        .output()
+        .expect("run kata-runtime");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    (out, stdout, stderr)
+}
+
+#[test]
+fn env_json_is_valid_and_complete() {
+    let (out, stdout, stderr) = run(bin()
+        .args(["--config"])
+        .arg(shipped())
+        .args(["env", "--json"]));
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("valid JSON");
+    for section in [
+        "Kernel",
+        "Meta",
+        "Image",
+        "Initrd",
+        "Hypervisor",
+        "Runtime",
+        "Host",
+        "Agent",
+    ] {
+        assert!(v.get(section).is_some(), "missing {section}");
+    }
+    assert_eq!(v["Hypervisor"]["Name"], "qemu");
+    assert_eq!(v["Hypervisor"]["MachineType"], "q35");
+    assert_eq!(v["Runtime"]["Config"]["FoundBy"], "command line");
+    assert_eq!(v["Agent"]["DialTimeout"], 30);
+    assert!(v["Host"]["CPU"]["CPUs"].as_u64().unwrap_or(0) >= 1);
+}
+
+#[test]
+fn env_toml_has_the_guide_sections() {
+    let (out, stdout, stderr) = run(bin().arg("--config").arg(shipped()).arg("env"));
+    assert!(out.status.success(), "{stderr}");
+    let v: toml::Table = toml::from_str(&stdout).expect("valid TOML");
+    assert_eq!(v["Meta"]["Version"].as_str(), Some("1.0.26"));
+    assert!(stdout.contains("[Runtime.Version.Version]"));
+}
+
+#[test]
+fn env_annotation_shows_what_a_pod_would_get() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let cfg = dir.path().join("configuration.toml");
+    let text = std::fs::read_to_string(shipped()).expect("read").replace(
+        "enable_annotations = [\"enable_iommu\"]",
+        "enable_annotations = [\"enable_iommu\", \"default_vcpus\"]",
+    );
+    std::fs::write(&cfg, text).expect("write");
+    let (out, stdout, stderr) = run(bin().arg("--config").arg(&cfg).args([
+        "env",
+        "--json",
+        "--annotation",
+        "io.katacontainers.config.hypervisor.default_vcpus=2",
+    ]));
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+    assert_eq!(v["Hypervisor"]["DefaultVcpus"], 2);
+
+    let (out, stdout, stderr) = run(bin().arg("--config").arg(&cfg).args([
+        "env",
+        "--annotation",
+        "io.katacontainers.config.hypervisor.default_memory=4096",
+    ]));
+    assert!(!out.status.success(), "refused annotation must fail");
+    assert!(stdout.is_empty());
+    assert!(
+        stderr.contains("io.katacontainers.config.hypervisor.default_memory=\"4096\" is refused")
+            && stderr.contains("enable_annotations"),
+        "{stderr}"
+    );
+    let (out, _, stderr) =
+        run(bin()
+            .arg("--config")
+            .arg(&cfg)
+            .args(["env", "--annotation", "novalue"]));
+    assert!(!out.status.success());
+    assert!(stderr.contains("expected KEY=VALUE"), "{stderr}");
+}
+
+#[test]
+fn bad_config_is_reported_with_position() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(
+        &cfg,
+        "[hypervisor.qemu]\ninitrd = \"/i\"\ndefault_vcpu = 2\n",
+    )
+    .expect("write");
+    let (out, _, stderr) = run(bin().arg("--config").arg(&cfg).arg("env"));
+    assert!(!out.status.success());
+    assert!(stderr.contains("bad.toml:3: unknown key `default_vcpu` in [hypervisor.qemu] (did you mean `default_vcpus`?)"), "{stderr}");
+}
+
+#[test]
+fn kata_conf_file_is_honoured() {
+    let out = bin()
+        .args(["env", "--json"])
+        .env("KATA_CONF_FILE", shipped())
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(
+        v["Runtime"]["Config"]["FoundBy"],
+        "environment variable KATA_CONF_FILE"
+    );
+}
+
+#[test]
+fn completion_script_names_the_subcommands() {
+    let (out, stdout, _) = run(bin().args(["completion", "bash"]));
+    assert!(out.status.success());
+    assert!(stdout.contains("kata-runtime") && stdout.contains("check") && stdout.contains("env"));
+}
+
+#[test]
+fn release_lookup_without_network_is_explained() {
+    let (out, _, stderr) =
+        run(bin().args(["check", "--check-version-only", "--no-network-checks"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr.contains("release lookup needs the network"),
+        "{stderr}"
+    );
+}
+
+/// A config pointing at the real QEMU and the guest kernel built by scripts/guest-kernel.sh.
+fn probe_config(dir: &Path, kernel: &Path) -> PathBuf {
+    let initrd = dir.join("initrd.img");
+    std::fs::write(&initrd, b"placeholder: the boot probe does not use it").expect("initrd");
+    let cfg = dir.join("configuration.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[hypervisor.qemu]\npath = \"/usr/bin/qemu-system-x86_64\"\nkernel = \"{}\"\ninitrd = \"{}\"\nshared_fs = \"virtio-9p\"\n",
+            kernel.display(),
+            initrd.display()
+        ),
+    )
+    .expect("config");
+    cfg
+}
+
+fn test_kernel() -> PathBuf {
+    let dir = std::env::var_os("KATA_TEST_KERNEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("build/kernel"));
+    let entry = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}; run scripts/guest-kernel.sh", dir.display()))
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinux-"))
+        });
+    entry.unwrap_or_else(|| {
+        panic!(
+            "no vmlinux-* in {}; run scripts/guest-kernel.sh",
+            dir.display()
+        )
+    })
+}
+
+#[test]
+#[ignore = "needs root, QEMU and the guest kernel (make test runs it)"]
+fn check_boots_the_kernel_and_explains_the_accelerator() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let cfg = probe_config(dir.path(), &test_kernel());
+    let start = std::time::Instant::now();
+    let (out, stdout, stderr) = run(bin().arg("--config").arg(&cfg).args(["check", "--verbose"]));
+    let secs = start.elapsed().as_secs_f64();
+    let code = out.status.code();
+    assert!(
+        matches!(code, Some(0) | Some(2)),
+        "exit {code:?}\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("the guest kernel boots with"), "{stdout}");
+    assert!(
+        stdout.contains("System is capable of running Kata Containers"),
+        "{stdout}"
+    );
+    let kvm_hangs = stdout.contains("does not boot with kvm");
+    if code == Some(2) {
+        assert!(stdout.contains("with TCG emulation only"), "{stdout}");
+        assert!(
+            stdout.contains("VMs will run under TCG emulation"),
+            "{stdout}"
+        );
+    }
+    if kvm_hangs {
+        assert_eq!(code, Some(2), "KVM hangs, so only emulation is possible");
+        assert!(stdout.contains("falls back to TCG emulation"), "{stdout}");
+    }
+    assert!(secs < 60.0, "the probe took {secs:.1} s");
+    // env now reports what the probe chose.
+    let (_, env, _) = run(bin().arg("--config").arg(&cfg).args(["env", "--json"]));
+    let v: serde_json::Value = serde_json::from_str(&env).expect("json");
+    let expected = if code == Some(0) { "kvm" } else { "tcg" };
+    assert_eq!(v["Hypervisor"]["AcceleratorInUse"], expected);
+}
+
+#[test]
+#[ignore = "needs QEMU (make test runs it)"]
+fn check_names_a_missing_kernel_and_fails() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let cfg = probe_config(dir.path(), &dir.path().join("no-such-vmlinux"));
+    let (out, stdout, _) = run(bin().arg("--config").arg(&cfg).arg("check"));
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("no-such-vmlinux ([hypervisor.qemu].kernel) does not exist"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("hint: build and install the guest"),
+        "{stdout}"
+    );
+}
+
+#[test]
+#[ignore = "needs QEMU (make test runs it)"]
+fn check_strict_fails_on_warnings() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let cfg = probe_config(dir.path(), &test_kernel());
+    std::fs::write(
+        &cfg,
+        std::fs::read_to_string(&cfg).expect("read")
+            + "enable_virtio_mem = true\naccelerator = \"tcg\"\n",
+    )
+    .expect("write");
+    let (out, stdout, _) = run(bin().arg("--config").arg(&cfg).args(["check"]));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "emulated, with a warning: {stdout}"
+    );
+    assert!(
+        stdout.contains("[hypervisor.qemu].enable_virtio_mem is set but not supported"),
+        "{stdout}"
+    );
+    let (out, stdout, _) = run(bin().arg("--config").arg(&cfg).args(["check", "--strict"]));
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("--strict"), "{stdout}");
+}
+
+#[test]
+#[ignore = "needs 'make install' into /opt/kata (make test runs it)"]
+fn installed_tree_has_the_kata_layout_and_loads_by_default() {
+    let defaults = Path::new("/opt/kata/share/defaults/kata-containers");
+    for f in [
+        "configuration-qemu.toml",
+        "configuration-clh.toml",
+        "configuration-fc.toml",
+        "configuration-dragonball.toml",
+    ] {
+        let installed =
+            std::fs::read_to_string(defaults.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+        let shipped = std::fs::read_to_string(repo().join("config").join(f)).expect("shipped");
+        assert_eq!(
+            installed, shipped,
+            "{f} is stale in /opt/kata; run make install"
+        );
+    }
+    let link = std::fs::read_link(defaults.join("configuration.toml"))
+        .expect("configuration.toml is a link");
+    assert_eq!(link, Path::new("configuration-qemu.toml"));
+    let assets = Path::new("/opt/kata/share/kata-containers");
+    for link in ["vmlinux.container", "vmlinuz.container"] {
+        let target = assets.join(std::fs::read_link(assets.join(link)).expect(link));
+        assert!(target.is_file(), "{link} -> {}", target.display());
+    }
+    assert!(Path::new("/opt/kata/share/bash-completion/completions/kata-runtime").is_file());
+    assert!(Path::new("/opt/kata/bin/qemu-system-x86_64").exists());
+    // With no --config and no KATA_CONF_FILE, the installed runtime finds the default file
+    // (unless an administrator's /etc file exists, which then wins).
+    let out = Command::new("/opt/kata/bin/kata-runtime")
+        .args(["env", "--json"])
+        .env_remove("KATA_CONF_FILE")
+        .output()
+        .expect("installed kata-runtime runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let expected = if Path::new("/etc/kata-containers/configuration.toml").exists() {
+        "/etc/kata-containers/configuration.toml"
+    } else {
+        "/opt/kata/share/defaults/kata-containers/configuration.toml"
+    };
+    assert_eq!(v["Runtime"]["Config"]["Path"], expected);
+    assert_eq!(v["Runtime"]["Config"]["FoundBy"], "default location");
+}

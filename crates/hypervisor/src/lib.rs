@@ -1,0 +1,10 @@
+//! Hypervisor layer.
+//!
+//! - [`host`]: what this host offers (CPU, kernel modules, `/dev/kvm`, vsock, memory);
+//! - [`probe`]: the boot probe that tells whether KVM can really boot the guest kernel, and the
+//!   accelerator choice that follows from it (cached per boot of the host).
+
+pub mod host;
+pub mod probe;
+
+pub use probe::{Accel, ProbeReport};

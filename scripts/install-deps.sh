@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the build, the tests and the runtime need. Idempotent and quick
+# when everything is present (no 'apt-get update' then).
+set -euo pipefail
+packages=(
+  qemu-system-x86   # the hypervisor
+  kmod              # depmod for the guest kernel's modules
+  cpio              # initrd packing
+  busybox-static    # debug console and test images
+  xz-utils          # vmlinux extraction
+  libcap-ng-dev libseccomp-dev   # building virtiofsd
+  protobuf-compiler # CRI protos
+  iproute2          # network namespaces in tests
+  prometheus        # promtool for metrics tests
+  jq curl
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "Debian packages: all present"
+  exit 0
+fi
+echo "Debian packages: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
