@@ -3,7 +3,7 @@ PREFIX ?= /opt/kata
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all build kernel install setup test lint unit generate clean
+.PHONY: all build kernel guest virtiofsd install setup test lint unit generate clean
 
 all: build
 
@@ -13,7 +13,14 @@ build:
 kernel:
 	scripts/guest-kernel.sh
 
-install: build kernel
+# The static kata-agent and the initrd (needs the kernel's modules).
+guest: kernel
+	scripts/guest-image.sh
+
+virtiofsd:
+	scripts/virtiofsd.sh
+
+install: build guest virtiofsd
 	PREFIX=$(PREFIX) scripts/install.sh
 
 # One command: packages, build, guest, /opt/kata, host check.

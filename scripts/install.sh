@@ -33,5 +33,14 @@ if [ -f "$kernel_dir/vmlinux-$ver" ]; then
   ln -sfn "vmlinuz-$ver" "$assets/vmlinuz.container"
 fi
 
+initrd="$here/build/kata-containers-initrd-$ver.img"
+if [ -f "$initrd" ]; then
+  install -m 0644 "$initrd" "$assets/kata-containers-initrd-$ver.img"
+  ln -sfn "kata-containers-initrd-$ver.img" "$assets/kata-containers-initrd.img"
+fi
+if [ -x "$here/build/tools/bin/virtiofsd" ]; then
+  install -m 0755 "$here/build/tools/bin/virtiofsd" "$PREFIX/libexec/virtiofsd"
+fi
+
 "$PREFIX/bin/kata-runtime" completion bash > "$PREFIX/share/bash-completion/completions/kata-runtime"
 echo "installed into $PREFIX"

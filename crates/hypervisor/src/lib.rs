@@ -2,9 +2,13 @@
 //!
 //! - [`host`]: what this host offers (CPU, kernel modules, `/dev/kvm`, vsock, memory);
 //! - [`probe`]: the boot probe that tells whether KVM can really boot the guest kernel, and the
-//!   accelerator choice that follows from it (cached per boot of the host).
+//!   accelerator choice that follows from it (cached per boot of the host);
+//! - [`qemu`]: the QEMU command line, QMP client and VM lifecycle;
+//! - [`virtiofsd`]: the per-sandbox virtio-fs daemon.
 
 pub mod host;
 pub mod probe;
+pub mod qemu;
+pub mod virtiofsd;
 
 pub use probe::{Accel, ProbeReport};

@@ -292,6 +292,25 @@ pub fn probe(qemu: &Path, kernel: &Path, with_tcg: bool) -> Result<ProbeReport, 
     Ok(report)
 }
 
+/// Runs only the KVM boot probe (the runtime's `auto` choice when nothing is cached): TCG needs
+/// no probe to be chosen. Writes the cache.
+pub fn probe_kvm(qemu: &Path, kernel: &Path) -> Result<ProbeReport, ProbeError> {
+    let device = probe_kvm_device(Path::new("/dev/kvm"));
+    let kvm = if device == KvmDevice::Ok {
+        Some(boot_once(qemu, kernel, Accel::Kvm, KVM_DEADLINE)?)
+    } else {
+        None
+    };
+    let report = ProbeReport {
+        key: ProbeKey::new(qemu, kernel),
+        kvm_device: format!("{device:?}"),
+        kvm,
+        tcg: None,
+    };
+    store_cache(Path::new(CACHE_PATH), &report);
+    Ok(report)
+}
+
 /// The cached report for these files, if any and still valid.
 pub fn cached(qemu: &Path, kernel: &Path) -> Option<ProbeReport> {
     load_cache(Path::new(CACHE_PATH), &ProbeKey::new(qemu, kernel))

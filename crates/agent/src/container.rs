@@ -1,0 +1,502 @@
+//! Containers and processes: spawning the helper in new (or existing) namespaces, the guest
+//! cgroup of each container, stdio.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+use nix::sched::CloneFlags;
+use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, Process, Spec};
+use tokio::sync::watch;
+
+use crate::helper::HelperConfig;
+use crate::reaper::{Exit, Reaper};
+use crate::stream::OutputBuffer;
+
+/// Root of the containers' cgroups in the guest.
+pub const CGROUP_ROOT: &str = "/sys/fs/cgroup/kata";
+
+/// Errors with the code the host sees.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Bad request.
+    #[error("{0}")]
+    Invalid(String),
+    /// No such container or process.
+    #[error("{0}")]
+    NotFound(String),
+    /// Already exists.
+    #[error("{0}")]
+    Exists(String),
+    /// Failed while doing it.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<AgentError> for ttrpc::Error {
+    fn from(e: AgentError) -> Self {
+        let code = match e {
+            AgentError::Invalid(_) => ttrpc::Code::INVALID_ARGUMENT,
+            AgentError::NotFound(_) => ttrpc::Code::NOT_FOUND,
+            AgentError::Exists(_) => ttrpc::Code::ALREADY_EXISTS,
+            AgentError::Failed(_) => ttrpc::Code::INTERNAL,
+        };
+        ttrpc::Error::RpcStatus(ttrpc::get_status(code, e.to_string()))
+    }
+}
+
+/// One process (a container's init or an exec).
+#[derive(Debug)]
+pub struct ProcessEntry {
+    /// Pid of the process itself (signals go here).
+    pub pid: i32,
+    /// Write end of stdin (or the pty master); `None` once closed.
+    pub stdin: Mutex<Option<File>>,
+    /// Pty master, for resizing.
+    pub tty: Option<File>,
+    /// stdout (or the pty).
+    pub stdout: OutputBuffer,
+    /// stderr (closed for a tty).
+    pub stderr: OutputBuffer,
+    /// Exit.
+    pub exit: watch::Receiver<Option<Exit>>,
+    /// Start pipe of a created, not yet started init process.
+    pub start: Mutex<Option<File>>,
+    /// Status pipe, read at start for an exec failure.
+    pub status: Mutex<Option<File>>,
+}
+
+/// One container.
+#[derive(Debug)]
+pub struct Container {
+    /// Id.
+    pub id: String,
+    /// Its cgroup directory.
+    pub cgroup: PathBuf,
+    /// Processes by exec id (the init process under the container id).
+    pub processes: Mutex<HashMap<String, Arc<ProcessEntry>>>,
+    /// Guest mounts made for it (unmounted on removal, in reverse order).
+    pub mounts: Vec<PathBuf>,
+}
+
+impl Container {
+    /// The init process.
+    pub fn init(&self) -> Result<Arc<ProcessEntry>, AgentError> {
+        self.process(&self.id)
+    }
+
+    /// A process by exec id (empty: init).
+    pub fn process(&self, exec_id: &str) -> Result<Arc<ProcessEntry>, AgentError> {
+        let key = if exec_id.is_empty() {
+            self.id.as_str()
+        } else {
+            exec_id
+        };
+        self.processes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .cloned()
+            .ok_or_else(|| {
+                AgentError::NotFound(format!("container {} has no process {key}", self.id))
+            })
+    }
+}
+
+fn pipe() -> Result<(File, File), AgentError> {
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| AgentError::Failed(format!("pipe: {e}")))?;
+    Ok((File::from(r), File::from(w)))
+}
+
+fn io(what: &str) -> impl Fn(std::io::Error) -> AgentError + '_ {
+    move |e| AgentError::Failed(format!("{what}: {e}"))
+}
+
+/// Namespaces to create for a new container, from its spec (network and user stay the VM's).
+fn clone_flags(spec: &Spec) -> CloneFlags {
+    let mut flags = CloneFlags::CLONE_NEWNS;
+    let list = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().clone())
+        .unwrap_or_default();
+    for ns in list {
+        flags |= match ns.typ() {
+            LinuxNamespaceType::Pid => CloneFlags::CLONE_NEWPID,
+            LinuxNamespaceType::Uts => CloneFlags::CLONE_NEWUTS,
+            LinuxNamespaceType::Ipc => CloneFlags::CLONE_NEWIPC,
+            _ => CloneFlags::empty(),
+        };
+    }
+    flags
+}
+
+/// Spawns the helper and returns the process once the helper reported the pid (and, for a new
+/// container, once it is ready to start).
+/// `unshare`: the namespaces to create (empty for an exec, which joins them in the helper).
+fn spawn(
+    reaper: &Reaper,
+    config: &HelperConfig,
+    unshare: CloneFlags,
+    cgroup: &Path,
+) -> Result<ProcessEntry, AgentError> {
+    let terminal = config.process.terminal().unwrap_or(false);
+    let (cfg_r, mut cfg_w) = pipe()?;
+    let (mut status_r, status_w) = pipe()?;
+    let (start_r, start_w) = pipe()?;
+    let mut cmd = Command::new("/proc/self/exe");
+    cmd.arg0("kata-agent-init").arg("init-container");
+    let (stdin, tty, stdout, stderr);
+    if terminal {
+        let pty = nix::pty::openpty(None, None)
+            .map_err(|e| AgentError::Failed(format!("openpty: {e}")))?;
+        let master = File::from(pty.master);
+        let slave = File::from(pty.slave);
+        cmd.stdin(Stdio::from(slave.try_clone().map_err(io("dup pty"))?));
+        cmd.stdout(Stdio::from(slave.try_clone().map_err(io("dup pty"))?));
+        cmd.stderr(Stdio::from(slave));
+        stdout = OutputBuffer::pump(master.try_clone().map_err(io("dup pty"))?);
+        stderr = OutputBuffer::closed();
+        stdin = Some(master.try_clone().map_err(io("dup pty"))?);
+        tty = Some(master);
+    } else {
+        let (in_r, in_w) = pipe()?;
+        let (out_r, out_w) = pipe()?;
+        let (err_r, err_w) = pipe()?;
+        cmd.stdin(Stdio::from(in_r))
+            .stdout(Stdio::from(out_w))
+            .stderr(Stdio::from(err_w));
+        stdout = OutputBuffer::pump(out_r);
+        stderr = OutputBuffer::pump(err_r);
+        stdin = Some(in_w);
+        tty = None;
+    }
+    let fds = [cfg_r.as_raw_fd(), status_w.as_raw_fd(), start_r.as_raw_fd()];
+    // SAFETY: the closure runs in the forked child and only makes async-signal-safe calls
+    // (dup2, unshare).
+    unsafe {
+        cmd.pre_exec(move || {
+            for (i, fd) in fds.iter().enumerate() {
+                if libc::dup2(*fd, 3 + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if !unshare.is_empty() && libc::unshare(unshare.bits()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(io("start the container helper"))?;
+    let helper_pid = child.id() as i32;
+    let exit = reaper.register(helper_pid);
+    crate::init::debug(|| format!("helper pid {helper_pid}"));
+    drop(cmd);
+    drop(status_w);
+    drop(start_r);
+    drop(cfg_r);
+    let _ = std::fs::write(cgroup.join("cgroup.procs"), helper_pid.to_string());
+    let json = serde_json::to_vec(config)
+        .map_err(|e| AgentError::Failed(format!("encode helper config: {e}")))?;
+    cfg_w
+        .write_all(&json)
+        .map_err(io("send the helper its configuration"))?;
+    drop(cfg_w);
+    let mut pid_bytes = [0u8; 4];
+    let pid = match status_r.read_exact(&mut pid_bytes) {
+        Ok(()) if pid_bytes[0] != b'E' => u32::from_le_bytes(pid_bytes) as i32,
+        _ => {
+            let mut rest = String::new();
+            let _ = status_r.read_to_string(&mut rest);
+            let msg = String::from_utf8_lossy(&pid_bytes).to_string() + &rest;
+            return Err(AgentError::Failed(msg.trim_start_matches('E').to_string()));
+        }
+    };
+    if config.wait_start {
+        let mut b = [0u8; 1];
+        match status_r.read(&mut b) {
+            Ok(1) if b[0] == b'R' => {}
+            _ => {
+                let mut rest = String::new();
+                let _ = status_r.read_to_string(&mut rest);
+                return Err(AgentError::Failed(format!(
+                    "create container: {}",
+                    rest.trim_start_matches('E')
+                )));
+            }
+        }
+    }
+    Ok(ProcessEntry {
+        pid,
+        stdin: Mutex::new(stdin),
+        tty,
+        stdout,
+        stderr,
+        exit,
+        start: Mutex::new(config.wait_start.then_some(start_w)),
+        status: Mutex::new(Some(status_r)),
+    })
+}
+
+/// Reads the status pipe after the start byte: EOF means exec succeeded.
+pub fn await_exec(entry: &ProcessEntry) -> Result<(), AgentError> {
+    let Some(mut status) = entry
+        .status
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+    else {
+        return Ok(());
+    };
+    let mut rest = String::new();
+    let _ = status.read_to_string(&mut rest);
+    if rest.is_empty() {
+        Ok(())
+    } else {
+        Err(AgentError::Failed(rest.trim_start_matches('E').to_string()))
+    }
+}
+
+/// Creates the cgroup of a container and applies its limits.
+pub fn create_cgroup(id: &str, resources: Option<&LinuxResources>) -> Result<PathBuf, AgentError> {
+    let root = Path::new(CGROUP_ROOT);
+    if !root.exists() {
+        std::fs::create_dir_all(root).map_err(io("create the containers' cgroup"))?;
+        if let Ok(ctrl) = std::fs::read_to_string(root.join("cgroup.controllers")) {
+            let enable: Vec<String> = ctrl.split_whitespace().map(|c| format!("+{c}")).collect();
+            let _ = std::fs::write(root.join("cgroup.subtree_control"), enable.join(" "));
+        }
+    }
+    let dir = root.join(id);
+    std::fs::create_dir_all(&dir).map_err(io("create the container's cgroup"))?;
+    if let Some(r) = resources {
+        apply_resources(&dir, r)?;
+    }
+    Ok(dir)
+}
+
+/// Writes OCI resources into a cgroup v2 directory.
+pub fn apply_resources(dir: &Path, r: &LinuxResources) -> Result<(), AgentError> {
+    let write = |file: &str, value: String| {
+        std::fs::write(dir.join(file), &value)
+            .map_err(|e| AgentError::Failed(format!("set {file} = {value}: {e}")))
+    };
+    if let Some(m) = r.memory() {
+        if let Some(limit) = m.limit() {
+            write(
+                "memory.max",
+                if limit < 0 {
+                    "max".into()
+                } else {
+                    limit.to_string()
+                },
+            )?;
+        }
+        if let Some(swap) = m.swap() {
+            if let Some(limit) = m.limit() {
+                if swap > 0 && limit > 0 && swap >= limit {
+                    let _ = write("memory.swap.max", (swap - limit).to_string());
+                }
+            }
+        }
+    }
+    if let Some(c) = r.cpu() {
+        if let Some(q) = c.quota() {
+            let period = c.period().unwrap_or(100_000);
+            write(
+                "cpu.max",
+                if q <= 0 {
+                    format!("max {period}")
+                } else {
+                    format!("{q} {period}")
+                },
+            )?;
+        }
+        if let Some(shares) = c.shares() {
+            // cgroup v1 shares (2..262144) to v2 weight (1..10000), as runc converts.
+            let weight = 1 + ((shares.clamp(2, 262_144) - 2) * 9999) / 262_142;
+            write("cpu.weight", weight.to_string())?;
+        }
+    }
+    if let Some(p) = r.pids() {
+        let l = p.limit();
+        write(
+            "pids.max",
+            if l <= 0 { "max".into() } else { l.to_string() },
+        )?;
+    }
+    Ok(())
+}
+
+fn read_u64(dir: &Path, file: &str) -> u64 {
+    std::fs::read_to_string(dir.join(file))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn keyed(dir: &Path, file: &str, key: &str) -> u64 {
+    std::fs::read_to_string(dir.join(file))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(key).and_then(|v| v.trim().parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// Statistics of a container's cgroup.
+pub fn stats(dir: &Path) -> kata_protocols::agent::StatsContainerResponse {
+    let limit = std::fs::read_to_string(dir.join("memory.max"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(u64::MAX);
+    let oom_kills = keyed(dir, "memory.events", "oom_kill ");
+    kata_protocols::agent::StatsContainerResponse {
+        memory_usage: read_u64(dir, "memory.current"),
+        memory_limit: limit,
+        cpu_usage_usec: keyed(dir, "cpu.stat", "usage_usec "),
+        pids_current: read_u64(dir, "pids.current"),
+        oom_killed: oom_kills > 0,
+        oom_kills,
+        ..Default::default()
+    }
+}
+
+/// Pids in a cgroup.
+pub fn cgroup_pids(dir: &Path) -> Vec<i32> {
+    std::fs::read_to_string(dir.join("cgroup.procs"))
+        .map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+/// Creates a container (its process waits for StartContainer).
+pub fn create(
+    reaper: &Reaper,
+    id: &str,
+    spec: Spec,
+    mounts: Vec<PathBuf>,
+) -> Result<Container, AgentError> {
+    let process = spec
+        .process()
+        .clone()
+        .ok_or_else(|| AgentError::Invalid("the OCI spec has no process".into()))?;
+    let rootfs = spec
+        .root()
+        .as_ref()
+        .map(|r| r.path().clone())
+        .ok_or_else(|| AgentError::Invalid("the OCI spec has no root.path".into()))?;
+    if !rootfs.is_dir() {
+        return Err(AgentError::Invalid(format!(
+            "root filesystem {} is not a directory in the guest",
+            rootfs.display()
+        )));
+    }
+    let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
+    let cgroup = create_cgroup(id, resources.as_ref())?;
+    let flags = clone_flags(&spec);
+    let config = HelperConfig {
+        spec: Some(spec),
+        process,
+        rootfs,
+        wait_start: true,
+        join_pid: None,
+    };
+    let entry = match spawn(reaper, &config, flags, &cgroup) {
+        Ok(e) => e,
+        Err(e) => {
+            let _ = std::fs::remove_dir(&cgroup);
+            return Err(e);
+        }
+    };
+    let mut processes = HashMap::new();
+    processes.insert(id.to_string(), Arc::new(entry));
+    Ok(Container {
+        id: id.to_string(),
+        cgroup,
+        processes: Mutex::new(processes),
+        mounts,
+    })
+}
+
+/// Starts a created container.
+pub fn start(c: &Container) -> Result<(), AgentError> {
+    let init = c.init()?;
+    let start = init.start.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let Some(mut start) = start else {
+        return Err(AgentError::Invalid(format!(
+            "container {} is already started",
+            c.id
+        )));
+    };
+    start.write_all(b"S").map_err(io("start the container"))?;
+    await_exec(&init)
+}
+
+/// Runs an extra process in a running container.
+pub fn exec(
+    reaper: &Reaper,
+    c: &Container,
+    exec_id: &str,
+    process: Process,
+) -> Result<i32, AgentError> {
+    if c.processes
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains_key(exec_id)
+    {
+        return Err(AgentError::Exists(format!(
+            "process {exec_id} already exists in container {}",
+            c.id
+        )));
+    }
+    let init = c.init()?;
+    if init.exit.borrow().is_some() {
+        return Err(AgentError::Invalid(format!(
+            "container {} is not running",
+            c.id
+        )));
+    }
+    let config = HelperConfig {
+        spec: None,
+        process,
+        rootfs: PathBuf::new(),
+        wait_start: false,
+        join_pid: Some(init.pid),
+    };
+    let entry = spawn(reaper, &config, CloneFlags::empty(), &c.cgroup)?;
+    await_exec(&entry)?;
+    let pid = entry.pid;
+    c.processes
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(exec_id.to_string(), Arc::new(entry));
+    Ok(pid)
+}
+
+/// Sets a pty's window size.
+pub fn resize(entry: &ProcessEntry, rows: u16, cols: u16) -> Result<(), AgentError> {
+    let Some(tty) = &entry.tty else {
+        return Err(AgentError::Invalid("the process has no terminal".into()));
+    };
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads a valid winsize from a pty master fd we own.
+    if unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCSWINSZ, &ws) } != 0 {
+        return Err(AgentError::Failed(format!(
+            "resize terminal: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
+}

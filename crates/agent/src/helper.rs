@@ -1,0 +1,524 @@
+//! `kata-agent init-container`: a short-lived, single-threaded helper that the agent starts
+//! inside the container's new namespaces (or, for exec, inside an existing container's). It
+//! forks the container process, which prepares the root filesystem, mounts, user and
+//! capabilities, waits for the start signal and execs.
+//!
+//! File descriptors: 0-2 the process's stdio; 3 the configuration (JSON, read to EOF); 4 the
+//! status pipe (the helper writes the child's pid as 4 little-endian bytes, then the child
+//! writes `R` once ready, or `E<message>` on failure; exec closes it); 5 the start pipe (create
+//! only: one byte starts the process). The helper then waits for the child and exits the same
+//! way (code, or the same signal).
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, RawFd};
+use std::path::{Path, PathBuf};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sys::signal::{kill, signal, SigHandler, Signal};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::{fork, ForkResult, Pid};
+use oci_spec::runtime::{PosixRlimit, Process, Spec};
+use serde::{Deserialize, Serialize};
+
+use crate::mounts::mount_one;
+
+/// What the helper is asked to do.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HelperConfig {
+    /// Full spec for a new container; `None` for an exec into a running one.
+    pub spec: Option<Spec>,
+    /// The process to run.
+    pub process: Process,
+    /// Guest path of the container's root filesystem (new containers).
+    pub rootfs: PathBuf,
+    /// Wait for the start byte on fd 5 before exec.
+    pub wait_start: bool,
+    /// Join the namespaces of this pid (exec into a running container).
+    pub join_pid: Option<i32>,
+}
+
+/// Enters the ipc, uts, pid and mount namespaces of `pid` (pid: for children).
+fn join_namespaces(pid: i32) -> Result<(), String> {
+    use std::os::fd::AsFd;
+    let files: Vec<(&str, File)> = ["ipc", "uts", "pid", "mnt"]
+        .iter()
+        .map(|ns| {
+            File::open(format!("/proc/{pid}/ns/{ns}"))
+                .map(|f| (*ns, f))
+                .map_err(|e| format!("open /proc/{pid}/ns/{ns}: {e}"))
+        })
+        .collect::<Result<_, _>>()?;
+    for (ns, f) in &files {
+        nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::empty())
+            .map_err(|e| format!("join the {ns} namespace of {pid}: {e}"))?;
+    }
+    Ok(())
+}
+
+const CONFIG_FD: RawFd = 3;
+const STATUS_FD: RawFd = 4;
+const START_FD: RawFd = 5;
+
+static CHILD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn forward(sig: libc::c_int) {
+    let pid = CHILD.load(std::sync::atomic::Ordering::Relaxed);
+    if pid > 0 {
+        // SAFETY: kill is async-signal-safe.
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+/// Entry point of `kata-agent init-container`. Never returns.
+pub fn main() -> ! {
+    // SAFETY: fds 3 and 4 are handed to us by the agent and owned by this process.
+    let mut config_file = unsafe { File::from_raw_fd(CONFIG_FD) };
+    let mut status = unsafe { File::from_raw_fd(STATUS_FD) };
+    let mut text = String::new();
+    if let Err(e) = config_file.read_to_string(&mut text) {
+        fail(&mut status, &format!("read helper configuration: {e}"));
+    }
+    drop(config_file);
+    let config: HelperConfig = match serde_json::from_str(&text) {
+        Ok(c) => c,
+        Err(e) => fail(&mut status, &format!("parse helper configuration: {e}")),
+    };
+    if let Some(pid) = config.join_pid {
+        if let Err(e) = join_namespaces(pid) {
+            fail(&mut status, &e);
+        }
+    }
+    // SAFETY: this process is single-threaded (freshly exec'd), so fork is safe.
+    match unsafe { fork() } {
+        Err(e) => fail(&mut status, &format!("fork: {e}")),
+        Ok(ForkResult::Child) => {
+            let err = child(&config, &mut status);
+            fail(&mut status, &err)
+        }
+        Ok(ForkResult::Parent { child }) => {
+            CHILD.store(child.as_raw(), std::sync::atomic::Ordering::Relaxed);
+            let _ = status.write_all(&(child.as_raw() as u32).to_le_bytes());
+            drop(status);
+            // SAFETY: installing a handler that only calls kill.
+            for sig in [
+                Signal::SIGTERM,
+                Signal::SIGINT,
+                Signal::SIGHUP,
+                Signal::SIGQUIT,
+                Signal::SIGUSR1,
+                Signal::SIGUSR2,
+                Signal::SIGWINCH,
+                Signal::SIGCONT,
+            ] {
+                unsafe {
+                    let _ = signal(sig, SigHandler::Handler(forward));
+                }
+            }
+            mirror_exit(child)
+        }
+    }
+}
+
+fn mirror_exit(child: Pid) -> ! {
+    loop {
+        match waitpid(child, None) {
+            Ok(WaitStatus::Exited(_, code)) => std::process::exit(code),
+            Ok(WaitStatus::Signaled(_, sig, _)) => {
+                // SAFETY: restoring the default action, then dying of the same signal.
+                unsafe {
+                    let _ = signal(sig, SigHandler::SigDfl);
+                }
+                let _ = kill(Pid::this(), sig);
+                std::process::exit(128 + sig as i32)
+            }
+            Ok(_) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => std::process::exit(255),
+        }
+    }
+}
+
+fn fail(status: &mut File, msg: &str) -> ! {
+    let _ = status.write_all(format!("E{msg}").as_bytes());
+    std::process::exit(127)
+}
+
+/// Runs in the container's first process. Returns only on error.
+fn child(config: &HelperConfig, status: &mut File) -> String {
+    // SAFETY: prctl with PR_SET_PDEATHSIG only sets a flag on this process; fcntl marks the
+    // helper's pipes close-on-exec so the container never inherits them.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        libc::fcntl(STATUS_FD, libc::F_SETFD, libc::FD_CLOEXEC);
+        libc::fcntl(START_FD, libc::F_SETFD, libc::FD_CLOEXEC);
+    }
+    if let Some(spec) = &config.spec {
+        if let Err(e) = setup_rootfs(spec, &config.rootfs) {
+            return e;
+        }
+        if let Some(h) = spec.hostname() {
+            if let Err(e) = nix::unistd::sethostname(h) {
+                return format!("sethostname {h}: {e}");
+            }
+        }
+    }
+    let p = &config.process;
+    if let Err(e) = setup_process(p) {
+        return e;
+    }
+    if config.wait_start {
+        if status.write_all(b"R").is_err() {
+            return "status pipe closed".to_string();
+        }
+        // SAFETY: fd 5 is the start pipe handed to us by the agent.
+        let mut start = unsafe { File::from_raw_fd(START_FD) };
+        let mut b = [0u8; 1];
+        match start.read(&mut b) {
+            Ok(1) => {}
+            _ => std::process::exit(0), // the container was deleted before it started
+        }
+    }
+    exec(p)
+}
+
+fn setup_rootfs(spec: &Spec, rootfs: &Path) -> Result<(), String> {
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| format!("make / private: {e}"))?;
+    mount(
+        Some(rootfs),
+        rootfs,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| format!("bind rootfs {}: {e}", rootfs.display()))?;
+    let mut dev_is_tmpfs = false;
+    for m in spec.mounts().iter().flatten() {
+        let dest = m.destination();
+        let rel = dest.strip_prefix("/").unwrap_or(dest);
+        let target = rootfs.join(rel);
+        let fstype = m.typ().clone().unwrap_or_default();
+        let source = m
+            .source()
+            .as_ref()
+            .map(|s| s.display().to_string())
+            .unwrap_or_default();
+        let options = m.options().clone().unwrap_or_default();
+        if dest == Path::new("/dev") && fstype == "tmpfs" {
+            dev_is_tmpfs = true;
+        }
+        if fstype == "sysfs" || fstype == "cgroup" || fstype == "cgroup2" {
+            // Without a network namespace of its own, sysfs cannot be mounted again: bind the
+            // guest's read-only instead.
+            let ro = vec![
+                "rbind".to_string(),
+                "ro".to_string(),
+                "nosuid".to_string(),
+                "nodev".to_string(),
+                "noexec".to_string(),
+            ];
+            let src = if fstype == "sysfs" {
+                "/sys"
+            } else {
+                "/sys/fs/cgroup"
+            };
+            if mount_one(&source, &target, &fstype, &options).is_err() {
+                mount_one(src, &target, "bind", &ro)?;
+            }
+            continue;
+        }
+        mount_one(&source, &target, &fstype, &options)?;
+    }
+    if dev_is_tmpfs {
+        make_devices(rootfs)?;
+    }
+    std::env::set_current_dir(rootfs).map_err(|e| format!("chdir {}: {e}", rootfs.display()))?;
+    nix::unistd::pivot_root(".", ".")
+        .map_err(|e| format!("pivot_root {}: {e}", rootfs.display()))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(|e| format!("detach old root: {e}"))?;
+    std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
+    if let Some(linux) = spec.linux() {
+        for path in linux.masked_paths().iter().flatten() {
+            mask(Path::new(path))?;
+        }
+        for path in linux.readonly_paths().iter().flatten() {
+            let p = Path::new(path);
+            if !p.exists() {
+                continue;
+            }
+            mount(
+                Some(p),
+                p,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None::<&str>,
+            )
+            .map_err(|e| format!("bind {path}: {e}"))?;
+            mount(
+                None::<&str>,
+                p,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_REC,
+                None::<&str>,
+            )
+            .map_err(|e| format!("make {path} read-only: {e}"))?;
+        }
+    }
+    if spec
+        .root()
+        .as_ref()
+        .and_then(|r| r.readonly())
+        .unwrap_or(false)
+    {
+        mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+        .map_err(|e| format!("make the root filesystem read-only: {e}"))?;
+    }
+    Ok(())
+}
+
+fn mask(p: &Path) -> Result<(), String> {
+    if p.is_dir() {
+        mount(
+            Some("tmpfs"),
+            p,
+            Some("tmpfs"),
+            MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+        .map_err(|e| format!("mask {}: {e}", p.display()))
+    } else if p.exists() {
+        mount(
+            Some("/dev/null"),
+            p,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|e| format!("mask {}: {e}", p.display()))
+    } else {
+        Ok(())
+    }
+}
+
+fn make_devices(rootfs: &Path) -> Result<(), String> {
+    use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+    let dev = rootfs.join("dev");
+    for (name, major, minor) in [
+        ("null", 1, 3),
+        ("zero", 1, 5),
+        ("full", 1, 7),
+        ("random", 1, 8),
+        ("urandom", 1, 9),
+        ("tty", 5, 0),
+    ] {
+        let p = dev.join(name);
+        if p.exists() {
+            continue;
+        }
+        mknod(
+            &p,
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            makedev(major, minor),
+        )
+        .map_err(|e| format!("mknod {}: {e}", p.display()))?;
+        // mknod honours the umask; make the mode exact.
+        let _ = nix::sys::stat::fchmodat(
+            None,
+            &p,
+            Mode::from_bits_truncate(0o666),
+            nix::sys::stat::FchmodatFlags::FollowSymlink,
+        );
+    }
+    for (name, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+        ("ptmx", "pts/ptmx"),
+    ] {
+        let _ = std::os::unix::fs::symlink(target, dev.join(name));
+    }
+    Ok(())
+}
+
+fn rlimit_resource(name: &str) -> Option<libc::__rlimit_resource_t> {
+    Some(match name {
+        "RLIMIT_AS" => libc::RLIMIT_AS,
+        "RLIMIT_CORE" => libc::RLIMIT_CORE,
+        "RLIMIT_CPU" => libc::RLIMIT_CPU,
+        "RLIMIT_DATA" => libc::RLIMIT_DATA,
+        "RLIMIT_FSIZE" => libc::RLIMIT_FSIZE,
+        "RLIMIT_LOCKS" => libc::RLIMIT_LOCKS,
+        "RLIMIT_MEMLOCK" => libc::RLIMIT_MEMLOCK,
+        "RLIMIT_MSGQUEUE" => libc::RLIMIT_MSGQUEUE,
+        "RLIMIT_NICE" => libc::RLIMIT_NICE,
+        "RLIMIT_NOFILE" => libc::RLIMIT_NOFILE,
+        "RLIMIT_NPROC" => libc::RLIMIT_NPROC,
+        "RLIMIT_RSS" => libc::RLIMIT_RSS,
+        "RLIMIT_RTPRIO" => libc::RLIMIT_RTPRIO,
+        "RLIMIT_RTTIME" => libc::RLIMIT_RTTIME,
+        "RLIMIT_SIGPENDING" => libc::RLIMIT_SIGPENDING,
+        "RLIMIT_STACK" => libc::RLIMIT_STACK,
+        _ => return None,
+    })
+}
+
+fn set_rlimit(r: &PosixRlimit) -> Result<(), String> {
+    let name = serde_json::to_value(r.typ())
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    let res = rlimit_resource(&name).ok_or_else(|| format!("unknown rlimit {name}"))?;
+    let lim = libc::rlimit {
+        rlim_cur: r.soft(),
+        rlim_max: r.hard(),
+    };
+    // SAFETY: setrlimit reads a valid rlimit struct.
+    if unsafe { libc::setrlimit(res, &lim) } != 0 {
+        return Err(format!(
+            "setrlimit {name}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+fn setup_process(p: &Process) -> Result<(), String> {
+    nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
+    if p.terminal().unwrap_or(false) {
+        // SAFETY: TIOCSCTTY on stdin, which is the pty slave.
+        if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } != 0 {
+            return Err(format!(
+                "set controlling terminal: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    for r in p.rlimits().iter().flatten() {
+        set_rlimit(r)?;
+    }
+    if let Some(c) = p.capabilities() {
+        // Drop from the bounding set while still privileged.
+        let keep: caps::CapsHashSet = c
+            .bounding()
+            .iter()
+            .flatten()
+            .filter_map(|c| cap(&c.to_string()))
+            .collect();
+        for all in caps::all() {
+            if !keep.contains(&all) {
+                let _ = caps::drop(None, caps::CapSet::Bounding, all);
+            }
+        }
+    }
+    let user = p.user();
+    // SAFETY: PR_SET_KEEPCAPS keeps permitted capabilities across setuid.
+    unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) };
+    let gids: Vec<nix::unistd::Gid> = user
+        .additional_gids()
+        .iter()
+        .flatten()
+        .map(|g| nix::unistd::Gid::from_raw(*g))
+        .collect();
+    nix::unistd::setgroups(&gids).map_err(|e| format!("setgroups: {e}"))?;
+    nix::unistd::setresgid(user.gid().into(), user.gid().into(), user.gid().into())
+        .map_err(|e| format!("setgid {}: {e}", user.gid()))?;
+    nix::unistd::setresuid(user.uid().into(), user.uid().into(), user.uid().into())
+        .map_err(|e| format!("setuid {}: {e}", user.uid()))?;
+    if let Some(c) = p.capabilities() {
+        let set = |list: &Option<oci_spec::runtime::Capabilities>| -> caps::CapsHashSet {
+            list.iter()
+                .flatten()
+                .filter_map(|c| cap(&c.to_string()))
+                .collect()
+        };
+        // Shrink in an order the kernel accepts: inheritable while the permitted set is
+        // still full, effective before permitted (effective must stay within permitted).
+        caps::set(None, caps::CapSet::Inheritable, &set(c.inheritable()))
+            .map_err(|e| format!("set inheritable capabilities: {e}"))?;
+        caps::set(None, caps::CapSet::Effective, &set(c.effective()))
+            .map_err(|e| format!("set effective capabilities: {e}"))?;
+        caps::set(None, caps::CapSet::Permitted, &set(c.permitted()))
+            .map_err(|e| format!("set permitted capabilities: {e}"))?;
+        let _ = caps::set(None, caps::CapSet::Ambient, &set(c.ambient()));
+    } else if user.uid() != 0 {
+        let _ = caps::clear(None, caps::CapSet::Effective);
+        let _ = caps::clear(None, caps::CapSet::Permitted);
+    }
+    if p.no_new_privileges().unwrap_or(false) {
+        // SAFETY: sets a per-process flag.
+        if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+            return Err(format!(
+                "no_new_privileges: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    let cwd = p.cwd();
+    std::env::set_current_dir(cwd).map_err(|e| format!("chdir {}: {e}", cwd.display()))?;
+    Ok(())
+}
+
+fn cap(name: &str) -> Option<caps::Capability> {
+    let n = if name.starts_with("CAP_") {
+        name.to_string()
+    } else {
+        format!("CAP_{name}")
+    };
+    n.parse().ok()
+}
+
+fn exec(p: &Process) -> String {
+    let args = p.args().clone().unwrap_or_default();
+    let Some(program) = args.first() else {
+        return "the process has no args".to_string();
+    };
+    let env: Vec<String> = p.env().clone().unwrap_or_default();
+    let path = env
+        .iter()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        .to_string();
+    let resolved = if program.contains('/') {
+        PathBuf::from(program)
+    } else {
+        match path
+            .split(':')
+            .map(|d| Path::new(d).join(program))
+            .find(|c| is_executable(c))
+        {
+            Some(p) => p,
+            None => return format!("executable file {program:?} not found in $PATH ({path})"),
+        }
+    };
+    let c = |s: &str| CString::new(s).unwrap_or_default();
+    let argv: Vec<CString> = args.iter().map(|a| c(a)).collect();
+    let envp: Vec<CString> = env.iter().map(|e| c(e)).collect();
+    let prog = c(&resolved.display().to_string());
+    match nix::unistd::execve(&prog, &argv, &envp) {
+        Err(e) => format!("exec {}: {e}", resolved.display()),
+        Ok(never) => match never {},
+    }
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p)
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}

@@ -1,0 +1,97 @@
+//! kata-agent: PID 1 of the guest.
+//!
+//! - [`init`]: early mounts, kernel modules, power-off;
+//! - [`reaper`]: reaping children and delivering exits;
+//! - [`channel`]: virtio-serial or vsock transport for ttrpc;
+//! - [`rpc`]: the agent API;
+//! - [`container`], [`helper`], [`mounts`]: running OCI containers;
+//! - [`stream`]: stdout/stderr buffers; [`metrics`]: guest metrics.
+
+mod channel;
+mod container;
+mod helper;
+mod init;
+mod metrics;
+mod mounts;
+mod reaper;
+mod rpc;
+mod stream;
+
+use std::sync::Arc;
+
+fn uptime_us() -> u64 {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .map(|s| (s * 1e6) as u64)
+        .unwrap_or(0)
+}
+
+fn main() {
+    if std::env::args().nth(1).as_deref() == Some("init-container") {
+        helper::main();
+    }
+    let pid1 = std::process::id() == 1;
+    if pid1 && init::root_is_initramfs() {
+        if let Err(e) = init::leave_initramfs() {
+            init::log(&format!(
+                "cannot leave the initramfs (containers will fail to pivot_root): {e}"
+            ));
+        }
+    }
+    if pid1 {
+        init::early_mounts();
+        init::init_debug();
+        let n = init::load_modules();
+        init::log(&format!("loaded {n} kernel modules"));
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            init::log(&format!("cannot start the async runtime: {e}"));
+            if pid1 {
+                init::power_off();
+            }
+            std::process::exit(1);
+        }
+    };
+    let result = runtime.block_on(serve());
+    if let Err(e) = result {
+        init::log(&format!("fatal: {e}"));
+    }
+    if pid1 {
+        init::power_off();
+    }
+    std::process::exit(1);
+}
+
+async fn serve() -> std::io::Result<()> {
+    let reaper = reaper::Reaper::start()?;
+    let agent = Arc::new(rpc::Agent::new(reaper, uptime_us()));
+    let (listener, desc) = channel::listener()?;
+    let mut server = ttrpc::asynchronous::Server::new()
+        .add_listener(listener)
+        .register_service(kata_protocols::agent_ttrpc::create_agent_service(
+            agent.clone(),
+        ))
+        .register_service(kata_protocols::agent_ttrpc::create_health(agent));
+    server
+        .start()
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    init::log(&format!(
+        "serving the agent API on {desc} at {} us of uptime",
+        uptime_us()
+    ));
+    // The server runs on its own tasks; PID 1 never exits on its own.
+    std::future::pending::<()>().await;
+    Ok(())
+}

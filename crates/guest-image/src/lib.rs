@@ -1,0 +1,144 @@
+//! The guest image builder.
+//!
+//! - [`cpio`]: a deterministic `newc` archive writer (fixed inode numbers, mode, owner and
+//!   mtime 0), so the same inputs give the same bytes;
+//! - [`modules`]: `modules.dep` parsing and the dependency closure, in load order;
+//! - [`build_initrd`]: the initrd: `/init` (kata-agent), `/dev/console`, the modules and their
+//!   load list `/etc/kata-agent/modules`, and optionally busybox for the debug console.
+//!
+//! The initrd is not compressed: under TCG emulation the guest kernel's decompression costs more
+//! than loading the larger file.
+
+pub mod cpio;
+pub mod modules;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Modules the runtime needs, by name; their dependencies are added from `modules.dep`.
+pub const DEFAULT_MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_console",
+    "virtio_blk",
+    "virtio_net",
+    "vmw_vsock_virtio_transport",
+    "9pnet_virtio",
+    "9p",
+    "virtiofs",
+    "overlay",
+    "crc32c_generic",
+];
+
+/// Errors of the builder.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// A file could not be read.
+    #[error("failed to read {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A module is not in `modules.dep`.
+    #[error("kernel module {0} is not in modules.dep (is it built in, or misspelt?)")]
+    UnknownModule(String),
+    /// The image is too large.
+    #[error("the initrd would be {size} bytes, more than the {limit}-byte limit")]
+    TooLarge {
+        /// Size.
+        size: usize,
+        /// Limit.
+        limit: usize,
+    },
+}
+
+/// Inputs of an initrd.
+#[derive(Debug, Clone)]
+pub struct InitrdSpec {
+    /// The static kata-agent binary.
+    pub agent: PathBuf,
+    /// `/lib/modules/<release>` of the guest kernel (with `modules.dep`).
+    pub modules_dir: PathBuf,
+    /// Module names to include (with dependencies).
+    pub modules: Vec<String>,
+    /// A static busybox to include as /bin/busybox (debug console), if any.
+    pub busybox: Option<PathBuf>,
+}
+
+/// Largest initrd accepted.
+pub const MAX_SIZE: usize = 16 * 1024 * 1024;
+
+fn read(path: &Path) -> Result<Vec<u8>, BuildError> {
+    std::fs::read(path).map_err(|source| BuildError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Builds the initrd bytes.
+pub fn build_initrd(spec: &InitrdSpec) -> Result<Vec<u8>, BuildError> {
+    let release = spec
+        .modules_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let dep_path = spec.modules_dir.join("modules.dep");
+    let dep_text = String::from_utf8_lossy(&read(&dep_path)?).to_string();
+    let deps = modules::parse_modules_dep(&dep_text);
+    let order = modules::closure(&deps, &spec.modules)?;
+
+    // BTreeMap: entries sorted by path, so the archive is deterministic.
+    let mut files: BTreeMap<String, cpio::Entry> = BTreeMap::new();
+    for dir in [
+        "dev",
+        "proc",
+        "sys",
+        "run",
+        "tmp",
+        "etc",
+        "etc/kata-agent",
+        "lib",
+        "lib/modules",
+        "bin",
+        "sbin",
+        "mnt",
+    ] {
+        files.insert(dir.to_string(), cpio::Entry::dir(0o755));
+    }
+    files.insert("dev/console".into(), cpio::Entry::char_device(0o600, 5, 1));
+    files.insert("dev/null".into(), cpio::Entry::char_device(0o666, 1, 3));
+    files.insert("init".into(), cpio::Entry::file(0o755, read(&spec.agent)?));
+    let mut list = String::new();
+    for rel in &order {
+        let src = spec.modules_dir.join(rel);
+        let dest = format!("lib/modules/{release}/{rel}");
+        let mut parent = Path::new(&dest).parent();
+        while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty()) {
+            files
+                .entry(p.display().to_string())
+                .or_insert_with(|| cpio::Entry::dir(0o755));
+            parent = p.parent();
+        }
+        files.insert(dest, cpio::Entry::file(0o644, read(&src)?));
+        list.push_str(rel);
+        list.push('\n');
+    }
+    files.insert(
+        "etc/kata-agent/modules".into(),
+        cpio::Entry::file(0o644, list.into_bytes()),
+    );
+    if let Some(bb) = &spec.busybox {
+        files.insert("bin/busybox".into(), cpio::Entry::file(0o755, read(bb)?));
+        files.insert("bin/sh".into(), cpio::Entry::symlink("busybox"));
+    }
+    let bytes = cpio::write(files.iter().map(|(p, e)| (p.as_str(), e)));
+    if bytes.len() > MAX_SIZE {
+        return Err(BuildError::TooLarge {
+            size: bytes.len(),
+            limit: MAX_SIZE,
+        });
+    }
+    Ok(bytes)
+}

@@ -1,0 +1,452 @@
+//! The QEMU command line: a pure function from the effective configuration and the sandbox's
+//! runtime choices to argv. No I/O, so it is tested with golden argv.
+
+use std::path::PathBuf;
+
+use kata_config::hypervisor::{HypervisorConfig, SharedFs};
+
+use crate::probe::Accel;
+
+/// How the host reaches the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentChannel {
+    /// Kernel vhost-vsock with this guest CID.
+    Vsock {
+        /// Guest context id.
+        cid: u32,
+    },
+    /// A virtio-serial port backed by a unix socket QEMU listens on.
+    Serial {
+        /// Socket path.
+        socket: PathBuf,
+    },
+}
+
+/// The shared filesystem device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SharedFsDevice {
+    /// vhost-user-fs through virtiofsd's socket.
+    VirtioFs {
+        /// virtiofsd socket.
+        socket: PathBuf,
+    },
+    /// virtio-9p served by QEMU from a host directory.
+    Virtio9p {
+        /// Shared directory.
+        dir: PathBuf,
+    },
+    /// None.
+    None,
+}
+
+/// Everything besides the configuration that shapes argv.
+#[derive(Debug, Clone)]
+pub struct LaunchSpec {
+    /// Sandbox id (QEMU `-name`).
+    pub id: String,
+    /// Accelerator.
+    pub accel: Accel,
+    /// Agent channel.
+    pub channel: AgentChannel,
+    /// Shared filesystem.
+    pub shared_fs: SharedFsDevice,
+    /// QMP socket.
+    pub qmp_socket: PathBuf,
+    /// Console log file.
+    pub console_log: PathBuf,
+    /// PID file.
+    pub pid_file: PathBuf,
+    /// vCPUs at boot (may differ from `default_vcpus` with static resource management).
+    pub vcpus: u32,
+    /// Memory at boot in MiB.
+    pub memory_mib: u32,
+    /// Kernel parameters added by the runtime (agent options and the like).
+    pub extra_kernel_params: Vec<String>,
+}
+
+/// Tag of the shared filesystem (Kata's).
+pub const SHARED_FS_TAG: &str = "kataShared";
+/// Id of the guest RAM backend at boot.
+pub const BOOT_MEMORY_ID: &str = "ram0";
+
+/// Kernel parameters the runtime always sets (boot speed and a quiet, panicking guest).
+pub const BASE_KERNEL_PARAMS: &[&str] = &[
+    "console=ttyS0",
+    "panic=1",
+    "reboot=k",
+    "tsc=reliable",
+    "no_timer_check",
+    "noreplace-smp",
+    "rcupdate.rcu_expedited=1",
+    "cryptomgr.notests",
+    "i8042.direct=1",
+    "i8042.dumbkbd=1",
+    "i8042.nopnp=1",
+    "i8042.noaux=1",
+    "net.ifnames=0",
+    "iommu=off",
+];
+
+fn push(args: &mut Vec<String>, flag: &str, value: impl Into<String>) {
+    args.push(flag.to_string());
+    args.push(value.into());
+}
+
+/// The memory backend object for `size_mib` of guest RAM with id `id`.
+pub fn memory_backend(h: &HypervisorConfig, id: &str, size_mib: u32) -> String {
+    let shared = h.needs_shared_memory();
+    let mut obj = if h.enable_hugepages {
+        format!("memory-backend-file,id={id},size={size_mib}M,mem-path=/dev/hugepages,share=on")
+    } else if !h.file_mem_backend.is_empty() {
+        format!(
+            "memory-backend-file,id={id},size={size_mib}M,mem-path={},share=on",
+            h.file_mem_backend
+        )
+    } else if shared {
+        format!("memory-backend-memfd,id={id},size={size_mib}M,share=on")
+    } else {
+        format!("memory-backend-ram,id={id},size={size_mib}M")
+    };
+    if h.enable_mem_prealloc {
+        obj.push_str(",prealloc=on");
+    }
+    obj
+}
+
+/// Builds the QEMU argv (without the binary).
+pub fn build(h: &HypervisorConfig, s: &LaunchSpec) -> Vec<String> {
+    let mut a = Vec::new();
+    push(&mut a, "-name", format!("sandbox-{}", s.id));
+    let mut machine = h.machine_type.clone();
+    if h.enable_iommu {
+        machine.push_str(",kernel-irqchip=split");
+    }
+    if !h.machine_accelerators.is_empty() {
+        machine.push(',');
+        machine.push_str(&h.machine_accelerators);
+    }
+    push(&mut a, "-machine", machine);
+    if s.accel == Accel::Tcg && h.tcg_tb_size > 0 {
+        push(&mut a, "-accel", format!("tcg,tb-size={}", h.tcg_tb_size));
+    } else {
+        push(&mut a, "-accel", s.accel.name());
+    }
+    let base_cpu = match s.accel {
+        // QEMU 7.2 aborts on a bare `-cpu host` on some hosts (MSR 0x10a).
+        Accel::Kvm => "host,-arch-capabilities",
+        Accel::Tcg => "max",
+    };
+    let cpu = if h.cpu_features.is_empty() {
+        base_cpu.to_string()
+    } else {
+        format!("{base_cpu},{}", h.cpu_features)
+    };
+    push(&mut a, "-cpu", cpu);
+    push(
+        &mut a,
+        "-smp",
+        format!("{},maxcpus={}", s.vcpus, h.default_maxvcpus.max(s.vcpus)),
+    );
+    let maxmem = h.default_maxmemory.max(s.memory_mib);
+    if h.memory_slots > 0 && maxmem > s.memory_mib {
+        push(
+            &mut a,
+            "-m",
+            format!(
+                "{}M,slots={},maxmem={}M",
+                s.memory_mib, h.memory_slots, maxmem
+            ),
+        );
+    } else {
+        push(&mut a, "-m", format!("{}M", s.memory_mib));
+    }
+    push(
+        &mut a,
+        "-object",
+        memory_backend(h, BOOT_MEMORY_ID, s.memory_mib),
+    );
+    push(&mut a, "-numa", format!("node,memdev={BOOT_MEMORY_ID}"));
+    for flag in ["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"] {
+        a.push(flag.to_string());
+    }
+    push(&mut a, "-display", "none");
+    push(&mut a, "-vga", "none");
+    push(
+        &mut a,
+        "-serial",
+        format!("file:{}", s.console_log.display()),
+    );
+    push(
+        &mut a,
+        "-qmp",
+        format!("unix:{},server=on,wait=off", s.qmp_socket.display()),
+    );
+    push(&mut a, "-pidfile", s.pid_file.display().to_string());
+    push(&mut a, "-kernel", h.kernel.clone());
+    if !h.initrd.is_empty() {
+        push(&mut a, "-initrd", h.initrd.clone());
+    }
+    let mut params: Vec<String> = BASE_KERNEL_PARAMS.iter().map(|p| p.to_string()).collect();
+    params.push(if h.enable_debug {
+        "debug".into()
+    } else {
+        "quiet".into()
+    });
+    params.extend(s.extra_kernel_params.iter().cloned());
+    if !h.kernel_params.is_empty() {
+        params.push(h.kernel_params.clone());
+    }
+    push(&mut a, "-append", params.join(" "));
+    if !h.firmware.is_empty() {
+        push(&mut a, "-bios", h.firmware.clone());
+    }
+    if !h.seccompsandbox.is_empty() {
+        push(&mut a, "-sandbox", h.seccompsandbox.clone());
+    }
+    let iommu_platform = if h.enable_iommu_platform {
+        ",iommu_platform=on"
+    } else {
+        ""
+    };
+    if h.enable_iommu {
+        push(
+            &mut a,
+            "-device",
+            "intel-iommu,intremap=on,caching-mode=on,device-iotlb=on",
+        );
+    }
+    for i in 0..h.default_bridges {
+        push(
+            &mut a,
+            "-device",
+            format!(
+                "pci-bridge,bus=pcie.0,id=pci-bridge-{i},chassis_nr={},shpc=off",
+                i + 1
+            ),
+        );
+    }
+    for i in 0..h.pcie_root_port {
+        push(
+            &mut a,
+            "-device",
+            format!(
+                "pcie-root-port,id=rp{i},bus=pcie.0,chassis={},slot={},port={}",
+                10 + i,
+                i,
+                i
+            ),
+        );
+    }
+    match &s.channel {
+        AgentChannel::Vsock { cid } => {
+            push(
+                &mut a,
+                "-device",
+                format!("vhost-vsock-pci,id=vsock0,guest-cid={cid}{iommu_platform}"),
+            );
+        }
+        AgentChannel::Serial { socket } => {
+            push(
+                &mut a,
+                "-device",
+                format!("virtio-serial-pci,id=serial0{iommu_platform}"),
+            );
+            push(
+                &mut a,
+                "-chardev",
+                format!(
+                    "socket,id=agent,path={},server=on,wait=off",
+                    socket.display()
+                ),
+            );
+            push(
+                &mut a,
+                "-device",
+                format!(
+                    "virtserialport,bus=serial0.0,chardev=agent,name={}",
+                    kata_protocols_port_name()
+                ),
+            );
+        }
+    }
+    if !h.entropy_source.is_empty() {
+        push(
+            &mut a,
+            "-object",
+            format!("rng-random,id=rng0,filename={}", h.entropy_source),
+        );
+        push(
+            &mut a,
+            "-device",
+            format!("virtio-rng-pci,rng=rng0{iommu_platform}"),
+        );
+    }
+    match &s.shared_fs {
+        SharedFsDevice::VirtioFs { socket } => {
+            push(
+                &mut a,
+                "-chardev",
+                format!("socket,id=char-fs,path={}", socket.display()),
+            );
+            push(&mut a, "-device", format!("vhost-user-fs-pci,chardev=char-fs,tag={SHARED_FS_TAG},queue-size={}{iommu_platform}", h.virtio_fs_queue_size));
+        }
+        SharedFsDevice::Virtio9p { dir } => {
+            push(
+                &mut a,
+                "-fsdev",
+                format!(
+                    "local,id=fs0,path={},security_model=none,multidevs=remap",
+                    dir.display()
+                ),
+            );
+            push(
+                &mut a,
+                "-device",
+                format!("virtio-9p-pci,fsdev=fs0,mount_tag={SHARED_FS_TAG}{iommu_platform}"),
+            );
+        }
+        SharedFsDevice::None => {}
+    }
+    a
+}
+
+/// The shared filesystem device a configuration asks for.
+pub fn shared_fs_kind(h: &HypervisorConfig) -> SharedFs {
+    h.shared_fs
+}
+
+fn kata_protocols_port_name() -> &'static str {
+    // Must match kata_protocols::SERIAL_PORT_NAME (the agent looks the port up by this name).
+    "agent.channel.0"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(accel: Accel) -> LaunchSpec {
+        LaunchSpec {
+            id: "sb1".into(),
+            accel,
+            channel: AgentChannel::Serial {
+                socket: "/run/s/agent.sock".into(),
+            },
+            shared_fs: SharedFsDevice::VirtioFs {
+                socket: "/run/s/vfsd.sock".into(),
+            },
+            qmp_socket: "/run/s/qmp.sock".into(),
+            console_log: "/run/s/console.log".into(),
+            pid_file: "/run/s/pid".into(),
+            vcpus: 1,
+            memory_mib: 2048,
+            extra_kernel_params: vec!["agent.x=1".into()],
+        }
+    }
+
+    fn cfg() -> HypervisorConfig {
+        HypervisorConfig {
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            default_maxvcpus: 2,
+            default_maxmemory: 24000,
+            ..HypervisorConfig::default()
+        }
+    }
+
+    fn joined(a: &[String]) -> String {
+        a.join(" ")
+    }
+
+    #[test]
+    fn golden_default_tcg() {
+        let a = build(&cfg(), &spec(Accel::Tcg));
+        let expected = "-name sandbox-sb1 -machine q35 -accel tcg,tb-size=64 -cpu max,pmu=off -smp 1,maxcpus=2 \
+-m 2048M,slots=10,maxmem=24000M -object memory-backend-memfd,id=ram0,size=2048M,share=on -numa node,memdev=ram0 \
+-nodefaults -no-user-config -nographic -no-reboot -display none -vga none -serial file:/run/s/console.log \
+-qmp unix:/run/s/qmp.sock,server=on,wait=off -pidfile /run/s/pid -kernel /k -initrd /i \
+-append console=ttyS0 panic=1 reboot=k tsc=reliable no_timer_check noreplace-smp rcupdate.rcu_expedited=1 cryptomgr.notests i8042.direct=1 i8042.dumbkbd=1 i8042.nopnp=1 i8042.noaux=1 net.ifnames=0 iommu=off quiet agent.x=1 \
+-device pci-bridge,bus=pcie.0,id=pci-bridge-0,chassis_nr=1,shpc=off \
+-device virtio-serial-pci,id=serial0 -chardev socket,id=agent,path=/run/s/agent.sock,server=on,wait=off \
+-device virtserialport,bus=serial0.0,chardev=agent,name=agent.channel.0 \
+-object rng-random,id=rng0,filename=/dev/urandom -device virtio-rng-pci,rng=rng0 \
+-chardev socket,id=char-fs,path=/run/s/vfsd.sock -device vhost-user-fs-pci,chardev=char-fs,tag=kataShared,queue-size=1024";
+        assert_eq!(joined(&a), expected);
+    }
+
+    #[test]
+    fn golden_kvm_vsock_9p_and_options() {
+        let mut h = cfg();
+        h.shared_fs = SharedFs::Virtio9p;
+        h.machine_accelerators = "nvdimm=off".into();
+        h.cpu_features = String::new();
+        h.enable_iommu = true;
+        h.enable_iommu_platform = true;
+        h.default_bridges = 0;
+        h.pcie_root_port = 2;
+        h.seccompsandbox = "on,obsolete=deny".into();
+        h.enable_debug = true;
+        h.kernel_params = "foo=bar".into();
+        h.enable_mem_prealloc = true;
+        h.memory_slots = 0;
+        let mut s = spec(Accel::Kvm);
+        s.channel = AgentChannel::Vsock { cid: 7 };
+        s.shared_fs = SharedFsDevice::Virtio9p {
+            dir: "/run/s/shared".into(),
+        };
+        let a = joined(&build(&h, &s));
+        for part in [
+            "-machine q35,kernel-irqchip=split,nvdimm=off -accel kvm ",
+            "-cpu host,-arch-capabilities ",
+            "-m 2048M ",
+            "memory-backend-ram,id=ram0,size=2048M,prealloc=on ",
+            "-sandbox on,obsolete=deny ",
+            "-device intel-iommu,intremap=on,caching-mode=on,device-iotlb=on ",
+            "-device pcie-root-port,id=rp0,bus=pcie.0,chassis=10,slot=0,port=0 ",
+            "-device pcie-root-port,id=rp1,bus=pcie.0,chassis=11,slot=1,port=1 ",
+            "-device vhost-vsock-pci,id=vsock0,guest-cid=7,iommu_platform=on ",
+            " debug agent.x=1 foo=bar ",
+            "-fsdev local,id=fs0,path=/run/s/shared,security_model=none,multidevs=remap -device virtio-9p-pci,fsdev=fs0,mount_tag=kataShared,iommu_platform=on",
+        ] {
+            assert!(a.contains(part), "missing {part:?} in\n{a}");
+        }
+        assert!(!a.contains("-accel tcg"), "no TCG cache option under KVM");
+        assert!(!a.contains("pci-bridge"));
+        assert!(!a.contains(" quiet"));
+    }
+
+    #[test]
+    fn memory_backends() {
+        let mut h = cfg();
+        assert!(memory_backend(&h, "m", 512)
+            .starts_with("memory-backend-memfd,id=m,size=512M,share=on"));
+        h.enable_hugepages = true;
+        h.enable_mem_prealloc = true;
+        assert_eq!(
+            memory_backend(&h, "m", 512),
+            "memory-backend-file,id=m,size=512M,mem-path=/dev/hugepages,share=on,prealloc=on"
+        );
+        h.enable_hugepages = false;
+        h.enable_mem_prealloc = false;
+        h.file_mem_backend = "/dev/shm".into();
+        assert_eq!(
+            memory_backend(&h, "m", 512),
+            "memory-backend-file,id=m,size=512M,mem-path=/dev/shm,share=on"
+        );
+        h.file_mem_backend.clear();
+        h.shared_fs = SharedFs::Virtio9p;
+        assert_eq!(
+            memory_backend(&h, "m", 512),
+            "memory-backend-ram,id=m,size=512M"
+        );
+    }
+
+    #[test]
+    fn entropy_and_tb_size() {
+        let mut h = cfg();
+        h.entropy_source = String::new();
+        h.tcg_tb_size = 0;
+        let a = joined(&build(&h, &spec(Accel::Tcg)));
+        assert!(!a.contains("virtio-rng") && !a.contains("tb-size"));
+        assert!(a.contains("-accel tcg "));
+    }
+}

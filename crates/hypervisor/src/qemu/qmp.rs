@@ -1,0 +1,240 @@
+//! An async QMP client: one command at a time over QEMU's monitor socket; events are
+//! collected, not interleaved with replies.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+
+/// QMP errors.
+#[derive(Debug, thiserror::Error)]
+pub enum QmpError {
+    /// Connecting or talking failed.
+    #[error("QMP socket {path}")]
+    Io {
+        /// Socket.
+        path: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// QEMU closed the socket.
+    #[error("QEMU closed the QMP connection")]
+    Closed,
+    /// A reply that is not JSON or not QMP.
+    #[error("invalid QMP message: {0}")]
+    Protocol(String),
+    /// QEMU answered with an error.
+    #[error("QMP command {command} failed: {class}: {desc}")]
+    Command {
+        /// Command.
+        command: String,
+        /// Error class.
+        class: String,
+        /// Description.
+        desc: String,
+    },
+    /// No answer in time.
+    #[error("QMP command {0} timed out")]
+    Timeout(String),
+}
+
+/// A connected, negotiated QMP session.
+#[derive(Debug)]
+pub struct Qmp {
+    path: String,
+    reader: BufReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+    /// Asynchronous events received so far.
+    pub events: Vec<Value>,
+}
+
+impl Qmp {
+    /// Connects and leaves capabilities-negotiation mode.
+    pub async fn connect(path: &Path) -> Result<Self, QmpError> {
+        let p = path.display().to_string();
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|source| QmpError::Io {
+                path: p.clone(),
+                source,
+            })?;
+        let (r, w) = stream.into_split();
+        let mut qmp = Qmp {
+            path: p,
+            reader: BufReader::new(r),
+            writer: w,
+            events: Vec::new(),
+        };
+        let greeting = qmp.read_message().await?;
+        if greeting.get("QMP").is_none() {
+            return Err(QmpError::Protocol(format!(
+                "expected the QMP greeting, got {greeting}"
+            )));
+        }
+        qmp.execute("qmp_capabilities", None).await?;
+        Ok(qmp)
+    }
+
+    async fn read_message(&mut self) -> Result<Value, QmpError> {
+        let mut line = String::new();
+        let n = self
+            .reader
+            .read_line(&mut line)
+            .await
+            .map_err(|source| QmpError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        if n == 0 {
+            return Err(QmpError::Closed);
+        }
+        parse_message(&line)
+    }
+
+    /// Runs a command and returns its `return` value.
+    pub async fn execute(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, QmpError> {
+        let mut msg = json!({ "execute": command });
+        if let Some(args) = arguments {
+            msg["arguments"] = args;
+        }
+        let mut text = msg.to_string();
+        text.push('\n');
+        self.writer
+            .write_all(text.as_bytes())
+            .await
+            .map_err(|source| QmpError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        let fut = async {
+            loop {
+                let m = self.read_message().await?;
+                if m.get("event").is_some() {
+                    self.events.push(m);
+                    continue;
+                }
+                return reply(command, m);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), fut)
+            .await
+            .map_err(|_| QmpError::Timeout(command.to_string()))?
+    }
+}
+
+/// Parses one QMP line.
+pub fn parse_message(line: &str) -> Result<Value, QmpError> {
+    let v: Value = serde_json::from_str(line.trim()).map_err(|e| {
+        QmpError::Protocol(format!(
+            "{e}: {:?}",
+            line.chars().take(200).collect::<String>()
+        ))
+    })?;
+    if !v.is_object() {
+        return Err(QmpError::Protocol(format!("not an object: {v}")));
+    }
+    Ok(v)
+}
+
+/// Interprets a reply to `command`.
+pub fn reply(command: &str, m: Value) -> Result<Value, QmpError> {
+    if let Some(r) = m.get("return") {
+        return Ok(r.clone());
+    }
+    if let Some(e) = m.get("error") {
+        let s = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+        return Err(QmpError::Command {
+            command: command.to_string(),
+            class: s("class"),
+            desc: s("desc"),
+        });
+    }
+    Err(QmpError::Protocol(format!(
+        "unexpected reply to {command}: {m}"
+    )))
+}
+
+/// A CPU slot QEMU can hot-plug.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HotpluggableCpu {
+    /// Driver (`device_add` type).
+    pub driver: String,
+    /// Socket, core, thread and die ids.
+    pub props: serde_json::Map<String, Value>,
+    /// QOM path when plugged.
+    pub qom_path: Option<String>,
+}
+
+/// Parses `query-hotpluggable-cpus`.
+pub fn parse_hotpluggable_cpus(v: &Value) -> Result<Vec<HotpluggableCpu>, QmpError> {
+    let list = v
+        .as_array()
+        .ok_or_else(|| QmpError::Protocol(format!("query-hotpluggable-cpus: not a list: {v}")))?;
+    list.iter()
+        .map(|c| {
+            Ok(HotpluggableCpu {
+                driver: c
+                    .get("type")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| QmpError::Protocol(format!("cpu without type: {c}")))?
+                    .to_string(),
+                props: c
+                    .get("props")
+                    .and_then(Value::as_object)
+                    .cloned()
+                    .unwrap_or_default(),
+                qom_path: c
+                    .get("qom-path")
+                    .and_then(Value::as_str)
+                    .map(str::to_string),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_and_errors() {
+        assert_eq!(
+            reply("x", json!({"return": {"a": 1}})).expect("ok"),
+            json!({"a": 1})
+        );
+        let e = reply(
+            "device_add",
+            json!({"error": {"class": "GenericError", "desc": "boom"}}),
+        )
+        .expect_err("err");
+        assert_eq!(
+            e.to_string(),
+            "QMP command device_add failed: GenericError: boom"
+        );
+        assert!(reply("x", json!({"foo": 1})).is_err());
+        assert!(parse_message("not json").is_err());
+        assert!(parse_message("[1]").is_err());
+    }
+
+    #[test]
+    fn hotpluggable_cpus() {
+        let v = json!([
+            {"props": {"core-id": 0, "thread-id": 0, "socket-id": 1}, "vcpus-count": 1, "type": "max-x86_64-cpu"},
+            {"props": {"core-id": 0, "thread-id": 0, "socket-id": 0}, "vcpus-count": 1, "qom-path": "/machine/unattached/device[0]", "type": "max-x86_64-cpu"}
+        ]);
+        let cpus = parse_hotpluggable_cpus(&v).expect("parse");
+        assert_eq!(cpus.len(), 2);
+        assert!(cpus[0].qom_path.is_none() && cpus[1].qom_path.is_some());
+        assert_eq!(cpus[0].props["socket-id"], 1);
+        assert!(parse_hotpluggable_cpus(&json!({})).is_err());
+        assert!(parse_hotpluggable_cpus(&json!([{"props": {}}])).is_err());
+    }
+}

@@ -1,0 +1,333 @@
+//! A running QEMU: spawn it, connect QMP, hot-plug CPUs and memory, stop it, and tell why it
+//! died (with the tail of the guest console).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use kata_config::hypervisor::HypervisorConfig;
+use serde_json::json;
+use tokio::sync::watch;
+
+use super::argv::{self, LaunchSpec};
+use super::qmp::{self, Qmp, QmpError};
+
+/// Errors of the QEMU driver. Each names the file or key involved.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// A configured file is missing.
+    #[error("{what} {path} does not exist ([hypervisor.qemu].{key})")]
+    Missing {
+        /// What it is.
+        what: &'static str,
+        /// Path.
+        path: PathBuf,
+        /// Config key.
+        key: &'static str,
+    },
+    /// QEMU could not be started.
+    #[error("failed to start {path}")]
+    Spawn {
+        /// QEMU path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// QEMU exited.
+    #[error("QEMU exited ({status}): {stderr}; guest console: {console}")]
+    Exited {
+        /// Exit status.
+        status: String,
+        /// QEMU's stderr.
+        stderr: String,
+        /// Tail of the guest console.
+        console: String,
+    },
+    /// The QMP socket never appeared.
+    #[error("QEMU did not open its QMP socket {0} within 10 s")]
+    NoQmp(PathBuf),
+    /// QMP failed.
+    #[error("QMP")]
+    Qmp(#[from] QmpError),
+    /// Hot-plug is impossible.
+    #[error("cannot hot-plug: {0}")]
+    Hotplug(String),
+}
+
+/// A QEMU process.
+#[derive(Debug)]
+pub struct Vm {
+    /// QEMU's pid.
+    pub pid: u32,
+    qmp: tokio::sync::Mutex<Qmp>,
+    console_log: PathBuf,
+    stderr_log: PathBuf,
+    exit: watch::Receiver<Option<String>>,
+    hypervisor: HypervisorConfig,
+    next_dimm: std::sync::atomic::AtomicU32,
+}
+
+/// The last `lines` lines of the guest console.
+pub fn console_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).to_string())
+        .unwrap_or_default();
+    let clean: Vec<&str> = text
+        .lines()
+        .map(|l| l.trim_matches(|c: char| c.is_control()))
+        .filter(|l| !l.is_empty())
+        .collect();
+    let start = clean.len().saturating_sub(lines);
+    // A panic's first line says why; its stack trace would push it out of the tail.
+    let panic = clean[..start].iter().find(|l| l.contains("Kernel panic"));
+    let tail = clean[start..].join(" | ");
+    match panic {
+        Some(p) => format!("{p} | ... | {tail}"),
+        None => tail,
+    }
+}
+
+impl Vm {
+    /// Starts QEMU and connects to its QMP socket.
+    pub async fn start(
+        qemu: &Path,
+        h: &HypervisorConfig,
+        spec: &LaunchSpec,
+        stderr_log: &Path,
+    ) -> Result<Vm, VmError> {
+        if !qemu.exists() {
+            return Err(VmError::Missing {
+                what: "hypervisor binary",
+                path: qemu.to_path_buf(),
+                key: "path",
+            });
+        }
+        if !Path::new(&h.kernel).exists() {
+            return Err(VmError::Missing {
+                what: "guest kernel",
+                path: PathBuf::from(&h.kernel),
+                key: "kernel",
+            });
+        }
+        if !h.initrd.is_empty() && !Path::new(&h.initrd).exists() {
+            return Err(VmError::Missing {
+                what: "guest initrd",
+                path: PathBuf::from(&h.initrd),
+                key: "initrd",
+            });
+        }
+        if !h.image.is_empty() {
+            return Err(VmError::Missing {
+                what: "image boot is not supported yet; guest image",
+                path: PathBuf::from(&h.image),
+                key: "image",
+            });
+        }
+        let args = argv::build(h, spec);
+        tracing::debug!(?args, "starting QEMU");
+        let stderr = std::fs::File::create(stderr_log).map_err(|source| VmError::Spawn {
+            path: stderr_log.to_path_buf(),
+            source,
+        })?;
+        let mut child = tokio::process::Command::new(qemu)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(stderr))
+            .spawn()
+            .map_err(|source| VmError::Spawn {
+                path: qemu.to_path_buf(),
+                source,
+            })?;
+        let pid = child.id().unwrap_or(0);
+        let (tx, exit) = watch::channel(None);
+        tokio::spawn(async move {
+            let status = match child.wait().await {
+                Ok(s) => s.to_string(),
+                Err(e) => format!("wait failed: {e}"),
+            };
+            tx.send_replace(Some(status));
+        });
+        let mut vm_exit = exit.clone();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let qmp = loop {
+            if let Some(status) = vm_exit.borrow_and_update().clone() {
+                return Err(exited(status, stderr_log, &spec.console_log));
+            }
+            if spec.qmp_socket.exists() {
+                match Qmp::connect(&spec.qmp_socket).await {
+                    Ok(q) => break q,
+                    Err(QmpError::Io { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if Instant::now() > deadline {
+                kill_pid(pid);
+                return Err(VmError::NoQmp(spec.qmp_socket.clone()));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        Ok(Vm {
+            pid,
+            qmp: tokio::sync::Mutex::new(qmp),
+            console_log: spec.console_log.clone(),
+            stderr_log: stderr_log.to_path_buf(),
+            exit,
+            hypervisor: h.clone(),
+            next_dimm: std::sync::atomic::AtomicU32::new(0),
+        })
+    }
+
+    /// Why QEMU exited, if it did.
+    pub fn exit_error(&self) -> Option<VmError> {
+        self.exit
+            .borrow()
+            .clone()
+            .map(|status| exited(status, &self.stderr_log, &self.console_log))
+    }
+
+    /// Waits until QEMU exits.
+    pub async fn wait_exit(&self) -> VmError {
+        let mut rx = self.exit.clone();
+        loop {
+            if let Some(status) = rx.borrow_and_update().clone() {
+                return exited(status, &self.stderr_log, &self.console_log);
+            }
+            if rx.changed().await.is_err() {
+                return exited("unknown".into(), &self.stderr_log, &self.console_log);
+            }
+        }
+    }
+
+    /// The last lines of the guest console.
+    pub fn console_tail(&self, lines: usize) -> String {
+        console_tail(&self.console_log, lines)
+    }
+
+    /// Runs a QMP command.
+    pub async fn qmp(
+        &self,
+        command: &str,
+        args: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value, VmError> {
+        Ok(self.qmp.lock().await.execute(command, args).await?)
+    }
+
+    /// Hot-plugs `count` vCPUs; returns how many were added.
+    pub async fn add_vcpus(&self, count: u32) -> Result<u32, VmError> {
+        let slots =
+            qmp::parse_hotpluggable_cpus(&self.qmp("query-hotpluggable-cpus", None).await?)?;
+        let free: Vec<_> = slots.into_iter().filter(|c| c.qom_path.is_none()).collect();
+        if (free.len() as u32) < count {
+            return Err(VmError::Hotplug(format!(
+                "{count} vCPUs requested, {} free slots (raise [hypervisor.qemu].default_maxvcpus)",
+                free.len()
+            )));
+        }
+        let mut added = 0;
+        // QEMU lists free slots from the highest id down; plug the lowest first.
+        for slot in free.iter().rev().take(count as usize) {
+            let mut args = serde_json::Map::new();
+            args.insert("driver".into(), json!(slot.driver));
+            let sid = slot
+                .props
+                .get("socket-id")
+                .and_then(|v| v.as_u64())
+                .unwrap_or(0);
+            let cid = slot
+                .props
+                .get("core-id")
+                .and_then(|v| v.as_u64())
+                .unwrap_or(0);
+            args.insert("id".into(), json!(format!("cpu-{sid}-{cid}")));
+            for (k, v) in &slot.props {
+                args.insert(k.clone(), v.clone());
+            }
+            self.qmp("device_add", Some(serde_json::Value::Object(args)))
+                .await?;
+            added += 1;
+        }
+        Ok(added)
+    }
+
+    /// Hot-plugs `mib` MiB of memory as one DIMM (with a shared backend when virtio-fs needs it).
+    pub async fn add_memory(&self, mib: u32) -> Result<(), VmError> {
+        let n = self
+            .next_dimm
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = format!("mem{n}");
+        let backend = argv::memory_backend(&self.hypervisor, &id, mib);
+        let mut obj = serde_json::Map::new();
+        let mut parts = backend.split(',');
+        obj.insert(
+            "qom-type".into(),
+            json!(parts.next().unwrap_or("memory-backend-ram")),
+        );
+        for kv in parts {
+            if let Some((k, v)) = kv.split_once('=') {
+                let value = match (k, v) {
+                    ("size", _) => json!(u64::from(mib) * 1024 * 1024),
+                    (_, "on") => json!(true),
+                    (_, "off") => json!(false),
+                    (_, v) => json!(v),
+                };
+                obj.insert(k.into(), value);
+            }
+        }
+        self.qmp("object-add", Some(serde_json::Value::Object(obj)))
+            .await?;
+        let dev = json!({ "driver": "pc-dimm", "id": format!("dimm{n}"), "memdev": id });
+        if let Err(e) = self.qmp("device_add", Some(dev)).await {
+            let _ = self.qmp("object-del", Some(json!({ "id": id }))).await;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Asks QEMU to quit, then kills it if it is still there after `grace`.
+    pub async fn stop(&self, grace: Duration) {
+        if self.exit.borrow().is_none() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), self.qmp("quit", None)).await;
+        }
+        let mut rx = self.exit.clone();
+        let waited = tokio::time::timeout(grace, async {
+            while rx.borrow_and_update().is_none() {
+                if rx.changed().await.is_err() {
+                    break;
+                }
+            }
+        })
+        .await;
+        if waited.is_err() {
+            kill_pid(self.pid);
+            let _ = tokio::time::timeout(Duration::from_secs(5), rx.changed()).await;
+        }
+    }
+}
+
+fn exited(status: String, stderr_log: &Path, console: &Path) -> VmError {
+    let stderr = std::fs::read_to_string(stderr_log).unwrap_or_default();
+    let stderr = stderr
+        .lines()
+        .rev()
+        .take(3)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect::<Vec<_>>()
+        .join(" | ");
+    VmError::Exited {
+        status,
+        stderr,
+        console: console_tail(console, 12),
+    }
+}
+
+/// SIGKILL a process by pid (ignores errors: it may be gone).
+pub fn kill_pid(pid: u32) {
+    if pid > 0 {
+        // SAFETY: plain kill(2).
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+}

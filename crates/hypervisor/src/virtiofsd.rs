@@ -1,0 +1,145 @@
+//! virtiofsd, one per sandbox: started before QEMU (QEMU connects to its socket), exits when
+//! its VM disconnects; stopped explicitly on every error path.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use kata_config::hypervisor::HypervisorConfig;
+
+/// Errors starting virtiofsd.
+#[derive(Debug, thiserror::Error)]
+pub enum VirtiofsdError {
+    /// The binary is missing.
+    #[error("virtio-fs daemon {0} does not exist ([hypervisor.qemu].virtio_fs_daemon)")]
+    Missing(PathBuf),
+    /// It could not start.
+    #[error("failed to start {path}")]
+    Spawn {
+        /// Binary.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// It exited or never created its socket.
+    #[error("virtiofsd did not create its socket {socket}: {log}")]
+    NoSocket {
+        /// Socket.
+        socket: PathBuf,
+        /// Its log.
+        log: String,
+    },
+}
+
+/// A running virtiofsd.
+#[derive(Debug)]
+pub struct Virtiofsd {
+    child: tokio::process::Child,
+    /// Its pid.
+    pub pid: u32,
+}
+
+/// virtiofsd's arguments (pure).
+pub fn args(h: &HypervisorConfig, socket: &Path, shared_dir: &Path) -> Vec<String> {
+    let mut a = vec![
+        "--socket-path".to_string(),
+        socket.display().to_string(),
+        "--shared-dir".to_string(),
+        shared_dir.display().to_string(),
+        "--cache".to_string(),
+        h.virtio_fs_cache.virtiofsd_name().to_string(),
+        "--sandbox".to_string(),
+        "none".to_string(),
+        "--seccomp".to_string(),
+        "none".to_string(),
+    ];
+    a.extend(h.virtio_fs_extra_args.iter().cloned());
+    a
+}
+
+impl Virtiofsd {
+    /// Starts virtiofsd and waits for its socket.
+    pub async fn start(
+        h: &HypervisorConfig,
+        socket: &Path,
+        shared_dir: &Path,
+        log: &Path,
+    ) -> Result<Self, VirtiofsdError> {
+        let bin = PathBuf::from(&h.virtio_fs_daemon);
+        if !bin.exists() {
+            return Err(VirtiofsdError::Missing(bin));
+        }
+        let log_file = std::fs::File::create(log).map_err(|source| VirtiofsdError::Spawn {
+            path: log.to_path_buf(),
+            source,
+        })?;
+        let mut child = tokio::process::Command::new(&bin)
+            .args(args(h, socket, shared_dir))
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log_file))
+            .spawn()
+            .map_err(|source| VirtiofsdError::Spawn {
+                path: bin.clone(),
+                source,
+            })?;
+        let pid = child.id().unwrap_or(0);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            let dead = matches!(child.try_wait(), Ok(Some(_)));
+            if dead || Instant::now() > deadline {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                return Err(VirtiofsdError::NoSocket {
+                    socket: socket.to_path_buf(),
+                    log: std::fs::read_to_string(log)
+                        .unwrap_or_default()
+                        .trim()
+                        .to_string(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(Virtiofsd { child, pid })
+    }
+
+    /// Stops it (it normally exits by itself when QEMU goes away).
+    pub async fn stop(mut self) {
+        if tokio::time::timeout(Duration::from_millis(500), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.start_kill();
+            let _ = self.child.wait().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passes_cache_mode_and_extra_args() {
+        let h = HypervisorConfig::default();
+        let a = args(&h, Path::new("/s.sock"), Path::new("/shared"));
+        assert_eq!(
+            a[..6],
+            [
+                "--socket-path",
+                "/s.sock",
+                "--shared-dir",
+                "/shared",
+                "--cache",
+                "auto"
+            ]
+        );
+        assert!(a.ends_with(&[
+            "--thread-pool-size=1".to_string(),
+            "-o".to_string(),
+            "announce_submounts".to_string()
+        ]));
+    }
+}

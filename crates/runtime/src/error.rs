@@ -1,0 +1,72 @@
+//! Errors of the runtime core.
+
+use kata_hypervisor::qemu::vm::VmError;
+use kata_hypervisor::virtiofsd::VirtiofsdError;
+
+/// Everything that can fail while running a sandbox.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// The configuration cannot run here.
+    #[error("{0}")]
+    Unsupported(String),
+    /// The accelerator choice failed.
+    #[error("no usable accelerator: {0}")]
+    Accelerator(String),
+    /// A file or directory operation failed.
+    #[error("{what} {path}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// Path.
+        path: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A mount failed.
+    #[error("failed to mount {source_path} on {target}: {errno}")]
+    Mount {
+        /// Source.
+        source_path: String,
+        /// Target.
+        target: String,
+        /// Error.
+        errno: nix::errno::Errno,
+    },
+    /// virtiofsd failed.
+    #[error("virtiofsd")]
+    Virtiofsd(#[from] VirtiofsdError),
+    /// QEMU failed.
+    #[error("hypervisor")]
+    Vm(#[from] VmError),
+    /// The agent did not answer.
+    #[error("the agent did not answer ({reason}); waited up to {timeout} s ([agent.kata].dial_timeout); guest console: {console}")]
+    AgentTimeout {
+        /// Seconds waited.
+        timeout: u32,
+        /// Last error.
+        reason: String,
+        /// Tail of the guest console.
+        console: String,
+    },
+    /// Dialing failed (wrapped into AgentTimeout with the console by the sandbox).
+    #[error("agent dial: {reason}")]
+    AgentDial {
+        /// Cause.
+        reason: String,
+    },
+    /// An agent call failed.
+    #[error("agent {method}: {message}")]
+    Agent {
+        /// Method.
+        method: &'static str,
+        /// The agent's message.
+        message: String,
+    },
+    /// Bad OCI spec or request.
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// Unknown container or process.
+    #[error("{0} not found")]
+    NotFound(String),
+}

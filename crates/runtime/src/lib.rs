@@ -1,0 +1,14 @@
+//! The runtime core.
+//!
+//! - [`sandbox`]: a sandbox is a VM (QEMU, virtiofsd) plus its agent; create, resize, stop;
+//! - [`agent`]: the ttrpc client of the agent;
+//! - [`accel`]: KVM or TCG;
+//! - [`error`]: the errors ([`SandboxError`]).
+
+pub mod accel;
+pub mod agent;
+pub mod error;
+pub mod sandbox;
+
+pub use error::SandboxError;
+pub use sandbox::{Sandbox, SandboxPaths};

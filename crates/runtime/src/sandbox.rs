@@ -1,0 +1,617 @@
+//! A sandbox: one VM with its agent. Every error path stops what was started and removes the
+//! sandbox's state directories.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use kata_config::hypervisor::SharedFs;
+use kata_config::Config;
+use kata_hypervisor::probe::Accel;
+use kata_hypervisor::qemu::argv::{AgentChannel, LaunchSpec, SharedFsDevice, SHARED_FS_TAG};
+use kata_hypervisor::qemu::vm::Vm;
+use kata_hypervisor::virtiofsd::Virtiofsd;
+use kata_protocols::agent::*;
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use oci_spec::runtime::{Process, Spec};
+
+use crate::agent::{agent_err, ctx, AgentClient, CALL_TIMEOUT};
+use crate::error::SandboxError;
+
+/// Where the agent mounts the shared filesystem in the guest.
+pub const GUEST_SHARED_DIR: &str = "/run/kata-containers/shared/containers";
+/// Host directory of VM files (sockets, logs) per sandbox.
+pub const VM_STATE_ROOT: &str = "/run/vc/vm";
+/// Host directory shared with each sandbox's guest.
+pub const SHARED_ROOT: &str = "/run/kata-containers/shared/sandboxes";
+/// Memory hot-plug granularity (x86 memory block size).
+pub const MEMORY_BLOCK_MIB: u32 = 128;
+
+/// A sandbox's host directories.
+#[derive(Debug, Clone)]
+pub struct SandboxPaths {
+    /// VM sockets and logs.
+    pub vm_dir: PathBuf,
+    /// Shared with the guest.
+    pub shared_dir: PathBuf,
+}
+
+impl SandboxPaths {
+    /// The standard locations for sandbox `id`.
+    pub fn for_id(id: &str) -> Self {
+        SandboxPaths {
+            vm_dir: Path::new(VM_STATE_ROOT).join(id),
+            shared_dir: Path::new(SHARED_ROOT).join(id),
+        }
+    }
+}
+
+/// How long each boot phase took.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BootTimings {
+    /// Accelerator choice.
+    pub accel_ms: u64,
+    /// virtiofsd start.
+    pub virtiofsd_ms: u64,
+    /// QEMU spawn until QMP answers.
+    pub qemu_ms: u64,
+    /// QMP until the agent answers.
+    pub agent_ms: u64,
+    /// CreateSandbox.
+    pub create_sandbox_ms: u64,
+}
+
+/// A running sandbox.
+#[derive(Debug)]
+pub struct Sandbox {
+    /// Id.
+    pub id: String,
+    /// Effective configuration.
+    pub config: Config,
+    /// Accelerator in use.
+    pub accel: Accel,
+    /// Directories.
+    pub paths: SandboxPaths,
+    /// The VM.
+    pub vm: Vm,
+    virtiofsd: tokio::sync::Mutex<Option<Virtiofsd>>,
+    /// The agent.
+    pub agent: AgentClient,
+    vcpus: AtomicU32,
+    memory_mib: AtomicU32,
+    /// Boot timings.
+    pub timings: BootTimings,
+}
+
+fn ms(since: Instant) -> u64 {
+    since.elapsed().as_millis() as u64
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl Fn(std::io::Error) -> SandboxError + 'a {
+    move |source| SandboxError::Io {
+        what,
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Removes a sandbox's directories, unmounting anything left inside the shared directory.
+pub fn cleanup_paths(paths: &SandboxPaths) {
+    unmount_under(&paths.shared_dir);
+    let _ = std::fs::remove_dir_all(&paths.shared_dir);
+    let _ = std::fs::remove_dir_all(&paths.vm_dir);
+}
+
+/// Kills what a previous, crashed instance of sandbox `id` left (QEMU by its pid file; virtiofsd
+/// exits with it) and removes its directories. Returns true when something was there.
+pub fn cleanup_stale(id: &str) -> bool {
+    let paths = SandboxPaths::for_id(id);
+    let existed = paths.vm_dir.exists() || paths.shared_dir.exists();
+    if let Some(pid) = std::fs::read_to_string(paths.vm_dir.join("pid"))
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+    {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(&format!("sandbox-{id}")) {
+            // SAFETY: plain kill(2) of the QEMU this sandbox started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            for _ in 0..100 {
+                if !Path::new(&format!("/proc/{pid}")).exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline)
+            .contains(&paths.vm_dir.join("vfsd.sock").display().to_string())
+        {
+            if let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() {
+                // SAFETY: plain kill(2) of this sandbox's virtiofsd.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+    cleanup_paths(&paths);
+    existed
+}
+
+/// Unmounts every mount at or below `dir` (deepest first).
+pub fn unmount_under(dir: &Path) {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut targets: Vec<PathBuf> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    targets.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for t in targets {
+        let _ = umount2(&t, MntFlags::MNT_DETACH);
+    }
+}
+
+impl Sandbox {
+    /// Boots the VM, connects to the agent and prepares the guest.
+    pub async fn create(id: &str, config: &Config) -> Result<Sandbox, SandboxError> {
+        let kind = config.hypervisor_kind;
+        if !kind.is_supported() {
+            return Err(SandboxError::Unsupported(format!(
+                "hypervisor {kind} is not supported by this runtime; use configuration-qemu.toml"
+            )));
+        }
+        let paths = SandboxPaths::for_id(id);
+        if paths.vm_dir.exists() || paths.shared_dir.exists() {
+            return Err(SandboxError::Invalid(format!(
+                "sandbox {id} already exists ({} is present); delete it first (containerd-shim-kata-v2 delete)",
+                paths.vm_dir.display()
+            )));
+        }
+        let mut started = Started::default();
+        match Self::boot(id, config, &paths, &mut started).await {
+            Ok(sb) => Ok(sb),
+            Err(e) => {
+                if let Some(vm) = started.vm.take() {
+                    vm.stop(Duration::from_millis(200)).await;
+                }
+                if let Some(v) = started.virtiofsd.take() {
+                    v.stop().await;
+                }
+                cleanup_paths(&paths);
+                Err(e)
+            }
+        }
+    }
+
+    async fn boot(
+        id: &str,
+        config: &Config,
+        paths: &SandboxPaths,
+        started: &mut Started,
+    ) -> Result<Sandbox, SandboxError> {
+        let h = &config.hypervisor;
+        let qemu = PathBuf::from(h.effective_path(config.hypervisor_kind));
+        let mut timings = BootTimings::default();
+        let t = Instant::now();
+        let accel = crate::accel::choose(h, &qemu)?;
+        timings.accel_ms = ms(t);
+        for dir in [&paths.vm_dir, &paths.shared_dir] {
+            std::fs::create_dir_all(dir).map_err(io_err("failed to create", dir))?;
+        }
+        let t = Instant::now();
+        let shared_fs = match h.shared_fs {
+            SharedFs::VirtioFs => {
+                let socket = paths.vm_dir.join("vfsd.sock");
+                let v = Virtiofsd::start(
+                    h,
+                    &socket,
+                    &paths.shared_dir,
+                    &paths.vm_dir.join("virtiofsd.log"),
+                )
+                .await?;
+                started.virtiofsd = Some(v);
+                SharedFsDevice::VirtioFs { socket }
+            }
+            SharedFs::Virtio9p => SharedFsDevice::Virtio9p {
+                dir: paths.shared_dir.clone(),
+            },
+            SharedFs::None => SharedFsDevice::None,
+            SharedFs::VirtioFsNydus => return Err(SandboxError::Unsupported(
+                "shared_fs = \"virtio-fs-nydus\" is not supported yet; use virtio-fs or virtio-9p"
+                    .into(),
+            )),
+        };
+        timings.virtiofsd_ms = ms(t);
+        let channel = AgentChannel::Serial {
+            socket: paths.vm_dir.join("agent.sock"),
+        };
+        let mut extra = Vec::new();
+        if config.agent.enable_debug {
+            extra.push("agent.log=debug".to_string());
+        }
+        let spec = LaunchSpec {
+            id: id.to_string(),
+            accel,
+            channel: channel.clone(),
+            shared_fs: shared_fs.clone(),
+            qmp_socket: paths.vm_dir.join("qmp.sock"),
+            console_log: paths.vm_dir.join("console.log"),
+            pid_file: paths.vm_dir.join("pid"),
+            vcpus: h.default_vcpus,
+            memory_mib: h.default_memory,
+            extra_kernel_params: extra,
+        };
+        let t = Instant::now();
+        let vm = Vm::start(&qemu, h, &spec, &paths.vm_dir.join("qemu.stderr")).await?;
+        timings.qemu_ms = ms(t);
+        let t = Instant::now();
+        let dial_timeout = config.agent.dial_timeout;
+        let deadline = Instant::now() + Duration::from_secs(dial_timeout.into());
+        let AgentChannel::Serial { socket } = &channel else {
+            return Err(SandboxError::Unsupported("vsock channel".into()));
+        };
+        let dial = AgentClient::dial_serial(socket, deadline);
+        let agent = tokio::select! {
+            r = dial => r,
+            e = vm.wait_exit() => Err(SandboxError::Vm(e)),
+        };
+        let agent = match agent {
+            Ok(a) => a,
+            Err(SandboxError::AgentDial { reason }) => {
+                // A dead guest resets the connection: report QEMU's exit, with the console.
+                let exit = tokio::time::timeout(Duration::from_secs(2), vm.wait_exit()).await;
+                if let Ok(e) = exit {
+                    started.vm = Some(vm);
+                    return Err(SandboxError::Vm(e));
+                }
+                let console = vm.console_tail(12);
+                started.vm = Some(vm);
+                return Err(SandboxError::AgentTimeout {
+                    timeout: dial_timeout,
+                    reason,
+                    console,
+                });
+            }
+            Err(e) => {
+                started.vm = Some(vm);
+                return Err(e);
+            }
+        };
+        timings.agent_ms = ms(t);
+        let t = Instant::now();
+        let storage = match shared_fs {
+            SharedFsDevice::VirtioFs { .. } => Some(Storage {
+                driver: "virtio-fs".into(),
+                source: SHARED_FS_TAG.into(),
+                fstype: "virtiofs".into(),
+                options: vec!["nodev".into()],
+                mount_point: GUEST_SHARED_DIR.into(),
+                ..Default::default()
+            }),
+            SharedFsDevice::Virtio9p { .. } => Some(Storage {
+                driver: "9p".into(),
+                source: SHARED_FS_TAG.into(),
+                fstype: "9p".into(),
+                options: vec![
+                    "trans=virtio".into(),
+                    "version=9p2000.L".into(),
+                    format!("msize={}", h.msize_9p),
+                    "cache=mmap".into(),
+                    "nodev".into(),
+                ],
+                mount_point: GUEST_SHARED_DIR.into(),
+                ..Default::default()
+            }),
+            SharedFsDevice::None => None,
+        };
+        let req = CreateSandboxRequest {
+            sandbox_id: id.to_string(),
+            storages: storage.into_iter().collect(),
+            kernel_modules: config.agent.kernel_modules.clone(),
+            ..Default::default()
+        };
+        let created = agent
+            .agent
+            .create_sandbox(ctx(CALL_TIMEOUT), &req)
+            .await
+            .map_err(agent_err("CreateSandbox"));
+        if let Err(e) = created {
+            started.vm = Some(vm);
+            return Err(e);
+        }
+        timings.create_sandbox_ms = ms(t);
+        Ok(Sandbox {
+            id: id.to_string(),
+            config: config.clone(),
+            accel,
+            paths: paths.clone(),
+            vm,
+            virtiofsd: tokio::sync::Mutex::new(started.virtiofsd.take()),
+            agent,
+            vcpus: AtomicU32::new(h.default_vcpus),
+            memory_mib: AtomicU32::new(h.default_memory),
+            timings,
+        })
+    }
+
+    /// vCPUs and memory (MiB) the VM has now.
+    pub fn resources(&self) -> (u32, u32) {
+        (
+            self.vcpus.load(Ordering::Relaxed),
+            self.memory_mib.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Hot-plugs `vcpus` CPUs and `memory_mib` MiB (rounded up to the memory block size) and
+    /// has the agent online them. Returns the guest's online CPUs and MemTotal in KiB.
+    pub async fn hotplug(&self, vcpus: u32, memory_mib: u32) -> Result<(u32, u64), SandboxError> {
+        if vcpus > 0 {
+            let added = self.vm.add_vcpus(vcpus).await?;
+            self.vcpus.fetch_add(added, Ordering::Relaxed);
+        }
+        let mem = memory_mib.div_ceil(MEMORY_BLOCK_MIB) * MEMORY_BLOCK_MIB;
+        if mem > 0 {
+            let (_, cur) = self.resources();
+            let max = self.config.hypervisor.default_maxmemory;
+            if cur + mem > max {
+                return Err(SandboxError::Invalid(format!(
+                    "{mem} MiB more would exceed default_maxmemory = {max} MiB"
+                )));
+            }
+            self.vm.add_memory(mem).await?;
+            self.memory_mib.fetch_add(mem, Ordering::Relaxed);
+        }
+        let req = OnlineCPUMemRequest {
+            wait: true,
+            nb_cpus: self.resources().0,
+            cpu_only: mem == 0,
+            ..Default::default()
+        };
+        let r = self
+            .agent
+            .agent
+            .online_cpu_mem(ctx(CALL_TIMEOUT), &req)
+            .await
+            .map_err(agent_err("OnlineCPUMem"))?;
+        Ok((r.online_cpus, r.memory_total_kb))
+    }
+
+    /// Shares a host root filesystem directory with the guest; returns its guest path.
+    pub fn share_rootfs(
+        &self,
+        container_id: &str,
+        host_rootfs: &Path,
+    ) -> Result<PathBuf, SandboxError> {
+        let target = self.paths.shared_dir.join(container_id).join("rootfs");
+        std::fs::create_dir_all(&target).map_err(io_err("failed to create", &target))?;
+        mount(
+            Some(host_rootfs),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(|errno| SandboxError::Mount {
+            source_path: host_rootfs.display().to_string(),
+            target: target.display().to_string(),
+            errno,
+        })?;
+        Ok(Path::new(GUEST_SHARED_DIR)
+            .join(container_id)
+            .join("rootfs"))
+    }
+
+    /// Removes what [`Sandbox::share_rootfs`] set up.
+    pub fn unshare(&self, container_id: &str) {
+        let dir = self.paths.shared_dir.join(container_id);
+        unmount_under(&dir);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Creates a container from a host root filesystem and an OCI spec. Returns its pid.
+    pub async fn create_container(
+        &self,
+        container_id: &str,
+        mut spec: Spec,
+        host_rootfs: &Path,
+    ) -> Result<u32, SandboxError> {
+        let guest_root = self.share_rootfs(container_id, host_rootfs)?;
+        let mut root = spec.root().clone().unwrap_or_default();
+        root.set_path(guest_root);
+        spec.set_root(Some(root));
+        let json = serde_json::to_vec(&spec)
+            .map_err(|e| SandboxError::Invalid(format!("encode OCI spec: {e}")))?;
+        let req = CreateContainerRequest {
+            container_id: container_id.to_string(),
+            oci_spec_json: json,
+            ..Default::default()
+        };
+        match self
+            .agent
+            .agent
+            .create_container(ctx(CALL_TIMEOUT), &req)
+            .await
+        {
+            Ok(r) => Ok(r.pid),
+            Err(e) => {
+                self.unshare(container_id);
+                Err(agent_err("CreateContainer")(e))
+            }
+        }
+    }
+
+    /// Starts a created container.
+    pub async fn start_container(&self, container_id: &str) -> Result<(), SandboxError> {
+        let req = StartContainerRequest {
+            container_id: container_id.to_string(),
+            ..Default::default()
+        };
+        self.agent
+            .agent
+            .start_container(ctx(CALL_TIMEOUT), &req)
+            .await
+            .map_err(agent_err("StartContainer"))?;
+        Ok(())
+    }
+
+    /// Runs another process in a container.
+    pub async fn exec(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        process: &Process,
+    ) -> Result<u32, SandboxError> {
+        let json = serde_json::to_vec(process)
+            .map_err(|e| SandboxError::Invalid(format!("encode OCI process: {e}")))?;
+        let req = ExecProcessRequest {
+            container_id: container_id.into(),
+            exec_id: exec_id.into(),
+            process_json: json,
+            ..Default::default()
+        };
+        Ok(self
+            .agent
+            .agent
+            .exec_process(ctx(CALL_TIMEOUT), &req)
+            .await
+            .map_err(agent_err("ExecProcess"))?
+            .pid)
+    }
+
+    /// Sends a signal.
+    pub async fn signal(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        signal: u32,
+        all: bool,
+    ) -> Result<(), SandboxError> {
+        let req = SignalProcessRequest {
+            container_id: container_id.into(),
+            exec_id: exec_id.into(),
+            signal,
+            all,
+            ..Default::default()
+        };
+        self.agent
+            .agent
+            .signal_process(ctx(CALL_TIMEOUT), &req)
+            .await
+            .map_err(agent_err("SignalProcess"))?;
+        Ok(())
+    }
+
+    /// Waits for a process; returns (status, signal).
+    pub async fn wait(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+    ) -> Result<(i32, u32), SandboxError> {
+        let req = WaitProcessRequest {
+            container_id: container_id.into(),
+            exec_id: exec_id.into(),
+            ..Default::default()
+        };
+        // No deadline: processes run as long as they like.
+        let r = self
+            .agent
+            .agent
+            .wait_process(ttrpc::context::with_timeout(0), &req)
+            .await
+            .map_err(agent_err("WaitProcess"))?;
+        Ok((r.status, r.signal))
+    }
+
+    /// Reads a process's stdout (or stderr) to the end.
+    pub async fn read_all(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        stderr: bool,
+    ) -> Result<Vec<u8>, SandboxError> {
+        let mut out = Vec::new();
+        loop {
+            let req = ReadStreamRequest {
+                container_id: container_id.into(),
+                exec_id: exec_id.into(),
+                len: 64 * 1024,
+                ..Default::default()
+            };
+            let r = if stderr {
+                self.agent
+                    .agent
+                    .read_stderr(ttrpc::context::with_timeout(0), &req)
+                    .await
+                    .map_err(agent_err("ReadStderr"))?
+            } else {
+                self.agent
+                    .agent
+                    .read_stdout(ttrpc::context::with_timeout(0), &req)
+                    .await
+                    .map_err(agent_err("ReadStdout"))?
+            };
+            if r.data.is_empty() {
+                return Ok(out);
+            }
+            out.extend(r.data);
+        }
+    }
+
+    /// Closes a process's stdin.
+    pub async fn close_stdin(&self, container_id: &str, exec_id: &str) -> Result<(), SandboxError> {
+        let req = CloseStdinRequest {
+            container_id: container_id.into(),
+            exec_id: exec_id.into(),
+            ..Default::default()
+        };
+        self.agent
+            .agent
+            .close_stdin(ctx(CALL_TIMEOUT), &req)
+            .await
+            .map_err(agent_err("CloseStdin"))?;
+        Ok(())
+    }
+
+    /// Removes a container (killing it if it runs) and its shared files.
+    pub async fn remove_container(&self, container_id: &str) -> Result<(), SandboxError> {
+        let req = RemoveContainerRequest {
+            container_id: container_id.into(),
+            timeout: 10,
+            ..Default::default()
+        };
+        let r = self
+            .agent
+            .agent
+            .remove_container(ctx(CALL_TIMEOUT), &req)
+            .await
+            .map_err(agent_err("RemoveContainer"));
+        self.unshare(container_id);
+        r.map(|_| ())
+    }
+
+    /// Stops the VM and removes every trace of the sandbox on the host.
+    pub async fn stop(self) {
+        let req = DestroySandboxRequest::new();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            self.agent
+                .agent
+                .destroy_sandbox(ctx(Duration::from_secs(2)), &req),
+        )
+        .await;
+        self.vm.stop(Duration::from_secs(3)).await;
+        if let Some(v) = self.virtiofsd.lock().await.take() {
+            v.stop().await;
+        }
+        cleanup_paths(&self.paths);
+    }
+}
+
+/// What boot started so far (to undo on error).
+#[derive(Default)]
+struct Started {
+    vm: Option<Vm>,
+    virtiofsd: Option<Virtiofsd>,
+}

@@ -1,0 +1,455 @@
+//! A real sandbox: QEMU (TCG here), the project's guest kernel and initrd, virtiofsd, and
+//! kata-agent as PID 1. Needs root and `make install` (make test does both).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use kata_config::load::{load_path, FoundBy};
+use kata_config::{Config, HostLimits};
+use kata_sandbox::{Sandbox, SandboxError};
+use oci_spec::runtime::{ProcessBuilder, Spec};
+
+const INSTALLED: &str = "/opt/kata/share/defaults/kata-containers/configuration-qemu.toml";
+
+fn config(extra: &[(&str, &str)]) -> Config {
+    let mut c = load_path(Path::new(INSTALLED), FoundBy::CommandLine)
+        .expect("installed configuration (run make install)");
+    let map: BTreeMap<String, String> = extra
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    c.hypervisor.enable_annotations = vec![".*".into()];
+    c.hypervisor.valid_kernel_paths = vec!["/**".into(), "/*".into()];
+    c.apply_annotations(&map).expect("annotations");
+    c.validate(&HostLimits::current()).expect("valid");
+    c
+}
+
+/// A root filesystem with busybox and its applets.
+fn busybox_rootfs(dir: &Path) -> PathBuf {
+    let root = dir.join("rootfs");
+    for d in ["bin", "proc", "sys", "dev", "etc", "tmp"] {
+        std::fs::create_dir_all(root.join(d)).expect("mkdir");
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static is installed");
+    let list = std::process::Command::new("/bin/busybox")
+        .arg("--list")
+        .output()
+        .expect("busybox --list");
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if applet != "busybox" {
+            let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(applet));
+        }
+    }
+    std::fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n",
+    )
+    .expect("passwd");
+    root
+}
+
+fn spec(args: &[&str]) -> Spec {
+    let mut spec = Spec::default();
+    let mut process = spec.process().clone().expect("default process");
+    process.set_args(Some(args.iter().map(|s| s.to_string()).collect()));
+    process.set_terminal(Some(false));
+    spec.set_process(Some(process));
+    spec.set_hostname(Some("kata-test".into()));
+    spec
+}
+
+fn process(args: &[&str]) -> oci_spec::runtime::Process {
+    ProcessBuilder::default()
+        .args(args.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        .env(vec!["PATH=/bin".to_string()])
+        .cwd("/")
+        .build()
+        .expect("process")
+}
+
+fn processes_named(name: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(name) {
+                out.push(format!("{}: {cmd}", e.file_name().to_string_lossy()));
+            }
+        }
+    }
+    out
+}
+
+fn assert_no_leftovers(id: &str) {
+    assert!(
+        processes_named(&format!("sandbox-{id}")).is_empty(),
+        "QEMU left: {:?}",
+        processes_named(&format!("sandbox-{id}"))
+    );
+    assert!(
+        processes_named(&format!("/run/vc/vm/{id}/vfsd.sock")).is_empty(),
+        "virtiofsd left"
+    );
+    assert!(
+        !Path::new("/run/vc/vm").join(id).exists(),
+        "VM state directory left"
+    );
+    assert!(
+        !Path::new("/run/kata-containers/shared/sandboxes")
+            .join(id)
+            .exists(),
+        "shared directory left"
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    assert!(
+        !mounts.contains(id),
+        "mounts left: {}",
+        mounts
+            .lines()
+            .filter(|l| l.contains(id))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, QEMU and the installed guest (make test runs it)"]
+async fn sandbox_runs_containers_end_to_end() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let rootfs = busybox_rootfs(tmp.path());
+    let id = "it-e2e";
+    kata_sandbox::sandbox::cleanup_stale(id);
+    let t = Instant::now();
+    let mut cfg = config(&[]);
+    cfg.agent.enable_debug = true;
+    let sb = Sandbox::create(id, &cfg).await.expect("sandbox boots");
+    eprintln!(
+        "sandbox ready in {:?} ({:?}, accel {:?})",
+        t.elapsed(),
+        sb.timings,
+        sb.accel
+    );
+
+    // stdout, stderr and the exit code of a process.
+    let pid = sb
+        .create_container(
+            "c1",
+            spec(&["sh", "-c", "echo out; echo err >&2; exit 3"]),
+            &rootfs,
+        )
+        .await
+        .expect("create");
+    assert!(pid > 0);
+    sb.close_stdin("c1", "").await.expect("close stdin");
+    sb.start_container("c1").await.expect("start");
+    let (out, err) = tokio::join!(sb.read_all("c1", "", false), sb.read_all("c1", "", true));
+    assert_eq!(String::from_utf8_lossy(&out.expect("stdout")), "out\n");
+    assert_eq!(String::from_utf8_lossy(&err.expect("stderr")), "err\n");
+    assert_eq!(sb.wait("c1", "").await.expect("wait"), (3, 0));
+    sb.remove_container("c1").await.expect("remove");
+
+    // A long-running container: hostname, exec, signals.
+    sb.create_container("c2", spec(&["sleep", "1000"]), &rootfs)
+        .await
+        .expect("create c2");
+    sb.start_container("c2").await.expect("start c2");
+    sb.exec(
+        "c2",
+        "e1",
+        &process(&["sh", "-c", "echo hello from $(hostname); id -u"]),
+    )
+    .await
+    .expect("exec");
+    sb.close_stdin("c2", "e1").await.expect("close");
+    let out = sb.read_all("c2", "e1", false).await.expect("exec stdout");
+    assert_eq!(String::from_utf8_lossy(&out), "hello from kata-test\n0\n");
+    assert_eq!(sb.wait("c2", "e1").await.expect("wait exec"), (0, 0));
+    let e = sb
+        .exec("c2", "e2", &process(&["/no/such/binary"]))
+        .await
+        .expect_err("missing binary");
+    assert!(e.to_string().contains("/no/such/binary"), "{e}");
+
+    // Hot-plug 1 vCPU and 512 MiB and see them in the guest.
+    let (cpus_before, mem_before) = (
+        sb.resources().0,
+        read_guest(&sb, "c2", "m0", "grep MemTotal /proc/meminfo").await,
+    );
+    let (online, mem_kb) = sb.hotplug(1, 512).await.expect("hotplug");
+    assert_eq!(online, cpus_before + 1);
+    let nproc = read_guest(&sb, "c2", "n1", "nproc").await;
+    assert_eq!(nproc.trim(), (cpus_before + 1).to_string());
+    let mem_after = read_guest(&sb, "c2", "m1", "grep MemTotal /proc/meminfo").await;
+    let kb = |s: &str| {
+        s.split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        kb(&mem_after) >= kb(&mem_before) + 500 * 1024,
+        "{mem_before} -> {mem_after}"
+    );
+    assert_eq!(kb(&mem_after), mem_kb);
+
+    // SIGTERM kills a sleeping process: it dies of the signal. (The container's init is PID 1
+    // of its namespace and, like with runc, ignores signals it has no handler for, except
+    // SIGKILL.)
+    sb.exec("c2", "s1", &process(&["sleep", "1000"]))
+        .await
+        .expect("exec sleep");
+    sb.signal("c2", "s1", 15, false).await.expect("SIGTERM");
+    assert_eq!(
+        sb.wait("c2", "s1").await.expect("wait sleep"),
+        (128 + 15, 15)
+    );
+    sb.signal("c2", "", 9, false).await.expect("SIGKILL");
+    assert_eq!(sb.wait("c2", "").await.expect("wait c2"), (128 + 9, 9));
+    sb.remove_container("c2").await.expect("remove c2");
+
+    sb.stop().await;
+    assert_no_leftovers(id);
+}
+
+async fn read_guest(sb: &Sandbox, cid: &str, exec_id: &str, cmd: &str) -> String {
+    sb.exec(cid, exec_id, &process(&["sh", "-c", cmd]))
+        .await
+        .expect("exec");
+    sb.close_stdin(cid, exec_id).await.expect("close");
+    let out = sb.read_all(cid, exec_id, false).await.expect("read");
+    sb.wait(cid, exec_id).await.expect("wait");
+    String::from_utf8_lossy(&out).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and QEMU (make test runs it)"]
+async fn missing_assets_are_named_and_nothing_is_left() {
+    for (key, value, expect) in [
+        ("kernel", "/opt/kata/share/kata-containers/no-such-vmlinux", "guest kernel /opt/kata/share/kata-containers/no-such-vmlinux does not exist ([hypervisor.qemu].kernel)"),
+        ("initrd", "/opt/kata/share/kata-containers/no-such-initrd", "guest initrd /opt/kata/share/kata-containers/no-such-initrd does not exist ([hypervisor.qemu].initrd)"),
+    ] {
+        let mut c = config(&[]);
+        match key {
+            "kernel" => c.hypervisor.kernel = value.into(),
+            _ => c.hypervisor.initrd = value.into(),
+        }
+        let id = format!("it-missing-{key}");
+        kata_sandbox::sandbox::cleanup_stale(&id);
+        let e = Sandbox::create(&id, &c).await.expect_err("must fail");
+        let msg = kata_config::error_chain(&e);
+        assert!(msg.contains(expect), "{msg}");
+        assert_no_leftovers(&id);
+    }
+    let mut c = config(&[]);
+    c.hypervisor.path = "/usr/bin/no-such-qemu".into();
+    let e = Sandbox::create("it-missing-qemu", &c)
+        .await
+        .expect_err("no qemu");
+    assert!(
+        kata_config::error_chain(&e).contains("/usr/bin/no-such-qemu"),
+        "{}",
+        kata_config::error_chain(&e)
+    );
+    assert_no_leftovers("it-missing-qemu");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, QEMU and the installed guest (make test runs it)"]
+async fn a_panicking_guest_is_reported_with_its_console() {
+    let mut c = config(&[]);
+    c.hypervisor.kernel_params = "rdinit=/no-such-init".into();
+    c.agent.dial_timeout = 60;
+    kata_sandbox::sandbox::cleanup_stale("it-panic");
+    let t = Instant::now();
+    let e = Sandbox::create("it-panic", &c).await.expect_err("panics");
+    let msg = kata_config::error_chain(&e);
+    assert!(matches!(e, SandboxError::Vm(_)), "{msg}");
+    assert!(msg.contains("Kernel panic"), "{msg}");
+    assert!(
+        t.elapsed().as_secs() < 60,
+        "reported within the dial timeout"
+    );
+    assert_no_leftovers("it-panic");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, QEMU and the installed guest (make test runs it)"]
+async fn an_agent_that_never_answers_times_out_with_the_console() {
+    let mut c = config(&[]);
+    // busybox sh as init: the guest runs, but nothing serves the agent API.
+    c.hypervisor.kernel_params = "rdinit=/bin/sh".into();
+    c.agent.dial_timeout = 6;
+    kata_sandbox::sandbox::cleanup_stale("it-silent");
+    let t = Instant::now();
+    let e = Sandbox::create("it-silent", &c)
+        .await
+        .expect_err("no agent");
+    let secs = t.elapsed().as_secs_f64();
+    let msg = kata_config::error_chain(&e);
+    assert!(
+        matches!(e, SandboxError::AgentTimeout { timeout: 6, .. }),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("[agent.kata].dial_timeout") && msg.contains("guest console:"),
+        "{msg}"
+    );
+    assert!((6.0..15.0).contains(&secs), "gave up after {secs:.1} s");
+    assert_no_leftovers("it-silent");
+}
+
+/// Runs `script` as a container's init with `edit` applied to the spec; returns (stdout, status).
+async fn run_container(
+    sb: &Sandbox,
+    rootfs: &Path,
+    id: &str,
+    script: &str,
+    edit: impl FnOnce(&mut Spec),
+) -> (String, i32) {
+    let mut s = spec(&["sh", "-c", script]);
+    edit(&mut s);
+    sb.create_container(id, s, rootfs).await.expect("create");
+    sb.close_stdin(id, "").await.expect("close stdin");
+    sb.start_container(id).await.expect("start");
+    let out = sb.read_all(id, "", false).await.expect("stdout");
+    let (status, _) = sb.wait(id, "").await.expect("wait");
+    sb.remove_container(id).await.expect("remove");
+    (String::from_utf8_lossy(&out).to_string(), status)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, QEMU and the installed guest (make test runs it)"]
+async fn oci_process_and_filesystem_semantics() {
+    use oci_spec::runtime::{
+        Capability, LinuxCapabilitiesBuilder, MountBuilder, PosixRlimitBuilder, PosixRlimitType,
+        UserBuilder,
+    };
+    let tmp = tempfile::tempdir().expect("tmp");
+    let rootfs = busybox_rootfs(tmp.path());
+    let id = "it-oci";
+    kata_sandbox::sandbox::cleanup_stale(id);
+    let sb = Sandbox::create(id, &config(&[]))
+        .await
+        .expect("sandbox boots");
+
+    let script = "id -u; id -g; id -G; pwd; echo $FOO; ulimit -n; \
+        touch /should-fail 2>/dev/null && echo rootfs-writable || echo rootfs-readonly; \
+        touch /scratch/ok && echo scratch-writable; \
+        cat /proc/kcore >/dev/null 2>&1 && echo kcore-visible || echo kcore-masked; \
+        grep -E '^(CapEff|NoNewPrivs)' /proc/self/status";
+    let (out, status) = run_container(&sb, &rootfs, "oci1", script, |s| {
+        let mut p = s.process().clone().expect("process");
+        p.set_user(
+            UserBuilder::default()
+                .uid(65534u32)
+                .gid(65534u32)
+                .additional_gids(vec![100u32])
+                .build()
+                .expect("user"),
+        );
+        p.set_cwd("/tmp".into());
+        p.set_env(Some(vec!["PATH=/bin".into(), "FOO=bar".into()]));
+        p.set_rlimits(Some(vec![PosixRlimitBuilder::default()
+            .typ(PosixRlimitType::RlimitNofile)
+            .soft(123u64)
+            .hard(456u64)
+            .build()
+            .expect("rlimit")]));
+        let caps: std::collections::HashSet<Capability> =
+            [Capability::Kill, Capability::NetBindService]
+                .into_iter()
+                .collect();
+        p.set_capabilities(Some(
+            LinuxCapabilitiesBuilder::default()
+                .bounding(caps.clone())
+                .effective(caps.clone())
+                .permitted(caps.clone())
+                .inheritable(caps.clone())
+                .ambient(caps)
+                .build()
+                .expect("caps"),
+        ));
+        p.set_no_new_privileges(Some(true));
+        s.set_process(Some(p));
+        let mut root = s.root().clone().unwrap_or_default();
+        root.set_readonly(Some(true));
+        s.set_root(Some(root));
+        let mut mounts = s.mounts().clone().unwrap_or_default();
+        mounts.push(
+            MountBuilder::default()
+                .destination("/scratch")
+                .typ("tmpfs")
+                .source("tmpfs")
+                .options(vec!["mode=1777".into()])
+                .build()
+                .expect("mount"),
+        );
+        s.set_mounts(Some(mounts));
+    })
+    .await;
+    assert_eq!(status, 0, "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    // CAP_KILL (5) and CAP_NET_BIND_SERVICE (10): 0x420.
+    assert_eq!(
+        lines,
+        [
+            "65534",
+            "65534",
+            "65534 100",
+            "/tmp",
+            "bar",
+            "123",
+            "rootfs-readonly",
+            "scratch-writable",
+            "kcore-masked",
+            "CapEff:\t0000000000000420",
+            "NoNewPrivs:\t1"
+        ],
+        "{out}"
+    );
+
+    // A lot of output just before exit: nothing is lost.
+    let (out, status) = run_container(&sb, &rootfs, "oci2", "seq 1 200000; exit 7", |_| {}).await;
+    assert_eq!(status, 7);
+    assert_eq!(out.lines().count(), 200000);
+    assert_eq!(out.lines().last(), Some("200000"));
+
+    // A terminal: the process sees a pty, with the size the host sets.
+    let mut s = spec(&["sleep", "1000"]);
+    s.set_hostname(None);
+    sb.create_container("oci3", s, &rootfs)
+        .await
+        .expect("create");
+    sb.start_container("oci3").await.expect("start");
+    let mut p = process(&["sh", "-c", "tty; sleep 0.5; stty size"]);
+    p.set_terminal(Some(true));
+    sb.exec("oci3", "t1", &p).await.expect("exec tty");
+    let req = kata_protocols::agent::TtyWinResizeRequest {
+        container_id: "oci3".into(),
+        exec_id: "t1".into(),
+        row: 40,
+        column: 100,
+        ..Default::default()
+    };
+    sb.agent
+        .agent
+        .tty_win_resize(
+            kata_sandbox::agent::ctx(std::time::Duration::from_secs(5)),
+            &req,
+        )
+        .await
+        .expect("resize");
+    let out = String::from_utf8_lossy(&sb.read_all("oci3", "t1", false).await.expect("tty out"))
+        .to_string();
+    assert!(out.contains("/dev/pts/"), "{out:?}");
+    assert!(out.contains("40 100"), "{out:?}");
+    assert_eq!(sb.wait("oci3", "t1").await.expect("wait tty"), (0, 0));
+    sb.signal("oci3", "", 9, false).await.expect("kill");
+    sb.wait("oci3", "").await.expect("wait");
+    sb.remove_container("oci3").await.expect("remove");
+
+    sb.stop().await;
+    assert_no_leftovers(id);
+}
