@@ -152,19 +152,21 @@ fn spawn(
     let (start_r, start_w) = pipe()?;
     let mut cmd = Command::new("/proc/self/exe");
     cmd.arg0("kata-agent-init").arg("init-container");
-    let (stdin, tty, stdout, stderr);
-    if terminal {
-        let pty = nix::pty::openpty(None, None)
-            .map_err(|e| AgentError::Failed(format!("openpty: {e}")))?;
-        let master = File::from(pty.master);
-        let slave = File::from(pty.slave);
-        cmd.stdin(Stdio::from(slave.try_clone().map_err(io("dup pty"))?));
-        cmd.stdout(Stdio::from(slave.try_clone().map_err(io("dup pty"))?));
-        cmd.stderr(Stdio::from(slave));
-        stdout = OutputBuffer::pump(master.try_clone().map_err(io("dup pty"))?);
-        stderr = OutputBuffer::closed();
-        stdin = Some(master.try_clone().map_err(io("dup pty"))?);
-        tty = Some(master);
+    let mut stdin = None;
+    let (mut stdout, mut stderr) = (OutputBuffer::closed(), OutputBuffer::closed());
+    // For a terminal, the child opens the pty inside the container and sends the master back.
+    let tty_pair = if terminal {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let (a, b) = nix::sys::socket::socketpair(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::Stream,
+            None,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| AgentError::Failed(format!("socketpair: {e}")))?;
+        Some((File::from(a), File::from(b)))
     } else {
         let (in_r, in_w) = pipe()?;
         let (out_r, out_w) = pipe()?;
@@ -175,8 +177,9 @@ fn spawn(
         stdout = OutputBuffer::pump(out_r);
         stderr = OutputBuffer::pump(err_r);
         stdin = Some(in_w);
-        tty = None;
-    }
+        None
+    };
+    let tty_child_fd = tty_pair.as_ref().map(|(_, b)| b.as_raw_fd()).unwrap_or(-1);
     let fds = [cfg_r.as_raw_fd(), status_w.as_raw_fd(), start_r.as_raw_fd()];
     // SAFETY: the closure runs in the forked child and only makes async-signal-safe calls
     // (dup2, unshare).
@@ -186,6 +189,9 @@ fn spawn(
                 if libc::dup2(*fd, 3 + i as i32) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
+            }
+            if tty_child_fd >= 0 && libc::dup2(tty_child_fd, 6) < 0 {
+                return Err(std::io::Error::last_os_error());
             }
             if !unshare.is_empty() && libc::unshare(unshare.bits()) != 0 {
                 return Err(std::io::Error::last_os_error());
@@ -218,6 +224,22 @@ fn spawn(
             return Err(AgentError::Failed(msg.trim_start_matches('E').to_string()));
         }
     };
+    let mut tty = None;
+    if let Some((agent_end, child_end)) = tty_pair {
+        drop(child_end);
+        let master = recv_fd(&agent_end).map_err(|e| {
+            let mut rest = String::new();
+            let _ = status_r.read_to_string(&mut rest);
+            AgentError::Failed(if rest.is_empty() {
+                e
+            } else {
+                rest.trim_start_matches('E').to_string()
+            })
+        })?;
+        stdout = OutputBuffer::pump(master.try_clone().map_err(io("dup pty"))?);
+        stdin = Some(master.try_clone().map_err(io("dup pty"))?);
+        tty = Some(master);
+    }
     if config.wait_start {
         let mut b = [0u8; 1];
         match status_r.read(&mut b) {
@@ -242,6 +264,31 @@ fn spawn(
         start: Mutex::new(config.wait_start.then_some(start_w)),
         status: Mutex::new(Some(status_r)),
     })
+}
+
+/// Receives one file descriptor sent with SCM_RIGHTS.
+fn recv_fd(sock: &File) -> Result<File, String> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::os::fd::FromRawFd;
+    let mut buf = [0u8; 1];
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(|e| format!("receive the pty: {e}"))?;
+    for c in msg.cmsgs().map_err(|e| format!("receive the pty: {e}"))? {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            if let Some(fd) = fds.first() {
+                // SAFETY: the kernel just gave us this descriptor.
+                return Ok(unsafe { File::from_raw_fd(*fd) });
+            }
+        }
+    }
+    Err("the container process did not send its terminal".to_string())
 }
 
 /// Reads the status pipe after the start byte: EOF means exec succeeded.

@@ -6,13 +6,16 @@
 //! File descriptors: 0-2 the process's stdio; 3 the configuration (JSON, read to EOF); 4 the
 //! status pipe (the helper writes the child's pid as 4 little-endian bytes, then the child
 //! writes `R` once ready, or `E<message>` on failure; exec closes it); 5 the start pipe (create
-//! only: one byte starts the process). The helper then waits for the child and exits the same
-//! way (code, or the same signal).
+//! only: one byte starts the process); 6, for a terminal, a unix socket on which the child sends
+//! the pty master it opened inside the container (so the pty belongs to the container's own
+//! /dev/pts). The helper then waits for the child and exits the same way (code, or the same
+//! signal).
 
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -60,6 +63,7 @@ fn join_namespaces(pid: i32) -> Result<(), String> {
 const CONFIG_FD: RawFd = 3;
 const STATUS_FD: RawFd = 4;
 const START_FD: RawFd = 5;
+const TTY_FD: RawFd = 6;
 
 static CHILD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
 
@@ -153,6 +157,7 @@ fn child(config: &HelperConfig, status: &mut File) -> String {
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
         libc::fcntl(STATUS_FD, libc::F_SETFD, libc::FD_CLOEXEC);
         libc::fcntl(START_FD, libc::F_SETFD, libc::FD_CLOEXEC);
+        libc::fcntl(TTY_FD, libc::F_SETFD, libc::FD_CLOEXEC);
     }
     if let Some(spec) = &config.spec {
         if let Err(e) = setup_rootfs(spec, &config.rootfs) {
@@ -165,6 +170,11 @@ fn child(config: &HelperConfig, status: &mut File) -> String {
         }
     }
     let p = &config.process;
+    if p.terminal().unwrap_or(false) {
+        if let Err(e) = setup_terminal() {
+            return e;
+        }
+    }
     if let Err(e) = setup_process(p) {
         return e;
     }
@@ -181,6 +191,44 @@ fn child(config: &HelperConfig, status: &mut File) -> String {
         }
     }
     exec(p)
+}
+
+/// Opens a pty in this (the container's) mount namespace, makes the slave our stdio and sends
+/// the master to the agent.
+fn setup_terminal() -> Result<(), String> {
+    use nix::fcntl::OFlag;
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let master = nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY)
+        .map_err(|e| format!("open /dev/ptmx: {e}"))?;
+    nix::pty::grantpt(&master).map_err(|e| format!("grantpt: {e}"))?;
+    nix::pty::unlockpt(&master).map_err(|e| format!("unlockpt: {e}"))?;
+    let name = nix::pty::ptsname_r(&master).map_err(|e| format!("ptsname: {e}"))?;
+    let slave = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(&name)
+        .map_err(|e| format!("open {name}: {e}"))?;
+    for fd in 0..3 {
+        // SAFETY: dup2 onto the standard descriptors.
+        if unsafe { libc::dup2(slave.as_raw_fd(), fd) } < 0 {
+            return Err(format!("dup2 pty: {}", std::io::Error::last_os_error()));
+        }
+    }
+    let fds = [master.as_raw_fd()];
+    let iov = [std::io::IoSlice::new(b"T")];
+    sendmsg::<()>(
+        TTY_FD,
+        &iov,
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )
+    .map_err(|e| format!("send the pty to the agent: {e}"))?;
+    // SAFETY: closing our copy of the socket.
+    unsafe { libc::close(TTY_FD) };
+    Ok(())
 }
 
 fn setup_rootfs(spec: &Spec, rootfs: &Path) -> Result<(), String> {
