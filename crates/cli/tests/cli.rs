@@ -49,6 +49,13 @@ fn env_json_is_valid_and_complete() {
     assert_eq!(v["Hypervisor"]["MachineType"], "q35");
     assert_eq!(v["Runtime"]["Config"]["FoundBy"], "command line");
     assert_eq!(v["Agent"]["DialTimeout"], 30);
+    assert_eq!(v["Agent"]["Channel"], "auto");
+    let expected = if Path::new("/dev/vhost-vsock").exists() {
+        "vsock"
+    } else {
+        "virtio-serial"
+    };
+    assert_eq!(v["Agent"]["ChannelInUse"], expected);
     assert!(v["Host"]["CPU"]["CPUs"].as_u64().unwrap_or(0) >= 1);
 }
 

@@ -165,7 +165,7 @@ config_section! {
         /// Run the VM as a confidential guest (TDX, SEV, PEF, SE). Disables CPU/memory hot-plug.
         confidential_guest: bool = false, N, NY, QEMU_CLH;
         /// Run QEMU as an unprivileged random user instead of root.
-        rootless: bool = false, Y, OK, QEMU;
+        rootless: bool = false, Y, NY, QEMU;
         /// Regular expressions of the hypervisor annotation names pods may set (full match of
         /// the part after `io.katacontainers.config.hypervisor.`).
         enable_annotations: Vec<String> = Vec::new(), N, OK, ALL;
@@ -279,9 +279,9 @@ config_section! {
         /// Guest directory of OCI hooks (`prestart`, `poststart`, `poststop` subdirectories).
         guest_hook_path: String = String::new(), Y, NY, ALL;
         /// Inbound network bandwidth limit in bits per second (0: none).
-        rx_rate_limiter_max_rate: u64 = 0, Y, OK, QEMU_FC;
+        rx_rate_limiter_max_rate: u64 = 0, Y, NY, QEMU_FC;
         /// Outbound network bandwidth limit in bits per second (0: none).
-        tx_rate_limiter_max_rate: u64 = 0, Y, OK, QEMU_FC;
+        tx_rate_limiter_max_rate: u64 = 0, Y, NY, QEMU_FC;
         /// Network bandwidth limit of Cloud Hypervisor's rate limiter (bytes/s, 0: none).
         net_rate_limiter_bw_max_rate: u64 = 0, N, NY, CLH;
         /// Initial burst of the network bandwidth limiter.
@@ -299,13 +299,14 @@ config_section! {
         /// Initial burst of the disk operations limiter.
         disk_rate_limiter_ops_one_time_burst: u64 = 0, N, NY, CLH;
         /// Directory where guest memory is dumped when the guest panics (empty: no dump).
-        guest_memory_dump_path: String = String::new(), N, OK, QEMU;
+        guest_memory_dump_path: String = String::new(), N, NY, QEMU;
         /// Use paging (virtual addresses) when dumping guest memory.
         guest_memory_dump_paging: bool = false, N, NY, QEMU;
         /// Add a swap device to the guest.
         enable_guest_swap: bool = false, Y, NY, QEMU;
-        /// Use a legacy serial port as the guest console instead of virtio-console.
-        use_legacy_serial: bool = false, Y, OK, QEMU;
+        /// Use a legacy serial port as the guest console instead of virtio-console. (The console
+        /// is always the legacy serial port here, so early boot messages and panics are logged.)
+        use_legacy_serial: bool = false, Y, NY, QEMU;
         /// Do not apply SELinux labels to the hypervisor process.
         disable_selinux: bool = false, N, NY, ALL;
         /// Do not enable SELinux inside the guest.

@@ -35,6 +35,20 @@ pub enum VfioMode {
     GuestKernel,
 }
 
+/// Transport of the agent API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentChannelKind {
+    /// vsock where the host has /dev/vhost-vsock, virtio-serial otherwise.
+    #[serde(rename = "auto")]
+    Auto,
+    /// AF_VSOCK through the host kernel's vhost-vsock.
+    #[serde(rename = "vsock")]
+    Vsock,
+    /// A virtio-serial port backed by a unix socket.
+    #[serde(rename = "virtio-serial")]
+    VirtioSerial,
+}
+
 /// Default Jaeger collector endpoint.
 pub const DEFAULT_JAEGER_ENDPOINT: &str = "http://localhost:14268/api/traces";
 /// Default seconds to wait for the agent to answer.
@@ -50,32 +64,32 @@ config_section! {
         /// Debug logging in containerd-shim-kata-v2.
         enable_debug: bool = false, N, OK, ALL;
         /// How the VM joins the container network: `tcfilter`, `macvtap` or `none`.
-        internetworking_model: InterNetworkingModel = InterNetworkingModel::TcFilter, Y, OK, ALL;
+        internetworking_model: InterNetworkingModel = InterNetworkingModel::TcFilter, Y, NY, ALL;
         /// Do not apply the container's seccomp profile inside the guest.
-        disable_guest_seccomp: bool = true, Y, OK, ALL;
+        disable_guest_seccomp: bool = true, Y, NY, ALL;
         /// Emit OpenTelemetry traces and spans.
-        enable_tracing: bool = false, N, OK, ALL;
+        enable_tracing: bool = false, N, NY, ALL;
         /// Trace collector (Jaeger accepts OTLP).
-        jaeger_endpoint: String = DEFAULT_JAEGER_ENDPOINT.to_string(), N, OK, ALL;
+        jaeger_endpoint: String = DEFAULT_JAEGER_ENDPOINT.to_string(), N, NY, ALL;
         /// Trace collector user name.
-        jaeger_user: String = String::new(), N, OK, ALL;
+        jaeger_user: String = String::new(), N, NY, ALL;
         /// Trace collector password.
-        jaeger_password: String = String::new(), N, OK, ALL;
+        jaeger_password: String = String::new(), N, NY, ALL;
         /// Do not create a network namespace for the shim and hypervisor (use with `none`).
-        disable_new_netns: bool = false, Y, OK, ALL;
+        disable_new_netns: bool = false, Y, NY, ALL;
         /// Put every Kata process in the sandbox cgroup only (no overhead cgroup).
-        sandbox_cgroup_only: bool = false, Y, OK, ALL;
+        sandbox_cgroup_only: bool = false, Y, NY, ALL;
         /// Size the VM at boot from the containers' limits instead of hot-plugging.
-        static_sandbox_resource_mgmt: bool = false, N, OK, ALL;
+        static_sandbox_resource_mgmt: bool = false, N, NY, ALL;
         /// Dragonball's name for `static_sandbox_resource_mgmt`.
-        static_resource_mgmt: bool = false, N, OK, ALL;
+        static_resource_mgmt: bool = false, N, NY, ALL;
         /// Host paths bind-mounted read-only into the guest at
         /// /run/kata-containers/shared/containers/sandbox-mounts.
         sandbox_bind_mounts: Vec<String> = Vec::new(), N, NY, ALL;
         /// VFIO mode: `vfio` or `guest-kernel`.
         vfio_mode: VfioMode = VfioMode::GuestKernel, Y, NY, ALL;
         /// Create Kubernetes emptyDir volumes on the host and share them, instead of in guest memory.
-        disable_guest_empty_dir: bool = false, N, OK, ALL;
+        disable_guest_empty_dir: bool = false, N, NY, ALL;
         /// Experimental features to enable (none exist yet).
         experimental: Vec<String> = Vec::new(), Y, OK, ALL;
         /// Serve profiling data from the shim through kata-monitor.
@@ -107,11 +121,14 @@ config_section! {
         /// `"e1000e InterruptThrottleRate=3000"`. As an annotation: `;`-separated.
         kernel_modules: Vec<String> = Vec::new(), Y, OK, ALL;
         /// Start a debug console in the guest, reachable with `kata-runtime exec`.
-        debug_console_enabled: bool = false, N, OK, ALL;
+        debug_console_enabled: bool = false, N, NY, ALL;
         /// Seconds to wait for the agent to answer after the VM starts.
         dial_timeout: u32 = DEFAULT_DIAL_TIMEOUT_SECS, N, OK, ALL;
+        /// Transport of the agent API: `auto` (kernel vsock where /dev/vhost-vsock exists,
+        /// otherwise a virtio-serial port), `vsock` or `virtio-serial`. Not a Kata key.
+        channel: AgentChannelKind = AgentChannelKind::Auto, N, OK, ALL;
         /// Size of the pipes the agent creates for container stdio (0: kernel default).
-        container_pipe_size: u32 = 0, Y, OK, ALL;
+        container_pipe_size: u32 = 0, Y, NY, ALL;
     }
 }
 
@@ -119,11 +136,11 @@ config_section! {
     /// `[factory]`
     pub struct FactoryConfig {
         /// Create new VMs by cloning a template VM (needs QEMU, an initrd and virtio-9p).
-        enable_template: bool = false, N, OK, ALL;
+        enable_template: bool = false, N, NY, ALL;
         /// Directory of the VM template.
         template_path: String = DEFAULT_TEMPLATE_PATH.to_string(), N, OK, ALL;
         /// VMs kept booted and ready by the VMCache server (0: VMCache off).
-        vm_cache_number: u32 = 0, N, OK, ALL;
+        vm_cache_number: u32 = 0, N, NY, ALL;
         /// Unix socket of the VMCache server.
         vm_cache_endpoint: String = DEFAULT_VM_CACHE_ENDPOINT.to_string(), N, OK, ALL;
     }

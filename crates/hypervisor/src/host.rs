@@ -208,6 +208,21 @@ pub fn has_vhost_vsock() -> bool {
     Path::new("/dev/vhost-vsock").exists()
 }
 
+/// The agent transport a configured channel resolves to on this host: `"vsock"` or
+/// `"virtio-serial"`, or why it cannot be used.
+pub fn resolve_agent_channel(
+    kind: kata_config::runtime::AgentChannelKind,
+) -> Result<&'static str, String> {
+    use kata_config::runtime::AgentChannelKind as K;
+    match kind {
+        K::VirtioSerial => Ok("virtio-serial"),
+        K::Vsock if has_vhost_vsock() => Ok("vsock"),
+        K::Vsock => Err("[agent.kata].channel = \"vsock\" but /dev/vhost-vsock does not exist; load vhost_vsock or use \"auto\"".to_string()),
+        K::Auto if has_vhost_vsock() => Ok("vsock"),
+        K::Auto => Ok("virtio-serial"),
+    }
+}
+
 /// True when `/dev/vhost-net` exists.
 pub fn has_vhost_net() -> bool {
     Path::new("/dev/vhost-net").exists()

@@ -224,8 +224,13 @@ impl Sandbox {
             )),
         };
         timings.virtiofsd_ms = ms(t);
-        let channel = AgentChannel::Serial {
-            socket: paths.vm_dir.join("agent.sock"),
+        let channel = match kata_hypervisor::host::resolve_agent_channel(config.agent.channel)
+            .map_err(SandboxError::Unsupported)?
+        {
+            "vsock" => AgentChannel::Vsock { cid: random_cid() },
+            _ => AgentChannel::Serial {
+                socket: paths.vm_dir.join("agent.sock"),
+            },
         };
         let mut extra = Vec::new();
         if config.agent.enable_debug {
@@ -249,10 +254,14 @@ impl Sandbox {
         let t = Instant::now();
         let dial_timeout = config.agent.dial_timeout;
         let deadline = Instant::now() + Duration::from_secs(dial_timeout.into());
-        let AgentChannel::Serial { socket } = &channel else {
-            return Err(SandboxError::Unsupported("vsock channel".into()));
+        let dial = async {
+            match &channel {
+                AgentChannel::Serial { socket } => AgentClient::dial_serial(socket, deadline).await,
+                AgentChannel::Vsock { cid } => {
+                    AgentClient::dial_vsock(*cid, kata_protocols::VSOCK_PORT, deadline).await
+                }
+            }
         };
-        let dial = AgentClient::dial_serial(socket, deadline);
         let agent = tokio::select! {
             r = dial => r,
             e = vm.wait_exit() => Err(SandboxError::Vm(e)),
@@ -607,6 +616,16 @@ impl Sandbox {
         }
         cleanup_paths(&self.paths);
     }
+}
+
+/// A random guest vsock CID (3 and up; 0-2 are reserved).
+fn random_cid() -> u32 {
+    let mut b = [0u8; 4];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut b);
+    }
+    3 + u32::from_le_bytes(b) % (u32::MAX - 4)
 }
 
 /// What boot started so far (to undo on error).

@@ -89,7 +89,10 @@ fn assert_no_leftovers(id: &str) {
         processes_named(&format!("sandbox-{id}"))
     );
     assert!(
-        processes_named(&format!("/run/vc/vm/{id}/vfsd.sock")).is_empty(),
+        processes_named(&format!(
+            "virtiofsd --socket-path /run/vc/vm/{id}/vfsd.sock"
+        ))
+        .is_empty(),
         "virtiofsd left"
     );
     assert!(
@@ -166,6 +169,73 @@ async fn sandbox_runs_containers_end_to_end() {
     let out = sb.read_all("c2", "e1", false).await.expect("exec stdout");
     assert_eq!(String::from_utf8_lossy(&out), "hello from kata-test\n0\n");
     assert_eq!(sb.wait("c2", "e1").await.expect("wait exec"), (0, 0));
+    // UpdateContainer changes the guest cgroup; StatsContainer reads it.
+    let req = kata_protocols::agent::UpdateContainerRequest {
+        container_id: "c2".into(),
+        resources_json: br#"{"memory":{"limit":268435456},"pids":{"limit":64}}"#.to_vec(),
+        ..Default::default()
+    };
+    sb.agent
+        .agent
+        .update_container(
+            kata_sandbox::agent::ctx(std::time::Duration::from_secs(5)),
+            &req,
+        )
+        .await
+        .expect("update");
+    let limits = read_guest(
+        &sb,
+        "c2",
+        "u1",
+        "cat /sys/fs/cgroup/kata/c2/memory.max /sys/fs/cgroup/kata/c2/pids.max",
+    )
+    .await;
+    assert_eq!(limits, "268435456\n64\n");
+    let req = kata_protocols::agent::StatsContainerRequest {
+        container_id: "c2".into(),
+        ..Default::default()
+    };
+    let stats = sb
+        .agent
+        .agent
+        .stats_container(
+            kata_sandbox::agent::ctx(std::time::Duration::from_secs(5)),
+            &req,
+        )
+        .await
+        .expect("stats");
+    assert_eq!(stats.memory_limit, 268435456);
+    assert!(
+        stats.memory_usage > 0 && stats.pids_current >= 1,
+        "{stats:?}"
+    );
+
+    // Idle footprint on the host (a measurement, printed for the record).
+    let pss = |pid: &str| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+            .ok()
+            .and_then(|s| {
+                s.lines().find_map(|l| {
+                    l.strip_prefix("Pss:")
+                        .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
+                })
+            })
+            .unwrap_or(0)
+    };
+    let vfsd: u64 = processes_named(&format!(
+        "virtiofsd --socket-path /run/vc/vm/{id}/vfsd.sock"
+    ))
+    .iter()
+    .filter_map(|l| l.split(':').next())
+    .map(pss)
+    .sum();
+    eprintln!(
+        "idle PSS: QEMU {} KiB, virtiofsd {} KiB (default_memory {} MiB)",
+        pss(&sb.vm.pid.to_string()),
+        vfsd,
+        sb.config.hypervisor.default_memory
+    );
+
     let e = sb
         .exec("c2", "e2", &process(&["/no/such/binary"]))
         .await

@@ -176,6 +176,8 @@ struct AgentInfo {
     debug_console_enabled: bool,
     dial_timeout: u32,
     kernel_modules: Vec<String>,
+    channel: String,
+    channel_in_use: String,
 }
 
 /// Loads the effective configuration for a command line, as the shim would for a pod.
@@ -325,6 +327,10 @@ pub fn collect(c: &Config) -> EnvInfo {
             debug_console_enabled: c.agent.debug_console_enabled,
             dial_timeout: c.agent.dial_timeout,
             kernel_modules: c.agent.kernel_modules.clone(),
+            channel: toml_name(&c.agent.channel),
+            channel_in_use: host::resolve_agent_channel(c.agent.channel)
+                .map(str::to_string)
+                .unwrap_or_else(|e| format!("unusable: {e}")),
         },
     }
 }
