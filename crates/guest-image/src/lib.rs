@@ -142,3 +142,52 @@ pub fn build_initrd(spec: &InitrdSpec) -> Result<Vec<u8>, BuildError> {
     }
     Ok(bytes)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_inputs_give_the_same_bytes() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let modules = dir.path().join("lib/modules/6.1.0-test");
+        std::fs::create_dir_all(modules.join("kernel/fs")).expect("mkdir");
+        std::fs::write(modules.join("kernel/fs/a.ko"), b"module a").expect("a");
+        std::fs::write(modules.join("kernel/fs/b.ko"), b"module b").expect("b");
+        std::fs::write(
+            modules.join("modules.dep"),
+            "kernel/fs/a.ko: kernel/fs/b.ko\nkernel/fs/b.ko:\n",
+        )
+        .expect("dep");
+        let agent = dir.path().join("agent");
+        std::fs::write(&agent, b"\x7fELF agent").expect("agent");
+        let spec = InitrdSpec {
+            agent: agent.clone(),
+            modules_dir: modules.clone(),
+            modules: vec!["a".into()],
+            busybox: None,
+        };
+        let one = build_initrd(&spec).expect("build");
+        // Touch the inputs: timestamps must not matter.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        std::fs::write(&agent, b"\x7fELF agent").expect("agent");
+        let two = build_initrd(&spec).expect("build again");
+        assert_eq!(one, two);
+        let text = String::from_utf8_lossy(&one);
+        assert!(
+            text.contains("lib/modules/6.1.0-test/kernel/fs/b.ko")
+                && text.contains("etc/kata-agent/modules")
+        );
+        // b (the dependency) is listed before a.
+        let list_pos = text.find("kernel/fs/b.ko\nkernel/fs/a.ko\n");
+        assert!(list_pos.is_some(), "load order");
+        let missing = InitrdSpec {
+            modules: vec!["nope".into()],
+            ..spec
+        };
+        assert!(matches!(
+            build_initrd(&missing),
+            Err(BuildError::UnknownModule(_))
+        ));
+    }
+}

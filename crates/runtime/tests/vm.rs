@@ -523,3 +523,36 @@ async fn oci_process_and_filesystem_semantics() {
     sb.stop().await;
     assert_no_leftovers(id);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, QEMU and the installed guest (make test runs it)"]
+async fn virtio_9p_shares_the_rootfs() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let rootfs = busybox_rootfs(tmp.path());
+    std::fs::write(rootfs.join("etc/greeting"), "shared over 9p\n").expect("write");
+    let mut c = config(&[]);
+    c.hypervisor.shared_fs = kata_config::hypervisor::SharedFs::Virtio9p;
+    let id = "it-9p";
+    kata_sandbox::sandbox::cleanup_stale(id);
+    let sb = Sandbox::create(id, &c)
+        .await
+        .expect("sandbox boots with 9p");
+    assert!(
+        processes_named(&format!("virtiofsd --socket-path /run/vc/vm/{id}/")).is_empty(),
+        "no virtiofsd with 9p"
+    );
+    let (out, status) = run_container(&sb, &rootfs, "p1", "cat /etc/greeting; grep ' / ' /proc/mounts | cut -d' ' -f3; echo written > /tmp/from-guest", |s| {
+        let mut root = s.root().clone().unwrap_or_default();
+        root.set_readonly(Some(false));
+        s.set_root(Some(root));
+    })
+    .await;
+    assert_eq!(status, 0, "{out}");
+    assert_eq!(out, "shared over 9p\n9p\n");
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("tmp/from-guest")).expect("written through the share"),
+        "written\n"
+    );
+    sb.stop().await;
+    assert_no_leftovers(id);
+}
