@@ -11,7 +11,7 @@ ver="$(cat "$here/guest/kernel-version")-amd64"
 install -d "$PREFIX/bin" "$PREFIX/libexec" "$PREFIX/share/defaults/kata-containers" \
   "$PREFIX/share/kata-containers" "$PREFIX/share/bash-completion/completions"
 
-for bin in kata-runtime; do
+for bin in kata-runtime containerd-shim-kata-v2; do
   install -m 0755 "$target/$bin" "$PREFIX/bin/$bin"
 done
 
@@ -26,7 +26,7 @@ ln -sfn configuration-qemu.toml "$defaults/configuration.toml"
 
 assets="$PREFIX/share/kata-containers"
 if [ -f "$kernel_dir/vmlinux-$ver" ]; then
-  install -m 0644 "$kernel_dir/vmlinux-$ver" "$assets/vmlinux-$ver"
+  install -p -m 0644 "$kernel_dir/vmlinux-$ver" "$assets/vmlinux-$ver"
   install -m 0644 "$kernel_dir/vmlinuz-$ver" "$assets/vmlinuz-$ver"
   install -m 0644 "$kernel_dir/config-$ver" "$assets/config-$ver"
   ln -sfn "vmlinux-$ver" "$assets/vmlinux.container"

@@ -378,13 +378,44 @@ impl Sandbox {
             cpu_only: mem == 0,
             ..Default::default()
         };
+        let before = if mem > 0 {
+            self.memory_total_kb().await?
+        } else {
+            0
+        };
+        // The guest sees hot-plugged memory asynchronously (ACPI): repeat until it is online.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = self
+                .agent
+                .agent
+                .online_cpu_mem(ctx(CALL_TIMEOUT), &req)
+                .await
+                .map_err(agent_err("OnlineCPUMem"))?;
+            let grown = r.memory_total_kb >= before + u64::from(mem) * 1024 * 9 / 10;
+            if mem == 0 || grown || Instant::now() >= deadline {
+                if !grown && mem > 0 {
+                    tracing::warn!(
+                        mem,
+                        total_kb = r.memory_total_kb,
+                        "hot-plugged memory did not come online in 10 s"
+                    );
+                }
+                return Ok((r.online_cpus, r.memory_total_kb));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn memory_total_kb(&self) -> Result<u64, SandboxError> {
+        let req = GuestDetailsRequest::default();
         let r = self
             .agent
             .agent
-            .online_cpu_mem(ctx(CALL_TIMEOUT), &req)
+            .get_guest_details(ctx(CALL_TIMEOUT), &req)
             .await
-            .map_err(agent_err("OnlineCPUMem"))?;
-        Ok((r.online_cpus, r.memory_total_kb))
+            .map_err(agent_err("GetGuestDetails"))?;
+        Ok(r.memory_total_kb)
     }
 
     /// Shares a host root filesystem directory with the guest; returns its guest path.
@@ -600,8 +631,58 @@ impl Sandbox {
         r.map(|_| ())
     }
 
+    /// Shares a host file or directory (a bind mount of the spec) with the guest, read-only when
+    /// `readonly`; returns its guest path.
+    pub fn share_mount(
+        &self,
+        container_id: &str,
+        index: usize,
+        source: &Path,
+        readonly: bool,
+    ) -> Result<PathBuf, SandboxError> {
+        let rel = Path::new(container_id)
+            .join("mounts")
+            .join(index.to_string());
+        let target = self.paths.shared_dir.join(&rel);
+        let parent = target
+            .parent()
+            .unwrap_or(&self.paths.shared_dir)
+            .to_path_buf();
+        std::fs::create_dir_all(&parent).map_err(io_err("failed to create", &parent))?;
+        if source.is_dir() {
+            std::fs::create_dir_all(&target).map_err(io_err("failed to create", &target))?;
+        } else {
+            std::fs::File::create(&target).map_err(io_err("failed to create", &target))?;
+        }
+        let merr = |errno| SandboxError::Mount {
+            source_path: source.display().to_string(),
+            target: target.display().to_string(),
+            errno,
+        };
+        mount(
+            Some(source),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(merr)?;
+        if readonly {
+            // Read-only on the host side too, so the guest cannot write through the share.
+            mount(
+                None::<&str>,
+                &target,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                None::<&str>,
+            )
+            .map_err(merr)?;
+        }
+        Ok(Path::new(GUEST_SHARED_DIR).join(rel))
+    }
+
     /// Stops the VM and removes every trace of the sandbox on the host.
-    pub async fn stop(self) {
+    pub async fn stop(&self) {
         let req = DestroySandboxRequest::new();
         let _ = tokio::time::timeout(
             Duration::from_secs(2),

@@ -85,6 +85,7 @@ pub const BASE_KERNEL_PARAMS: &[&str] = &[
     "i8042.noaux=1",
     "net.ifnames=0",
     "iommu=off",
+    "memhp_default_state=online",
 ];
 
 fn push(args: &mut Vec<String>, flag: &str, value: impl Into<String>) {
@@ -364,7 +365,7 @@ mod tests {
 -m 2048M,slots=10,maxmem=24000M -object memory-backend-memfd,id=ram0,size=2048M,share=on -numa node,memdev=ram0 \
 -nodefaults -no-user-config -nographic -no-reboot -display none -vga none -serial file:/run/s/console.log \
 -qmp unix:/run/s/qmp.sock,server=on,wait=off -pidfile /run/s/pid -kernel /k -initrd /i \
--append console=ttyS0 panic=1 reboot=k tsc=reliable no_timer_check noreplace-smp rcupdate.rcu_expedited=1 cryptomgr.notests i8042.direct=1 i8042.dumbkbd=1 i8042.nopnp=1 i8042.noaux=1 net.ifnames=0 iommu=off quiet agent.x=1 \
+-append console=ttyS0 panic=1 reboot=k tsc=reliable no_timer_check noreplace-smp rcupdate.rcu_expedited=1 cryptomgr.notests i8042.direct=1 i8042.dumbkbd=1 i8042.nopnp=1 i8042.noaux=1 net.ifnames=0 iommu=off memhp_default_state=online quiet agent.x=1 \
 -device pci-bridge,bus=pcie.0,id=pci-bridge-0,chassis_nr=1,shpc=off \
 -device virtio-serial-pci,id=serial0 -chardev socket,id=agent,path=/run/s/agent.sock,server=on,wait=off \
 -device virtserialport,bus=serial0.0,chardev=agent,name=agent.channel.0 \

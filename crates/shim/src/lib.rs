@@ -1,0 +1,202 @@
+//! containerd-shim-kata-v2.
+//!
+//! - [`args`]: containerd's flags;
+//! - [`service`]: the Task API over a [`kata_sandbox::Sandbox`];
+//! - [`io`]: containerd's FIFOs bridged to the agent's streams;
+//! - [`events`]: task events forwarded to containerd;
+//! - [`rootfs`]: the snapshotter's mounts and the runtime options.
+
+pub mod args;
+pub mod events;
+pub mod io;
+pub mod rootfs;
+pub mod service;
+
+use std::hash::{Hash, Hasher};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use args::Args;
+use protobuf::Message;
+
+/// Environment variable carrying the socket path from `start` to the daemon.
+const SOCKET_ENV: &str = "KATA_SHIM_SOCKET";
+/// Directory of shim sockets (containerd's).
+const SOCKET_DIR: &str = "/run/containerd/s";
+
+/// Runs the shim.
+pub fn run(args: Args) -> ExitCode {
+    let result = match args.action.as_str() {
+        "start" => start(&args),
+        "delete" => delete(&args),
+        _ => daemon(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("containerd-shim-kata-v2: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The socket of the shim of task `id` in `namespace`.
+pub fn socket_path(args: &Args) -> PathBuf {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (&args.address, &args.namespace, &args.id).hash(&mut h);
+    Path::new(SOCKET_DIR).join(format!("kata-{:016x}.sock", h.finish()))
+}
+
+fn start(args: &Args) -> Result<(), String> {
+    let socket = socket_path(args);
+    std::fs::create_dir_all(SOCKET_DIR).map_err(|e| format!("create {SOCKET_DIR}: {e}"))?;
+    if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+        // A shim for this task already runs: containerd reconnects to it.
+        println!("unix://{}", socket.display());
+        return Ok(());
+    }
+    let _ = std::fs::remove_file(&socket);
+    let exe = std::env::current_exe().map_err(|e| format!("find own binary: {e}"))?;
+    let cwd = std::env::current_dir().map_err(|e| format!("working directory: {e}"))?;
+    // containerd reads the shim's log from the bundle's `log` FIFO when it exists.
+    let log = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags_nonblock()
+        .open(cwd.join("log"))
+        .map(Stdio::from)
+        .unwrap_or_else(|_| Stdio::null());
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args([
+        "-namespace",
+        &args.namespace,
+        "-address",
+        &args.address,
+        "-publish-binary",
+        &args.publish_binary,
+        "-id",
+        &args.id,
+    ])
+    .env(SOCKET_ENV, &socket)
+    .current_dir(&cwd)
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(log);
+    if args.debug {
+        cmd.arg("-debug");
+    }
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setsid in the child only; the daemon must outlive containerd's call.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid()
+                .map(|_| ())
+                .map_err(std::io::Error::from)
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("start the shim daemon: {e}"))?;
+    for _ in 0..1000 {
+        if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+            println!("unix://{}", socket.display());
+            let _ = std::io::stdout().flush();
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!(
+                "the shim daemon exited ({status}) before listening on {}",
+                socket.display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    Err(format!(
+        "the shim daemon did not listen on {} within 10 s",
+        socket.display()
+    ))
+}
+
+trait NonBlock {
+    fn custom_flags_nonblock(&mut self) -> &mut Self;
+}
+
+impl NonBlock for std::fs::OpenOptions {
+    fn custom_flags_nonblock(&mut self) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.custom_flags(libc::O_NONBLOCK)
+    }
+}
+
+/// `delete`: after a crash, kill the sandbox's VM, unmount and remove its state. Idempotent.
+fn delete(args: &Args) -> Result<(), String> {
+    let bundle = if args.bundle.is_empty() {
+        std::env::current_dir().map_err(|e| e.to_string())?
+    } else {
+        PathBuf::from(&args.bundle)
+    };
+    kata_sandbox::sandbox::cleanup_stale(&args.id);
+    rootfs::unmount_rootfs(&bundle.join("rootfs"));
+    let _ = std::fs::remove_file(socket_path(args));
+    let resp = containerd_shim_protos::api::DeleteResponse {
+        exit_status: 128 + libc::SIGKILL as u32,
+        exited_at: protobuf::MessageField::some(events::now()),
+        ..Default::default()
+    };
+    let bytes = resp
+        .write_to_bytes()
+        .map_err(|e| format!("encode DeleteResponse: {e}"))?;
+    std::io::stdout()
+        .write_all(&bytes)
+        .map_err(|e| format!("write DeleteResponse: {e}"))?;
+    Ok(())
+}
+
+fn daemon(args: &Args) -> Result<(), String> {
+    let socket = std::env::var_os(SOCKET_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| socket_path(args));
+    let level = if args.debug { "debug" } else { "info" };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(level))
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("start the async runtime: {e}"))?;
+    rt.block_on(async move {
+        let publisher =
+            events::Publisher::new(std::env::var("TTRPC_ADDRESS").ok(), args.namespace.clone());
+        let shutdown = Arc::new(tokio::sync::Notify::new());
+        let service = Arc::new(service::Service::new(
+            args.id.clone(),
+            args.namespace.clone(),
+            publisher,
+            shutdown.clone(),
+        ));
+        let mut services = containerd_shim_protos::shim_async::create_task(service.clone());
+        // containerd 1.6 calls containerd.task.v2.Task; 2.x calls v3. Serve both.
+        for (_, svc) in containerd_shim_protos::shim_async::create_task(service) {
+            services.insert("containerd.task.v2.Task".to_string(), svc);
+        }
+        let _ = std::fs::remove_file(&socket);
+        let mut server = ttrpc::asynchronous::Server::new()
+            .bind(&format!("unix://{}", socket.display()))
+            .map_err(|e| format!("listen on {}: {e}", socket.display()))?
+            .register_service(services);
+        server.start().await.map_err(|e| format!("serve: {e}"))?;
+        tracing::info!(socket = %socket.display(), "shim serving");
+        shutdown.notified().await;
+        // Let the Shutdown reply go out.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let _ = server.shutdown().await;
+        let _ = std::fs::remove_file(&socket);
+        Ok::<(), String>(())
+    })
+}

@@ -1,0 +1,856 @@
+//! The Task API over one sandbox. The first task creates the sandbox (VM); with containerd's
+//! `ctr`, that is the only task.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use containerd_shim_protos::api::*;
+use containerd_shim_protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskStart,
+};
+use containerd_shim_protos::shim_async::Task;
+use kata_config::load::{FoundBy, SearchInputs};
+use kata_config::HostLimits;
+use kata_sandbox::Sandbox;
+use oci_spec::runtime::{LinuxResources, Process, Spec};
+use protobuf::well_known_types::empty::Empty;
+use protobuf::well_known_types::timestamp::Timestamp;
+use tokio::sync::{watch, Mutex, Notify};
+use ttrpc::r#async::TtrpcContext;
+
+use crate::events::{now, Publisher};
+use crate::io::{self, StdioPaths};
+use crate::rootfs;
+
+type Exit = Option<(u32, Timestamp)>;
+
+#[derive(Debug)]
+struct Proc {
+    pid: u32,
+    stdio: StdioPaths,
+    spec: Option<Process>,
+    started: bool,
+    exit: watch::Sender<Exit>,
+    output: Option<tokio::task::JoinHandle<()>>,
+    input: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Proc {
+    fn new(stdio: StdioPaths) -> Self {
+        Proc {
+            pid: 0,
+            stdio,
+            spec: None,
+            started: false,
+            exit: watch::channel(None).0,
+            output: None,
+            input: None,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct TaskState {
+    bundle: PathBuf,
+    rootfs: Option<PathBuf>,
+    memory_mib: u32,
+    init: Proc,
+    execs: HashMap<String, Proc>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    sandbox: Option<Arc<Sandbox>>,
+    tasks: HashMap<String, TaskState>,
+}
+
+/// The shim's Task service.
+#[derive(Debug)]
+pub struct Service {
+    id: String,
+    namespace: String,
+    publisher: Publisher,
+    shutdown: Arc<Notify>,
+    state: Mutex<State>,
+}
+
+fn err(code: ttrpc::Code, msg: impl std::fmt::Display) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.to_string()))
+}
+
+fn internal(e: impl std::error::Error + 'static) -> ttrpc::Error {
+    err(ttrpc::Code::INTERNAL, kata_config::error_chain(&e))
+}
+
+fn not_found(what: &str) -> ttrpc::Error {
+    err(ttrpc::Code::NOT_FOUND, format!("{what} not found"))
+}
+
+/// Memory limit (MiB) and vCPUs a spec's resources ask for.
+fn requested(resources: Option<&LinuxResources>) -> (u32, u32) {
+    let Some(r) = resources else { return (0, 0) };
+    let mem = r
+        .memory()
+        .as_ref()
+        .and_then(|m| m.limit())
+        .filter(|l| *l > 0)
+        .map(|l| (l as u64).div_ceil(1 << 20) as u32)
+        .unwrap_or(0);
+    let cpus = r
+        .cpu()
+        .as_ref()
+        .and_then(|c| match (c.quota(), c.period()) {
+            (Some(q), Some(p)) if q > 0 && p > 0 => Some((q as u64).div_ceil(p) as u32),
+            _ => None,
+        })
+        .unwrap_or(0);
+    (mem, cpus)
+}
+
+fn is_bind(m: &oci_spec::runtime::Mount) -> bool {
+    m.typ().as_deref() == Some("bind")
+        || m.options()
+            .iter()
+            .flatten()
+            .any(|o| o == "bind" || o == "rbind")
+}
+
+impl Service {
+    /// A new service for the shim of task `id`.
+    pub fn new(id: String, namespace: String, publisher: Publisher, shutdown: Arc<Notify>) -> Self {
+        Service {
+            id,
+            namespace,
+            publisher,
+            shutdown,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    async fn sandbox(&self) -> Result<Arc<Sandbox>, ttrpc::Error> {
+        self.state.lock().await.sandbox.clone().ok_or_else(|| {
+            err(
+                ttrpc::Code::FAILED_PRECONDITION,
+                "the sandbox is not running",
+            )
+        })
+    }
+
+    /// Rewrites the spec's bind mounts to guest paths of shared copies.
+    fn share_mounts(sb: &Sandbox, cid: &str, spec: &mut Spec) -> Result<(), ttrpc::Error> {
+        let mut mounts = spec.mounts().clone().unwrap_or_default();
+        for (i, m) in mounts.iter_mut().enumerate() {
+            if !is_bind(m) {
+                continue;
+            }
+            let Some(source) = m.source().clone() else {
+                continue;
+            };
+            let readonly = m.options().iter().flatten().any(|o| o == "ro");
+            let guest = sb
+                .share_mount(cid, i, &source, readonly)
+                .map_err(internal)?;
+            m.set_source(Some(guest));
+            m.set_typ(Some("bind".into()));
+        }
+        spec.set_mounts(Some(mounts));
+        Ok(())
+    }
+
+    async fn do_create(&self, req: &CreateTaskRequest) -> Result<u32, ttrpc::Error> {
+        let bundle = PathBuf::from(&req.bundle);
+        let mut spec = Spec::load(bundle.join("config.json")).map_err(|e| {
+            err(
+                ttrpc::Code::INVALID_ARGUMENT,
+                format!("read {}/config.json: {e}", bundle.display()),
+            )
+        })?;
+        let annotations = spec
+            .annotations()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        let inputs = SearchInputs::standard()
+            .with_explicit(
+                rootfs::config_path(req.options.as_ref()),
+                FoundBy::RuntimeOption,
+            )
+            .with_annotations(annotations);
+        let (mut config, _container) =
+            kata_config::load::load_effective(&inputs, &HostLimits::current())
+                .map_err(|e| err(ttrpc::Code::INVALID_ARGUMENT, kata_config::error_chain(&e)))?;
+        let root_path = spec
+            .root()
+            .as_ref()
+            .map(|r| r.path().clone())
+            .unwrap_or_else(|| PathBuf::from("rootfs"));
+        let rootfs = if root_path.is_absolute() {
+            root_path
+        } else {
+            bundle.join(root_path)
+        };
+        let mounted = if req.rootfs.is_empty() {
+            None
+        } else {
+            rootfs::mount_rootfs(&req.rootfs, &rootfs)
+                .map_err(|e| err(ttrpc::Code::INTERNAL, e))?;
+            Some(rootfs.clone())
+        };
+        let undo = |mounted: &Option<PathBuf>| {
+            if let Some(r) = mounted {
+                rootfs::unmount_rootfs(r);
+            }
+        };
+        let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
+        let (mem, cpus) = requested(resources.as_ref());
+        let existing = self.state.lock().await.sandbox.clone();
+        let sb = match existing {
+            Some(sb) => sb,
+            None => {
+                if config.runtime.static_resources() {
+                    let h = &mut config.hypervisor;
+                    h.default_memory = h
+                        .default_memory
+                        .saturating_add(mem)
+                        .min(h.default_maxmemory);
+                    h.default_vcpus = h.default_vcpus.saturating_add(cpus).min(h.default_maxvcpus);
+                }
+                match Sandbox::create(&req.id, &config).await {
+                    Ok(sb) => {
+                        let sb = Arc::new(sb);
+                        self.state.lock().await.sandbox = Some(sb.clone());
+                        tracing::info!(id = %req.id, timings = ?sb.timings, accel = ?sb.accel, "sandbox ready");
+                        sb
+                    }
+                    Err(e) => {
+                        undo(&mounted);
+                        return Err(err(ttrpc::Code::INTERNAL, kata_config::error_chain(&e)));
+                    }
+                }
+            }
+        };
+        if !config.runtime.static_resources() && (mem > 0 || cpus > 0) {
+            let vcpus = cpus.min(
+                sb.config
+                    .hypervisor
+                    .default_maxvcpus
+                    .saturating_sub(sb.resources().0),
+            );
+            if let Err(e) = sb.hotplug(vcpus, mem).await {
+                tracing::warn!(error = %kata_config::error_chain(&e), "resource hot-plug failed");
+            }
+        }
+        let created = async {
+            Self::share_mounts(&sb, &req.id, &mut spec)?;
+            sb.create_container(&req.id, spec, &rootfs)
+                .await
+                .map_err(internal)
+        }
+        .await;
+        let pid = match created {
+            Ok(pid) => pid,
+            Err(e) => {
+                sb.unshare(&req.id);
+                undo(&mounted);
+                if req.id == self.id {
+                    sb.stop().await;
+                    self.state.lock().await.sandbox = None;
+                }
+                return Err(e);
+            }
+        };
+        let stdio = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        let tasks = io::start(&sb, &req.id, "", &stdio);
+        let mut init = Proc::new(stdio);
+        init.pid = pid;
+        init.output = Some(tasks.output);
+        init.input = tasks.input;
+        let task = TaskState {
+            bundle,
+            rootfs: mounted,
+            memory_mib: mem,
+            init,
+            execs: HashMap::new(),
+        };
+        self.state.lock().await.tasks.insert(req.id.clone(), task);
+        Ok(pid)
+    }
+
+    fn watch_exit(
+        &self,
+        sb: Arc<Sandbox>,
+        cid: String,
+        exec_id: String,
+        pid: u32,
+        output: Option<tokio::task::JoinHandle<()>>,
+        exit: watch::Sender<Exit>,
+    ) {
+        let publisher = self.publisher.clone();
+        tokio::spawn(async move {
+            let status = match sb.wait(&cid, &exec_id).await {
+                Ok((status, _)) => status as u32,
+                Err(e) => {
+                    tracing::warn!(error = %e, "wait failed");
+                    255
+                }
+            };
+            // All output is delivered before the exit is.
+            if let Some(o) = output {
+                let _ = o.await;
+            }
+            let at = now();
+            exit.send_replace(Some((status, at.clone())));
+            let id = if exec_id.is_empty() {
+                cid.clone()
+            } else {
+                exec_id.clone()
+            };
+            let ev = TaskExit {
+                container_id: cid,
+                id,
+                pid,
+                exit_status: status,
+                exited_at: protobuf::MessageField::some(at),
+                ..Default::default()
+            };
+            publisher.publish("/tasks/exit", &ev).await;
+        });
+    }
+}
+
+fn status_of(p: &Proc) -> Status {
+    if p.exit.borrow().is_some() {
+        Status::STOPPED
+    } else if p.started {
+        Status::RUNNING
+    } else {
+        Status::CREATED
+    }
+}
+
+#[async_trait]
+impl Task for Service {
+    async fn create(
+        &self,
+        _: &TtrpcContext,
+        req: CreateTaskRequest,
+    ) -> ttrpc::Result<CreateTaskResponse> {
+        let pid = self.do_create(&req).await?;
+        let ev = TaskCreate {
+            container_id: req.id.clone(),
+            bundle: req.bundle.clone(),
+            io: protobuf::MessageField::some(TaskIO {
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+                terminal: req.terminal,
+                ..Default::default()
+            }),
+            pid,
+            ..Default::default()
+        };
+        self.publisher.publish("/tasks/create", &ev).await;
+        Ok(CreateTaskResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn start(&self, _: &TtrpcContext, req: StartRequest) -> ttrpc::Result<StartResponse> {
+        let sb = self.sandbox().await?;
+        if req.exec_id.is_empty() {
+            sb.start_container(&req.id).await.map_err(internal)?;
+            let mut st = self.state.lock().await;
+            let t = st
+                .tasks
+                .get_mut(&req.id)
+                .ok_or_else(|| not_found(&format!("task {}", req.id)))?;
+            t.init.started = true;
+            let pid = t.init.pid;
+            self.watch_exit(
+                sb,
+                req.id.clone(),
+                String::new(),
+                pid,
+                t.init.output.take(),
+                t.init.exit.clone(),
+            );
+            drop(st);
+            self.publisher
+                .publish(
+                    "/tasks/start",
+                    &TaskStart {
+                        container_id: req.id.clone(),
+                        pid,
+                        ..Default::default()
+                    },
+                )
+                .await;
+            return Ok(StartResponse {
+                pid,
+                ..Default::default()
+            });
+        }
+        let (spec, stdio) = {
+            let st = self.state.lock().await;
+            let p = st
+                .tasks
+                .get(&req.id)
+                .and_then(|t| t.execs.get(&req.exec_id))
+                .ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?;
+            (
+                p.spec
+                    .clone()
+                    .ok_or_else(|| err(ttrpc::Code::FAILED_PRECONDITION, "exec already started"))?,
+                p.stdio.clone(),
+            )
+        };
+        let pid = sb
+            .exec(&req.id, &req.exec_id, &spec)
+            .await
+            .map_err(internal)?;
+        let tasks = io::start(&sb, &req.id, &req.exec_id, &stdio);
+        let mut st = self.state.lock().await;
+        let p = st
+            .tasks
+            .get_mut(&req.id)
+            .and_then(|t| t.execs.get_mut(&req.exec_id))
+            .ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?;
+        p.pid = pid;
+        p.started = true;
+        p.spec = None;
+        p.input = tasks.input;
+        self.watch_exit(
+            sb,
+            req.id.clone(),
+            req.exec_id.clone(),
+            pid,
+            Some(tasks.output),
+            p.exit.clone(),
+        );
+        drop(st);
+        let ev = TaskExecStarted {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            pid,
+            ..Default::default()
+        };
+        self.publisher.publish("/tasks/exec-started", &ev).await;
+        Ok(StartResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn delete(&self, _: &TtrpcContext, req: DeleteRequest) -> ttrpc::Result<DeleteResponse> {
+        let mut st = self.state.lock().await;
+        if !req.exec_id.is_empty() {
+            let t = st
+                .tasks
+                .get_mut(&req.id)
+                .ok_or_else(|| not_found(&format!("task {}", req.id)))?;
+            let p = t
+                .execs
+                .remove(&req.exec_id)
+                .ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?;
+            let (status, at) = p.exit.borrow().clone().unwrap_or((0, now()));
+            return Ok(DeleteResponse {
+                pid: p.pid,
+                exit_status: status,
+                exited_at: protobuf::MessageField::some(at),
+                ..Default::default()
+            });
+        }
+        let t = st
+            .tasks
+            .remove(&req.id)
+            .ok_or_else(|| not_found(&format!("task {}", req.id)))?;
+        let sb = st.sandbox.clone();
+        drop(st);
+        if let Some(sb) = &sb {
+            if let Err(e) = sb.remove_container(&req.id).await {
+                tracing::warn!(error = %e, "remove container");
+            }
+            if t.memory_mib > 0 {
+                tracing::debug!(
+                    mib = t.memory_mib,
+                    "hot-plugged memory stays until the sandbox stops"
+                );
+            }
+        }
+        if let Some(r) = &t.rootfs {
+            rootfs::unmount_rootfs(r);
+        }
+        let _ = &t.bundle;
+        let (status, at) = t.init.exit.borrow().clone().unwrap_or((128 + 9, now()));
+        if req.id == self.id {
+            if let Some(sb) = sb {
+                sb.stop().await;
+            }
+            self.state.lock().await.sandbox = None;
+        }
+        let ev = TaskDelete {
+            container_id: req.id.clone(),
+            pid: t.init.pid,
+            exit_status: status,
+            exited_at: protobuf::MessageField::some(at.clone()),
+            ..Default::default()
+        };
+        self.publisher.publish("/tasks/delete", &ev).await;
+        Ok(DeleteResponse {
+            pid: t.init.pid,
+            exit_status: status,
+            exited_at: protobuf::MessageField::some(at),
+            ..Default::default()
+        })
+    }
+
+    async fn exec(&self, _: &TtrpcContext, req: ExecProcessRequest) -> ttrpc::Result<Empty> {
+        let spec: Process = match req.spec.as_ref() {
+            Some(any) => serde_json::from_slice(&any.value).map_err(|e| {
+                err(
+                    ttrpc::Code::INVALID_ARGUMENT,
+                    format!("invalid process spec: {e}"),
+                )
+            })?,
+            None => {
+                return Err(err(
+                    ttrpc::Code::INVALID_ARGUMENT,
+                    "exec without a process spec",
+                ))
+            }
+        };
+        let mut st = self.state.lock().await;
+        let t = st
+            .tasks
+            .get_mut(&req.id)
+            .ok_or_else(|| not_found(&format!("task {}", req.id)))?;
+        if t.execs.contains_key(&req.exec_id) {
+            return Err(err(
+                ttrpc::Code::ALREADY_EXISTS,
+                format!("exec {} already exists", req.exec_id),
+            ));
+        }
+        let mut p = Proc::new(StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        });
+        p.spec = Some(spec);
+        t.execs.insert(req.exec_id.clone(), p);
+        drop(st);
+        self.publisher
+            .publish(
+                "/tasks/exec-added",
+                &TaskExecAdded {
+                    container_id: req.id.clone(),
+                    exec_id: req.exec_id.clone(),
+                    ..Default::default()
+                },
+            )
+            .await;
+        Ok(Empty::new())
+    }
+
+    async fn state(&self, _: &TtrpcContext, req: StateRequest) -> ttrpc::Result<StateResponse> {
+        let st = self.state.lock().await;
+        let t = st
+            .tasks
+            .get(&req.id)
+            .ok_or_else(|| not_found(&format!("task {}", req.id)))?;
+        let p = if req.exec_id.is_empty() {
+            &t.init
+        } else {
+            t.execs
+                .get(&req.exec_id)
+                .ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?
+        };
+        let exit = p.exit.borrow().clone();
+        Ok(StateResponse {
+            id: req.id.clone(),
+            bundle: t.bundle.display().to_string(),
+            pid: p.pid,
+            status: status_of(p).into(),
+            stdin: p.stdio.stdin.clone(),
+            stdout: p.stdio.stdout.clone(),
+            stderr: p.stdio.stderr.clone(),
+            terminal: p.stdio.terminal,
+            exit_status: exit.as_ref().map(|e| e.0).unwrap_or(0),
+            exited_at: exit.map(|e| e.1).into(),
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        })
+    }
+
+    async fn kill(&self, _: &TtrpcContext, req: KillRequest) -> ttrpc::Result<Empty> {
+        let sb = self.sandbox().await?;
+        {
+            let st = self.state.lock().await;
+            let t = st
+                .tasks
+                .get(&req.id)
+                .ok_or_else(|| not_found(&format!("task {}", req.id)))?;
+            let p = if req.exec_id.is_empty() {
+                &t.init
+            } else {
+                t.execs
+                    .get(&req.exec_id)
+                    .ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?
+            };
+            if p.exit.borrow().is_some() {
+                return Err(not_found("process already finished:"));
+            }
+        }
+        sb.signal(&req.id, &req.exec_id, req.signal, req.all)
+            .await
+            .map_err(internal)?;
+        Ok(Empty::new())
+    }
+
+    async fn wait(&self, _: &TtrpcContext, req: WaitRequest) -> ttrpc::Result<WaitResponse> {
+        let mut rx = {
+            let st = self.state.lock().await;
+            let t = st
+                .tasks
+                .get(&req.id)
+                .ok_or_else(|| not_found(&format!("task {}", req.id)))?;
+            let p = if req.exec_id.is_empty() {
+                &t.init
+            } else {
+                t.execs
+                    .get(&req.exec_id)
+                    .ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?
+            };
+            p.exit.subscribe()
+        };
+        loop {
+            if let Some((status, at)) = rx.borrow_and_update().clone() {
+                return Ok(WaitResponse {
+                    exit_status: status,
+                    exited_at: protobuf::MessageField::some(at),
+                    ..Default::default()
+                });
+            }
+            if rx.changed().await.is_err() {
+                return Err(err(ttrpc::Code::NOT_FOUND, "the process was deleted"));
+            }
+        }
+    }
+
+    async fn pids(&self, _: &TtrpcContext, req: PidsRequest) -> ttrpc::Result<PidsResponse> {
+        let sb = self.sandbox().await?;
+        let r = sb
+            .agent
+            .agent
+            .list_processes(
+                kata_sandbox::agent::ctx(std::time::Duration::from_secs(10)),
+                &kata_protocols::agent::ListProcessesRequest {
+                    container_id: req.id.clone(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| err(ttrpc::Code::INTERNAL, e))?;
+        let processes = r
+            .pids
+            .into_iter()
+            .map(|pid| ProcessInfo {
+                pid,
+                ..Default::default()
+            })
+            .collect();
+        Ok(PidsResponse {
+            processes,
+            ..Default::default()
+        })
+    }
+
+    async fn close_io(&self, _: &TtrpcContext, req: CloseIORequest) -> ttrpc::Result<Empty> {
+        let sb = self.sandbox().await?;
+        if req.stdin {
+            {
+                let mut st = self.state.lock().await;
+                if let Some(t) = st.tasks.get_mut(&req.id) {
+                    let p = if req.exec_id.is_empty() {
+                        Some(&mut t.init)
+                    } else {
+                        t.execs.get_mut(&req.exec_id)
+                    };
+                    if let Some(input) = p.and_then(|p| p.input.take()) {
+                        input.abort();
+                    }
+                }
+            }
+            let _ = sb.close_stdin(&req.id, &req.exec_id).await;
+        }
+        Ok(Empty::new())
+    }
+
+    async fn resize_pty(&self, _: &TtrpcContext, req: ResizePtyRequest) -> ttrpc::Result<Empty> {
+        let sb = self.sandbox().await?;
+        let r = kata_protocols::agent::TtyWinResizeRequest {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            row: req.height,
+            column: req.width,
+            ..Default::default()
+        };
+        sb.agent
+            .agent
+            .tty_win_resize(
+                kata_sandbox::agent::ctx(std::time::Duration::from_secs(10)),
+                &r,
+            )
+            .await
+            .map_err(|e| err(ttrpc::Code::FAILED_PRECONDITION, format!("resize: {e}")))?;
+        Ok(Empty::new())
+    }
+
+    async fn update(&self, _: &TtrpcContext, req: UpdateTaskRequest) -> ttrpc::Result<Empty> {
+        let sb = self.sandbox().await?;
+        let any = req
+            .resources
+            .as_ref()
+            .ok_or_else(|| err(ttrpc::Code::INVALID_ARGUMENT, "update without resources"))?;
+        let resources: LinuxResources = serde_json::from_slice(&any.value).map_err(|e| {
+            err(
+                ttrpc::Code::INVALID_ARGUMENT,
+                format!("invalid resources: {e}"),
+            )
+        })?;
+        let (mem, _cpus) = requested(Some(&resources));
+        let grow = {
+            let mut st = self.state.lock().await;
+            let t = st
+                .tasks
+                .get_mut(&req.id)
+                .ok_or_else(|| not_found(&format!("task {}", req.id)))?;
+            let grow = mem.saturating_sub(t.memory_mib);
+            t.memory_mib = t.memory_mib.max(mem);
+            grow
+        };
+        if grow > 0 && !sb.config.runtime.static_resources() {
+            sb.hotplug(0, grow).await.map_err(internal)?;
+        }
+        let r = kata_protocols::agent::UpdateContainerRequest {
+            container_id: req.id.clone(),
+            resources_json: any.value.clone(),
+            ..Default::default()
+        };
+        sb.agent
+            .agent
+            .update_container(
+                kata_sandbox::agent::ctx(std::time::Duration::from_secs(10)),
+                &r,
+            )
+            .await
+            .map_err(|e| err(ttrpc::Code::INTERNAL, e))?;
+        Ok(Empty::new())
+    }
+
+    async fn stats(&self, _: &TtrpcContext, req: StatsRequest) -> ttrpc::Result<StatsResponse> {
+        let sb = self.sandbox().await?;
+        let r = sb
+            .agent
+            .agent
+            .stats_container(
+                kata_sandbox::agent::ctx(std::time::Duration::from_secs(10)),
+                &kata_protocols::agent::StatsContainerRequest {
+                    container_id: req.id.clone(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| err(ttrpc::Code::INTERNAL, e))?;
+        use containerd_shim_protos::cgroups_v2::metrics::{CPUStat, MemoryStat, Metrics, PidsStat};
+        let m = Metrics {
+            pids: protobuf::MessageField::some(PidsStat {
+                current: r.pids_current,
+                ..Default::default()
+            }),
+            cpu: protobuf::MessageField::some(CPUStat {
+                usage_usec: r.cpu_usage_usec,
+                ..Default::default()
+            }),
+            memory: protobuf::MessageField::some(MemoryStat {
+                usage: r.memory_usage,
+                usage_limit: r.memory_limit,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut any = protobuf::well_known_types::any::Any::pack(&m)
+            .map_err(|e| err(ttrpc::Code::INTERNAL, e))?;
+        any.type_url = "io.containerd.cgroups.v2.Metrics".into();
+        Ok(StatsResponse {
+            stats: protobuf::MessageField::some(any),
+            ..Default::default()
+        })
+    }
+
+    async fn connect(
+        &self,
+        _: &TtrpcContext,
+        req: ConnectRequest,
+    ) -> ttrpc::Result<ConnectResponse> {
+        let st = self.state.lock().await;
+        let task_pid = st.tasks.get(&req.id).map(|t| t.init.pid).unwrap_or(0);
+        Ok(ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid,
+            version: "2".into(),
+            ..Default::default()
+        })
+    }
+
+    async fn shutdown(&self, _: &TtrpcContext, _: ShutdownRequest) -> ttrpc::Result<Empty> {
+        let st = self.state.lock().await;
+        if !st.tasks.is_empty() {
+            return Ok(Empty::new());
+        }
+        let sb = st.sandbox.clone();
+        drop(st);
+        if let Some(sb) = sb {
+            sb.stop().await;
+        }
+        self.shutdown.notify_one();
+        Ok(Empty::new())
+    }
+
+    async fn pause(&self, _: &TtrpcContext, _: PauseRequest) -> ttrpc::Result<Empty> {
+        Err(err(
+            ttrpc::Code::UNIMPLEMENTED,
+            "pause is not supported by containerd-shim-kata-v2",
+        ))
+    }
+
+    async fn resume(&self, _: &TtrpcContext, _: ResumeRequest) -> ttrpc::Result<Empty> {
+        Err(err(
+            ttrpc::Code::UNIMPLEMENTED,
+            "resume is not supported by containerd-shim-kata-v2",
+        ))
+    }
+
+    async fn checkpoint(&self, _: &TtrpcContext, _: CheckpointTaskRequest) -> ttrpc::Result<Empty> {
+        Err(err(
+            ttrpc::Code::UNIMPLEMENTED,
+            "checkpoint is not supported by containerd-shim-kata-v2",
+        ))
+    }
+}
+
+impl Service {
+    /// The namespace the shim serves.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+}

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Builds a small busybox image as a docker-archive (no registry needed):
+#   scripts/busybox-image.sh OUT.tar [REF]     (REF defaults to kata.local/busybox:latest)
+set -euo pipefail
+out=$1
+ref=${2:-kata.local/busybox:latest}
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+root="$work/rootfs"
+mkdir -p "$root"/{bin,etc,tmp,proc,sys,dev,root}
+cp /bin/busybox "$root/bin/busybox"
+for a in $(/bin/busybox --list); do [ "$a" = busybox ] || ln -s busybox "$root/bin/$a"; done
+printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n' > "$root/etc/passwd"
+printf 'root:x:0:\nnobody:x:65534:\n' > "$root/etc/group"
+chmod 1777 "$root/tmp"
+tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$root" -cf "$work/layer.tar" .
+diff_id=$(sha256sum "$work/layer.tar" | cut -d' ' -f1)
+cat > "$work/config.json" <<JSON
+{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"Cmd":["sh"],"WorkingDir":"/"},"rootfs":{"type":"layers","diff_ids":["sha256:$diff_id"]}}
+JSON
+cfg=$(sha256sum "$work/config.json" | cut -d' ' -f1)
+mv "$work/config.json" "$work/$cfg.json"
+printf '[{"Config":"%s.json","RepoTags":["%s"],"Layers":["layer.tar"]}]\n' "$cfg" "$ref" > "$work/manifest.json"
+tar -C "$work" -cf "$out" manifest.json "$cfg.json" layer.tar
+echo "$out: $ref"
