@@ -4,6 +4,7 @@
 set -euo pipefail
 packages=(
   qemu-system-x86   # the hypervisor
+  containerd runc   # the container manager, and runc for side-by-side tests
   kmod              # depmod for the guest kernel's modules
   cpio              # initrd packing
   busybox-static    # debug console and test images

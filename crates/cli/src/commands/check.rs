@@ -148,13 +148,33 @@ pub fn run(config: Option<PathBuf>, args: CheckArgs) -> anyhow::Result<ExitCode>
     for (module, what, hint) in [
         ("kvm", "Kernel-based Virtual Machine", "modprobe kvm"),
         (kvm_vendor, vendor_what, "modprobe the vendor KVM module"),
-        ("vhost", "Host kernel accelerator for virtio", "modprobe vhost"),
-        ("vhost_net", "Host kernel accelerator for virtio network", "modprobe vhost_net; without it virtio-net runs in QEMU (vhost=off)"),
-        ("vhost_vsock", "Host support for Linux VM sockets", "modprobe vhost_vsock; without it the agent channel uses vhost-user vsock or virtio-serial"),
+        (
+            "vhost",
+            "Host kernel accelerator for virtio",
+            "modprobe vhost",
+        ),
+        (
+            "vhost_net",
+            "Host kernel accelerator for virtio network",
+            "modprobe vhost_net; without it virtio-net runs in QEMU (vhost=off)",
+        ),
+        (
+            "vhost_vsock",
+            "Host support for Linux VM sockets",
+            "modprobe vhost_vsock; without it the agent channel uses a virtio-serial port",
+        ),
     ] {
         match host::module_state(module) {
-            ModuleState::Loaded | ModuleState::Builtin => r.line(Level::Ok, &format!("kernel module found: {module} ({what})"), None),
-            ModuleState::Missing => r.line(Level::Warn, &format!("kernel module missing: {module} ({what})"), Some(hint)),
+            ModuleState::Loaded | ModuleState::Builtin => r.line(
+                Level::Ok,
+                &format!("kernel module found: {module} ({what})"),
+                None,
+            ),
+            ModuleState::Missing => r.line(
+                Level::Warn,
+                &format!("kernel module missing: {module} ({what})"),
+                Some(hint),
+            ),
         }
     }
 
@@ -294,7 +314,7 @@ pub fn run(config: Option<PathBuf>, args: CheckArgs) -> anyhow::Result<ExitCode>
     } else {
         r.line(
             Level::Info,
-            "/dev/vhost-vsock is missing: the agent channel will use a user-space transport",
+            "/dev/vhost-vsock is missing: the agent channel will use a virtio-serial port",
             None,
         );
     }

@@ -1,0 +1,408 @@
+//! containerd-shim-kata-v2 driven by the real containerd through `ctr`, side by side with runc.
+//! Needs root, containerd, QEMU and `make install` (make test provides all of them).
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+const IMAGE: &str = "kata.local/busybox:latest";
+const KATA: &str = "io.containerd.kata.v2";
+const RUNC: &str = "io.containerd.runc.v2";
+
+fn repo() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+}
+
+/// Starts (or finds) containerd and imports the test image, once.
+fn socket() -> &'static str {
+    static SOCKET: OnceLock<String> = OnceLock::new();
+    SOCKET.get_or_init(|| {
+        let out = Command::new(repo().join("scripts/containerd.sh"))
+            .arg("start")
+            .output()
+            .expect("scripts/containerd.sh");
+        assert!(
+            out.status.success(),
+            "containerd: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let sock = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let tar = std::env::temp_dir().join("kata-test-busybox.tar");
+        let st = Command::new(repo().join("scripts/busybox-image.sh"))
+            .arg(&tar)
+            .arg(IMAGE)
+            .status()
+            .expect("busybox image");
+        assert!(st.success());
+        let st = Command::new("ctr")
+            .args(["-a", &sock, "images", "import"])
+            .arg(&tar)
+            .stdout(Stdio::null())
+            .status()
+            .expect("import");
+        assert!(st.success());
+        sock
+    })
+}
+
+fn ctr(args: &[&str]) -> Output {
+    Command::new("ctr")
+        .arg("-a")
+        .arg(socket())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("ctr runs")
+}
+
+/// `ctr run --rm` with `script`, feeding `stdin`; returns (stdout, stderr, exit code).
+fn run(
+    runtime: &str,
+    id: &str,
+    extra: &[&str],
+    script: &str,
+    stdin: &str,
+) -> (String, String, i32) {
+    let mut cmd = Command::new("ctr");
+    cmd.arg("-a")
+        .arg(socket())
+        .args(["run", "--runtime", runtime, "--rm"])
+        .args(extra)
+        .args([IMAGE, id, "sh", "-c", script]);
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ctr run");
+    let mut input = child.stdin.take().expect("stdin");
+    input.write_all(stdin.as_bytes()).expect("write stdin");
+    drop(input);
+    let out = child.wait_with_output().expect("wait ctr");
+    (
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+        out.status.code().unwrap_or(-1),
+    )
+}
+
+fn assert_no_leftovers(id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut left = Vec::new();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let cmd = String::from_utf8_lossy(
+                &std::fs::read(e.path().join("cmdline")).unwrap_or_default(),
+            )
+            .replace('\0', " ");
+            if cmd.contains(&format!("sandbox-{id} ")) || cmd.contains(&format!("/run/vc/vm/{id}/"))
+            {
+                left.push(cmd);
+            }
+        }
+        for dir in [
+            format!("/run/vc/vm/{id}"),
+            format!("/run/kata-containers/shared/sandboxes/{id}"),
+        ] {
+            if Path::new(&dir).exists() {
+                left.push(dir);
+            }
+        }
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        left.extend(
+            mounts
+                .lines()
+                .filter(|l| l.contains(&format!("/{id}/")))
+                .map(str::to_string),
+        );
+        if left.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "left behind by {id}: {left:#?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+#[ignore = "needs root, containerd, QEMU and make install (make test runs it)"]
+fn kata_and_runc_agree_on_output_stdin_and_exit_codes() {
+    for (i, (script, stdin)) in [
+        ("echo out; echo err >&2", ""),
+        ("exit 1", ""),
+        ("echo before; exit 3", ""),
+        ("seq 1 20000 | tail -n 2", ""),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let kata = run(KATA, &format!("agree-kata-{i}"), &[], script, stdin);
+        let runc = run(RUNC, &format!("agree-runc-{i}"), &[], script, stdin);
+        assert_eq!(kata, runc, "script {script:?}");
+        assert_no_leftovers(&format!("agree-kata-{i}"));
+    }
+    // stdin reaches the process and its end reaches it too. (runc, through `ctr run`, never
+    // passes the end of a piped stdin on, so this is not compared.)
+    let (out, _, code) = run(KATA, "stdin-kata", &[], "cat; echo done", "from stdin\n");
+    assert_eq!((out.as_str(), code), ("from stdin\ndone\n", 0));
+    assert_no_leftovers("stdin-kata");
+}
+
+#[test]
+#[ignore = "needs root, containerd, QEMU and make install (make test runs it)"]
+fn runs_in_a_vm_with_the_guest_kernel() {
+    let (out, err, code) = run(KATA, "vm-kernel", &[], "uname -r", "");
+    assert_eq!(code, 0, "{err}");
+    let guest = std::fs::read_to_string(repo().join("guest/kernel-version")).expect("pin");
+    assert_eq!(
+        out.trim(),
+        format!("{}-amd64", guest.trim()),
+        "the container runs on the guest kernel, not the host's"
+    );
+    assert_ne!(out.trim(), kata_hypervisor::host::kernel_release());
+    assert_no_leftovers("vm-kernel");
+}
+
+fn wait_running(id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = ctr(&["task", "ls"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        if text
+            .lines()
+            .any(|l| l.starts_with(id) && l.contains("RUNNING"))
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "task {id} never ran: {text}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Starts `script` in the foreground with `ctr run --rm`, sends `signal` once it runs, returns
+/// (stdout, exit code).
+fn killed(runtime: &str, id: &str, script: &str, signal: &str) -> (String, i32) {
+    let child = Command::new("ctr")
+        .arg("-a")
+        .arg(socket())
+        .args([
+            "run",
+            "--runtime",
+            runtime,
+            "--rm",
+            IMAGE,
+            id,
+            "sh",
+            "-c",
+            script,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ctr run");
+    wait_running(id);
+    std::thread::sleep(Duration::from_millis(300));
+    let k = ctr(&["task", "kill", "-s", signal, id]);
+    assert!(
+        k.status.success(),
+        "kill: {}",
+        String::from_utf8_lossy(&k.stderr)
+    );
+    let out = child.wait_with_output().expect("wait");
+    (
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        out.status.code().unwrap_or(-1),
+    )
+}
+
+#[test]
+#[ignore = "needs root, containerd, QEMU and make install (make test runs it)"]
+fn signals_match_runc() {
+    let trap = "trap 'echo got TERM; exit 42' TERM; echo ready; while true; do sleep 0.1; done";
+    for runtime in [KATA, RUNC] {
+        let tag = if runtime == KATA { "kata" } else { "runc" };
+        assert_eq!(
+            killed(runtime, &format!("trap-{tag}"), trap, "SIGTERM"),
+            ("ready\ngot TERM\n".to_string(), 42),
+            "{runtime}"
+        );
+        assert_eq!(
+            killed(
+                runtime,
+                &format!("kill-{tag}"),
+                "echo ready; sleep 1000",
+                "SIGKILL"
+            ),
+            ("ready\n".to_string(), 137),
+            "{runtime}"
+        );
+    }
+    assert_no_leftovers("trap-kata");
+    assert_no_leftovers("kill-kata");
+}
+
+#[test]
+#[ignore = "needs root, containerd, QEMU and make install (make test runs it)"]
+fn exec_matches_runc() {
+    for runtime in [KATA, RUNC] {
+        let id = if runtime == KATA {
+            "exec-kata"
+        } else {
+            "exec-runc"
+        };
+        let out = ctr(&[
+            "run",
+            "-d",
+            "--runtime",
+            runtime,
+            IMAGE,
+            id,
+            "sleep",
+            "1000",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        wait_running(id);
+        let e = ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "e1",
+            id,
+            "sh",
+            "-c",
+            "echo exec-out; echo exec-err >&2; exit 5",
+        ]);
+        assert_eq!(
+            String::from_utf8_lossy(&e.stdout),
+            "exec-out\n",
+            "{runtime}"
+        );
+        assert!(
+            String::from_utf8_lossy(&e.stderr).contains("exec-err"),
+            "{runtime}"
+        );
+        assert_eq!(e.status.code(), Some(5), "{runtime}");
+        let e = ctr(&["task", "exec", "--exec-id", "e2", id, "/no/such/binary"]);
+        assert!(
+            !e.status.success(),
+            "{runtime}: exec of a missing binary fails"
+        );
+        let _ = ctr(&["task", "kill", "-s", "SIGKILL", id]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !String::from_utf8_lossy(&ctr(&["task", "ls"]).stdout)
+            .lines()
+            .any(|l| l.starts_with(id) && l.contains("STOPPED"))
+        {
+            assert!(Instant::now() < deadline, "{id} did not stop");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = ctr(&["task", "rm", id]);
+        let rm = ctr(&["container", "rm", id]);
+        assert!(
+            rm.status.success(),
+            "{}",
+            String::from_utf8_lossy(&rm.stderr)
+        );
+    }
+    assert_no_leftovers("exec-kata");
+}
+
+fn mem_total_mib(out: &str) -> u64 {
+    out.lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
+        / 1024
+}
+
+#[test]
+#[ignore = "needs root, containerd, QEMU and make install (make test runs it)"]
+fn memory_limit_grows_the_vm() {
+    let (plain, _, c1) = run(KATA, "mem-plain", &[], "grep MemTotal /proc/meminfo", "");
+    let (limited, _, c2) = run(
+        KATA,
+        "mem-limit",
+        &["--memory-limit", "536870912"],
+        "grep MemTotal /proc/meminfo",
+        "",
+    );
+    assert_eq!((c1, c2), (0, 0));
+    let (a, b) = (mem_total_mib(&plain), mem_total_mib(&limited));
+    assert!(
+        b >= a + 500 && b <= a + 520,
+        "VM memory {a} MiB -> {b} MiB with a 512 MiB limit"
+    );
+    assert_no_leftovers("mem-limit");
+}
+
+#[test]
+#[ignore = "needs root, containerd, QEMU and make install (make test runs it)"]
+fn bad_inputs_reach_the_user_and_leave_nothing() {
+    // A configuration file with an error.
+    let dir = tempfile::tempdir().expect("tmp");
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(
+        &cfg,
+        "[hypervisor.qemu]\ninitrd = \"/i\"\ndefualt_memory = 1\n",
+    )
+    .expect("write");
+    let (_, err, code) = run(
+        KATA,
+        "bad-config",
+        &["--runtime-config-path", &cfg.display().to_string()],
+        "true",
+        "",
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("bad.toml:3: unknown key `defualt_memory` in [hypervisor.qemu] (did you mean `default_memory`?)"), "{err}");
+    assert_no_leftovers("bad-config");
+    // A refused annotation.
+    let (_, err, code) = run(
+        KATA,
+        "bad-annotation",
+        &[
+            "--annotation",
+            "io.katacontainers.config.hypervisor.default_memory=4096",
+        ],
+        "true",
+        "",
+    );
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("io.katacontainers.config.hypervisor.default_memory=\\\"4096\\\" is refused")
+            || err.contains("default_memory=\"4096\" is refused"),
+        "{err}"
+    );
+    assert!(err.contains("enable_annotations"), "{err}");
+    assert_no_leftovers("bad-annotation");
+    // A missing kernel.
+    let good =
+        std::fs::read_to_string("/opt/kata/share/defaults/kata-containers/configuration-qemu.toml")
+            .expect("installed config");
+    let missing = dir.path().join("missing-kernel.toml");
+    std::fs::write(
+        &missing,
+        good.replace("vmlinux.container\"", "no-such-vmlinux\""),
+    )
+    .expect("write");
+    let (_, err, code) = run(
+        KATA,
+        "bad-kernel",
+        &["--runtime-config-path", &missing.display().to_string()],
+        "true",
+        "",
+    );
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("no-such-vmlinux does not exist ([hypervisor.qemu].kernel)"),
+        "{err}"
+    );
+    assert_no_leftovers("bad-kernel");
+}
