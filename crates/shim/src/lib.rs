@@ -170,7 +170,7 @@ fn daemon(args: &Args) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| format!("start the async runtime: {e}"))?;
-    rt.block_on(async move {
+    let result = rt.block_on(async move {
         let publisher =
             events::Publisher::new(std::env::var("TTRPC_ADDRESS").ok(), args.namespace.clone());
         let shutdown = Arc::new(tokio::sync::Notify::new());
@@ -193,10 +193,15 @@ fn daemon(args: &Args) -> Result<(), String> {
         server.start().await.map_err(|e| format!("serve: {e}"))?;
         tracing::info!(socket = %socket.display(), "shim serving");
         shutdown.notified().await;
-        // Let the Shutdown reply go out.
+        // Let the Shutdown reply go out, then stop serving (bounded: containerd may keep its
+        // connection open).
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let _ = server.shutdown().await;
+        let _ = tokio::time::timeout(Duration::from_millis(500), server.shutdown()).await;
         let _ = std::fs::remove_file(&socket);
         Ok::<(), String>(())
-    })
+    });
+    // Blocking FIFO opens that never completed (a stdin nobody wrote) must not keep the shim
+    // alive.
+    rt.shutdown_background();
+    result
 }

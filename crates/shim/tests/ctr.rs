@@ -406,3 +406,92 @@ fn bad_inputs_reach_the_user_and_leave_nothing() {
     );
     assert_no_leftovers("bad-kernel");
 }
+
+#[test]
+#[ignore = "needs root, containerd, QEMU and make install (make test runs it)"]
+fn bind_mounts_match_runc_and_read_only_is_enforced() {
+    for runtime in [KATA, RUNC] {
+        let tag = if runtime == KATA { "kata" } else { "runc" };
+        let dir = tempfile::tempdir().expect("tmp");
+        let ro = dir.path().join("ro");
+        let rw = dir.path().join("rw");
+        std::fs::create_dir_all(&ro).expect("mkdir");
+        std::fs::create_dir_all(&rw).expect("mkdir");
+        std::fs::write(ro.join("file"), "from the host\n").expect("write");
+        let ro_mount = format!("type=bind,src={},dst=/ro,options=rbind:ro", ro.display());
+        let rw_mount = format!("type=bind,src={},dst=/rw,options=rbind:rw", rw.display());
+        let script = "cat /ro/file; touch /ro/new 2>/dev/null && echo ro-writable || echo ro-refused; echo from-guest > /rw/out && echo rw-ok";
+        let (out, err, code) = run(
+            runtime,
+            &format!("bind-{tag}"),
+            &["--mount", &ro_mount, "--mount", &rw_mount],
+            script,
+            "",
+        );
+        assert_eq!(
+            (out.as_str(), code),
+            ("from the host\nro-refused\nrw-ok\n", 0),
+            "{runtime}: {err}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(rw.join("out")).expect("written through"),
+            "from-guest\n",
+            "{runtime}"
+        );
+        assert!(!ro.join("new").exists(), "{runtime}");
+    }
+    assert_no_leftovers("bind-kata");
+}
+
+#[test]
+#[ignore = "needs root, containerd, QEMU and make install (make test runs it)"]
+fn cpu_quota_hot_plugs_a_vcpu() {
+    let (before, _, c1) = run(KATA, "cpus-plain", &[], "nproc", "");
+    let (after, err, c2) = run(KATA, "cpus-one", &["--cpus", "1"], "nproc", "");
+    assert_eq!((c1, c2), (0, 0), "{err}");
+    let (b, a): (u32, u32) = (
+        before.trim().parse().expect("nproc"),
+        after.trim().parse().expect("nproc"),
+    );
+    let host = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
+    assert_eq!(a, (b + 1).min(host), "vCPUs {b} -> {a} with --cpus 1");
+    assert_no_leftovers("cpus-one");
+}
+
+#[test]
+#[ignore = "needs root, containerd, QEMU and make install (make test runs it)"]
+fn a_killed_shim_is_cleaned_up_by_delete() {
+    let id = "crash-kata";
+    let out = ctr(&["run", "-d", "--runtime", KATA, IMAGE, id, "sleep", "1000"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_running(id);
+    let shim = Command::new("pgrep")
+        .args(["-f", &format!("containerd-shim-kata-v2 .*-id {id}")])
+        .output()
+        .expect("pgrep");
+    let pid = String::from_utf8_lossy(&shim.stdout)
+        .lines()
+        .next()
+        .map(str::to_string)
+        .expect("shim pid");
+    assert!(Command::new("kill")
+        .args(["-9", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    // containerd notices, runs `containerd-shim-kata-v2 delete`, which stops the VM.
+    assert_no_leftovers(id);
+    let _ = ctr(&["task", "rm", "-f", id]);
+    let rm = ctr(&["container", "rm", id]);
+    assert!(
+        rm.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rm.stderr)
+    );
+}
