@@ -27,6 +27,10 @@ state = "$base/state"
   address = "$sock"
 [ttrpc]
   address = "$sock.ttrpc"
+[plugins."io.containerd.grpc.v1.cri".containerd]
+  default_runtime_name = "runc"
+[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+  runtime_type = "io.containerd.runc.v2"
 [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.kata]
   runtime_type = "io.containerd.kata.v2"
   privileged_without_host_devices = true
@@ -37,7 +41,7 @@ state = "$base/state"
 TOML
 # containerd finds the shim binary on its PATH.
 ln -sfn /opt/kata/bin/containerd-shim-kata-v2 /usr/local/bin/containerd-shim-kata-v2
-PATH=/usr/local/bin:$PATH nohup containerd --config "$conf" > "$base/containerd.log" 2>&1 &
+PATH=/usr/local/bin:$PATH nohup containerd --config "$conf" >> "$base/containerd.log" 2>&1 &
 echo $! > "$base/pid"
 for _ in $(seq 1 100); do
   if ctr -a "$sock" version >/dev/null 2>&1; then echo "$sock"; exit 0; fi

@@ -101,7 +101,11 @@ fn start(args: &Args) -> Result<(), String> {
         .map_err(|e| format!("start the shim daemon: {e}"))?;
     for _ in 0..1000 {
         if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
-            println!("unix://{}", socket.display());
+            let address = format!("unix://{}", socket.display());
+            // containerd reads it back to reconnect after it restarts.
+            std::fs::write(cwd.join("address"), &address)
+                .map_err(|e| format!("write {}/address: {e}", cwd.display()))?;
+            println!("{address}");
             let _ = std::io::stdout().flush();
             return Ok(());
         }

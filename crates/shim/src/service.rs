@@ -365,6 +365,7 @@ impl Task for Service {
     }
 
     async fn start(&self, _: &TtrpcContext, req: StartRequest) -> ttrpc::Result<StartResponse> {
+        tracing::info!(rpc = "start", id = %req.id, "task API");
         let sb = self.sandbox().await?;
         if req.exec_id.is_empty() {
             sb.start_container(&req.id).await.map_err(internal)?;
@@ -451,6 +452,7 @@ impl Task for Service {
     }
 
     async fn delete(&self, _: &TtrpcContext, req: DeleteRequest) -> ttrpc::Result<DeleteResponse> {
+        tracing::info!(rpc = "delete", id = %req.id, "task API");
         let mut st = self.state.lock().await;
         if !req.exec_id.is_empty() {
             let t = st
@@ -514,6 +516,7 @@ impl Task for Service {
     }
 
     async fn exec(&self, _: &TtrpcContext, req: ExecProcessRequest) -> ttrpc::Result<Empty> {
+        tracing::info!(rpc = "exec", id = %req.id, "task API");
         let spec: Process = match req.spec.as_ref() {
             Some(any) => serde_json::from_slice(&any.value).map_err(|e| {
                 err(
@@ -562,6 +565,7 @@ impl Task for Service {
     }
 
     async fn state(&self, _: &TtrpcContext, req: StateRequest) -> ttrpc::Result<StateResponse> {
+        tracing::info!(rpc = "state", id = %req.id, "task API");
         let st = self.state.lock().await;
         let t = st
             .tasks
@@ -592,6 +596,7 @@ impl Task for Service {
     }
 
     async fn kill(&self, _: &TtrpcContext, req: KillRequest) -> ttrpc::Result<Empty> {
+        tracing::info!(rpc = "kill", id = %req.id, "task API");
         let sb = self.sandbox().await?;
         {
             let st = self.state.lock().await;
@@ -617,6 +622,7 @@ impl Task for Service {
     }
 
     async fn wait(&self, _: &TtrpcContext, req: WaitRequest) -> ttrpc::Result<WaitResponse> {
+        tracing::info!(rpc = "wait", id = %req.id, "task API");
         let mut rx = {
             let st = self.state.lock().await;
             let t = st
@@ -647,6 +653,7 @@ impl Task for Service {
     }
 
     async fn pids(&self, _: &TtrpcContext, req: PidsRequest) -> ttrpc::Result<PidsResponse> {
+        tracing::info!(rpc = "pids", id = %req.id, "task API");
         let sb = self.sandbox().await?;
         let r = sb
             .agent
@@ -675,6 +682,7 @@ impl Task for Service {
     }
 
     async fn close_io(&self, _: &TtrpcContext, req: CloseIORequest) -> ttrpc::Result<Empty> {
+        tracing::info!(rpc = "close_io", id = %req.id, "task API");
         let sb = self.sandbox().await?;
         if req.stdin {
             {
@@ -696,6 +704,7 @@ impl Task for Service {
     }
 
     async fn resize_pty(&self, _: &TtrpcContext, req: ResizePtyRequest) -> ttrpc::Result<Empty> {
+        tracing::info!(rpc = "resize_pty", id = %req.id, "task API");
         let sb = self.sandbox().await?;
         let r = kata_protocols::agent::TtyWinResizeRequest {
             container_id: req.id.clone(),
@@ -716,6 +725,7 @@ impl Task for Service {
     }
 
     async fn update(&self, _: &TtrpcContext, req: UpdateTaskRequest) -> ttrpc::Result<Empty> {
+        tracing::info!(rpc = "update", id = %req.id, "task API");
         let sb = self.sandbox().await?;
         let any = req
             .resources
@@ -758,6 +768,7 @@ impl Task for Service {
     }
 
     async fn stats(&self, _: &TtrpcContext, req: StatsRequest) -> ttrpc::Result<StatsResponse> {
+        tracing::info!(rpc = "stats", id = %req.id, "task API");
         let sb = self.sandbox().await?;
         let r = sb
             .agent
@@ -813,6 +824,7 @@ impl Task for Service {
     }
 
     async fn shutdown(&self, _: &TtrpcContext, _: ShutdownRequest) -> ttrpc::Result<Empty> {
+        tracing::info!(rpc = "shutdown", "task API");
         let st = self.state.lock().await;
         if !st.tasks.is_empty() {
             return Ok(Empty::new());
