@@ -23,6 +23,8 @@ pub struct Agent {
     containers: Mutex<HashMap<String, Arc<Container>>>,
     sandbox_mounts: Mutex<Vec<PathBuf>>,
     boot_time_us: u64,
+    /// OOM kills already reported, per container.
+    oom_seen: Mutex<HashMap<String, u64>>,
 }
 
 impl Agent {
@@ -33,6 +35,7 @@ impl Agent {
             containers: Mutex::default(),
             sandbox_mounts: Mutex::default(),
             boot_time_us,
+            oom_seen: Mutex::default(),
         }
     }
 
@@ -498,6 +501,32 @@ impl AgentService for Agent {
             .into());
         }
         Ok(Empty::new())
+    }
+
+    async fn get_oom_event(&self, _: &TtrpcContext, _: GetOOMEventRequest) -> R<OOMEvent> {
+        // Long poll: the next container whose cgroup counts a new OOM kill.
+        loop {
+            let containers: Vec<(String, PathBuf)> = self
+                .containers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .map(|c| (c.id.clone(), c.cgroup.clone()))
+                .collect();
+            for (id, cgroup) in containers {
+                let kills = container::stats(&cgroup).oom_kills;
+                let mut seen = self.oom_seen.lock().unwrap_or_else(|e| e.into_inner());
+                let last = seen.entry(id.clone()).or_insert(0);
+                if kills > *last {
+                    *last = kills;
+                    return Ok(OOMEvent {
+                        container_id: id,
+                        ..Default::default()
+                    });
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
     }
 
     async fn get_metrics(&self, _: &TtrpcContext, _: GetMetricsRequest) -> R<Metrics> {

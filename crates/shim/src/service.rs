@@ -74,6 +74,49 @@ pub struct Service {
     publisher: Publisher,
     shutdown: Arc<Notify>,
     state: Mutex<State>,
+    oom: OomReporter,
+}
+
+/// Publishes `/tasks/oom` once per OOM kill the guest cgroup of a container counts.
+#[derive(Debug, Clone)]
+struct OomReporter {
+    publisher: Publisher,
+    reported: Arc<std::sync::Mutex<HashMap<String, u64>>>,
+}
+
+impl OomReporter {
+    async fn check(&self, sb: &Sandbox, cid: &str) {
+        let req = kata_protocols::agent::StatsContainerRequest {
+            container_id: cid.to_string(),
+            ..Default::default()
+        };
+        let Ok(stats) = sb
+            .agent
+            .agent
+            .stats_container(
+                kata_sandbox::agent::ctx(std::time::Duration::from_secs(5)),
+                &req,
+            )
+            .await
+        else {
+            return;
+        };
+        let new = {
+            let mut r = self.reported.lock().unwrap_or_else(|e| e.into_inner());
+            let seen = r.entry(cid.to_string()).or_insert(0);
+            let new = stats.oom_kills > *seen;
+            *seen = (*seen).max(stats.oom_kills);
+            new
+        };
+        if new {
+            tracing::info!(container = cid, "OOM in the guest");
+            let ev = containerd_shim_protos::events::task::TaskOOM {
+                container_id: cid.to_string(),
+                ..Default::default()
+            };
+            self.publisher.publish("/tasks/oom", &ev).await;
+        }
+    }
 }
 
 fn err(code: ttrpc::Code, msg: impl std::fmt::Display) -> ttrpc::Error {
@@ -120,12 +163,17 @@ fn is_bind(m: &oci_spec::runtime::Mount) -> bool {
 impl Service {
     /// A new service for the shim of task `id`.
     pub fn new(id: String, namespace: String, publisher: Publisher, shutdown: Arc<Notify>) -> Self {
+        let oom = OomReporter {
+            publisher: publisher.clone(),
+            reported: Default::default(),
+        };
         Service {
             id,
             namespace,
             publisher,
             shutdown,
             state: Mutex::new(State::default()),
+            oom,
         }
     }
 
@@ -222,6 +270,7 @@ impl Service {
                     Ok(sb) => {
                         let sb = Arc::new(sb);
                         self.state.lock().await.sandbox = Some(sb.clone());
+                        self.watch_oom(sb.clone());
                         tracing::info!(id = %req.id, timings = ?sb.timings, accel = ?sb.accel, "sandbox ready");
                         sb
                     }
@@ -284,6 +333,32 @@ impl Service {
         Ok(pid)
     }
 
+    /// Forwards the guest's OOM kills as `/tasks/oom` events while the sandbox runs.
+    fn watch_oom(&self, sb: Arc<Sandbox>) {
+        let oom = self.oom.clone();
+        let sandbox = Arc::downgrade(&sb);
+        drop(sb);
+        tokio::spawn(async move {
+            loop {
+                let Some(sb) = sandbox.upgrade() else { return };
+                let client = sb.agent.agent.clone();
+                drop(sb);
+                let req = kata_protocols::agent::GetOOMEventRequest::new();
+                match client
+                    .get_oom_event(ttrpc::context::with_timeout(0), &req)
+                    .await
+                {
+                    Ok(ev) => {
+                        if let Some(sb) = sandbox.upgrade() {
+                            oom.check(&sb, &ev.container_id).await;
+                        }
+                    }
+                    Err(_) => return, // the sandbox stopped
+                }
+            }
+        });
+    }
+
     fn watch_exit(
         &self,
         sb: Arc<Sandbox>,
@@ -294,6 +369,7 @@ impl Service {
         exit: watch::Sender<Exit>,
     ) {
         let publisher = self.publisher.clone();
+        let oom = self.oom.clone();
         tokio::spawn(async move {
             let status = match sb.wait(&cid, &exec_id).await {
                 Ok((status, _)) => status as u32,
@@ -306,6 +382,8 @@ impl Service {
             if let Some(o) = output {
                 let _ = o.await;
             }
+            // An OOM kill is published before the exit it caused, as runc's shim does.
+            oom.check(&sb, &cid).await;
             let at = now();
             exit.send_replace(Some((status, at.clone())));
             let id = if exec_id.is_empty() {

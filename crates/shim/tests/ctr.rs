@@ -164,6 +164,13 @@ fn runs_in_a_vm_with_the_guest_kernel() {
     assert_no_leftovers("vm-kernel");
 }
 
+/// Removes a container (and its task) left by an earlier, failed run.
+fn force_remove(id: &str) {
+    let _ = ctr(&["task", "kill", "-s", "SIGKILL", id]);
+    let _ = ctr(&["task", "rm", "-f", id]);
+    let _ = ctr(&["container", "rm", id]);
+}
+
 fn wait_running(id: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -464,6 +471,7 @@ fn cpu_quota_hot_plugs_a_vcpu() {
 #[ignore = "needs root, containerd, QEMU and make install (make test runs it)"]
 fn a_killed_shim_is_cleaned_up_by_delete() {
     let id = "crash-kata";
+    force_remove(id);
     let out = ctr(&["run", "-d", "--runtime", KATA, IMAGE, id, "sleep", "1000"]);
     assert!(
         out.status.success(),
@@ -494,4 +502,135 @@ fn a_killed_shim_is_cleaned_up_by_delete() {
         "{}",
         String::from_utf8_lossy(&rm.stderr)
     );
+}
+
+#[test]
+#[ignore = "needs root, containerd, QEMU and make install (make test runs it)"]
+fn out_of_memory_matches_runc_and_is_published() {
+    let hog = "x=0123456789abcdef; while true; do x=$x$x; done";
+    // Watch containerd's events for the OOM of the Kata container.
+    let mut events = Command::new("ctr")
+        .arg("-a")
+        .arg(socket())
+        .args(["events"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ctr events");
+    for runtime in [KATA, RUNC] {
+        let tag = if runtime == KATA { "kata" } else { "runc" };
+        let (_, _, code) = run(
+            runtime,
+            &format!("oom-{tag}"),
+            &["--memory-limit", "33554432"],
+            hog,
+            "",
+        );
+        assert_eq!(code, 137, "{runtime}: the OOM killer ends the process");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = events.kill();
+    let out = events.wait_with_output().expect("events");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.contains("/tasks/oom") && l.contains("oom-kata")),
+        "no /tasks/oom event for oom-kata in:\n{text}"
+    );
+    assert_no_leftovers("oom-kata");
+}
+
+#[test]
+#[ignore = "needs root, containerd, QEMU and make install (make test runs it)"]
+fn tty_matches_runc() {
+    // `script` gives ctr a terminal, as a user's shell would.
+    for runtime in [KATA, RUNC] {
+        let tag = if runtime == KATA { "kata" } else { "runc" };
+        let cmd = format!(
+            "ctr -a {} run --runtime {runtime} -t --rm {IMAGE} tty-{tag} sh -c 'tty; stty size; exit 4'",
+            socket()
+        );
+        let out = Command::new("script")
+            .args(["-qec", &cmd, "/dev/null"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("script");
+        let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+        assert!(text.contains("/dev/pts/0"), "{runtime}: {text:?}");
+        assert_eq!(out.status.code(), Some(4), "{runtime}: {text:?}");
+    }
+    assert_no_leftovers("tty-kata");
+}
+
+#[test]
+#[ignore = "needs root, containerd, QEMU and make install (make test runs it)"]
+fn task_update_resizes() {
+    let id = "update-kata";
+    force_remove(id);
+    let out = ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        KATA,
+        "--memory-limit",
+        "134217728",
+        IMAGE,
+        id,
+        "sleep",
+        "1000",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_running(id);
+    let mem = |tag: &str| {
+        let e = ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            tag,
+            id,
+            "sh",
+            "-c",
+            "grep MemTotal /proc/meminfo",
+        ]);
+        String::from_utf8_lossy(&e.stdout).to_string()
+    };
+    let before = mem("m1");
+    // ctr 1.6 has no `task update`: call the shim's Update as containerd does.
+    let address = std::fs::read_to_string(format!(
+        "/run/kata-containerd/state/io.containerd.runtime.v2.task/default/{id}/address"
+    ))
+    .expect("address file");
+    let client = containerd_shim_protos::TaskClient::new(
+        ttrpc::Client::connect(address.trim()).expect("connect to the shim"),
+    );
+    let resources = protobuf::well_known_types::any::Any {
+        type_url: "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources".into(),
+        value: br#"{"memory":{"limit":671088640}}"#.to_vec(),
+        ..Default::default()
+    };
+    let req = containerd_shim_protos::api::UpdateTaskRequest {
+        id: id.into(),
+        resources: protobuf::MessageField::some(resources),
+        ..Default::default()
+    };
+    client
+        .update(ttrpc::context::with_timeout(60_000_000_000), &req)
+        .expect("Update");
+    let after = mem("m2");
+    assert!(
+        mem_total_mib(&after) >= mem_total_mib(&before) + 500,
+        "the VM grew: {before} -> {after}"
+    );
+    let _ = ctr(&["task", "kill", "-s", "SIGKILL", id]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ctr(&["task", "rm", id]).status.success() {
+        assert!(Instant::now() < deadline, "task did not stop");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(ctr(&["container", "rm", id]).status.success());
+    assert_no_leftovers(id);
 }
