@@ -599,6 +599,76 @@ impl Sandbox {
         }
     }
 
+    /// Pids of a container's processes (guest pids).
+    pub async fn pids(&self, container_id: &str) -> Result<Vec<u32>, SandboxError> {
+        let req = ListProcessesRequest {
+            container_id: container_id.into(),
+            ..Default::default()
+        };
+        Ok(self
+            .agent
+            .agent
+            .list_processes(ctx(CALL_TIMEOUT), &req)
+            .await
+            .map_err(agent_err("ListProcesses"))?
+            .pids)
+    }
+
+    /// Resource usage of a container's guest cgroup.
+    pub async fn stats(&self, container_id: &str) -> Result<StatsContainerResponse, SandboxError> {
+        let req = StatsContainerRequest {
+            container_id: container_id.into(),
+            ..Default::default()
+        };
+        self.agent
+            .agent
+            .stats_container(ctx(CALL_TIMEOUT), &req)
+            .await
+            .map_err(agent_err("StatsContainer"))
+    }
+
+    /// Sets the window size of a process's terminal.
+    pub async fn resize(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        rows: u32,
+        columns: u32,
+    ) -> Result<(), SandboxError> {
+        let req = TtyWinResizeRequest {
+            container_id: container_id.into(),
+            exec_id: exec_id.into(),
+            row: rows,
+            column: columns,
+            ..Default::default()
+        };
+        self.agent
+            .agent
+            .tty_win_resize(ctx(CALL_TIMEOUT), &req)
+            .await
+            .map_err(agent_err("TtyWinResize"))?;
+        Ok(())
+    }
+
+    /// Applies OCI `LinuxResources` (JSON) to a container's guest cgroup.
+    pub async fn update(
+        &self,
+        container_id: &str,
+        resources_json: Vec<u8>,
+    ) -> Result<(), SandboxError> {
+        let req = UpdateContainerRequest {
+            container_id: container_id.into(),
+            resources_json,
+            ..Default::default()
+        };
+        self.agent
+            .agent
+            .update_container(ctx(CALL_TIMEOUT), &req)
+            .await
+            .map_err(agent_err("UpdateContainer"))?;
+        Ok(())
+    }
+
     /// Closes a process's stdin.
     pub async fn close_stdin(&self, container_id: &str, exec_id: &str) -> Result<(), SandboxError> {
         let req = CloseStdinRequest {

@@ -66,6 +66,27 @@ struct State {
     tasks: HashMap<String, TaskState>,
 }
 
+impl State {
+    fn task(&self, id: &str) -> Result<&TaskState, ttrpc::Error> {
+        self.tasks
+            .get(id)
+            .ok_or_else(|| not_found(&format!("task {id}")))
+    }
+}
+
+impl TaskState {
+    /// The init process (empty exec id) or an exec.
+    fn process(&self, exec_id: &str) -> Result<&Proc, ttrpc::Error> {
+        if exec_id.is_empty() {
+            Ok(&self.init)
+        } else {
+            self.execs
+                .get(exec_id)
+                .ok_or_else(|| not_found(&format!("exec {exec_id}")))
+        }
+    }
+}
+
 /// The shim's Task service.
 #[derive(Debug)]
 pub struct Service {
@@ -86,19 +107,7 @@ struct OomReporter {
 
 impl OomReporter {
     async fn check(&self, sb: &Sandbox, cid: &str) {
-        let req = kata_protocols::agent::StatsContainerRequest {
-            container_id: cid.to_string(),
-            ..Default::default()
-        };
-        let Ok(stats) = sb
-            .agent
-            .agent
-            .stats_container(
-                kata_sandbox::agent::ctx(std::time::Duration::from_secs(5)),
-                &req,
-            )
-            .await
-        else {
+        let Ok(stats) = sb.stats(cid).await else {
             return;
         };
         let new = {
@@ -645,17 +654,8 @@ impl Task for Service {
     async fn state(&self, _: &TtrpcContext, req: StateRequest) -> ttrpc::Result<StateResponse> {
         tracing::info!(rpc = "state", id = %req.id, "task API");
         let st = self.state.lock().await;
-        let t = st
-            .tasks
-            .get(&req.id)
-            .ok_or_else(|| not_found(&format!("task {}", req.id)))?;
-        let p = if req.exec_id.is_empty() {
-            &t.init
-        } else {
-            t.execs
-                .get(&req.exec_id)
-                .ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?
-        };
+        let t = st.task(&req.id)?;
+        let p = t.process(&req.exec_id)?;
         let exit = p.exit.borrow().clone();
         Ok(StateResponse {
             id: req.id.clone(),
@@ -678,17 +678,7 @@ impl Task for Service {
         let sb = self.sandbox().await?;
         {
             let st = self.state.lock().await;
-            let t = st
-                .tasks
-                .get(&req.id)
-                .ok_or_else(|| not_found(&format!("task {}", req.id)))?;
-            let p = if req.exec_id.is_empty() {
-                &t.init
-            } else {
-                t.execs
-                    .get(&req.exec_id)
-                    .ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?
-            };
+            let p = st.task(&req.id)?.process(&req.exec_id)?;
             if p.exit.borrow().is_some() {
                 return Err(not_found("process already finished:"));
             }
@@ -703,17 +693,7 @@ impl Task for Service {
         tracing::info!(rpc = "wait", id = %req.id, "task API");
         let mut rx = {
             let st = self.state.lock().await;
-            let t = st
-                .tasks
-                .get(&req.id)
-                .ok_or_else(|| not_found(&format!("task {}", req.id)))?;
-            let p = if req.exec_id.is_empty() {
-                &t.init
-            } else {
-                t.execs
-                    .get(&req.exec_id)
-                    .ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?
-            };
+            let p = st.task(&req.id)?.process(&req.exec_id)?;
             p.exit.subscribe()
         };
         loop {
@@ -733,20 +713,8 @@ impl Task for Service {
     async fn pids(&self, _: &TtrpcContext, req: PidsRequest) -> ttrpc::Result<PidsResponse> {
         tracing::info!(rpc = "pids", id = %req.id, "task API");
         let sb = self.sandbox().await?;
-        let r = sb
-            .agent
-            .agent
-            .list_processes(
-                kata_sandbox::agent::ctx(std::time::Duration::from_secs(10)),
-                &kata_protocols::agent::ListProcessesRequest {
-                    container_id: req.id.clone(),
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(|e| err(ttrpc::Code::INTERNAL, e))?;
-        let processes = r
-            .pids
+        let pids = sb.pids(&req.id).await.map_err(internal)?;
+        let processes = pids
             .into_iter()
             .map(|pid| ProcessInfo {
                 pid,
@@ -784,21 +752,10 @@ impl Task for Service {
     async fn resize_pty(&self, _: &TtrpcContext, req: ResizePtyRequest) -> ttrpc::Result<Empty> {
         tracing::info!(rpc = "resize_pty", id = %req.id, "task API");
         let sb = self.sandbox().await?;
-        let r = kata_protocols::agent::TtyWinResizeRequest {
-            container_id: req.id.clone(),
-            exec_id: req.exec_id.clone(),
-            row: req.height,
-            column: req.width,
-            ..Default::default()
-        };
-        sb.agent
-            .agent
-            .tty_win_resize(
-                kata_sandbox::agent::ctx(std::time::Duration::from_secs(10)),
-                &r,
-            )
+        // ctr races a resize against the process's exit: answer with an error, never crash.
+        sb.resize(&req.id, &req.exec_id, req.height, req.width)
             .await
-            .map_err(|e| err(ttrpc::Code::FAILED_PRECONDITION, format!("resize: {e}")))?;
+            .map_err(|e| err(ttrpc::Code::FAILED_PRECONDITION, e))?;
         Ok(Empty::new())
     }
 
@@ -829,37 +786,16 @@ impl Task for Service {
         if grow > 0 && !sb.config.runtime.static_resources() {
             sb.hotplug(0, grow).await.map_err(internal)?;
         }
-        let r = kata_protocols::agent::UpdateContainerRequest {
-            container_id: req.id.clone(),
-            resources_json: any.value.clone(),
-            ..Default::default()
-        };
-        sb.agent
-            .agent
-            .update_container(
-                kata_sandbox::agent::ctx(std::time::Duration::from_secs(10)),
-                &r,
-            )
+        sb.update(&req.id, any.value.clone())
             .await
-            .map_err(|e| err(ttrpc::Code::INTERNAL, e))?;
+            .map_err(internal)?;
         Ok(Empty::new())
     }
 
     async fn stats(&self, _: &TtrpcContext, req: StatsRequest) -> ttrpc::Result<StatsResponse> {
         tracing::info!(rpc = "stats", id = %req.id, "task API");
         let sb = self.sandbox().await?;
-        let r = sb
-            .agent
-            .agent
-            .stats_container(
-                kata_sandbox::agent::ctx(std::time::Duration::from_secs(10)),
-                &kata_protocols::agent::StatsContainerRequest {
-                    container_id: req.id.clone(),
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(|e| err(ttrpc::Code::INTERNAL, e))?;
+        let r = sb.stats(&req.id).await.map_err(internal)?;
         use containerd_shim_protos::cgroups_v2::metrics::{CPUStat, MemoryStat, Metrics, PidsStat};
         let m = Metrics {
             pids: protobuf::MessageField::some(PidsStat {
