@@ -22,12 +22,12 @@ pub struct StdioPaths {
 
 async fn open_fifo(path: &str, write: bool) -> Option<tokio::fs::File> {
     let p = path.to_string();
-    // Opening a FIFO blocks until the other side opens it: do it on a blocking thread.
+    // Output FIFOs are opened read-write, as containerd's own shims do: the open does not wait
+    // for a reader, and a reader that goes away (`ctr run -d`) does not break the FIFO for the
+    // next one (`ctr task attach`). stdin is opened read-only, which waits for a writer: on a
+    // blocking thread.
     let f = tokio::task::spawn_blocking(move || {
-        std::fs::OpenOptions::new()
-            .read(!write)
-            .write(write)
-            .open(p)
+        std::fs::OpenOptions::new().read(true).write(write).open(p)
     })
     .await
     .ok()?;

@@ -634,3 +634,55 @@ fn task_update_resizes() {
     assert!(ctr(&["container", "rm", id]).status.success());
     assert_no_leftovers(id);
 }
+
+#[test]
+#[ignore = "needs root, containerd, QEMU and make install (make test runs it)"]
+fn attach_after_detach_matches_runc() {
+    for runtime in [KATA, RUNC] {
+        let id = if runtime == KATA {
+            "attach-kata"
+        } else {
+            "attach-runc"
+        };
+        force_remove(id);
+        let script = "i=0; while [ $i -lt 200 ]; do echo tick $i; i=$((i+1)); sleep 0.1; done";
+        let out = ctr(&[
+            "run",
+            "-d",
+            "--runtime",
+            runtime,
+            IMAGE,
+            id,
+            "sh",
+            "-c",
+            script,
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        wait_running(id);
+        std::thread::sleep(Duration::from_millis(500));
+        // SIGKILL, not SIGTERM: ctr forwards catchable signals to the task.
+        let mut attach = Command::new("ctr")
+            .arg("-a")
+            .arg(socket())
+            .args(["task", "attach", id])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("attach");
+        std::thread::sleep(Duration::from_secs(2));
+        let _ = attach.kill();
+        let out = attach.wait_with_output().expect("attach output");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.lines().filter(|l| l.starts_with("tick ")).count() >= 5,
+            "{runtime}: {text:?}"
+        );
+        force_remove(id);
+    }
+    assert_no_leftovers("attach-kata");
+}
