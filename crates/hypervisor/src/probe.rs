@@ -267,9 +267,21 @@ pub fn boot_once(
     })
 }
 
-/// Runs the full probe: KVM (when `/dev/kvm` can create a VM) and, when `with_tcg` or KVM
-/// failed, TCG. Writes the cache.
-pub fn probe(qemu: &Path, kernel: &Path, with_tcg: bool) -> Result<ProbeReport, ProbeError> {
+/// How much of the probe to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeScope {
+    /// KVM, and TCG as well (`kata-runtime check` with `accelerator = "auto"`).
+    KvmAndTcg,
+    /// KVM, and TCG only when KVM fails.
+    KvmThenTcg,
+    /// KVM only: the runtime's `auto` choice when nothing is cached (TCG needs no probe to be
+    /// chosen).
+    KvmOnly,
+}
+
+/// Runs the probe: KVM (when `/dev/kvm` can create a VM) and TCG as `scope` says. Writes the
+/// cache.
+pub fn probe(qemu: &Path, kernel: &Path, scope: ProbeScope) -> Result<ProbeReport, ProbeError> {
     let device = probe_kvm_device(Path::new("/dev/kvm"));
     let kvm = if device == KvmDevice::Ok {
         Some(boot_once(qemu, kernel, Accel::Kvm, KVM_DEADLINE)?)
@@ -277,7 +289,12 @@ pub fn probe(qemu: &Path, kernel: &Path, with_tcg: bool) -> Result<ProbeReport, 
         None
     };
     let kvm_ok = kvm.as_ref().is_some_and(|o| o.booted);
-    let tcg = if with_tcg || !kvm_ok {
+    let with_tcg = match scope {
+        ProbeScope::KvmAndTcg => true,
+        ProbeScope::KvmThenTcg => !kvm_ok,
+        ProbeScope::KvmOnly => false,
+    };
+    let tcg = if with_tcg {
         Some(boot_once(qemu, kernel, Accel::Tcg, TCG_DEADLINE)?)
     } else {
         None
@@ -287,25 +304,6 @@ pub fn probe(qemu: &Path, kernel: &Path, with_tcg: bool) -> Result<ProbeReport, 
         kvm_device: format!("{device:?}"),
         kvm,
         tcg,
-    };
-    store_cache(Path::new(CACHE_PATH), &report);
-    Ok(report)
-}
-
-/// Runs only the KVM boot probe (the runtime's `auto` choice when nothing is cached): TCG needs
-/// no probe to be chosen. Writes the cache.
-pub fn probe_kvm(qemu: &Path, kernel: &Path) -> Result<ProbeReport, ProbeError> {
-    let device = probe_kvm_device(Path::new("/dev/kvm"));
-    let kvm = if device == KvmDevice::Ok {
-        Some(boot_once(qemu, kernel, Accel::Kvm, KVM_DEADLINE)?)
-    } else {
-        None
-    };
-    let report = ProbeReport {
-        key: ProbeKey::new(qemu, kernel),
-        kvm_device: format!("{device:?}"),
-        kvm,
-        tcg: None,
     };
     store_cache(Path::new(CACHE_PATH), &report);
     Ok(report)

@@ -24,7 +24,7 @@ pub fn choose(h: &HypervisorConfig, qemu: &Path) -> Result<Accel, SandboxError> 
             if let Some(chosen) = probe::cached(qemu, kernel).and_then(|r| r.chosen()) {
                 return Ok(chosen);
             }
-            let report = probe::probe_kvm(qemu, kernel).map_err(|e| SandboxError::Accelerator(e.to_string()))?;
+            let report = probe::probe(qemu, kernel, probe::ProbeScope::KvmOnly).map_err(|e| SandboxError::Accelerator(e.to_string()))?;
             report.chosen().ok_or_else(|| SandboxError::Accelerator("neither KVM nor TCG boots the guest kernel; run 'kata-runtime check'".into()))
         }
     }

@@ -164,6 +164,25 @@ fn runs_in_a_vm_with_the_guest_kernel() {
     assert_no_leftovers("vm-kernel");
 }
 
+/// SIGKILLs a running task, waits until it can be removed, removes it and its container.
+fn kill_and_remove(id: &str) {
+    assert!(
+        ctr(&["task", "kill", "-s", "SIGKILL", id]).status.success(),
+        "kill {id}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ctr(&["task", "rm", id]).status.success() {
+        assert!(Instant::now() < deadline, "task {id} did not stop");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let rm = ctr(&["container", "rm", id]);
+    assert!(
+        rm.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rm.stderr)
+    );
+}
+
 /// Removes a container (and its task) left by an earlier, failed run.
 fn force_remove(id: &str) {
     let _ = ctr(&["task", "kill", "-s", "SIGKILL", id]);
@@ -300,22 +319,7 @@ fn exec_matches_runc() {
             !e.status.success(),
             "{runtime}: exec of a missing binary fails"
         );
-        let _ = ctr(&["task", "kill", "-s", "SIGKILL", id]);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !String::from_utf8_lossy(&ctr(&["task", "ls"]).stdout)
-            .lines()
-            .any(|l| l.starts_with(id) && l.contains("STOPPED"))
-        {
-            assert!(Instant::now() < deadline, "{id} did not stop");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = ctr(&["task", "rm", id]);
-        let rm = ctr(&["container", "rm", id]);
-        assert!(
-            rm.status.success(),
-            "{}",
-            String::from_utf8_lossy(&rm.stderr)
-        );
+        kill_and_remove(id);
     }
     assert_no_leftovers("exec-kata");
 }
@@ -625,13 +629,7 @@ fn task_update_resizes() {
         mem_total_mib(&after) >= mem_total_mib(&before) + 500,
         "the VM grew: {before} -> {after}"
     );
-    let _ = ctr(&["task", "kill", "-s", "SIGKILL", id]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !ctr(&["task", "rm", id]).status.success() {
-        assert!(Instant::now() < deadline, "task did not stop");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    assert!(ctr(&["container", "rm", id]).status.success());
+    kill_and_remove(id);
     assert_no_leftovers(id);
 }
 

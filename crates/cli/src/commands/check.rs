@@ -381,7 +381,15 @@ fn boot_probe(
         );
         return None;
     }
-    let report = match probe::probe(qemu, kernel, mode == Accelerator::Auto) {
+    let report = match probe::probe(
+        qemu,
+        kernel,
+        if mode == Accelerator::Auto {
+            probe::ProbeScope::KvmAndTcg
+        } else {
+            probe::ProbeScope::KvmThenTcg
+        },
+    ) {
         Ok(rep) => rep,
         Err(e) => {
             r.line(
