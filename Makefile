@@ -3,7 +3,7 @@ PREFIX ?= /opt/kata
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all build kernel guest virtiofsd install setup test lint unit generate clean
+.PHONY: all build kernel guest virtiofsd install setup test lint unit bench generate clean
 
 all: build
 
@@ -41,6 +41,13 @@ test:
 	$(MAKE) lint
 	$(MAKE) install
 	KATA_TEST_KERNEL_DIR=$(CURDIR)/build/kernel $(CARGO) test --workspace -- --include-ignored
+	# A one-iteration run of the benchmark, so it cannot rot (figures go to /tmp, not the repo).
+	python3 scripts/bench.py --iterations 1 --out /tmp/kata-bench-smoke.json --markdown /tmp/kata-bench-smoke.md > /dev/null
+	python3 -c "import json; r = json.load(open('/tmp/kata-bench-smoke.json')); assert r['memory']['kata']['qemu_pss_kib'] > 0 and r['memory']['runc']['shim_pss_kib'] > 0 and r['cold_start_ms']['kata']['median'] > 0, r"
+
+# Benchmarks kata against runc; writes bench/results.json and BENCHMARKS.md.
+bench: install
+	python3 scripts/bench.py
 
 # Rewrite the files generated from the configuration schema.
 generate:
