@@ -731,17 +731,25 @@ impl Task for Service {
         tracing::info!(rpc = "close_io", id = %req.id, "task API");
         let sb = self.sandbox().await?;
         if req.stdin {
-            {
+            let input = {
                 let mut st = self.state.lock().await;
-                if let Some(t) = st.tasks.get_mut(&req.id) {
+                st.tasks.get_mut(&req.id).and_then(|t| {
                     let p = if req.exec_id.is_empty() {
                         Some(&mut t.init)
                     } else {
                         t.execs.get_mut(&req.exec_id)
                     };
-                    if let Some(input) = p.and_then(|p| p.input.take()) {
-                        input.abort();
-                    }
+                    p.and_then(|p| p.input.take())
+                })
+            };
+            // containerd sends CloseIO once it has written all of stdin into the FIFO: let the
+            // copy forward what is still in the FIFO (it ends at the FIFO's EOF), then close.
+            if let Some(mut input) = input {
+                if tokio::time::timeout(std::time::Duration::from_secs(2), &mut input)
+                    .await
+                    .is_err()
+                {
+                    input.abort();
                 }
             }
             let _ = sb.close_stdin(&req.id, &req.exec_id).await;
