@@ -366,7 +366,7 @@ async fn an_agent_that_never_answers_times_out_with_the_console() {
         msg.contains("[agent.kata].dial_timeout") && msg.contains("guest console:"),
         "{msg}"
     );
-    assert!((6.0..15.0).contains(&secs), "gave up after {secs:.1} s");
+    assert!((6.0..30.0).contains(&secs), "gave up after {secs:.1} s");
     assert_no_leftovers("it-silent");
 }
 
