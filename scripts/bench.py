@@ -75,6 +75,12 @@ def wait_running(sock, cid):
     raise RuntimeError(f"task {cid} never ran")
 
 
+def start_detached(sock, rt, cid):
+    remove(sock, cid)
+    ctr(sock, "run", "-d", "--runtime", rt, IMAGE, cid, "sleep", "1000")
+    wait_running(sock, cid)
+
+
 def remove(sock, cid):
     if cid in ctr(sock, "task", "ls", "-q").stdout.split():
         ctr(sock, "task", "kill", "-s", "SIGKILL", cid, check=False)
@@ -97,9 +103,7 @@ def bench_exec(sock, n):
     res = {}
     for name, rt in RUNTIMES.items():
         cid = f"bench-exec-{name}"
-        remove(sock, cid)
-        ctr(sock, "run", "-d", "--runtime", rt, IMAGE, cid, "sleep", "1000")
-        wait_running(sock, cid)
+        start_detached(sock, rt, cid)
         samples = [timed(lambda i=i: ctr(sock, "task", "exec", "--exec-id", f"e{i}", cid, "true")) for i in range(n)]
         remove(sock, cid)
         res[name] = summary(samples)
@@ -110,9 +114,7 @@ def bench_memory(sock):
     res = {}
     for name, rt in RUNTIMES.items():
         cid = f"bench-mem-{name}"
-        remove(sock, cid)
-        ctr(sock, "run", "-d", "--runtime", rt, IMAGE, cid, "sleep", "1000")
-        wait_running(sock, cid)
+        start_detached(sock, rt, cid)
         time.sleep(3)
         shim = pids_matching(lambda c: "containerd-shim" in c and f" -id {cid} " in f" {c} ")
         entry = {"shim_pss_kib": sum(pss_kib(p) for p in shim)}

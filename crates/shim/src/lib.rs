@@ -180,7 +180,6 @@ fn daemon(args: &Args) -> Result<(), String> {
         let shutdown = Arc::new(tokio::sync::Notify::new());
         let service = Arc::new(service::Service::new(
             args.id.clone(),
-            args.namespace.clone(),
             publisher,
             shutdown.clone(),
         ));

@@ -91,7 +91,6 @@ impl TaskState {
 #[derive(Debug)]
 pub struct Service {
     id: String,
-    namespace: String,
     publisher: Publisher,
     shutdown: Arc<Notify>,
     state: Mutex<State>,
@@ -171,14 +170,13 @@ fn is_bind(m: &oci_spec::runtime::Mount) -> bool {
 
 impl Service {
     /// A new service for the shim of task `id`.
-    pub fn new(id: String, namespace: String, publisher: Publisher, shutdown: Arc<Notify>) -> Self {
+    pub fn new(id: String, publisher: Publisher, shutdown: Arc<Notify>) -> Self {
         let oom = OomReporter {
             publisher: publisher.clone(),
             reported: Default::default(),
         };
         Service {
             id,
-            namespace,
             publisher,
             shutdown,
             state: Mutex::new(State::default()),
@@ -578,7 +576,6 @@ impl Task for Service {
         if let Some(r) = &t.rootfs {
             rootfs::unmount_rootfs(r);
         }
-        let _ = &t.bundle;
         let (status, at) = t.init.exit.borrow().clone().unwrap_or((128 + 9, now()));
         if req.id == self.id {
             if let Some(sb) = sb {
@@ -879,12 +876,5 @@ impl Task for Service {
             ttrpc::Code::UNIMPLEMENTED,
             "checkpoint is not supported by containerd-shim-kata-v2",
         ))
-    }
-}
-
-impl Service {
-    /// The namespace the shim serves.
-    pub fn namespace(&self) -> &str {
-        &self.namespace
     }
 }

@@ -164,6 +164,21 @@ fn runs_in_a_vm_with_the_guest_kernel() {
     assert_no_leftovers("vm-kernel");
 }
 
+/// `ctr run -d` (with `extra` flags) and waits until the task runs.
+fn run_detached(runtime: &str, id: &str, extra: &[&str], cmd: &[&str]) {
+    let mut args = vec!["run", "-d", "--runtime", runtime];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[IMAGE, id]);
+    args.extend_from_slice(cmd);
+    let out = ctr(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_running(id);
+}
+
 /// SIGKILLs a running task, waits until it can be removed, removes it and its container.
 fn kill_and_remove(id: &str) {
     assert!(
@@ -278,22 +293,7 @@ fn exec_matches_runc() {
         } else {
             "exec-runc"
         };
-        let out = ctr(&[
-            "run",
-            "-d",
-            "--runtime",
-            runtime,
-            IMAGE,
-            id,
-            "sleep",
-            "1000",
-        ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        wait_running(id);
+        run_detached(runtime, id, &[], &["sleep", "1000"]);
         let e = ctr(&[
             "task",
             "exec",
@@ -476,13 +476,7 @@ fn cpu_quota_hot_plugs_a_vcpu() {
 fn a_killed_shim_is_cleaned_up_by_delete() {
     let id = "crash-kata";
     force_remove(id);
-    let out = ctr(&["run", "-d", "--runtime", KATA, IMAGE, id, "sleep", "1000"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    wait_running(id);
+    run_detached(KATA, id, &[], &["sleep", "1000"]);
     let shim = Command::new("pgrep")
         .args(["-f", &format!("containerd-shim-kata-v2 .*-id {id}")])
         .output()
@@ -571,24 +565,12 @@ fn tty_matches_runc() {
 fn task_update_resizes() {
     let id = "update-kata";
     force_remove(id);
-    let out = ctr(&[
-        "run",
-        "-d",
-        "--runtime",
+    run_detached(
         KATA,
-        "--memory-limit",
-        "134217728",
-        IMAGE,
         id,
-        "sleep",
-        "1000",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        &["--memory-limit", "134217728"],
+        &["sleep", "1000"],
     );
-    wait_running(id);
     let mem = |tag: &str| {
         let e = ctr(&[
             "task",
@@ -644,23 +626,7 @@ fn attach_after_detach_matches_runc() {
         };
         force_remove(id);
         let script = "i=0; while [ $i -lt 200 ]; do echo tick $i; i=$((i+1)); sleep 0.1; done";
-        let out = ctr(&[
-            "run",
-            "-d",
-            "--runtime",
-            runtime,
-            IMAGE,
-            id,
-            "sh",
-            "-c",
-            script,
-        ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        wait_running(id);
+        run_detached(runtime, id, &[], &["sh", "-c", script]);
         std::thread::sleep(Duration::from_millis(500));
         // SIGKILL, not SIGTERM: ctr forwards catchable signals to the task.
         let mut attach = Command::new("ctr")

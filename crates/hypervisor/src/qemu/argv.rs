@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use kata_config::hypervisor::{HypervisorConfig, SharedFs};
+use kata_config::hypervisor::HypervisorConfig;
 
 use crate::probe::Accel;
 
@@ -265,7 +265,7 @@ pub fn build(h: &HypervisorConfig, s: &LaunchSpec) -> Vec<String> {
                 "-device",
                 format!(
                     "virtserialport,bus=serial0.0,chardev=agent,name={}",
-                    kata_protocols_port_name()
+                    kata_protocols::SERIAL_PORT_NAME
                 ),
             );
         }
@@ -311,19 +311,10 @@ pub fn build(h: &HypervisorConfig, s: &LaunchSpec) -> Vec<String> {
     a
 }
 
-/// The shared filesystem device a configuration asks for.
-pub fn shared_fs_kind(h: &HypervisorConfig) -> SharedFs {
-    h.shared_fs
-}
-
-fn kata_protocols_port_name() -> &'static str {
-    // Must match kata_protocols::SERIAL_PORT_NAME (the agent looks the port up by this name).
-    "agent.channel.0"
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kata_config::hypervisor::SharedFs;
 
     fn spec(accel: Accel) -> LaunchSpec {
         LaunchSpec {
