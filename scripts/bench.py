@@ -1,24 +1,32 @@
-#!/usr/bin/env python3
+#!/usr/bin/python3
 """Benchmarks kata against runc on this machine (see BENCHMARKS.md).
 
-Measures, with the real containerd: cold start (`ctr run --rm IMAGE true`), exec latency
-(`ctr task exec ... true`) and the idle host memory (PSS) of a sandbox. Writes every sample to a
-JSON file and the tables to a Markdown file.
+Measures, with the real containerd, kata against runc: cold start (`ctr run --rm IMAGE true`)
+with its breakdown from the shim's tracing spans, the raw-QEMU floor (the sandbox's own QEMU
+command line replayed to the agent's first console line), exec latency, idle host memory (PSS)
+of 1 and N sandboxes at once, and shared-filesystem throughput (virtio-fs, virtio-9p, runc).
+Writes every sample to a JSON file, the tables into a Markdown file (between its bench markers)
+and a PNG chart.
 
-    scripts/bench.py [--iterations N] [--out bench/results.json] [--markdown BENCHMARKS.md]
+    scripts/bench.py [--iterations N] [--concurrent N] [--fs-mib N] [--files N]
+                     [--out bench/results.json] [--markdown BENCHMARKS.md] [--chart bench/chart.png]
 """
 import argparse
 import datetime
 import json
 import os
+import re
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE = "kata.local/busybox:latest"
 RUNTIMES = {"runc": "io.containerd.runc.v2", "kata": "io.containerd.kata.v2"}
+DEFAULT_CONFIG = "/opt/kata/share/defaults/kata-containers/configuration.toml"
 
 
 def sh(*args, check=True):
@@ -110,21 +118,193 @@ def bench_exec(sock, n):
     return res
 
 
-def bench_memory(sock):
+def rss_kib(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def sandbox_pids(cid):
+    shim = pids_matching(lambda c: "containerd-shim" in c and f" -id {cid} " in f" {c} ")
+    qemu = pids_matching(lambda c: f"-name sandbox-{cid} " in c)
+    vfsd = pids_matching(lambda c: c.startswith("/opt/kata/libexec/virtiofsd") and f"/run/vc/vm/{cid}/" in c)
+    return shim, qemu, vfsd
+
+
+def bench_memory(sock, counts):
+    """Idle PSS per sandbox with 1 and with N sandboxes running at once."""
     res = {}
     for name, rt in RUNTIMES.items():
-        cid = f"bench-mem-{name}"
-        start_detached(sock, rt, cid)
-        time.sleep(3)
-        shim = pids_matching(lambda c: "containerd-shim" in c and f" -id {cid} " in f" {c} ")
-        entry = {"shim_pss_kib": sum(pss_kib(p) for p in shim)}
-        if name == "kata":
-            entry["qemu_pss_kib"] = sum(pss_kib(p) for p in pids_matching(lambda c: f"-name sandbox-{cid} " in c))
-            entry["virtiofsd_pss_kib"] = sum(pss_kib(p) for p in pids_matching(lambda c: c.startswith("/opt/kata/libexec/virtiofsd") and f"/run/vc/vm/{cid}/" in c))
-        entry["total_pss_kib"] = sum(v for k, v in entry.items() if k.endswith("_pss_kib"))
-        res[name] = entry
-        remove(sock, cid)
+        res[name] = {}
+        for n in counts:
+            cids = [f"bench-mem-{name}-{i}" for i in range(n)]
+            for cid in cids:
+                start_detached(sock, rt, cid)
+            time.sleep(5)
+            per = []
+            for cid in cids:
+                shim, qemu, vfsd = sandbox_pids(cid)
+                e = {"shim_pss_kib": sum(pss_kib(p) for p in shim), "shim_rss_kib": sum(rss_kib(p) for p in shim)}
+                if name == "kata":
+                    e["qemu_pss_kib"] = sum(pss_kib(p) for p in qemu)
+                    e["virtiofsd_pss_kib"] = sum(pss_kib(p) for p in vfsd)
+                e["total_pss_kib"] = sum(v for k, v in e.items() if k.endswith("_pss_kib"))
+                per.append(e)
+            for cid in cids:
+                remove(sock, cid)
+            mean = {k: round(statistics.mean(e[k] for e in per)) for k in per[0]}
+            res[name][str(n)] = {"mean": mean, "samples": per}
     return res
+
+
+# --- the raw-QEMU floor --------------------------------------------------------------------------
+
+def cmdline(pid):
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return [a.decode() for a in f.read().split(b"\0")[:-1]]
+
+
+def bench_floor(sock, n):
+    """Replays the exact QEMU and virtiofsd command lines of a kata sandbox (same kernel, initrd,
+    accelerator, memory and devices), started by the bench, to the agent's first console line."""
+    cid = "bench-floor-src"
+    start_detached(sock, RUNTIMES["kata"], cid)
+    _, qemu, vfsd = sandbox_pids(cid)
+    if len(qemu) != 1:
+        raise RuntimeError(f"expected one QEMU for {cid}, found {qemu}")
+    q, v = cmdline(qemu[0]), (cmdline(vfsd[0]) if vfsd else None)
+    remove(sock, cid)
+    base = tempfile.mkdtemp(prefix="kata-bench-floor-")
+    shared = os.path.join(base, "shared")
+    os.makedirs(shared)
+
+    def sub(a):
+        return (a.replace(f"/run/vc/vm/{cid}", base)
+                 .replace(f"/run/kata-containers/shared/sandboxes/{cid}", shared)
+                 .replace(f"sandbox-{cid}", "sandbox-bench-floor"))
+
+    q = [sub(a) for a in q]
+    v = [sub(a) for a in v] if v else None
+    samples, idle_pss = [], 0
+    console = os.path.join(base, "console.log")
+    try:
+        for i in range(n):
+            for f in os.listdir(base):
+                if f != "shared":
+                    os.unlink(os.path.join(base, f))
+            vp = None
+            if v:
+                vp = subprocess.Popen(v, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                sock_path = v[v.index("--socket-path") + 1]
+                deadline = time.time() + 10
+                while not os.path.exists(sock_path) and time.time() < deadline:
+                    time.sleep(0.002)
+            t0 = time.perf_counter()
+            qp = subprocess.Popen(q, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            took = None
+            while time.perf_counter() - t0 < 60 and qp.poll() is None:
+                try:
+                    with open(console, "rb") as f:
+                        if b"kata-agent:" in f.read():
+                            took = round((time.perf_counter() - t0) * 1000, 1)
+                            break
+                except OSError:
+                    pass
+                time.sleep(0.002)
+            if i == 0 and took is not None:
+                time.sleep(5)
+                idle_pss = pss_kib(qp.pid)
+            qp.kill()
+            qp.wait()
+            if vp:
+                vp.kill()
+                vp.wait()
+            if took is None:
+                raise RuntimeError(f"raw QEMU never printed the agent's first line; see {console}")
+            samples.append(took)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    return {"ms": summary(samples), "qemu_idle_pss_kib": idle_pss, "argv": q}
+
+
+# --- the start breakdown from the shim's tracing spans -------------------------------------------
+
+SPAN = re.compile(r"(?P<path>\S+): \S+: close time\.busy=(?P<b>[\d.]+)(?P<bu>ns|µs|ms|s) time\.idle=(?P<i>[\d.]+)(?P<iu>ns|µs|ms|s)")
+UNIT_MS = {"ns": 1e-6, "µs": 1e-3, "ms": 1.0, "s": 1000.0}
+PHASES = ["config_load", "rootfs_mount", "vm_boot", "accel_choose", "virtiofsd_start", "qemu_start",
+          "agent_connect", "agent_create_sandbox", "container_create", "process_start", "teardown"]
+
+
+def spans(log_text, ids):
+    """{phase: [ms per run]} for the spans of the given task ids (busy + idle = wall time)."""
+    out = {p: [] for p in PHASES}
+    for m in SPAN.finditer(log_text):
+        path = m.group("path")
+        ident = re.search(r"\{id=([^}]+)\}", path)
+        if not ident or ident.group(1) not in ids:
+            continue
+        phase = re.sub(r"\{.*?\}", "", path.split(":")[-1])
+        if phase in out:
+            out[phase].append(round(float(m.group("b")) * UNIT_MS[m.group("bu")] + float(m.group("i")) * UNIT_MS[m.group("iu")], 1))
+    return out
+
+
+def containerd_log():
+    try:
+        with open("/run/kata-containerd/containerd.log", encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+# --- shared-filesystem throughput ----------------------------------------------------------------
+
+FS_SCRIPT = """t() { cut -d' ' -f1 /proc/uptime; }
+s=$(t); dd if=/dev/zero of=/bench.file bs=1M count=$1 conv=fsync 2>/dev/null || exit 1; e=$(t); echo "write $s $e"
+sync; echo 3 > /proc/sys/vm/drop_caches || exit 1
+s=$(t); dd if=/bench.file of=/dev/null bs=1M 2>/dev/null || exit 1; e=$(t); echo "read $s $e"
+rm -f /bench.file; mkdir -p /bench.dir; cd /bench.dir
+s=$(t); i=0; while [ $i -lt $2 ]; do echo x > f$i; i=$((i+1)); done; ls -l > /dev/null; rm -f f*; e=$(t); echo "meta $s $e"
+"""
+
+
+def bench_fs(sock, mib, files):
+    """Sequential write/read of a file and create+stat+delete of small files in the rootfs.
+    The container is privileged so it can drop the (guest's, for kata) page cache before reading."""
+    work = tempfile.mkdtemp(prefix="kata-bench-fs-")
+    script = os.path.join(work, "fs.sh")
+    with open(script, "w") as f:
+        f.write(FS_SCRIPT)
+    cfg9p = os.path.join(work, "configuration-9p.toml")
+    with open(DEFAULT_CONFIG) as f:
+        text = f.read()
+    if 'shared_fs = "virtio-fs"' not in text:
+        raise RuntimeError(f"{DEFAULT_CONFIG} has no shared_fs = \"virtio-fs\" line to switch")
+    with open(cfg9p, "w") as f:
+        f.write(text.replace('shared_fs = "virtio-fs"', 'shared_fs = "virtio-9p"'))
+    cases = [("runc", RUNTIMES["runc"], []), ("kata virtio-fs", RUNTIMES["kata"], []),
+             ("kata virtio-9p", RUNTIMES["kata"], ["--runtime-config-path", cfg9p])]
+    res = {}
+    try:
+        for name, rt, extra in cases:
+            out = ctr(sock, "run", "--rm", "--privileged", "--runtime", rt, *extra,
+                      "--mount", f"type=bind,src={script},dst=/fs.sh,options=rbind:ro",
+                      IMAGE, "bench-fs", "sh", "/fs.sh", str(mib), str(files)).stdout
+            r = {}
+            for line in out.splitlines():
+                k, s, e = line.split()
+                r[k + "_ms"] = round((float(e) - float(s)) * 1000)
+            r["write_mib_s"] = round(mib / max(r["write_ms"], 10) * 1000, 1)
+            r["read_mib_s"] = round(mib / max(r["read_ms"], 10) * 1000, 1)
+            res[name] = r
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"file_mib": mib, "small_files": files, "results": res}
 
 
 def machine():
@@ -148,16 +328,44 @@ def machine():
     }
 
 
-def markdown(r):
-    m, s, e, mem = r["machine"], r["cold_start_ms"], r["exec_ms"], r["memory"]
-    k = mem["kata"]
+def med(xs):
+    return statistics.median(xs) if xs else 0
+
+
+def targets(r):
+    kata = r["cold_start_ms"]["kata"]["median"]
+    floor = r["floor"]["ms"]["median"]
+    one = r["memory"]["kata"]["1"]["mean"]
+    fs = r["fs"]["results"]
+    limit = floor * 1.25 + 300
+    return [
+        ("cold start <= floor x 1.25 + 300 ms", f"{kata:.0f} ms vs {limit:.0f} ms", kata <= limit),
+        ("idle sandbox PSS <= 80 MiB", f"{one['total_pss_kib'] / 1024:.1f} MiB", one["total_pss_kib"] <= 80 * 1024),
+        ("shim RSS <= 15 MiB", f"{one['shim_rss_kib'] / 1024:.1f} MiB", one["shim_rss_kib"] <= 15 * 1024),
+        ("virtio-fs sequential read >= 50% of runc", f"{fs['kata virtio-fs']['read_mib_s']} vs {fs['runc']['read_mib_s']} MiB/s",
+         fs["kata virtio-fs"]["read_mib_s"] >= 0.5 * fs["runc"]["read_mib_s"]),
+    ]
+
+
+def generated(r):
+    m, s, e, mem, fl, br = r["machine"], r["cold_start_ms"], r["exec_ms"], r["memory"], r["floor"], r["breakdown_ms"]
+    kata, floor = s["kata"]["median"], fl["ms"]["median"]
     lines = [
-        "# Benchmarks",
-        "",
         "<!-- Written by scripts/bench.py (`make bench`); the samples are in bench/results.json. -->",
         "",
         f"Machine: {m['cpus']} CPUs, {m['memory_kib'] // 1024} MiB, host kernel {m['host_kernel']}, "
         f"accelerator **{m['accelerator']}**, {m['qemu']}, {m['containerd']}; {r['iterations']} iterations, {m['date']}.",
+        "",
+        "![start latency and memory](bench/chart.png)",
+        "",
+        "## Targets",
+        "",
+        "| target | measured | met |",
+        "|---|---|---|",
+    ]
+    for what, measured, ok in targets(r):
+        lines.append(f"| {what} | {measured} | {'yes' if ok else '**no**'} |")
+    lines += [
         "",
         "## Start and exec latency (ms)",
         "",
@@ -168,45 +376,155 @@ def markdown(r):
         for rt in ("runc", "kata"):
             d = data[rt]
             lines.append(f"| {title} | {rt} | {d['min']:.0f} | {d['median']:.0f} | {d['max']:.0f} |")
+    f = fl["ms"]
+    lines.append(f"| raw QEMU to the agent's first line (the floor) | - | {f['min']:.0f} | {f['median']:.0f} | {f['max']:.0f} |")
     lines += [
         "",
-        "## Idle memory of one sandbox (host PSS, MiB)",
+        f"Kata's cold start is **{kata - floor:.0f} ms** above the floor (ratio {kata / floor:.2f}); "
+        f"the floor's QEMU alone idles at {fl['qemu_idle_pss_kib'] / 1024:.1f} MiB PSS.",
         "",
-        "| runtime | shim | QEMU | virtiofsd | total |",
-        "|---|---|---|---|---|",
-        f"| runc | {mem['runc']['shim_pss_kib'] / 1024:.1f} | | | {mem['runc']['total_pss_kib'] / 1024:.1f} |",
-        f"| kata | {k['shim_pss_kib'] / 1024:.1f} | {k.get('qemu_pss_kib', 0) / 1024:.1f} | {k.get('virtiofsd_pss_kib', 0) / 1024:.1f} | {k['total_pss_kib'] / 1024:.1f} |",
+        "### Where a kata cold start goes (median ms, from the shim's tracing spans)",
         "",
-        "The guest has the default 2048 MiB. Not measured yet (issue 5): the raw-QEMU floor, the boot",
-        "breakdown from tracing spans, 10 concurrent sandboxes, shared-filesystem throughput, a chart.",
-        "",
+        "| phase | median |",
+        "|---|---|",
     ]
+    labels = {
+        "config_load": "config load (TOML, drop-ins, annotations, validation)",
+        "rootfs_mount": "rootfs overlay mount",
+        "vm_boot": "VM boot, of which:",
+        "accel_choose": "&nbsp;&nbsp;accelerator choice (cached probe)",
+        "virtiofsd_start": "&nbsp;&nbsp;virtiofsd start",
+        "qemu_start": "&nbsp;&nbsp;QEMU spawn until QMP answers",
+        "agent_connect": "&nbsp;&nbsp;kernel boot until the agent answers",
+        "agent_create_sandbox": "&nbsp;&nbsp;CreateSandbox (shared fs mount)",
+        "container_create": "container create (share, CreateContainer)",
+        "process_start": "process start (StartContainer)",
+        "teardown": "teardown (VM stop, cleanup)",
+    }
+    top = 0
+    for p in PHASES:
+        v = med(br.get(p, []))
+        if p in ("config_load", "rootfs_mount", "vm_boot", "container_create", "process_start", "teardown"):
+            top += v
+        lines.append(f"| {labels[p]} | {v:.0f} |")
+    lines.append(f"| containerd, ctr and shim start-up (the rest of the median) | {max(kata - top, 0):.0f} |")
+    lines += [
+        "",
+        "## Idle memory per sandbox (host PSS, MiB; guest default_memory 2048 MiB)",
+        "",
+        "| runtime | sandboxes at once | shim | QEMU | virtiofsd | total | shim RSS |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for rt in ("runc", "kata"):
+        for n, d in mem[rt].items():
+            x = d["mean"]
+            q = f"{x['qemu_pss_kib'] / 1024:.1f}" if "qemu_pss_kib" in x else ""
+            v = f"{x['virtiofsd_pss_kib'] / 1024:.1f}" if "virtiofsd_pss_kib" in x else ""
+            lines.append(f"| {rt} | {n} | {x['shim_pss_kib'] / 1024:.1f} | {q} | {v} | {x['total_pss_kib'] / 1024:.1f} | {x['shim_rss_kib'] / 1024:.1f} |")
+    fs = r["fs"]
+    lines += [
+        "",
+        f"## Shared filesystem ({fs['file_mib']} MiB file, {fs['small_files']} small files, in the container's rootfs)",
+        "",
+        "| runtime | write MiB/s | read MiB/s (cold cache) | create+stat+delete (ms) |",
+        "|---|---|---|---|",
+    ]
+    for name, d in fs["results"].items():
+        lines.append(f"| {name} | {d['write_mib_s']} | {d['read_mib_s']} | {d['meta_ms']} |")
+    lines.append("")
     return "\n".join(lines)
+
+
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def write_markdown(path, r):
+    """Replaces the generated part of `path` (between the bench markers), keeping the prose."""
+    body = f"{BEGIN}\n{generated(r)}\n{END}"
+    try:
+        with open(path) as f:
+            old = f.read()
+    except OSError:
+        old = ""
+    if BEGIN in old and END in old:
+        new = old[: old.index(BEGIN)] + body + old[old.index(END) + len(END):]
+    else:
+        new = "# Benchmarks\n\n" + body + "\n"
+    with open(path, "w") as f:
+        f.write(new)
+
+
+def chart(path, r):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    s, fl = r["cold_start_ms"], r["floor"]["ms"]
+    names = ["runc", "raw QEMU floor", "kata"]
+    data = [s["runc"], fl, s["kata"]]
+    meds = [d["median"] for d in data]
+    errs = [[d["median"] - d["min"] for d in data], [d["max"] - d["median"] for d in data]]
+    a.bar(names, meds, yerr=errs, capsize=5, color=["#888888", "#c9a227", "#2b6cb0"])
+    a.set_ylabel("ms (median, min-max)")
+    a.set_title("Cold start: ctr run --rm IMAGE true")
+    for i, v in enumerate(meds):
+        a.text(i, v, f"{v:.0f}", ha="center", va="bottom")
+    mem = r["memory"]
+    labels, parts = [], {"shim": [], "QEMU": [], "virtiofsd": []}
+    for rt in ("runc", "kata"):
+        for n, d in mem[rt].items():
+            labels.append(f"{rt} x{n}")
+            x = d["mean"]
+            parts["shim"].append(x["shim_pss_kib"] / 1024)
+            parts["QEMU"].append(x.get("qemu_pss_kib", 0) / 1024)
+            parts["virtiofsd"].append(x.get("virtiofsd_pss_kib", 0) / 1024)
+    bottom = [0.0] * len(labels)
+    for (k, vals), c in zip(parts.items(), ["#888888", "#2b6cb0", "#38a169"]):
+        b.bar(labels, vals, bottom=bottom, label=k, color=c)
+        bottom = [x + y for x, y in zip(bottom, vals)]
+    b.axhline(80, color="red", linestyle="--", linewidth=1, label="target 80 MiB")
+    b.set_ylabel("MiB PSS per sandbox (idle)")
+    b.set_title("Memory per sandbox (1 and N at once)")
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--iterations", type=int, default=10)
+    p.add_argument("--concurrent", type=int, default=10, help="sandboxes at once for the memory figure")
+    p.add_argument("--fs-mib", type=int, default=256, help="size of the sequential file")
+    p.add_argument("--files", type=int, default=2000, help="small files for the metadata workload")
     p.add_argument("--out", default=os.path.join(HERE, "bench", "results.json"))
     p.add_argument("--markdown", default=os.path.join(HERE, "BENCHMARKS.md"))
+    p.add_argument("--chart", default=os.path.join(HERE, "bench", "chart.png"))
     a = p.parse_args()
-    if a.iterations < 1:
-        p.error("--iterations must be at least 1")
+    if a.iterations < 1 or a.concurrent < 1 or a.fs_mib < 1 or a.files < 1:
+        p.error("--iterations, --concurrent, --fs-mib and --files must be at least 1")
     sock = sh(os.path.join(HERE, "scripts", "containerd.sh"), "start").stdout.strip()
     tar = "/tmp/kata-bench-busybox.tar"
     sh(os.path.join(HERE, "scripts", "busybox-image.sh"), tar, IMAGE)
     ctr(sock, "images", "import", tar)
     r = {"iterations": a.iterations, "machine": machine()}
+    log_before = len(containerd_log())
     r["cold_start_ms"] = bench_cold_start(sock, a.iterations)
+    ids = {f"bench-start-kata-{i}" for i in range(a.iterations)}
+    r["breakdown_ms"] = spans(containerd_log()[log_before:], ids)
+    r["floor"] = bench_floor(sock, a.iterations)
     r["exec_ms"] = bench_exec(sock, a.iterations)
-    r["memory"] = bench_memory(sock)
+    r["memory"] = bench_memory(sock, [1, a.concurrent] if a.concurrent > 1 else [1])
+    r["fs"] = bench_fs(sock, a.fs_mib, a.files)
+    r["targets"] = [{"target": t, "measured": m, "met": ok} for t, m, ok in targets(r)]
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(r, f, indent=2)
         f.write("\n")
-    with open(a.markdown, "w") as f:
-        f.write(markdown(r))
-    print(markdown(r))
+    write_markdown(a.markdown, r)
+    chart(a.chart, r)
+    print(generated(r))
     return 0
 
 

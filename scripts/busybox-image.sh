@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Builds a small busybox image as a docker-archive (no registry needed):
-#   scripts/busybox-image.sh OUT.tar [REF]     (REF defaults to kata.local/busybox:latest)
+#   scripts/busybox-image.sh OUT.tar [REF [ENTRYPOINT_JSON]]
+# REF defaults to kata.local/busybox:latest (command `sh`). With ENTRYPOINT_JSON (a JSON array)
+# the image runs that instead, e.g. the pod sandbox ("pause") image of scripts/containerd.sh.
 set -euo pipefail
 out=$1
 ref=${2:-kata.local/busybox:latest}
+entrypoint=${3:-}
+if [ -n "$entrypoint" ]; then run="\"Entrypoint\":$entrypoint"; else run='"Cmd":["sh"]'; fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 root="$work/rootfs"
@@ -16,7 +20,7 @@ chmod 1777 "$root/tmp"
 tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$root" -cf "$work/layer.tar" .
 diff_id=$(sha256sum "$work/layer.tar" | cut -d' ' -f1)
 cat > "$work/config.json" <<JSON
-{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"Cmd":["sh"],"WorkingDir":"/"},"rootfs":{"type":"layers","diff_ids":["sha256:$diff_id"]}}
+{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],$run,"WorkingDir":"/"},"rootfs":{"type":"layers","diff_ids":["sha256:$diff_id"]}}
 JSON
 cfg=$(sha256sum "$work/config.json" | cut -d' ' -f1)
 mv "$work/config.json" "$work/$cfg.json"

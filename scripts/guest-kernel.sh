@@ -37,6 +37,10 @@ offset=$(LC_ALL=C grep -obUaP '\xFD7zXZ\x00' "vmlinuz-$ver" | head -n1 | cut -d:
 [ -n "$offset" ] || { echo "error: no XZ stream in vmlinuz-$ver" >&2; exit 1; }
 tail -c +"$((offset + 1))" "vmlinuz-$ver" | xz -dc --single-stream > "vmlinux-$ver.tmp" 2>/dev/null || true
 head -c 4 "vmlinux-$ver.tmp" | grep -q $'\x7fELF' || { echo "error: extracted vmlinux is not an ELF file" >&2; exit 1; }
+# QEMU keeps the loadable bytes of the kernel file mapped (as a ROM for resets): stop it from
+# reading the ~23 MB of zeros (.bss, scratch) the last segment ends with.
+(cd "$here" && cargo build --release -q -p kata-guest-image)
+"$here/target/release/kata-guest-image" --trim-kernel "vmlinux-$ver.tmp"
 mv "vmlinux-$ver.tmp" "vmlinux-$ver"
 
 mkdir -p modules/lib

@@ -13,6 +13,8 @@ packages=(
   protobuf-compiler # CRI protos
   iproute2          # network namespaces in tests
   prometheus        # promtool for metrics tests
+  python3-matplotlib          # the benchmark chart
+  containernetworking-plugins # pod networks (bridge, host-local, loopback) for CRI tests
   jq curl
 )
 missing=()

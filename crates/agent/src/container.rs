@@ -118,7 +118,8 @@ fn io(what: &str) -> impl Fn(std::io::Error) -> AgentError + '_ {
     move |e| AgentError::Failed(format!("{what}: {e}"))
 }
 
-/// Namespaces to create for a new container, from its spec (network and user stay the VM's).
+/// Namespaces to create for a new container, from its spec (network and user stay the VM's;
+/// those with a path are joined instead).
 fn clone_flags(spec: &Spec) -> CloneFlags {
     let mut flags = CloneFlags::CLONE_NEWNS;
     let list = spec
@@ -127,6 +128,9 @@ fn clone_flags(spec: &Spec) -> CloneFlags {
         .and_then(|l| l.namespaces().clone())
         .unwrap_or_default();
     for ns in list {
+        if ns.path().is_some() {
+            continue; // joined by the helper (a pod's shared namespace)
+        }
         flags |= match ns.typ() {
             LinuxNamespaceType::Pid => CloneFlags::CLONE_NEWPID,
             LinuxNamespaceType::Uts => CloneFlags::CLONE_NEWUTS,

@@ -60,6 +60,26 @@ fn join_namespaces(pid: i32) -> Result<(), String> {
     Ok(())
 }
 
+/// Joins the namespaces a new container's spec gives by path (in a pod: the sandbox
+/// container's ipc, uts or pid namespace in the guest).
+fn join_spec_namespaces(spec: &Spec) -> Result<(), String> {
+    use std::os::fd::AsFd;
+    let list = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().clone())
+        .unwrap_or_default();
+    for ns in list {
+        let Some(path) = ns.path() else { continue };
+        let f = File::open(path).map_err(|e| format!("open namespace {}: {e}", path.display()))?;
+        nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::empty())
+            .map_err(|e| format!("join namespace {}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Guest directory of a pod's emptyDir volumes (the shim's `GUEST_EPHEMERAL_DIR`).
+const EPHEMERAL_DIR: &str = "/run/kata-containers/sandbox/ephemeral/";
 const CONFIG_FD: RawFd = 3;
 const STATUS_FD: RawFd = 4;
 const START_FD: RawFd = 5;
@@ -91,6 +111,11 @@ pub fn main() -> ! {
     };
     if let Some(pid) = config.join_pid {
         if let Err(e) = join_namespaces(pid) {
+            fail(&mut status, &e);
+        }
+    }
+    if let Some(spec) = &config.spec {
+        if let Err(e) = join_spec_namespaces(spec) {
             fail(&mut status, &e);
         }
     }
@@ -282,6 +307,11 @@ fn setup_rootfs(spec: &Spec, rootfs: &Path) -> Result<(), String> {
                 mount_one(src, &target, "bind", &ro)?;
             }
             continue;
+        }
+        if source.starts_with(EPHEMERAL_DIR) {
+            // A pod's emptyDir in guest memory: made on first use, shared by the pod's containers.
+            std::fs::create_dir_all(&source)
+                .map_err(|e| format!("create emptyDir {source}: {e}"))?;
         }
         mount_one(&source, &target, &fstype, &options)?;
     }

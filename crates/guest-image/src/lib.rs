@@ -10,6 +10,7 @@
 //! than loading the larger file.
 
 pub mod cpio;
+pub mod kernel;
 pub mod modules;
 
 use std::collections::BTreeMap;
@@ -21,6 +22,7 @@ pub const DEFAULT_MODULES: &[&str] = &[
     "virtio_console",
     "virtio_blk",
     "virtio_net",
+    "virtio_balloon",
     "vmw_vsock_virtio_transport",
     "9pnet_virtio",
     "9p",

@@ -3,16 +3,16 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-/// Builds the guest initrd.
+/// Builds the guest initrd (or, with --trim-kernel, trims a vmlinux).
 #[derive(Debug, Parser)]
 #[command(name = "kata-guest-image", version)]
 struct Args {
     /// Static kata-agent binary (becomes /init).
-    #[arg(long)]
-    agent: PathBuf,
+    #[arg(long, required_unless_present = "trim_kernel")]
+    agent: Option<PathBuf>,
     /// The guest kernel's /lib/modules/<release> directory (with modules.dep).
-    #[arg(long)]
-    modules_dir: PathBuf,
+    #[arg(long, required_unless_present = "trim_kernel")]
+    modules_dir: Option<PathBuf>,
     /// Extra kernel modules to include (repeatable), besides the defaults.
     #[arg(long = "module")]
     modules: Vec<String>,
@@ -20,20 +20,61 @@ struct Args {
     #[arg(long)]
     busybox: Option<PathBuf>,
     /// Output file.
-    #[arg(long, short)]
-    output: PathBuf,
+    #[arg(long, short, required_unless_present = "trim_kernel")]
+    output: Option<PathBuf>,
+    /// Instead of building an initrd: rewrite this ELF vmlinux in place so the VMM does not read
+    /// the zero bytes its segments end with (.bss and scratch space); the guest sees the same
+    /// memory.
+    #[arg(long, conflicts_with_all = ["agent", "modules_dir", "output", "busybox"])]
+    trim_kernel: Option<PathBuf>,
+}
+
+fn trim(path: &std::path::Path) -> ExitCode {
+    let result = std::fs::read(path)
+        .map_err(|e| format!("failed to read {}: {e}", path.display()))
+        .and_then(|mut b| {
+            let saved = kata_guest_image::kernel::trim_zero_tails(&mut b)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            let tmp = path.with_extension("trim.tmp");
+            std::fs::write(&tmp, &b)
+                .and_then(|_| std::fs::rename(&tmp, path))
+                .map_err(|e| format!("failed to write {}: {e}", path.display()))?;
+            Ok(saved)
+        });
+    match result {
+        Ok(saved) => {
+            println!(
+                "{}: {saved} zero bytes no longer loaded from the file",
+                path.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("kata-guest-image: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(path) = &args.trim_kernel {
+        return trim(path);
+    }
+    let (Some(agent), Some(modules_dir), Some(output)) =
+        (args.agent, args.modules_dir, args.output)
+    else {
+        eprintln!("kata-guest-image: --agent, --modules-dir and --output are required");
+        return ExitCode::from(2);
+    };
     let mut modules: Vec<String> = kata_guest_image::DEFAULT_MODULES
         .iter()
         .map(|s| s.to_string())
         .collect();
     modules.extend(args.modules);
     let spec = kata_guest_image::InitrdSpec {
-        agent: args.agent,
-        modules_dir: args.modules_dir,
+        agent,
+        modules_dir,
         modules,
         busybox: args.busybox,
     };
@@ -44,15 +85,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let tmp = args.output.with_extension("tmp");
-    if let Err(e) = std::fs::write(&tmp, &bytes).and_then(|_| std::fs::rename(&tmp, &args.output)) {
+    let tmp = output.with_extension("tmp");
+    if let Err(e) = std::fs::write(&tmp, &bytes).and_then(|_| std::fs::rename(&tmp, &output)) {
         eprintln!(
             "kata-guest-image: failed to write {}: {e}",
-            args.output.display()
+            output.display()
         );
         return ExitCode::FAILURE;
     }
-    println!("{}: {} bytes", args.output.display(), bytes.len());
+    println!("{}: {} bytes", output.display(), bytes.len());
     ExitCode::SUCCESS
 }
 

@@ -14,6 +14,7 @@ use kata_hypervisor::virtiofsd::Virtiofsd;
 use kata_protocols::agent::*;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use oci_spec::runtime::{Process, Spec};
+use tracing::Instrument;
 
 use crate::agent::{agent_err, ctx, AgentClient, CALL_TIMEOUT};
 use crate::error::SandboxError;
@@ -195,7 +196,8 @@ impl Sandbox {
         let qemu = PathBuf::from(h.effective_path(config.hypervisor_kind));
         let mut timings = BootTimings::default();
         let t = Instant::now();
-        let accel = crate::accel::choose(h, &qemu)?;
+        let accel =
+            tracing::info_span!("accel_choose").in_scope(|| crate::accel::choose(h, &qemu))?;
         timings.accel_ms = ms(t);
         for dir in [&paths.vm_dir, &paths.shared_dir] {
             std::fs::create_dir_all(dir).map_err(io_err("failed to create", dir))?;
@@ -210,6 +212,7 @@ impl Sandbox {
                     &paths.shared_dir,
                     &paths.vm_dir.join("virtiofsd.log"),
                 )
+                .instrument(tracing::info_span!("virtiofsd_start"))
                 .await?;
                 started.virtiofsd = Some(v);
                 SharedFsDevice::VirtioFs { socket }
@@ -249,7 +252,9 @@ impl Sandbox {
             extra_kernel_params: extra,
         };
         let t = Instant::now();
-        let vm = Vm::start(&qemu, h, &spec, &paths.vm_dir.join("qemu.stderr")).await?;
+        let vm = Vm::start(&qemu, h, &spec, &paths.vm_dir.join("qemu.stderr"))
+            .instrument(tracing::info_span!("qemu_start"))
+            .await?;
         timings.qemu_ms = ms(t);
         let t = Instant::now();
         let dial_timeout = config.agent.dial_timeout;
@@ -263,7 +268,7 @@ impl Sandbox {
             }
         };
         let agent = tokio::select! {
-            r = dial => r,
+            r = dial.instrument(tracing::info_span!("agent_connect")) => r,
             e = vm.wait_exit() => Err(SandboxError::Vm(e)),
         };
         let agent = match agent {
@@ -324,6 +329,7 @@ impl Sandbox {
         let created = agent
             .agent
             .create_sandbox(ctx(CALL_TIMEOUT), &req)
+            .instrument(tracing::info_span!("agent_create_sandbox"))
             .await
             .map_err(agent_err("CreateSandbox"));
         if let Err(e) = created {

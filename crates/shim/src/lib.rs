@@ -9,6 +9,7 @@
 pub mod args;
 pub mod events;
 pub mod io;
+pub mod pod;
 pub mod rootfs;
 pub mod service;
 
@@ -51,6 +52,28 @@ pub fn socket_path(args: &Args) -> PathBuf {
 }
 
 fn start(args: &Args) -> Result<(), String> {
+    let cwd = std::env::current_dir().map_err(|e| format!("working directory: {e}"))?;
+    // A pod's application container joins the shim (and VM) of its sandbox.
+    if let Ok(pod::Role::Container { sandbox_id }) = pod::role_of_bundle(&cwd) {
+        let sandbox_args = Args {
+            id: sandbox_id.clone(),
+            ..args.clone()
+        };
+        let socket = socket_path(&sandbox_args);
+        if std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            return Err(format!(
+                "container {} belongs to pod sandbox {sandbox_id}, whose shim is not running ({} does not answer); create the pod's sandbox first",
+                args.id,
+                socket.display()
+            ));
+        }
+        let address = format!("unix://{}", socket.display());
+        std::fs::write(cwd.join("address"), &address)
+            .map_err(|e| format!("write {}/address: {e}", cwd.display()))?;
+        println!("{address}");
+        let _ = std::io::stdout().flush();
+        return Ok(());
+    }
     let socket = socket_path(args);
     std::fs::create_dir_all(SOCKET_DIR).map_err(|e| format!("create {SOCKET_DIR}: {e}"))?;
     if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
@@ -60,7 +83,6 @@ fn start(args: &Args) -> Result<(), String> {
     }
     let _ = std::fs::remove_file(&socket);
     let exe = std::env::current_exe().map_err(|e| format!("find own binary: {e}"))?;
-    let cwd = std::env::current_dir().map_err(|e| format!("working directory: {e}"))?;
     // containerd reads the shim's log from the bundle's `log` FIFO when it exists.
     let log = std::fs::OpenOptions::new()
         .write(true)
@@ -168,6 +190,9 @@ fn daemon(args: &Args) -> Result<(), String> {
         .with_env_filter(tracing_subscriber::EnvFilter::new(level))
         .with_writer(std::io::stderr)
         .with_ansi(false)
+        // Each phase's span logs its duration when it closes ("close time.busy=.. time.idle=..";
+        // busy + idle = wall time): the start breakdown of BENCHMARKS.md comes from these.
+        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
         .try_init();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -18,6 +18,7 @@ use oci_spec::runtime::{LinuxResources, Process, Spec};
 use protobuf::well_known_types::empty::Empty;
 use protobuf::well_known_types::timestamp::Timestamp;
 use tokio::sync::{watch, Mutex, Notify};
+use tracing::Instrument;
 use ttrpc::r#async::TtrpcContext;
 
 use crate::events::{now, Publisher};
@@ -160,6 +161,14 @@ fn requested(resources: Option<&LinuxResources>) -> (u32, u32) {
     (mem, cpus)
 }
 
+fn annotations_of(spec: &Spec) -> HashMap<String, String> {
+    spec.annotations()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect()
+}
+
 fn is_bind(m: &oci_spec::runtime::Mount) -> bool {
     m.typ().as_deref() == Some("bind")
         || m.options()
@@ -193,12 +202,24 @@ impl Service {
         })
     }
 
-    /// Rewrites the spec's bind mounts to guest paths of shared copies.
+    /// Rewrites the spec's bind mounts to guest paths of shared copies; a Kubernetes emptyDir
+    /// becomes a directory in guest memory shared by the pod's containers (unless
+    /// `disable_guest_empty_dir`).
     fn share_mounts(sb: &Sandbox, cid: &str, spec: &mut Spec) -> Result<(), ttrpc::Error> {
         let mut mounts = spec.mounts().clone().unwrap_or_default();
         for (i, m) in mounts.iter_mut().enumerate() {
             if !is_bind(m) {
                 continue;
+            }
+            if !sb.config.runtime.disable_guest_empty_dir {
+                if let Some(name) = crate::pod::empty_dir_name(m) {
+                    m.set_source(Some(
+                        std::path::Path::new(crate::pod::GUEST_EPHEMERAL_DIR).join(name),
+                    ));
+                    m.set_typ(Some("bind".into()));
+                    m.set_options(Some(vec!["rbind".into(), "rw".into()]));
+                    continue;
+                }
             }
             let Some(source) = m.source().clone() else {
                 continue;
@@ -222,21 +243,16 @@ impl Service {
                 format!("read {}/config.json: {e}", bundle.display()),
             )
         })?;
-        let annotations = spec
-            .annotations()
-            .clone()
-            .unwrap_or_default()
-            .into_iter()
-            .collect();
+        let annotations = annotations_of(&spec).into_iter().collect();
         let inputs = SearchInputs::standard()
             .with_explicit(
                 rootfs::config_path(req.options.as_ref()),
                 FoundBy::RuntimeOption,
             )
             .with_annotations(annotations);
-        let (mut config, _container) =
-            kata_config::load::load_effective(&inputs, &HostLimits::current())
-                .map_err(|e| err(ttrpc::Code::INVALID_ARGUMENT, kata_config::error_chain(&e)))?;
+        let (mut config, _container) = tracing::info_span!("config_load")
+            .in_scope(|| kata_config::load::load_effective(&inputs, &HostLimits::current()))
+            .map_err(|e| err(ttrpc::Code::INVALID_ARGUMENT, kata_config::error_chain(&e)))?;
         let root_path = spec
             .root()
             .as_ref()
@@ -250,7 +266,8 @@ impl Service {
         let mounted = if req.rootfs.is_empty() {
             None
         } else {
-            rootfs::mount_rootfs(&req.rootfs, &rootfs)
+            tracing::info_span!("rootfs_mount")
+                .in_scope(|| rootfs::mount_rootfs(&req.rootfs, &rootfs))
                 .map_err(|e| err(ttrpc::Code::INTERNAL, e))?;
             Some(rootfs.clone())
         };
@@ -261,7 +278,30 @@ impl Service {
         };
         let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
         let (mem, cpus) = requested(resources.as_ref());
-        let existing = self.state.lock().await.sandbox.clone();
+        let role = crate::pod::role(&annotations_of(&spec))
+            .map_err(|e| err(ttrpc::Code::INVALID_ARGUMENT, e))?;
+        let (existing, sandbox_pid) = {
+            let st = self.state.lock().await;
+            let pid = st
+                .tasks
+                .get(&self.id)
+                .map(|t| t.init.pid)
+                .filter(|p| *p > 0);
+            (st.sandbox.clone(), pid)
+        };
+        if let crate::pod::Role::Container { sandbox_id } = &role {
+            if existing.is_none() || *sandbox_id != self.id {
+                undo(&mounted);
+                return Err(err(
+                    ttrpc::Code::FAILED_PRECONDITION,
+                    format!("container {} belongs to pod sandbox {sandbox_id}, which this shim (sandbox {}) does not run", req.id, self.id),
+                ));
+            }
+        }
+        crate::pod::guest_namespaces(
+            &mut spec,
+            if req.id == self.id { None } else { sandbox_pid },
+        );
         let sb = match existing {
             Some(sb) => sb,
             None => {
@@ -273,7 +313,10 @@ impl Service {
                         .min(h.default_maxmemory);
                     h.default_vcpus = h.default_vcpus.saturating_add(cpus).min(h.default_maxvcpus);
                 }
-                match Sandbox::create(&req.id, &config).await {
+                match Sandbox::create(&req.id, &config)
+                    .instrument(tracing::info_span!("vm_boot"))
+                    .await
+                {
                     Ok(sb) => {
                         let sb = Arc::new(sb);
                         self.state.lock().await.sandbox = Some(sb.clone());
@@ -305,6 +348,7 @@ impl Service {
                 .await
                 .map_err(internal)
         }
+        .instrument(tracing::info_span!("container_create"))
         .await;
         let pid = match created {
             Ok(pid) => pid,
@@ -428,7 +472,10 @@ impl Task for Service {
         _: &TtrpcContext,
         req: CreateTaskRequest,
     ) -> ttrpc::Result<CreateTaskResponse> {
-        let pid = self.do_create(&req).await?;
+        let pid = self
+            .do_create(&req)
+            .instrument(tracing::info_span!("task_create", id = %req.id))
+            .await?;
         let ev = TaskCreate {
             container_id: req.id.clone(),
             bundle: req.bundle.clone(),
@@ -453,7 +500,10 @@ impl Task for Service {
         tracing::info!(rpc = "start", id = %req.id, "task API");
         let sb = self.sandbox().await?;
         if req.exec_id.is_empty() {
-            sb.start_container(&req.id).await.map_err(internal)?;
+            sb.start_container(&req.id)
+                .instrument(tracing::info_span!("process_start", id = %req.id))
+                .await
+                .map_err(internal)?;
             let mut st = self.state.lock().await;
             let t = st
                 .tasks
@@ -579,7 +629,9 @@ impl Task for Service {
         let (status, at) = t.init.exit.borrow().clone().unwrap_or((128 + 9, now()));
         if req.id == self.id {
             if let Some(sb) = sb {
-                sb.stop().await;
+                sb.stop()
+                    .instrument(tracing::info_span!("teardown", id = %req.id))
+                    .await;
             }
             self.state.lock().await.sandbox = None;
         }

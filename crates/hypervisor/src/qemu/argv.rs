@@ -282,6 +282,13 @@ pub fn build(h: &HypervisorConfig, s: &LaunchSpec) -> Vec<String> {
             format!("virtio-rng-pci,rng=rng0{iommu_platform}"),
         );
     }
+    if h.reclaim_guest_freed_memory {
+        push(
+            &mut a,
+            "-device",
+            format!("virtio-balloon-pci,id=balloon0,free-page-reporting=on{iommu_platform}"),
+        );
+    }
     match &s.shared_fs {
         SharedFsDevice::VirtioFs { socket } => {
             push(
@@ -352,7 +359,7 @@ mod tests {
     #[test]
     fn golden_default_tcg() {
         let a = build(&cfg(), &spec(Accel::Tcg));
-        let expected = "-name sandbox-sb1 -machine q35 -accel tcg,tb-size=64 -cpu max,pmu=off -smp 1,maxcpus=2 \
+        let expected = "-name sandbox-sb1 -machine q35 -accel tcg,tb-size=32 -cpu max,pmu=off -smp 1,maxcpus=2 \
 -m 2048M,slots=10,maxmem=24000M -object memory-backend-memfd,id=ram0,size=2048M,share=on -numa node,memdev=ram0 \
 -nodefaults -no-user-config -nographic -no-reboot -display none -vga none -serial file:/run/s/console.log \
 -qmp unix:/run/s/qmp.sock,server=on,wait=off -pidfile /run/s/pid -kernel /k -initrd /i \
@@ -361,6 +368,7 @@ mod tests {
 -device virtio-serial-pci,id=serial0 -chardev socket,id=agent,path=/run/s/agent.sock,server=on,wait=off \
 -device virtserialport,bus=serial0.0,chardev=agent,name=agent.channel.0 \
 -object rng-random,id=rng0,filename=/dev/urandom -device virtio-rng-pci,rng=rng0 \
+-device virtio-balloon-pci,id=balloon0,free-page-reporting=on \
 -chardev socket,id=char-fs,path=/run/s/vfsd.sock -device vhost-user-fs-pci,chardev=char-fs,tag=kataShared,queue-size=1024";
         assert_eq!(joined(&a), expected);
     }
@@ -433,12 +441,13 @@ mod tests {
     }
 
     #[test]
-    fn entropy_and_tb_size() {
+    fn entropy_tb_size_and_balloon() {
         let mut h = cfg();
         h.entropy_source = String::new();
         h.tcg_tb_size = 0;
+        h.reclaim_guest_freed_memory = false;
         let a = joined(&build(&h, &spec(Accel::Tcg)));
-        assert!(!a.contains("virtio-rng") && !a.contains("tb-size"));
+        assert!(!a.contains("virtio-rng") && !a.contains("tb-size") && !a.contains("balloon"));
         assert!(a.contains("-accel tcg "));
     }
 }

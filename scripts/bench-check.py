@@ -1,0 +1,51 @@
+#!/usr/bin/python3
+"""Checks that a bench run (scripts/bench.py) measured real figures: every section present and
+positive, the breakdown taken from the shim's spans, and a PNG chart written.
+
+    scripts/bench-check.py RESULTS.json CHART.png
+"""
+import json
+import sys
+
+
+def check(r, png):
+    errors = []
+
+    def need(cond, what):
+        if not cond:
+            errors.append(what)
+
+    for rt in ("runc", "kata"):
+        need(r["cold_start_ms"][rt]["median"] > 0, f"cold start of {rt}")
+        need(r["exec_ms"][rt]["median"] > 0, f"exec latency of {rt}")
+        need(r["memory"][rt]["1"]["mean"]["shim_pss_kib"] > 0, f"shim PSS of {rt}")
+    k = r["memory"]["kata"]["1"]["mean"]
+    need(k["qemu_pss_kib"] > 0 and k["virtiofsd_pss_kib"] > 0, "QEMU and virtiofsd PSS")
+    need(len(r["memory"]["kata"]) >= 2, "memory of concurrent sandboxes")
+    need(r["floor"]["ms"]["median"] > 0 and r["floor"]["qemu_idle_pss_kib"] > 0, "the raw-QEMU floor")
+    need(r["floor"]["ms"]["median"] < r["cold_start_ms"]["kata"]["median"], "floor below kata's cold start")
+    for phase in ("config_load", "vm_boot", "agent_connect", "container_create", "process_start", "teardown"):
+        need(len(r["breakdown_ms"].get(phase, [])) == r["iterations"], f"span {phase} once per kata start")
+    for case in ("runc", "kata virtio-fs", "kata virtio-9p"):
+        d = r["fs"]["results"].get(case, {})
+        need(all(d.get(x, 0) > 0 for x in ("write_mib_s", "read_mib_s", "meta_ms")), f"shared-fs figures of {case}")
+    need(len(r["targets"]) == 4, "the four targets")
+    with open(png, "rb") as f:
+        need(f.read(8) == b"\x89PNG\r\n\x1a\n", f"{png} is a PNG")
+    return errors
+
+
+def main():
+    if len(sys.argv) != 3:
+        print(__doc__, file=sys.stderr)
+        return 2
+    with open(sys.argv[1]) as f:
+        r = json.load(f)
+    errors = check(r, sys.argv[2])
+    for e in errors:
+        print(f"bench-check: missing or not positive: {e}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
