@@ -389,8 +389,11 @@ kata-runtime env --annotation io.katacontainers.config.hypervisor.default_vcpus=
 ## Validation
 
 - exactly one of `image` and `initrd`;
-- `1 <= default_vcpus <= default_maxvcpus`; `default_maxvcpus = 0` means the host's CPU count,
-  larger values are clamped to it, and so is `default_vcpus` (with a warning);
+- `1 <= default_vcpus <= default_maxvcpus` (at most 240); `default_maxvcpus = 0` means the host's
+  CPU count and larger values are clamped to it (with a warning). `default_vcpus` above the
+  host's CPU count is honoured with a warning (the vCPUs share the host's CPUs; Kata clamps or
+  refuses it) and raises an implicit `default_maxvcpus` with it, so the guide's pod with
+  `default_vcpus: "5"` gets 5 vCPUs on a 2-CPU node;
 - `default_memory` of at least 128 MiB and at most the host's memory and `default_maxmemory`
   (`0` means the host's memory; larger values are clamped);
 - `default_bridges` from 0 to 5; `msize_9p` from 4096 to 1048576; `memory_slots` at least 1

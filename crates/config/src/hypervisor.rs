@@ -191,7 +191,7 @@ config_section! {
         disable_seccomp: bool = false, N, NY, CLH;
         /// CPU features passed to `-cpu` (comma separated).
         cpu_features: String = s("pmu=off"), Y, OK, QEMU;
-        /// vCPUs a VM boots with (1 to `default_maxvcpus`; more than the host has is clamped).
+        /// vCPUs a VM boots with (1 to `default_maxvcpus`; more than the host has share its CPUs).
         default_vcpus: u32 = 1, Y, OK, ALL;
         /// Most vCPUs a VM can grow to by hot-plug; 0 means the host's CPU count.
         default_maxvcpus: u32 = 0, Y, OK, ALL;

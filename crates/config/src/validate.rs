@@ -7,6 +7,9 @@ use serde::Serialize;
 use crate::hypervisor::{SharedFs, MAX_BRIDGES, MIN_MEMORY_MIB, MSIZE_9P_RANGE};
 use crate::{Config, ConfigError, HypervisorKind};
 
+/// Most vCPUs a QEMU q35 guest is given here.
+pub const MAX_VCPUS: u32 = 240;
+
 /// What the host offers; passed in so validation is pure and testable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HostLimits {
@@ -193,8 +196,8 @@ pub enum ValidationError {
 /// An adjustment made while validating.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub enum Warning {
-    /// `default_vcpus` clamped to the host's CPUs.
-    VcpusClamped {
+    /// `default_vcpus` above the host's CPUs: honoured, the vCPUs share the host's CPUs.
+    VcpusOversubscribed {
         /// Requested.
         requested: u32,
         /// Host CPUs.
@@ -221,9 +224,9 @@ pub enum Warning {
 impl fmt::Display for Warning {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Warning::VcpusClamped { requested, host } => write!(
+            Warning::VcpusOversubscribed { requested, host } => write!(
                 f,
-                "default_vcpus = {requested} is more than the host's {host} CPUs; using {host}"
+                "default_vcpus = {requested} is more than the host's {host} CPUs; the vCPUs share them"
             ),
             Warning::MaxVcpusClamped {
                 requested,
@@ -277,7 +280,11 @@ impl Config {
         if h.default_vcpus == 0 {
             return Err(ValidationError::ZeroVcpus { kind });
         }
-        let max = if h.default_maxvcpus == 0 || h.default_maxvcpus > host.cpus {
+        // vCPUs beyond the host's CPUs are honoured (they are threads sharing the host's CPUs,
+        // as the guide's 5-vCPU pod on a smaller node expects), with a warning; the maximum
+        // follows them unless it was set explicitly below.
+        let implicit_max = h.default_maxvcpus == 0 || h.default_maxvcpus > host.cpus;
+        let mut max = if implicit_max {
             host.cpus
         } else {
             h.default_maxvcpus
@@ -288,12 +295,21 @@ impl Config {
                 effective: max,
             });
         }
+        if h.default_vcpus > MAX_VCPUS {
+            return Err(ValidationError::VcpusAboveMax {
+                kind,
+                vcpus: h.default_vcpus,
+                max: MAX_VCPUS,
+            });
+        }
         if h.default_vcpus > host.cpus {
-            warnings.push(Warning::VcpusClamped {
+            warnings.push(Warning::VcpusOversubscribed {
                 requested: h.default_vcpus,
                 host: host.cpus,
             });
-            h.default_vcpus = host.cpus;
+            if implicit_max {
+                max = max.max(h.default_vcpus);
+            }
         }
         if h.default_vcpus > max {
             return Err(ValidationError::VcpusAboveMax {

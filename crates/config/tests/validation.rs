@@ -41,12 +41,22 @@ fn vcpus_rules() {
         e.contains("default_vcpus = 4 exceeds default_maxvcpus = 2"),
         "{e}"
     );
+    // More vCPUs than host CPUs are honoured (the guide's 5-vCPU pod), with a warning; the
+    // implicit maximum follows, an explicit lower one is an error.
     let c = valid(&qemu("default_vcpus = 64"));
-    assert_eq!(c.hypervisor.default_vcpus, HOST.cpus);
-    assert!(c.warnings.contains(&Warning::VcpusClamped {
+    assert_eq!(
+        (c.hypervisor.default_vcpus, c.hypervisor.default_maxvcpus),
+        (64, 64)
+    );
+    assert!(c.warnings.contains(&Warning::VcpusOversubscribed {
         requested: 64,
         host: HOST.cpus
     }));
+    let e = invalid(&qemu("default_vcpus = 300"));
+    assert!(
+        e.contains("default_vcpus = 300 exceeds default_maxvcpus = 240"),
+        "{e}"
+    );
     let c = valid(&qemu("default_maxvcpus = 100"));
     assert_eq!(c.hypervisor.default_maxvcpus, HOST.cpus);
     assert!(c.warnings.contains(&Warning::MaxVcpusClamped {

@@ -243,16 +243,42 @@ impl Service {
                 format!("read {}/config.json: {e}", bundle.display()),
             )
         })?;
-        let annotations = annotations_of(&spec).into_iter().collect();
-        let inputs = SearchInputs::standard()
-            .with_explicit(
-                rootfs::config_path(req.options.as_ref()),
-                FoundBy::RuntimeOption,
-            )
-            .with_annotations(annotations);
-        let (mut config, _container) = tracing::info_span!("config_load")
-            .in_scope(|| kata_config::load::load_effective(&inputs, &HostLimits::current()))
-            .map_err(|e| err(ttrpc::Code::INVALID_ARGUMENT, kata_config::error_chain(&e)))?;
+        let role = crate::pod::role(&annotations_of(&spec))
+            .map_err(|e| err(ttrpc::Code::INVALID_ARGUMENT, e))?;
+        let (existing, sandbox_pid) = {
+            let st = self.state.lock().await;
+            let pid = st
+                .tasks
+                .get(&self.id)
+                .map(|t| t.init.pid)
+                .filter(|p| *p > 0);
+            (st.sandbox.clone(), pid)
+        };
+        let mut config = match (&role, &existing) {
+            // A pod container runs in the VM its sandbox configured: the pod's annotations,
+            // which the CRI plugin copies into every container, were applied (or refused) then.
+            (crate::pod::Role::Container { sandbox_id }, Some(sb)) if *sandbox_id == self.id => {
+                sb.config.clone()
+            }
+            (crate::pod::Role::Container { sandbox_id }, _) => {
+                return Err(err(
+                    ttrpc::Code::FAILED_PRECONDITION,
+                    format!("container {} belongs to pod sandbox {sandbox_id}, which this shim (sandbox {}) does not run", req.id, self.id),
+                ));
+            }
+            (crate::pod::Role::Sandbox, _) => {
+                let inputs = SearchInputs::standard()
+                    .with_explicit(
+                        rootfs::config_path(req.options.as_ref()),
+                        FoundBy::RuntimeOption,
+                    )
+                    .with_annotations(annotations_of(&spec).into_iter().collect());
+                tracing::info_span!("config_load")
+                    .in_scope(|| kata_config::load::load_effective(&inputs, &HostLimits::current()))
+                    .map_err(|e| err(ttrpc::Code::INVALID_ARGUMENT, kata_config::error_chain(&e)))?
+                    .0
+            }
+        };
         let root_path = spec
             .root()
             .as_ref()
@@ -278,26 +304,6 @@ impl Service {
         };
         let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
         let (mem, cpus) = requested(resources.as_ref());
-        let role = crate::pod::role(&annotations_of(&spec))
-            .map_err(|e| err(ttrpc::Code::INVALID_ARGUMENT, e))?;
-        let (existing, sandbox_pid) = {
-            let st = self.state.lock().await;
-            let pid = st
-                .tasks
-                .get(&self.id)
-                .map(|t| t.init.pid)
-                .filter(|p| *p > 0);
-            (st.sandbox.clone(), pid)
-        };
-        if let crate::pod::Role::Container { sandbox_id } = &role {
-            if existing.is_none() || *sandbox_id != self.id {
-                undo(&mounted);
-                return Err(err(
-                    ttrpc::Code::FAILED_PRECONDITION,
-                    format!("container {} belongs to pod sandbox {sandbox_id}, which this shim (sandbox {}) does not run", req.id, self.id),
-                ));
-            }
-        }
         crate::pod::guest_namespaces(
             &mut spec,
             if req.id == self.id { None } else { sandbox_pid },

@@ -1,0 +1,481 @@
+//! Kubernetes pods through containerd's CRI plugin, with this test as the kubelet (a CRI client
+//! over containerd's socket, runtime handler "kata" as a RuntimeClass would select it). Needs
+//! root, containerd, QEMU, the CNI plugins and `make install` (make test provides all of them).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::*;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+const IMAGE: &str = "kata.local/busybox:latest";
+const PAUSE: &str = "kata.local/pause:3.6";
+const DEFAULT_CONFIG_DIR: &str = "/opt/kata/share/defaults/kata-containers";
+
+fn repo() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+}
+
+/// Starts (or finds) containerd and imports the images into CRI's namespace, once.
+fn socket() -> &'static str {
+    static SOCKET: OnceLock<String> = OnceLock::new();
+    SOCKET.get_or_init(|| {
+        let out = Command::new(repo().join("scripts/containerd.sh"))
+            .arg("start")
+            .output()
+            .expect("scripts/containerd.sh");
+        assert!(
+            out.status.success(),
+            "containerd: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let sock = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let pause_cmd =
+            r#"["/bin/sh","-c","trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done"]"#;
+        for (name, reference, entry) in
+            [("busybox", IMAGE, None), ("pause", PAUSE, Some(pause_cmd))]
+        {
+            let tar = std::env::temp_dir().join(format!("kata-cri-{name}.tar"));
+            let mut cmd = Command::new(repo().join("scripts/busybox-image.sh"));
+            cmd.arg(&tar).arg(reference);
+            if let Some(e) = entry {
+                cmd.arg(e);
+            }
+            assert!(cmd.status().expect("image").success());
+            let st = Command::new("ctr")
+                .args(["-a", &sock, "-n", "k8s.io", "images", "import"])
+                .arg(&tar)
+                .stdout(Stdio::null())
+                .status()
+                .expect("import");
+            assert!(st.success());
+        }
+        sock
+    })
+}
+
+/// Removes pods named `name` a failed earlier run left (CRI reserves names).
+async fn remove_stale(c: &mut RuntimeServiceClient<Channel>, name: &str) {
+    let pods = c
+        .list_pod_sandbox(ListPodSandboxRequest { filter: None })
+        .await
+        .expect("ListPodSandbox")
+        .into_inner()
+        .items;
+    for p in pods {
+        if p.metadata.as_ref().map(|m| m.name.as_str()) == Some(name) {
+            let _ = c
+                .stop_pod_sandbox(StopPodSandboxRequest {
+                    pod_sandbox_id: p.id.clone(),
+                })
+                .await;
+            let _ = c
+                .remove_pod_sandbox(RemovePodSandboxRequest {
+                    pod_sandbox_id: p.id,
+                })
+                .await;
+        }
+    }
+}
+
+async fn client() -> RuntimeServiceClient<Channel> {
+    let path = socket().to_string();
+    let channel = Endpoint::try_from("http://[::]")
+        .expect("endpoint")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let p = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?))
+            }
+        }))
+        .await
+        .expect("connect to containerd's CRI");
+    RuntimeServiceClient::new(channel)
+}
+
+fn pod_config(name: &str, annotations: &[(&str, &str)], logs: &Path) -> PodSandboxConfig {
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        hostname: name.into(),
+        log_directory: logs.display().to_string(),
+        annotations: annotations
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        linux: Some(LinuxPodSandboxConfig::default()),
+        ..Default::default()
+    }
+}
+
+fn container_config(name: &str, cmd: &[&str], mounts: Vec<Mount>) -> ContainerConfig {
+    ContainerConfig {
+        metadata: Some(ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(ImageSpec {
+            image: IMAGE.into(),
+            ..Default::default()
+        }),
+        command: cmd.iter().map(|s| s.to_string()).collect(),
+        log_path: format!("{name}.log"),
+        mounts,
+        linux: Some(LinuxContainerConfig::default()),
+        ..Default::default()
+    }
+}
+
+fn pids_with(needle: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let cmd =
+            String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).unwrap_or_default())
+                .replace('\0', " ");
+        if cmd.contains(needle) {
+            out.push(cmd);
+        }
+    }
+    out
+}
+
+fn assert_pod_gone(id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let mut left = pids_with(&format!("sandbox-{id} "));
+        left.extend(pids_with(&format!("/run/vc/vm/{id}/")));
+        for dir in [
+            format!("/run/vc/vm/{id}"),
+            format!("/run/kata-containers/shared/sandboxes/{id}"),
+        ] {
+            if Path::new(&dir).exists() {
+                left.push(dir);
+            }
+        }
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "left behind by pod {id}: {left:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+async fn exec(c: &mut RuntimeServiceClient<Channel>, id: &str, cmd: &[&str]) -> (String, i32) {
+    let r = c
+        .exec_sync(ExecSyncRequest {
+            container_id: id.into(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            timeout: 60,
+        })
+        .await
+        .expect("ExecSync")
+        .into_inner();
+    (
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&r.stdout),
+            String::from_utf8_lossy(&r.stderr)
+        ),
+        r.exit_code,
+    )
+}
+
+/// Creates and starts a container in a pod; returns its id.
+async fn start_container(
+    c: &mut RuntimeServiceClient<Channel>,
+    pod: &str,
+    pod_config: &PodSandboxConfig,
+    config: ContainerConfig,
+) -> String {
+    let id = c
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: pod.into(),
+            config: Some(config),
+            sandbox_config: Some(pod_config.clone()),
+        })
+        .await
+        .expect("CreateContainer")
+        .into_inner()
+        .container_id;
+    c.start_container(StartContainerRequest {
+        container_id: id.clone(),
+    })
+    .await
+    .expect("StartContainer");
+    id
+}
+
+async fn remove_pod(c: &mut RuntimeServiceClient<Channel>, pod: &str) {
+    c.stop_pod_sandbox(StopPodSandboxRequest {
+        pod_sandbox_id: pod.into(),
+    })
+    .await
+    .expect("StopPodSandbox");
+    c.remove_pod_sandbox(RemovePodSandboxRequest {
+        pod_sandbox_id: pod.into(),
+    })
+    .await
+    .expect("RemovePodSandbox");
+    assert_pod_gone(pod);
+}
+
+fn logs_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("kata-cri-logs-{name}"));
+    std::fs::create_dir_all(&d).expect("log dir");
+    d
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, containerd, QEMU and make install (make test runs it)"]
+async fn a_pod_runs_its_containers_in_one_vm() {
+    let mut c = client().await;
+    let logs = logs_dir("pod1");
+    remove_stale(&mut c, "kata-pod1").await;
+    let cfg = pod_config("kata-pod1", &[], &logs);
+    let volumes = tempfile::tempdir().expect("tmp");
+    let empty_dir = volumes
+        .path()
+        .join("pods/uid-kata-pod1/volumes/kubernetes.io~empty-dir/cache");
+    std::fs::create_dir_all(&empty_dir).expect("emptyDir");
+    let t = Instant::now();
+    let pod = c
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(cfg.clone()),
+            runtime_handler: "kata".into(),
+        })
+        .await
+        .expect("RunPodSandbox")
+        .into_inner()
+        .pod_sandbox_id;
+    let cache = || Mount {
+        container_path: "/cache".into(),
+        host_path: empty_dir.display().to_string(),
+        ..Default::default()
+    };
+    let c1 = start_container(
+        &mut c,
+        &pod,
+        &cfg,
+        container_config("app", &["tail", "-f", "/dev/null"], vec![cache()]),
+    )
+    .await;
+    let first = t.elapsed();
+    let t = Instant::now();
+    let c2 = start_container(
+        &mut c,
+        &pod,
+        &cfg,
+        container_config("sidecar", &["tail", "-f", "/dev/null"], vec![cache()]),
+    )
+    .await;
+    let second = t.elapsed();
+    eprintln!(
+        "RunPodSandbox -> first container running: {} ms; second container create+start: {} ms",
+        first.as_millis(),
+        second.as_millis()
+    );
+
+    // One VM and one shim serve the pod.
+    assert_eq!(pids_with(&format!("sandbox-{pod} ")).len(), 1, "one QEMU");
+    assert_eq!(
+        pids_with("containerd-shim-kata-v2")
+            .iter()
+            .filter(|c| c.contains(&format!("-id {pod} "))
+                || c.contains(&format!("-id {c1} "))
+                || c.contains(&format!("-id {c2} ")))
+            .count(),
+        1,
+        "one shim"
+    );
+    // Both run on the guest kernel, share the pod's hostname, IPC and emptyDir.
+    let guest = std::fs::read_to_string(repo().join("guest/kernel-version")).expect("pin");
+    for id in [&c1, &c2] {
+        let (out, code) = exec(&mut c, id, &["uname", "-r"]).await;
+        assert_eq!(
+            (out.trim(), code),
+            (format!("{}-amd64", guest.trim()).as_str(), 0)
+        );
+        let (out, _) = exec(&mut c, id, &["hostname"]).await;
+        assert_eq!(out.trim(), "kata-pod1");
+    }
+    let (ipc1, _) = exec(&mut c, &c1, &["readlink", "/proc/self/ns/ipc"]).await;
+    let (ipc2, _) = exec(&mut c, &c2, &["readlink", "/proc/self/ns/ipc"]).await;
+    assert_eq!(ipc1, ipc2, "the pod's containers share an IPC namespace");
+    let (_, code) = exec(&mut c, &c1, &["sh", "-c", "echo shared > /cache/note"]).await;
+    assert_eq!(code, 0);
+    let (out, _) = exec(&mut c, &c2, &["cat", "/cache/note"]).await;
+    assert_eq!(
+        out, "shared\n",
+        "emptyDir shared between the pod's containers"
+    );
+    assert!(
+        std::fs::read_dir(&empty_dir)
+            .expect("host dir")
+            .next()
+            .is_none(),
+        "the emptyDir lives in guest memory, not on the host"
+    );
+    let (out, code) = exec(&mut c, &c2, &["sh", "-c", "exit 7"]).await;
+    assert_eq!(code, 7, "{out}");
+
+    // Status and stats.
+    let st = c
+        .container_status(ContainerStatusRequest {
+            container_id: c1.clone(),
+            verbose: false,
+        })
+        .await
+        .expect("ContainerStatus")
+        .into_inner()
+        .status
+        .expect("status");
+    assert_eq!(st.state(), ContainerState::ContainerRunning);
+    let ps = c
+        .pod_sandbox_status(PodSandboxStatusRequest {
+            pod_sandbox_id: pod.clone(),
+            verbose: false,
+        })
+        .await
+        .expect("PodSandboxStatus")
+        .into_inner()
+        .status
+        .expect("status");
+    assert_eq!(ps.state(), PodSandboxState::SandboxReady);
+    let stats = c
+        .container_stats(ContainerStatsRequest {
+            container_id: c1.clone(),
+        })
+        .await
+        .expect("ContainerStats")
+        .into_inner()
+        .stats
+        .expect("stats");
+    let mem = stats
+        .memory
+        .and_then(|m| m.working_set_bytes)
+        .map(|v| v.value);
+    assert!(
+        mem.unwrap_or(0) > 0,
+        "memory working set from the guest: {mem:?}"
+    );
+
+    // Stop and remove the containers, then the pod.
+    for id in [&c1, &c2] {
+        c.stop_container(StopContainerRequest {
+            container_id: id.to_string(),
+            timeout: 2,
+        })
+        .await
+        .expect("StopContainer");
+        c.remove_container(RemoveContainerRequest {
+            container_id: id.to_string(),
+        })
+        .await
+        .expect("RemoveContainer");
+    }
+    assert_eq!(
+        pids_with(&format!("sandbox-{pod} ")).len(),
+        1,
+        "the VM outlives its containers"
+    );
+    remove_pod(&mut c, &pod).await;
+}
+
+fn write_drop_in(name: &str, text: &str) -> PathBuf {
+    let dir = Path::new(DEFAULT_CONFIG_DIR).join("config.d");
+    std::fs::create_dir_all(&dir).expect("config.d");
+    let p = dir.join(name);
+    std::fs::write(&p, text).expect("drop-in");
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, containerd, QEMU and make install (make test runs it)"]
+async fn the_guides_vcpu_annotation_needs_enable_annotations() {
+    let mut c = client().await;
+    let logs = logs_dir("vcpus");
+    let annotations = [("io.katacontainers.config.hypervisor.default_vcpus", "5")];
+    remove_stale(&mut c, "kata-vcpus").await;
+    remove_stale(&mut c, "kata-vcpus-refused").await;
+    // Refused with the shipped configuration: a clear CRI error, nothing left.
+    let before = pids_with("qemu-system").len();
+    let err = c
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(pod_config("kata-vcpus-refused", &annotations, &logs)),
+            runtime_handler: "kata".into(),
+        })
+        .await
+        .expect_err("refused annotation");
+    assert!(
+        err.message().contains("enable_annotations") && err.message().contains("default_vcpus"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(pids_with("qemu-system").len(), before, "no QEMU left");
+
+    // Allowed by a drop-in, as the guide does in configuration.toml: nproc = 5 in the guest.
+    let drop_in = write_drop_in(
+        "90-test-vcpus.toml",
+        "[hypervisor.qemu]\nenable_annotations = [\"default_vcpus\"]\n",
+    );
+    let cfg = pod_config("kata-vcpus", &annotations, &logs);
+    let pod = c
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(cfg.clone()),
+            runtime_handler: "kata".into(),
+        })
+        .await;
+    let _ = std::fs::remove_file(&drop_in);
+    let pod = pod
+        .expect("RunPodSandbox with default_vcpus = 5")
+        .into_inner()
+        .pod_sandbox_id;
+    let id = start_container(
+        &mut c,
+        &pod,
+        &cfg,
+        container_config("busybox", &["tail", "-f", "/dev/null"], vec![]),
+    )
+    .await;
+    let (out, code) = exec(&mut c, &id, &["nproc"]).await;
+    assert_eq!((out.trim(), code), ("5", 0));
+    remove_pod(&mut c, &pod).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, containerd, QEMU and make install (make test runs it)"]
+async fn an_unknown_runtime_handler_is_a_clear_error() {
+    let mut c = client().await;
+    let logs = logs_dir("handler");
+    let err = c
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(pod_config("kata-nohandler", &[], &logs)),
+            runtime_handler: "kata-nope".into(),
+        })
+        .await
+        .expect_err("unknown handler");
+    assert!(err.message().contains("kata-nope"), "{}", err.message());
+    let listed = c
+        .list_pod_sandbox(ListPodSandboxRequest { filter: None })
+        .await
+        .expect("ListPodSandbox")
+        .into_inner()
+        .items;
+    assert!(
+        !listed
+            .iter()
+            .any(|p| p.metadata.as_ref().map(|m| m.name.as_str()) == Some("kata-nohandler")),
+        "no pod left"
+    );
+}
