@@ -13,6 +13,7 @@ mod helper;
 mod init;
 mod metrics;
 mod mounts;
+mod network;
 mod reaper;
 mod rpc;
 mod stream;

@@ -120,6 +120,8 @@ fn mem_total_kb() -> u64 {
 #[async_trait]
 impl AgentService for Agent {
     async fn create_sandbox(&self, _: &TtrpcContext, req: CreateSandboxRequest) -> R<Empty> {
+        // The pod's containers share the guest's network namespace: its loopback must be up.
+        crate::network::loopback_up()?;
         if !req.hostname.is_empty() {
             nix::unistd::sethostname(&req.hostname)
                 .map_err(|e| AgentError::Failed(format!("sethostname: {e}")))?;
@@ -527,6 +529,48 @@ impl AgentService for Agent {
             }
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
+    }
+
+    async fn update_interface(
+        &self,
+        _: &TtrpcContext,
+        req: UpdateInterfaceRequest,
+    ) -> R<Interface> {
+        let i = req
+            .interface
+            .into_option()
+            .ok_or_else(|| AgentError::Invalid("UpdateInterface without an interface".into()))?;
+        let addresses: Vec<(String, u32)> = i
+            .addresses
+            .iter()
+            .map(|a| (a.address.clone(), a.prefix))
+            .collect();
+        let (name, mac, mtu) = (i.name.clone(), i.hw_addr.clone(), i.mtu);
+        let got = blocking(move || crate::network::update_interface(&name, &mac, mtu, &addresses))
+            .await?;
+        Ok(Interface { name: got, ..i })
+    }
+
+    async fn update_routes(&self, _: &TtrpcContext, req: UpdateRoutesRequest) -> R<Empty> {
+        blocking(move || {
+            for r in &req.routes {
+                crate::network::add_route(&r.dest, &r.gateway, &r.device)?;
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(Empty::new())
+    }
+
+    async fn add_arp_neighbors(&self, _: &TtrpcContext, req: AddARPNeighborsRequest) -> R<Empty> {
+        blocking(move || {
+            for n in &req.neighbors {
+                crate::network::add_neighbor(&n.address, &n.hw_addr, &n.device)?;
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(Empty::new())
     }
 
     async fn get_metrics(&self, _: &TtrpcContext, _: GetMetricsRequest) -> R<Metrics> {

@@ -283,10 +283,12 @@ config_section! {
         valid_entropy_sources: Vec<String> = list(&["/dev/urandom", "/dev/random", ""]), N, OK, QEMU_FC;
         /// Guest directory of OCI hooks (`prestart`, `poststart`, `poststop` subdirectories).
         guest_hook_path: String = String::new(), Y, NY, ALL;
-        /// Inbound network bandwidth limit in bits per second (0: none).
-        rx_rate_limiter_max_rate: u64 = 0, Y, NY, QEMU_FC;
-        /// Outbound network bandwidth limit in bits per second (0: none).
-        tx_rate_limiter_max_rate: u64 = 0, Y, NY, QEMU_FC;
+        /// Network bandwidth into the VM in bits per second (0: none): a token bucket (tc tbf)
+        /// on each pod interface's tap.
+        rx_rate_limiter_max_rate: u64 = 0, Y, OK, QEMU_FC;
+        /// Network bandwidth out of the VM in bits per second (0: none): a token bucket (tc tbf)
+        /// on each pod interface.
+        tx_rate_limiter_max_rate: u64 = 0, Y, OK, QEMU_FC;
         /// Network bandwidth limit of Cloud Hypervisor's rate limiter (bytes/s, 0: none).
         net_rate_limiter_bw_max_rate: u64 = 0, N, NY, CLH;
         /// Initial burst of the network bandwidth limiter.

@@ -64,7 +64,7 @@ config_section! {
         /// Debug logging in containerd-shim-kata-v2.
         enable_debug: bool = false, N, OK, ALL;
         /// How the VM joins the container network: `tcfilter`, `macvtap` or `none`.
-        internetworking_model: InterNetworkingModel = InterNetworkingModel::TcFilter, Y, NY, ALL;
+        internetworking_model: InterNetworkingModel = InterNetworkingModel::TcFilter, Y, OK, ALL;
         /// Do not apply the container's seccomp profile inside the guest.
         disable_guest_seccomp: bool = true, Y, NY, ALL;
         /// Emit OpenTelemetry traces and spans.
@@ -76,7 +76,7 @@ config_section! {
         /// Trace collector password.
         jaeger_password: String = String::new(), N, NY, ALL;
         /// Do not create a network namespace for the shim and hypervisor (use with `none`).
-        disable_new_netns: bool = false, Y, NY, ALL;
+        disable_new_netns: bool = false, Y, OK, ALL;
         /// Put every Kata process in the sandbox cgroup only (no overhead cgroup).
         sandbox_cgroup_only: bool = false, Y, NY, ALL;
         /// Size the VM at boot from the containers' limits instead of hot-plugging.
@@ -89,7 +89,7 @@ config_section! {
         /// VFIO mode: `vfio` or `guest-kernel`.
         vfio_mode: VfioMode = VfioMode::GuestKernel, Y, NY, ALL;
         /// Create Kubernetes emptyDir volumes on the host and share them, instead of in guest memory.
-        disable_guest_empty_dir: bool = false, N, NY, ALL;
+        disable_guest_empty_dir: bool = false, N, OK, ALL;
         /// Experimental features to enable (none exist yet).
         experimental: Vec<String> = Vec::new(), Y, OK, ALL;
         /// Serve profiling data from the shim through kata-monitor.

@@ -9,6 +9,9 @@ pub enum SandboxError {
     /// The configuration cannot run here.
     #[error("{0}")]
     Unsupported(String),
+    /// The pod network could not be set up.
+    #[error("pod network: {0}")]
+    Network(String),
     /// The accelerator choice failed.
     #[error("no usable accelerator: {0}")]
     Accelerator(String),

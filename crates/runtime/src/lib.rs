@@ -8,6 +8,7 @@
 pub mod accel;
 pub mod agent;
 pub mod error;
+pub mod network;
 pub mod sandbox;
 
 pub use error::SandboxError;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use kata_config::hypervisor::SharedFs;
 use kata_config::Config;
 use kata_hypervisor::probe::Accel;
-use kata_hypervisor::qemu::argv::{AgentChannel, LaunchSpec, SharedFsDevice, SHARED_FS_TAG};
+use kata_hypervisor::qemu::argv::{AgentChannel, LaunchSpec, Nic, SharedFsDevice, SHARED_FS_TAG};
 use kata_hypervisor::qemu::vm::Vm;
 use kata_hypervisor::virtiofsd::Virtiofsd;
 use kata_protocols::agent::*;
@@ -18,6 +18,7 @@ use tracing::Instrument;
 
 use crate::agent::{agent_err, ctx, AgentClient, CALL_TIMEOUT};
 use crate::error::SandboxError;
+use crate::network::PodNetwork;
 
 /// Where the agent mounts the shared filesystem in the guest.
 pub const GUEST_SHARED_DIR: &str = "/run/kata-containers/shared/containers";
@@ -76,6 +77,8 @@ pub struct Sandbox {
     /// The VM.
     pub vm: Vm,
     virtiofsd: tokio::sync::Mutex<Option<Virtiofsd>>,
+    /// The pod network mirrored into the VM.
+    pub network: Option<PodNetwork>,
     /// The agent.
     pub agent: AgentClient,
     vcpus: AtomicU32,
@@ -157,6 +160,16 @@ pub fn unmount_under(dir: &Path) {
 impl Sandbox {
     /// Boots the VM, connects to the agent and prepares the guest.
     pub async fn create(id: &str, config: &Config) -> Result<Sandbox, SandboxError> {
+        Self::create_in(id, config, None).await
+    }
+
+    /// Like [`Sandbox::create`], mirroring the interfaces of the pod network namespace `netns`
+    /// into the VM (as `[runtime].internetworking_model` says).
+    pub async fn create_in(
+        id: &str,
+        config: &Config,
+        netns: Option<&Path>,
+    ) -> Result<Sandbox, SandboxError> {
         let kind = config.hypervisor_kind;
         if !kind.is_supported() {
             return Err(SandboxError::Unsupported(format!(
@@ -171,7 +184,7 @@ impl Sandbox {
             )));
         }
         let mut started = Started::default();
-        match Self::boot(id, config, &paths, &mut started).await {
+        match Self::boot(id, config, netns, &paths, &mut started).await {
             Ok(sb) => Ok(sb),
             Err(e) => {
                 if let Some(vm) = started.vm.take() {
@@ -179,6 +192,9 @@ impl Sandbox {
                 }
                 if let Some(v) = started.virtiofsd.take() {
                     v.stop().await;
+                }
+                if let Some(n) = started.network.take() {
+                    let _ = tokio::task::spawn_blocking(move || n.teardown()).await;
                 }
                 cleanup_paths(&paths);
                 Err(e)
@@ -189,6 +205,7 @@ impl Sandbox {
     async fn boot(
         id: &str,
         config: &Config,
+        netns: Option<&Path>,
         paths: &SandboxPaths,
         started: &mut Started,
     ) -> Result<Sandbox, SandboxError> {
@@ -239,6 +256,30 @@ impl Sandbox {
         if config.agent.enable_debug {
             extra.push("agent.log=debug".to_string());
         }
+        let network = match netns {
+            Some(ns) if !config.runtime.disable_new_netns => {
+                let (ns, model) = (ns.to_path_buf(), config.runtime.internetworking_model);
+                let (rx, tx) = (h.rx_rate_limiter_max_rate, h.tx_rate_limiter_max_rate);
+                let n =
+                    tokio::task::spawn_blocking(move || PodNetwork::prepare(&ns, model, rx, tx))
+                        .instrument(tracing::info_span!("network_setup"))
+                        .await
+                        .map_err(|e| SandboxError::Network(format!("setup task failed: {e}")))??;
+                started.network = Some(n.clone());
+                Some(n)
+            }
+            _ => None,
+        };
+        let vhost = !h.disable_vhost_net && Path::new("/dev/vhost-net").exists();
+        let nics = network
+            .iter()
+            .flat_map(|n| n.endpoints.iter())
+            .map(|e| Nic {
+                tap: e.tap.clone(),
+                mac: e.mac.clone(),
+                vhost,
+            })
+            .collect();
         let spec = LaunchSpec {
             id: id.to_string(),
             accel,
@@ -250,6 +291,8 @@ impl Sandbox {
             vcpus: h.default_vcpus,
             memory_mib: h.default_memory,
             extra_kernel_params: extra,
+            netns: network.as_ref().map(|n| n.netns.clone()),
+            nics,
         };
         let t = Instant::now();
         let vm = Vm::start(&qemu, h, &spec, &paths.vm_dir.join("qemu.stderr"))
@@ -337,6 +380,15 @@ impl Sandbox {
             return Err(e);
         }
         timings.create_sandbox_ms = ms(t);
+        if let Some(n) = &network {
+            if let Err(e) = configure_guest_network(&agent, n)
+                .instrument(tracing::info_span!("guest_network"))
+                .await
+            {
+                started.vm = Some(vm);
+                return Err(e);
+            }
+        }
         Ok(Sandbox {
             id: id.to_string(),
             config: config.clone(),
@@ -344,6 +396,7 @@ impl Sandbox {
             paths: paths.clone(),
             vm,
             virtiofsd: tokio::sync::Mutex::new(started.virtiofsd.take()),
+            network: started.network.take(),
             agent,
             vcpus: AtomicU32::new(h.default_vcpus),
             memory_mib: AtomicU32::new(h.default_memory),
@@ -771,8 +824,61 @@ impl Sandbox {
         if let Some(v) = self.virtiofsd.lock().await.take() {
             v.stop().await;
         }
+        if let Some(n) = self.network.clone() {
+            let _ = tokio::task::spawn_blocking(move || n.teardown()).await;
+        }
         cleanup_paths(&self.paths);
     }
+}
+
+/// Gives the guest the pod's interfaces (by MAC), addresses and routes.
+async fn configure_guest_network(agent: &AgentClient, n: &PodNetwork) -> Result<(), SandboxError> {
+    for e in &n.endpoints {
+        let req = UpdateInterfaceRequest {
+            interface: protobuf::MessageField::some(Interface {
+                name: e.name.clone(),
+                hw_addr: e.mac.clone(),
+                mtu: e.mtu,
+                addresses: e
+                    .addresses
+                    .iter()
+                    .map(|(a, p)| IPAddress {
+                        address: a.clone(),
+                        prefix: *p,
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        agent
+            .agent
+            .update_interface(ctx(CALL_TIMEOUT), &req)
+            .await
+            .map_err(agent_err("UpdateInterface"))?;
+    }
+    // Connected routes first (the kernel made them with the addresses), then via gateways.
+    let mut routes: Vec<&crate::network::Route> = n.routes.iter().collect();
+    routes.sort_by_key(|r| !r.gateway.is_empty());
+    let req = UpdateRoutesRequest {
+        routes: routes
+            .into_iter()
+            .map(|r| Route {
+                dest: r.dest.clone(),
+                gateway: r.gateway.clone(),
+                device: r.device.clone(),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    agent
+        .agent
+        .update_routes(ctx(CALL_TIMEOUT), &req)
+        .await
+        .map_err(agent_err("UpdateRoutes"))?;
+    Ok(())
 }
 
 /// A random guest vsock CID (3 and up; 0-2 are reserved).
@@ -790,4 +896,5 @@ fn random_cid() -> u32 {
 struct Started {
     vm: Option<Vm>,
     virtiofsd: Option<Virtiofsd>,
+    network: Option<PodNetwork>,
 }

@@ -304,6 +304,7 @@ impl Service {
         };
         let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
         let (mem, cpus) = requested(resources.as_ref());
+        let netns = kata_sandbox::network::netns_of(&spec);
         crate::pod::guest_namespaces(
             &mut spec,
             if req.id == self.id { None } else { sandbox_pid },
@@ -319,7 +320,7 @@ impl Service {
                         .min(h.default_maxmemory);
                     h.default_vcpus = h.default_vcpus.saturating_add(cpus).min(h.default_maxvcpus);
                 }
-                match Sandbox::create(&req.id, &config)
+                match Sandbox::create_in(&req.id, &config, netns.as_deref())
                     .instrument(tracing::info_span!("vm_boot"))
                     .await
                 {

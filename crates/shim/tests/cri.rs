@@ -392,6 +392,14 @@ async fn a_pod_runs_its_containers_in_one_vm() {
     remove_pod(&mut c, &pod).await;
 }
 
+/// Serializes the tests that change the default configuration's drop-ins.
+async fn config_lock() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: OnceLock<tokio::sync::Mutex<()>> = OnceLock::new();
+    LOCK.get_or_init(|| tokio::sync::Mutex::new(()))
+        .lock()
+        .await
+}
+
 fn write_drop_in(name: &str, text: &str) -> PathBuf {
     let dir = Path::new(DEFAULT_CONFIG_DIR).join("config.d");
     std::fs::create_dir_all(&dir).expect("config.d");
@@ -406,6 +414,7 @@ async fn the_guides_vcpu_annotation_needs_enable_annotations() {
     let mut c = client().await;
     let logs = logs_dir("vcpus");
     let annotations = [("io.katacontainers.config.hypervisor.default_vcpus", "5")];
+    let _lock = config_lock().await;
     remove_stale(&mut c, "kata-vcpus").await;
     remove_stale(&mut c, "kata-vcpus-refused").await;
     // Refused with the shipped configuration: a clear CRI error, nothing left.
@@ -478,4 +487,189 @@ async fn an_unknown_runtime_handler_is_a_clear_error() {
             .any(|p| p.metadata.as_ref().map(|m| m.name.as_str()) == Some("kata-nohandler")),
         "no pod left"
     );
+}
+
+/// Runs `busybox wget` from containerd's network namespace (where the CNI bridge is): another
+/// namespace than the pod's. Returns the body and the time it took.
+fn fetch(url: &str) -> Result<(Vec<u8>, Duration), String> {
+    let t = Instant::now();
+    // (busybox wget's own -T crashes in Debian's busybox-static 1.35: bound it with timeout.)
+    let out = Command::new("timeout")
+        .args([
+            "20",
+            "nsenter",
+            "--net=/run/netns/kata-containerd",
+            "/bin/busybox",
+            "wget",
+            "-q",
+            "-O",
+            "-",
+            url,
+        ])
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!(
+            "{}: {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok((out.stdout, t.elapsed()))
+}
+
+fn fetch_when_up(url: &str) -> Vec<u8> {
+    let t = Instant::now();
+    let deadline = t + Duration::from_secs(60);
+    loop {
+        match fetch(url) {
+            Ok((body, _)) => {
+                eprintln!("{url} answered after {:?}", t.elapsed());
+                return body;
+            }
+            Err(e) => assert!(Instant::now() < deadline, "{url} never answered: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Network namespaces of the host and what each holds of this runtime's taps.
+fn taps_anywhere() -> Vec<String> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/var/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let out = Command::new("ip")
+            .args(["-n", &e.file_name().to_string_lossy(), "-o", "link"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        found.extend(
+            out.lines()
+                .filter(|l| l.contains("_kata"))
+                .map(str::to_string),
+        );
+    }
+    found
+}
+
+async fn web_pod(
+    c: &mut RuntimeServiceClient<Channel>,
+    name: &str,
+    annotations: &[(&str, &str)],
+) -> (String, String) {
+    remove_stale(c, name).await;
+    let cfg = pod_config(name, annotations, &logs_dir(name));
+    let pod = c
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(cfg.clone()),
+            runtime_handler: "kata".into(),
+        })
+        .await
+        .expect("RunPodSandbox")
+        .into_inner()
+        .pod_sandbox_id;
+    let script = "mkdir -p /www && head -c 1048576 /dev/zero > /www/blob && echo hello-from-kata > /www/index.html && exec httpd -f -p 8080 -h /www";
+    start_container(
+        c,
+        &pod,
+        &cfg,
+        container_config("web", &["sh", "-c", script], vec![]),
+    )
+    .await;
+    let ip = c
+        .pod_sandbox_status(PodSandboxStatusRequest {
+            pod_sandbox_id: pod.clone(),
+            verbose: false,
+        })
+        .await
+        .expect("PodSandboxStatus")
+        .into_inner()
+        .status
+        .and_then(|s| s.network)
+        .map(|n| n.ip)
+        .unwrap_or_default();
+    assert!(
+        ip.starts_with("198.51.100."),
+        "pod IP from the project's CNI config: {ip:?}"
+    );
+    (pod, ip)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, containerd, QEMU and make install (make test runs it)"]
+async fn a_pod_serves_tcp_on_its_network_and_rate_limits_apply() {
+    let mut c = client().await;
+    let (pod, ip) = web_pod(&mut c, "kata-net", &[]).await;
+    let body = fetch_when_up(&format!("http://{ip}:8080/index.html"));
+    assert_eq!(String::from_utf8_lossy(&body), "hello-from-kata\n");
+    // The VM's QEMU runs in the pod's namespace, where the tap and tc filters are.
+    let qemu: Vec<i32> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|pid: &i32| {
+            String::from_utf8_lossy(
+                &std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default(),
+            )
+            .contains(&format!("sandbox-{pod}\0"))
+        })
+        .collect();
+    assert_eq!(qemu.len(), 1);
+    let ns = format!("--net=/proc/{}/ns/net", qemu[0]);
+    let links = Command::new("nsenter")
+        .args([&ns, "ip", "-o", "link"])
+        .output()
+        .expect("ip");
+    assert!(String::from_utf8_lossy(&links.stdout).contains("tap0_kata"));
+    let qd = Command::new("nsenter")
+        .args([&ns, "tc", "filter", "show", "dev", "eth0", "ingress"])
+        .output()
+        .expect("tc");
+    assert!(
+        String::from_utf8_lossy(&qd.stdout).contains("tap0_kata"),
+        "mirred redirect to the tap"
+    );
+    let mut fast = Vec::new();
+    for _ in 0..3 {
+        let (b, t) = fetch(&format!("http://{ip}:8080/blob")).expect("download");
+        assert_eq!(b.len(), 1 << 20);
+        fast.push(t);
+    }
+    fast.sort();
+    remove_pod(&mut c, &pod).await;
+
+    // The same download from a pod whose outbound rate is limited to 2 Mbit/s.
+    let _lock = config_lock().await;
+    let drop_in = write_drop_in(
+        "90-test-net.toml",
+        "[hypervisor.qemu]\nenable_annotations = [\"tx_rate_limiter_max_rate\"]\n",
+    );
+    let limited = [(
+        "io.katacontainers.config.hypervisor.tx_rate_limiter_max_rate",
+        "2000000",
+    )];
+    let (pod, ip) = web_pod(&mut c, "kata-net-limited", &limited).await;
+    let _ = std::fs::remove_file(&drop_in);
+    fetch_when_up(&format!("http://{ip}:8080/index.html"));
+    let (b, slow) = fetch(&format!("http://{ip}:8080/blob")).expect("download");
+    assert_eq!(b.len(), 1 << 20);
+    eprintln!("1 MiB download: {:?} unlimited (median of 3), {slow:?} at tx_rate_limiter_max_rate = 2 Mbit/s", fast[1]);
+    // 8 Mbit at 2 Mbit/s is 4 s; the bucket lets the first 250 KB through at once.
+    assert!(
+        slow >= Duration::from_millis(2500),
+        "limited download took {slow:?}"
+    );
+    assert!(
+        slow > fast[1] * 2,
+        "limited {slow:?} vs unlimited {:?}",
+        fast[1]
+    );
+    remove_pod(&mut c, &pod).await;
+    let left = taps_anywhere();
+    assert!(left.is_empty(), "taps left: {left:?}");
 }

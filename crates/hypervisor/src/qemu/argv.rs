@@ -62,6 +62,21 @@ pub struct LaunchSpec {
     pub memory_mib: u32,
     /// Kernel parameters added by the runtime (agent options and the like).
     pub extra_kernel_params: Vec<String>,
+    /// Network namespace QEMU starts in (the pod's, holding the taps).
+    pub netns: Option<PathBuf>,
+    /// virtio-net NICs.
+    pub nics: Vec<Nic>,
+}
+
+/// A virtio-net NIC on a tap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nic {
+    /// Tap name (in QEMU's network namespace).
+    pub tap: String,
+    /// Guest MAC address.
+    pub mac: String,
+    /// Use vhost-net.
+    pub vhost: bool,
 }
 
 /// Tag of the shared filesystem (Kata's).
@@ -282,6 +297,26 @@ pub fn build(h: &HypervisorConfig, s: &LaunchSpec) -> Vec<String> {
             format!("virtio-rng-pci,rng=rng0{iommu_platform}"),
         );
     }
+    for (i, n) in s.nics.iter().enumerate() {
+        push(
+            &mut a,
+            "-netdev",
+            format!(
+                "tap,id=net{i},ifname={},script=no,downscript=no,vhost={}",
+                n.tap,
+                if n.vhost { "on" } else { "off" }
+            ),
+        );
+        push(
+            &mut a,
+            "-device",
+            // romfile= : no iPXE option ROM (it only slows the boot down).
+            format!(
+                "virtio-net-pci,netdev=net{i},mac={},romfile={iommu_platform}",
+                n.mac
+            ),
+        );
+    }
     if h.reclaim_guest_freed_memory {
         push(
             &mut a,
@@ -339,6 +374,8 @@ mod tests {
             vcpus: 1,
             memory_mib: 2048,
             extra_kernel_params: vec!["agent.x=1".into()],
+            netns: None,
+            nics: Vec::new(),
         }
     }
 
@@ -438,6 +475,18 @@ mod tests {
             memory_backend(&h, "m", 512),
             "memory-backend-ram,id=m,size=512M"
         );
+    }
+
+    #[test]
+    fn nics() {
+        let mut sp = spec(Accel::Tcg);
+        sp.nics = vec![Nic {
+            tap: "tap0_kata".into(),
+            mac: "aa:bb:cc:dd:ee:ff".into(),
+            vhost: false,
+        }];
+        let a = joined(&build(&cfg(), &sp));
+        assert!(a.contains("-netdev tap,id=net0,ifname=tap0_kata,script=no,downscript=no,vhost=off -device virtio-net-pci,netdev=net0,mac=aa:bb:cc:dd:ee:ff,romfile="), "{a}");
     }
 
     #[test]

@@ -130,16 +130,36 @@ impl Vm {
             path: stderr_log.to_path_buf(),
             source,
         })?;
-        let mut child = tokio::process::Command::new(qemu)
-            .args(&args)
+        let mut cmd = tokio::process::Command::new(qemu);
+        cmd.args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::from(stderr))
-            .spawn()
-            .map_err(|source| VmError::Spawn {
-                path: qemu.to_path_buf(),
+            .stderr(Stdio::from(stderr));
+        // QEMU starts inside the pod's network namespace, where its taps are.
+        let netns = match &spec.netns {
+            Some(p) => Some(std::fs::File::open(p).map_err(|source| VmError::Spawn {
+                path: p.clone(),
                 source,
-            })?;
+            })?),
+            None => None,
+        };
+        if let Some(f) = &netns {
+            use std::os::fd::AsRawFd;
+            let fd = f.as_raw_fd();
+            // SAFETY: setns(2) is async-signal-safe; fd stays open until spawn returns.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd.spawn().map_err(|source| VmError::Spawn {
+            path: qemu.to_path_buf(),
+            source,
+        })?;
         let pid = child.id().unwrap_or(0);
         let (tx, exit) = watch::channel(None);
         tokio::spawn(async move {

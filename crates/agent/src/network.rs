@@ -1,0 +1,291 @@
+//! Guest networking: configures the VM's NICs as the runtime describes the pod's interfaces
+//! (found by MAC address), their IPv4 addresses, routes and ARP neighbours. Uses the classic
+//! interface ioctls, which the guest kernel always has.
+
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use crate::container::AgentError;
+
+fn failed(what: String) -> impl Fn(std::io::Error) -> AgentError {
+    move |e| AgentError::Failed(format!("{what}: {e}"))
+}
+
+/// The guest interface whose MAC address is `mac` (case-insensitive).
+pub fn find_by_mac(mac: &str) -> Result<String, AgentError> {
+    let want = mac.to_ascii_lowercase();
+    for e in std::fs::read_dir("/sys/class/net")
+        .map_err(failed("list /sys/class/net".into()))?
+        .flatten()
+    {
+        let addr = std::fs::read_to_string(e.path().join("address")).unwrap_or_default();
+        if addr.trim().eq_ignore_ascii_case(&want) {
+            return Ok(e.file_name().to_string_lossy().into_owned());
+        }
+    }
+    Err(AgentError::NotFound(format!(
+        "no guest network interface has MAC address {mac}"
+    )))
+}
+
+fn socket() -> Result<OwnedFd, AgentError> {
+    // SAFETY: plain socket(2); the fd is owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(AgentError::Failed(format!(
+            "socket: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: fd is a fresh, valid descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn ifreq(name: &str) -> Result<libc::ifreq, AgentError> {
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('/') {
+        return Err(AgentError::Invalid(format!(
+            "invalid interface name {name:?}"
+        )));
+    }
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut r: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in r.ifr_name.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
+    }
+    Ok(r)
+}
+
+fn ioctl(
+    fd: &OwnedFd,
+    req: libc::c_ulong,
+    arg: *mut libc::c_void,
+    what: String,
+) -> Result<(), AgentError> {
+    // SAFETY: `arg` points to a live struct of the type `req` expects.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), req as _, arg) } < 0 {
+        return Err(failed(what)(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+fn sockaddr(ip: Ipv4Addr) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr have the same size; this is how the ioctls take it.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+fn set_flags(fd: &OwnedFd, name: &str, up: bool) -> Result<(), AgentError> {
+    let mut r = ifreq(name)?;
+    ioctl(
+        fd,
+        libc::SIOCGIFFLAGS,
+        &mut r as *mut _ as *mut _,
+        format!("read flags of {name}"),
+    )?;
+    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+    unsafe {
+        if up {
+            r.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        } else {
+            r.ifr_ifru.ifru_flags &= !(libc::IFF_UP as libc::c_short);
+        }
+    }
+    ioctl(
+        fd,
+        libc::SIOCSIFFLAGS,
+        &mut r as *mut _ as *mut _,
+        format!("set {name} {}", if up { "up" } else { "down" }),
+    )
+}
+
+/// Brings the loopback interface up.
+pub fn loopback_up() -> Result<(), AgentError> {
+    set_flags(&socket()?, "lo", true)
+}
+
+fn prefix_mask(prefix: u32) -> Result<Ipv4Addr, AgentError> {
+    if prefix > 32 {
+        return Err(AgentError::Invalid(format!(
+            "IPv4 prefix length {prefix} is above 32"
+        )));
+    }
+    Ok(Ipv4Addr::from(if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - prefix)
+    }))
+}
+
+fn parse_v4(s: &str, what: &str) -> Result<Ipv4Addr, AgentError> {
+    s.parse().map_err(|_| {
+        AgentError::Invalid(format!(
+            "{what} {s:?} is not an IPv4 address (IPv6 is not supported yet)"
+        ))
+    })
+}
+
+/// Configures the NIC with MAC `mac`: renames it to `name`, sets the MTU and the (first) IPv4
+/// address, and brings it up. Returns the interface name.
+pub fn update_interface(
+    name: &str,
+    mac: &str,
+    mtu: u64,
+    addresses: &[(String, u32)],
+) -> Result<String, AgentError> {
+    let fd = socket()?;
+    let mut current = find_by_mac(mac)?;
+    if !name.is_empty() && current != name {
+        set_flags(&fd, &current, false)?;
+        let mut r = ifreq(&current)?;
+        let new = ifreq(name)?;
+        r.ifr_ifru.ifru_newname = new.ifr_name;
+        ioctl(
+            &fd,
+            libc::SIOCSIFNAME,
+            &mut r as *mut _ as *mut _,
+            format!("rename {current} to {name}"),
+        )?;
+        current = name.to_string();
+    }
+    if mtu > 0 {
+        let mut r = ifreq(&current)?;
+        r.ifr_ifru.ifru_mtu = i32::try_from(mtu)
+            .map_err(|_| AgentError::Invalid(format!("MTU {mtu} is too large")))?;
+        ioctl(
+            &fd,
+            libc::SIOCSIFMTU,
+            &mut r as *mut _ as *mut _,
+            format!("set the MTU of {current} to {mtu}"),
+        )?;
+    }
+    if addresses.len() > 1 {
+        return Err(AgentError::Invalid(format!(
+            "{current}: more than one IPv4 address is not supported yet"
+        )));
+    }
+    if let Some((addr, prefix)) = addresses.first() {
+        let ip = parse_v4(addr, "address")?;
+        let mut r = ifreq(&current)?;
+        r.ifr_ifru.ifru_addr = sockaddr(ip);
+        ioctl(
+            &fd,
+            libc::SIOCSIFADDR,
+            &mut r as *mut _ as *mut _,
+            format!("set address {addr} on {current}"),
+        )?;
+        let mut r = ifreq(&current)?;
+        r.ifr_ifru.ifru_netmask = sockaddr(prefix_mask(*prefix)?);
+        ioctl(
+            &fd,
+            libc::SIOCSIFNETMASK,
+            &mut r as *mut _ as *mut _,
+            format!("set prefix /{prefix} on {current}"),
+        )?;
+    }
+    set_flags(&fd, &current, true)?;
+    Ok(current)
+}
+
+/// Adds a route: `dest` is "default" or a CIDR; an empty gateway is a connected route (which
+/// the kernel made with the address; an existing route is not an error).
+pub fn add_route(dest: &str, gateway: &str, device: &str) -> Result<(), AgentError> {
+    let fd = socket()?;
+    let (net, prefix) = if dest == "default" || dest.is_empty() {
+        (Ipv4Addr::UNSPECIFIED, 0)
+    } else {
+        let (a, p) = dest.split_once('/').unwrap_or((dest, "32"));
+        let p: u32 = p.parse().map_err(|_| {
+            AgentError::Invalid(format!("route destination {dest:?}: bad prefix length"))
+        })?;
+        (parse_v4(a, "route destination")?, p)
+    };
+    // SAFETY: rtentry is plain old data; all-zero is a valid value.
+    let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
+    rt.rt_dst = sockaddr(net);
+    rt.rt_genmask = sockaddr(prefix_mask(prefix)?);
+    rt.rt_flags = libc::RTF_UP;
+    if prefix == 32 {
+        rt.rt_flags |= libc::RTF_HOST;
+    }
+    if !gateway.is_empty() {
+        rt.rt_gateway = sockaddr(parse_v4(gateway, "gateway")?);
+        rt.rt_flags |= libc::RTF_GATEWAY;
+    }
+    let dev = std::ffi::CString::new(device)
+        .map_err(|_| AgentError::Invalid(format!("invalid device name {device:?}")))?;
+    if !device.is_empty() {
+        rt.rt_dev = dev.as_ptr() as *mut libc::c_char;
+    }
+    // SAFETY: rt is a valid rtentry; rt_dev points into `dev`, alive for the call.
+    let r = unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            libc::SIOCADDRT as _,
+            &mut rt as *mut libc::rtentry,
+        )
+    };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EEXIST) {
+            return Ok(());
+        }
+        return Err(AgentError::Failed(format!(
+            "add route {dest} via {gateway:?} dev {device}: {e}"
+        )));
+    }
+    Ok(())
+}
+
+/// Adds a permanent ARP entry.
+pub fn add_neighbor(address: &str, mac: &str, device: &str) -> Result<(), AgentError> {
+    let fd = socket()?;
+    // SAFETY: arpreq is plain old data; all-zero is a valid value.
+    let mut req: libc::arpreq = unsafe { std::mem::zeroed() };
+    req.arp_pa = sockaddr(parse_v4(address, "neighbour address")?);
+    req.arp_ha.sa_family = libc::ARPHRD_ETHER;
+    let bytes: Vec<u8> = mac
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16))
+        .collect::<Result<_, _>>()
+        .map_err(|_| AgentError::Invalid(format!("invalid MAC address {mac:?}")))?;
+    if bytes.len() != 6 {
+        return Err(AgentError::Invalid(format!("invalid MAC address {mac:?}")));
+    }
+    for (d, s) in req.arp_ha.sa_data.iter_mut().zip(bytes) {
+        *d = s as libc::c_char;
+    }
+    req.arp_flags = libc::ATF_COM | libc::ATF_PERM;
+    let dev = ifreq(device)?;
+    for (d, s) in req.arp_dev.iter_mut().zip(dev.ifr_name) {
+        *d = s;
+    }
+    ioctl(
+        &fd,
+        libc::SIOCSARP,
+        &mut req as *mut _ as *mut _,
+        format!("add neighbour {address} on {device}"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_and_names() {
+        assert_eq!(prefix_mask(24).ok(), Some(Ipv4Addr::new(255, 255, 255, 0)));
+        assert_eq!(prefix_mask(0).ok(), Some(Ipv4Addr::UNSPECIFIED));
+        assert_eq!(prefix_mask(32).ok(), Some(Ipv4Addr::BROADCAST));
+        assert!(prefix_mask(33).is_err());
+        assert!(ifreq("eth0").is_ok());
+        assert!(ifreq("").is_err() && ifreq("a-name-far-too-long").is_err());
+        assert!(parse_v4("2001:db8::1", "address").is_err());
+    }
+}

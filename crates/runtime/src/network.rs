@@ -1,0 +1,326 @@
+//! The pod's network: the interfaces the CNI plugins put in the pod's network namespace are
+//! mirrored into the VM. Per interface the runtime creates a tap in that namespace, joins it to
+//! the interface (`tcfilter`: tc mirred redirect both ways; `none`: not joined), and QEMU, started
+//! inside the namespace, gives the guest a virtio-net NIC on the tap with the interface's MAC.
+//! The agent then sets the addresses, MTU and routes in the guest.
+//!
+//! Links, addresses, routes and qdiscs are read and changed with iproute2's `ip` and `tc`,
+//! entered into the namespace with `nsenter` (both are runtime requirements, as CNI plugins are).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use kata_config::runtime::InterNetworkingModel;
+use serde::Deserialize;
+
+use crate::error::SandboxError;
+
+/// One pod interface mirrored into the VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Name in the pod namespace (and, after the agent renames it, in the guest).
+    pub name: String,
+    /// MAC address (the VM's NIC gets the same).
+    pub mac: String,
+    /// MTU.
+    pub mtu: u64,
+    /// IPv4 addresses with prefix lengths.
+    pub addresses: Vec<(String, u32)>,
+    /// The tap QEMU opens.
+    pub tap: String,
+}
+
+/// A route of the pod namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// "default" or a CIDR.
+    pub dest: String,
+    /// Gateway, empty for a connected route.
+    pub gateway: String,
+    /// Device.
+    pub device: String,
+}
+
+/// The network of a sandbox: what was set up, to be torn down.
+#[derive(Debug, Clone)]
+pub struct PodNetwork {
+    /// The pod's network namespace.
+    pub netns: PathBuf,
+    /// Interfaces.
+    pub endpoints: Vec<Endpoint>,
+    /// Routes to replay in the guest.
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Deserialize)]
+struct IpLink {
+    ifname: String,
+    #[serde(default)]
+    address: String,
+    #[serde(default)]
+    mtu: u64,
+    #[serde(default)]
+    link_type: String,
+    #[serde(default)]
+    addr_info: Vec<IpAddrInfo>,
+}
+
+#[derive(Debug, Deserialize)]
+struct IpAddrInfo {
+    family: String,
+    local: String,
+    prefixlen: u32,
+}
+
+#[derive(Debug, Deserialize)]
+struct IpRoute {
+    dst: String,
+    #[serde(default)]
+    protocol: String,
+    #[serde(default)]
+    gateway: String,
+    #[serde(default)]
+    dev: String,
+}
+
+/// Suffix of the taps this runtime creates.
+pub const TAP_SUFFIX: &str = "_kata";
+
+fn run_in(netns: &Path, prog: &str, args: &[&str]) -> Result<String, SandboxError> {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .arg(prog)
+        .args(args)
+        .output()
+        .map_err(|e| {
+            SandboxError::Network(format!(
+                "cannot run nsenter {prog} (install util-linux and iproute2): {e}"
+            ))
+        })?;
+    if !out.status.success() {
+        return Err(SandboxError::Network(format!(
+            "`{prog} {}` in network namespace {} failed: {}",
+            args.join(" "),
+            netns.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Interfaces and routes of `netns` worth mirroring (Ethernet links other than our taps).
+fn scan(netns: &Path) -> Result<(Vec<Endpoint>, Vec<Route>), SandboxError> {
+    let links: Vec<IpLink> =
+        serde_json::from_str(&run_in(netns, "ip", &["-j", "addr", "show"])?)
+            .map_err(|e| SandboxError::Network(format!("unexpected `ip -j addr` output: {e}")))?;
+    let mut endpoints = Vec::new();
+    for l in links {
+        if l.link_type != "ether" || l.ifname.ends_with(TAP_SUFFIX) {
+            continue;
+        }
+        let addresses = l
+            .addr_info
+            .iter()
+            .filter(|a| a.family == "inet")
+            .map(|a| (a.local.clone(), a.prefixlen))
+            .collect();
+        let tap = format!("tap{}{TAP_SUFFIX}", endpoints.len());
+        endpoints.push(Endpoint {
+            name: l.ifname,
+            mac: l.address,
+            mtu: l.mtu,
+            addresses,
+            tap,
+        });
+    }
+    let routes: Vec<IpRoute> =
+        serde_json::from_str(&run_in(netns, "ip", &["-j", "-4", "route", "show"])?)
+            .map_err(|e| SandboxError::Network(format!("unexpected `ip -j route` output: {e}")))?;
+    let routes = routes
+        .into_iter()
+        // The kernel makes the connected routes itself when the agent sets the addresses.
+        .filter(|r| r.protocol != "kernel" && endpoints.iter().any(|e| e.name == r.dev))
+        .map(|r| Route {
+            dest: r.dst,
+            gateway: r.gateway,
+            device: r.dev,
+        })
+        .collect();
+    Ok((endpoints, routes))
+}
+
+/// Token bucket sizing for a rate in bit/s: 100 ms worth, at least 16 KiB.
+fn tbf_args(rate: u64) -> Vec<String> {
+    let burst = (rate / 8 / 10).max(16 * 1024);
+    vec![
+        "root".into(),
+        "tbf".into(),
+        "rate".into(),
+        format!("{rate}bit"),
+        "burst".into(),
+        burst.to_string(),
+        "latency".into(),
+        "100ms".into(),
+    ]
+}
+
+fn tc(netns: &Path, args: &[String]) -> Result<(), SandboxError> {
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_in(netns, "tc", &refs).map(|_| ())
+}
+
+fn redirect(netns: &Path, from: &str, to: &str) -> Result<(), SandboxError> {
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    tc(
+        netns,
+        &s(&["qdisc", "add", "dev", from, "handle", "ffff:", "ingress"]),
+    )?;
+    tc(
+        netns,
+        &s(&[
+            "filter", "add", "dev", from, "parent", "ffff:", "protocol", "all", "u32", "match",
+            "u32", "0", "0", "action", "mirred", "egress", "redirect", "dev", to,
+        ]),
+    )
+}
+
+impl PodNetwork {
+    /// Sets up the taps of `netns` for `model`; `rx`/`tx` are rate limits in bit/s (0: none)
+    /// for traffic into and out of the VM. On error, undoes what it did.
+    pub fn prepare(
+        netns: &Path,
+        model: InterNetworkingModel,
+        rx: u64,
+        tx: u64,
+    ) -> Result<PodNetwork, SandboxError> {
+        if !netns.exists() {
+            return Err(SandboxError::Network(format!(
+                "the pod's network namespace {} does not exist; was it removed before the sandbox started?",
+                netns.display()
+            )));
+        }
+        if model == InterNetworkingModel::Macvtap {
+            return Err(SandboxError::Unsupported(
+                "[runtime].internetworking_model = \"macvtap\" is not supported yet; use \"tcfilter\" (the default) or \"none\"".into(),
+            ));
+        }
+        let (endpoints, routes) = scan(netns)?;
+        let net = PodNetwork {
+            netns: netns.to_path_buf(),
+            endpoints,
+            routes,
+        };
+        if let Err(e) = net.connect(model, rx, tx) {
+            net.teardown();
+            return Err(e);
+        }
+        Ok(net)
+    }
+
+    fn connect(&self, model: InterNetworkingModel, rx: u64, tx: u64) -> Result<(), SandboxError> {
+        for e in &self.endpoints {
+            run_in(
+                &self.netns,
+                "ip",
+                &["tuntap", "add", "dev", &e.tap, "mode", "tap"],
+            )?;
+            let mtu = e.mtu.to_string();
+            run_in(
+                &self.netns,
+                "ip",
+                &["link", "set", "dev", &e.tap, "mtu", &mtu, "up"],
+            )?;
+            if model != InterNetworkingModel::TcFilter {
+                continue;
+            }
+            redirect(&self.netns, &e.name, &e.tap)?;
+            redirect(&self.netns, &e.tap, &e.name)?;
+            let dev = |d: &str, rate: u64| -> Result<(), SandboxError> {
+                if rate == 0 {
+                    return Ok(());
+                }
+                let mut args = vec![
+                    "qdisc".to_string(),
+                    "add".into(),
+                    "dev".into(),
+                    d.to_string(),
+                ];
+                args.extend(tbf_args(rate));
+                tc(&self.netns, &args)
+            };
+            // Into the VM: the tap's egress. Out of the VM: redirected to the interface's egress.
+            dev(&e.tap, rx)?;
+            dev(&e.name, tx)?;
+        }
+        Ok(())
+    }
+
+    /// Removes the taps and qdiscs (idempotent; a namespace already gone is fine).
+    pub fn teardown(&self) {
+        if !self.netns.exists() {
+            return;
+        }
+        for e in &self.endpoints {
+            let _ = run_in(&self.netns, "ip", &["link", "del", "dev", &e.tap]);
+            let _ = run_in(
+                &self.netns,
+                "tc",
+                &["qdisc", "del", "dev", &e.name, "ingress"],
+            );
+            let _ = run_in(&self.netns, "tc", &["qdisc", "del", "dev", &e.name, "root"]);
+        }
+    }
+}
+
+/// The network namespace a spec's sandbox container joins (a path), if any.
+pub fn netns_of(spec: &oci_spec::runtime::Spec) -> Option<PathBuf> {
+    spec.linux()
+        .as_ref()?
+        .namespaces()
+        .as_ref()?
+        .iter()
+        .find(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Network)?
+        .path()
+        .clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_bucket() {
+        assert_eq!(tbf_args(4_000_000)[3], "4000000bit");
+        assert_eq!(tbf_args(4_000_000)[5], "50000");
+        assert_eq!(tbf_args(1000)[5], "16384");
+    }
+
+    #[test]
+    fn missing_netns_is_named() {
+        let e = PodNetwork::prepare(
+            Path::new("/var/run/netns/kata-test-nope"),
+            InterNetworkingModel::TcFilter,
+            0,
+            0,
+        )
+        .expect_err("missing");
+        assert!(
+            e.to_string()
+                .contains("/var/run/netns/kata-test-nope does not exist"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn parses_iproute2_json() {
+        let links: Vec<IpLink> = serde_json::from_str(r#"[{"ifindex":1,"ifname":"lo","link_type":"loopback","address":"00:00:00:00:00:00","mtu":65536,"addr_info":[]},
+            {"ifindex":3,"ifname":"eth0","link_type":"ether","address":"aa:bb:cc:dd:ee:ff","mtu":1500,"addr_info":[{"family":"inet","local":"198.51.100.7","prefixlen":24},{"family":"inet6","local":"fe80::1","prefixlen":64}]}]"#).expect("links");
+        assert_eq!(links[1].addr_info[0].local, "198.51.100.7");
+        let routes: Vec<IpRoute> = serde_json::from_str(r#"[{"dst":"default","gateway":"198.51.100.1","dev":"eth0"},{"dst":"198.51.100.0/24","dev":"eth0","protocol":"kernel","scope":"link","prefsrc":"198.51.100.7"}]"#).expect("routes");
+        assert_eq!(
+            (routes[0].dst.as_str(), routes[0].gateway.as_str()),
+            ("default", "198.51.100.1")
+        );
+        assert!(routes[1].gateway.is_empty());
+    }
+}
