@@ -326,3 +326,54 @@ fn installed_tree_has_the_kata_layout_and_loads_by_default() {
     assert_eq!(v["Runtime"]["Config"]["Path"], expected);
     assert_eq!(v["Runtime"]["Config"]["FoundBy"], "default location");
 }
+
+#[test]
+#[ignore = "boots a real VM: needs root, QEMU and make install (make test runs it)"]
+fn overhead_measures_a_real_sandbox_and_leaves_nothing() {
+    let installed = PathBuf::from("/opt/kata/share/defaults/kata-containers/configuration.toml");
+    let (out, stdout, stderr) =
+        run(bin()
+            .arg("--config")
+            .arg(&installed)
+            .args(["overhead", "--seconds", "1", "--json"]));
+    assert!(out.status.success(), "{stderr}");
+    let m: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+    let kib = |k: &str| m[k].as_u64().unwrap_or(0);
+    assert!(kib("qemu_pss_kib") > 50 * 1024, "{m}");
+    assert!(
+        kib("virtiofsd_pss_kib") > 0 && kib("runtime_pss_kib") > 0,
+        "{m}"
+    );
+    let total_mib =
+        (kib("qemu_pss_kib") + kib("virtiofsd_pss_kib") + kib("runtime_pss_kib")) / 1024;
+    assert!(
+        kib("pod_fixed_memory_mib") >= total_mib * 125 / 100,
+        "margin applied: {m}"
+    );
+    assert!(kib("pod_fixed_millicores") >= 10, "{m}");
+    let left: Vec<_> = std::fs::read_dir("/run/vc/vm")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("kata-overhead-")
+        })
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    // The manifest form.
+    let (out, stdout, stderr) = run(bin().arg("--config").arg(&installed).args([
+        "overhead",
+        "--seconds",
+        "1",
+        "--name",
+        "kata-measured",
+    ]));
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("kind: RuntimeClass\nmetadata:\n  name: kata-measured\nhandler: kata\n"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("podFixed:\n    memory: \""), "{stdout}");
+}

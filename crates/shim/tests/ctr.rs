@@ -416,6 +416,23 @@ fn bad_inputs_reach_the_user_and_leave_nothing() {
         "{err}"
     );
     assert_no_leftovers("bad-kernel");
+    // A network namespace that does not exist.
+    let (_, err, code) = run(
+        KATA,
+        "bad-netns",
+        &[
+            "--with-ns",
+            "network:/var/run/netns/kata-test-no-such-netns",
+        ],
+        "true",
+        "",
+    );
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("network namespace /var/run/netns/kata-test-no-such-netns does not exist"),
+        "{err}"
+    );
+    assert_no_leftovers("bad-netns");
 }
 
 #[test]

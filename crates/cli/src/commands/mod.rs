@@ -2,6 +2,7 @@
 
 pub mod check;
 pub mod env;
+pub mod overhead;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
