@@ -603,6 +603,7 @@ async fn web_pod(
 #[ignore = "needs root, containerd, QEMU and make install (make test runs it)"]
 async fn a_pod_serves_tcp_on_its_network_and_rate_limits_apply() {
     let mut c = client().await;
+    let _lock = config_lock().await;
     let (pod, ip) = web_pod(&mut c, "kata-net", &[]).await;
     let body = fetch_when_up(&format!("http://{ip}:8080/index.html"));
     assert_eq!(String::from_utf8_lossy(&body), "hello-from-kata\n");
@@ -644,7 +645,6 @@ async fn a_pod_serves_tcp_on_its_network_and_rate_limits_apply() {
     remove_pod(&mut c, &pod).await;
 
     // The same download from a pod whose outbound rate is limited to 2 Mbit/s.
-    let _lock = config_lock().await;
     let drop_in = write_drop_in(
         "90-test-net.toml",
         "[hypervisor.qemu]\nenable_annotations = [\"tx_rate_limiter_max_rate\"]\n",
@@ -672,4 +672,119 @@ async fn a_pod_serves_tcp_on_its_network_and_rate_limits_apply() {
     remove_pod(&mut c, &pod).await;
     let left = taps_anywhere();
     assert!(left.is_empty(), "taps left: {left:?}");
+}
+
+fn qemu_of(pod: &str) -> u32 {
+    let pids: Vec<u32> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|pid: &u32| {
+            String::from_utf8_lossy(
+                &std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default(),
+            )
+            .contains(&format!("sandbox-{pod}\0"))
+        })
+        .collect();
+    assert_eq!(pids.len(), 1, "one QEMU for {pod}");
+    pids[0]
+}
+
+fn netns_of(pid: u32) -> String {
+    std::fs::read_link(format!("/proc/{pid}/ns/net"))
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, containerd, QEMU and make install (make test runs it)"]
+async fn the_none_model_and_disable_new_netns() {
+    let mut c = client().await;
+    let _lock = config_lock().await;
+    // none: the VM gets a NIC on a tap in the pod's namespace, but nothing joins them.
+    let drop_in = write_drop_in(
+        "90-test-none.toml",
+        "[runtime]\ninternetworking_model = \"none\"\n",
+    );
+    let (pod, ip) = web_pod(&mut c, "kata-net-none", &[]).await;
+    let _ = std::fs::remove_file(&drop_in);
+    let ns = format!("--net=/proc/{}/ns/net", qemu_of(&pod));
+    let links = Command::new("nsenter")
+        .args([&ns, "ip", "-o", "link"])
+        .output()
+        .expect("ip");
+    assert!(String::from_utf8_lossy(&links.stdout).contains("tap0_kata"));
+    let f = Command::new("nsenter")
+        .args([&ns, "tc", "filter", "show", "dev", "eth0", "ingress"])
+        .output()
+        .expect("tc");
+    assert!(
+        !String::from_utf8_lossy(&f.stdout).contains("mirred"),
+        "not joined"
+    );
+    let probe = start_probe(&mut c, &pod).await;
+    let (body, code) = exec(&mut c, &probe, &["cat", "/sys/class/net/eth0/address"]).await;
+    assert_eq!(code, 0, "the guest has the NIC: {body}");
+    assert!(
+        fetch(&format!("http://{ip}:8080/index.html")).is_err(),
+        "no path to the VM"
+    );
+    remove_pod(&mut c, &pod).await;
+
+    // disable_new_netns: QEMU stays in the shim's network namespace; the VM has no NIC.
+    let drop_in = write_drop_in(
+        "90-test-none.toml",
+        "[runtime]\ninternetworking_model = \"none\"\ndisable_new_netns = true\n",
+    );
+    let (pod, _) = web_pod(&mut c, "kata-net-nonetns", &[]).await;
+    let _ = std::fs::remove_file(&drop_in);
+    let shim = pids_with("containerd-shim-kata-v2")
+        .iter()
+        .any(|cmd| cmd.contains(&format!("-id {pod} ")));
+    assert!(shim, "the pod's shim runs");
+    assert_eq!(
+        netns_of(qemu_of(&pod)),
+        netns_of_path("/run/netns/kata-containerd"),
+        "QEMU in containerd's (the shim's) network namespace"
+    );
+    let probe = start_probe(&mut c, &pod).await;
+    let (out, _) = exec(&mut c, &probe, &["ls", "/sys/class/net"]).await;
+    assert_eq!(
+        out.split_whitespace().collect::<Vec<_>>(),
+        vec!["lo"],
+        "no NIC"
+    );
+    remove_pod(&mut c, &pod).await;
+}
+
+/// The namespace inode of a bind-mounted netns file, in /proc/PID/ns/net's form.
+fn netns_of_path(path: &str) -> String {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .map(|m| format!("net:[{}]", m.ino()))
+        .unwrap_or_default()
+}
+
+/// A second container to look around the pod with.
+async fn start_probe(c: &mut RuntimeServiceClient<Channel>, pod: &str) -> String {
+    let st = c
+        .pod_sandbox_status(PodSandboxStatusRequest {
+            pod_sandbox_id: pod.into(),
+            verbose: false,
+        })
+        .await
+        .expect("PodSandboxStatus")
+        .into_inner()
+        .status
+        .expect("status");
+    let name = st.metadata.map(|m| m.name).unwrap_or_default();
+    let cfg = pod_config(&name, &[], &logs_dir(&name));
+    start_container(
+        c,
+        pod,
+        &cfg,
+        container_config("probe", &["tail", "-f", "/dev/null"], vec![]),
+    )
+    .await
 }
