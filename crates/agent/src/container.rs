@@ -118,16 +118,19 @@ fn io(what: &str) -> impl Fn(std::io::Error) -> AgentError + '_ {
     move |e| AgentError::Failed(format!("{what}: {e}"))
 }
 
+/// The namespaces a spec lists.
+pub fn spec_namespaces(spec: &Spec) -> Vec<oci_spec::runtime::LinuxNamespace> {
+    spec.linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().clone())
+        .unwrap_or_default()
+}
+
 /// Namespaces to create for a new container, from its spec (network and user stay the VM's;
 /// those with a path are joined instead).
 fn clone_flags(spec: &Spec) -> CloneFlags {
     let mut flags = CloneFlags::CLONE_NEWNS;
-    let list = spec
-        .linux()
-        .as_ref()
-        .and_then(|l| l.namespaces().clone())
-        .unwrap_or_default();
-    for ns in list {
+    for ns in spec_namespaces(spec) {
         if ns.path().is_some() {
             continue; // joined by the helper (a pod's shared namespace)
         }

@@ -64,12 +64,7 @@ fn join_namespaces(pid: i32) -> Result<(), String> {
 /// container's ipc, uts or pid namespace in the guest).
 fn join_spec_namespaces(spec: &Spec) -> Result<(), String> {
     use std::os::fd::AsFd;
-    let list = spec
-        .linux()
-        .as_ref()
-        .and_then(|l| l.namespaces().clone())
-        .unwrap_or_default();
-    for ns in list {
+    for ns in crate::container::spec_namespaces(spec) {
         let Some(path) = ns.path() else { continue };
         let f = File::open(path).map_err(|e| format!("open namespace {}: {e}", path.display()))?;
         nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::empty())

@@ -67,12 +67,7 @@ fn start(args: &Args) -> Result<(), String> {
                 socket.display()
             ));
         }
-        let address = format!("unix://{}", socket.display());
-        std::fs::write(cwd.join("address"), &address)
-            .map_err(|e| format!("write {}/address: {e}", cwd.display()))?;
-        println!("{address}");
-        let _ = std::io::stdout().flush();
-        return Ok(());
+        return announce(&cwd, &socket);
     }
     let socket = socket_path(args);
     std::fs::create_dir_all(SOCKET_DIR).map_err(|e| format!("create {SOCKET_DIR}: {e}"))?;
@@ -123,13 +118,7 @@ fn start(args: &Args) -> Result<(), String> {
         .map_err(|e| format!("start the shim daemon: {e}"))?;
     for _ in 0..1000 {
         if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
-            let address = format!("unix://{}", socket.display());
-            // containerd reads it back to reconnect after it restarts.
-            std::fs::write(cwd.join("address"), &address)
-                .map_err(|e| format!("write {}/address: {e}", cwd.display()))?;
-            println!("{address}");
-            let _ = std::io::stdout().flush();
-            return Ok(());
+            return announce(&cwd, &socket);
         }
         if let Ok(Some(status)) = child.try_wait() {
             return Err(format!(
@@ -144,6 +133,17 @@ fn start(args: &Args) -> Result<(), String> {
         "the shim daemon did not listen on {} within 10 s",
         socket.display()
     ))
+}
+
+/// Tells containerd the shim's address: on stdout, and in the bundle's `address` file, which
+/// containerd reads back to reconnect after it restarts.
+fn announce(bundle: &Path, socket: &Path) -> Result<(), String> {
+    let address = format!("unix://{}", socket.display());
+    std::fs::write(bundle.join("address"), &address)
+        .map_err(|e| format!("write {}/address: {e}", bundle.display()))?;
+    println!("{address}");
+    let _ = std::io::stdout().flush();
+    Ok(())
 }
 
 trait NonBlock {
