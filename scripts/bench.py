@@ -254,10 +254,22 @@ def spans(log_text, ids):
     return out
 
 
-def containerd_log():
+CONTAINERD_LOG = "/run/kata-containerd/containerd.log"
+
+
+def log_size():
     try:
-        with open("/run/kata-containerd/containerd.log", encoding="utf-8", errors="replace") as f:
-            return f.read()
+        return os.path.getsize(CONTAINERD_LOG)
+    except OSError:
+        return 0
+
+
+def containerd_log_since(offset):
+    """What containerd logged after byte `offset` (the shim's log lines end up there)."""
+    try:
+        with open(CONTAINERD_LOG, "rb") as f:
+            f.seek(offset)
+            return f.read().decode("utf-8", errors="replace")
     except OSError:
         return ""
 
@@ -509,10 +521,10 @@ def main():
     sh(os.path.join(HERE, "scripts", "busybox-image.sh"), tar, IMAGE)
     ctr(sock, "images", "import", tar)
     r = {"iterations": a.iterations, "machine": machine()}
-    log_before = len(containerd_log())
+    log_before = log_size()
     r["cold_start_ms"] = bench_cold_start(sock, a.iterations)
     ids = {f"bench-start-kata-{i}" for i in range(a.iterations)}
-    r["breakdown_ms"] = spans(containerd_log()[log_before:], ids)
+    r["breakdown_ms"] = spans(containerd_log_since(log_before), ids)
     r["floor"] = bench_floor(sock, a.iterations)
     r["exec_ms"] = bench_exec(sock, a.iterations)
     r["memory"] = bench_memory(sock, [1, a.concurrent] if a.concurrent > 1 else [1])

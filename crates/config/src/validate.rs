@@ -67,6 +67,14 @@ pub enum ValidationError {
         /// Hypervisor section.
         kind: HypervisorKind,
     },
+    /// `default_vcpus` above what a guest can have.
+    #[error("[hypervisor.{kind}].default_vcpus = {vcpus} is more than the {MAX_VCPUS} vCPUs a guest can have; lower it")]
+    TooManyVcpus {
+        /// Hypervisor section.
+        kind: HypervisorKind,
+        /// Requested.
+        vcpus: u32,
+    },
     /// `default_vcpus > default_maxvcpus`.
     #[error("[hypervisor.{kind}].default_vcpus = {vcpus} exceeds default_maxvcpus = {max}; lower default_vcpus or raise default_maxvcpus")]
     VcpusAboveMax {
@@ -296,10 +304,9 @@ impl Config {
             });
         }
         if h.default_vcpus > MAX_VCPUS {
-            return Err(ValidationError::VcpusAboveMax {
+            return Err(ValidationError::TooManyVcpus {
                 kind,
                 vcpus: h.default_vcpus,
-                max: MAX_VCPUS,
             });
         }
         if h.default_vcpus > host.cpus {

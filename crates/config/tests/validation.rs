@@ -54,7 +54,7 @@ fn vcpus_rules() {
     }));
     let e = invalid(&qemu("default_vcpus = 300"));
     assert!(
-        e.contains("default_vcpus = 300 exceeds default_maxvcpus = 240"),
+        e.contains("default_vcpus = 300 is more than the 240 vCPUs a guest can have; lower it"),
         "{e}"
     );
     let c = valid(&qemu("default_maxvcpus = 100"));

@@ -84,29 +84,19 @@ pub fn guest_namespaces(spec: &mut Spec, sandbox_pid: Option<u32>) {
     };
     let mut out = Vec::with_capacity(list.len());
     for mut ns in list {
-        let name = match ns.typ() {
+        // The namespaces a pod shares with its sandbox container.
+        let shared = match ns.typ() {
             LinuxNamespaceType::Network | LinuxNamespaceType::User => continue,
-            LinuxNamespaceType::Ipc => "ipc",
-            LinuxNamespaceType::Uts => "uts",
-            LinuxNamespaceType::Pid => "pid",
-            LinuxNamespaceType::Mount => "mnt",
-            LinuxNamespaceType::Cgroup => "cgroup",
-            _ => {
-                ns.set_path(None);
-                out.push(ns);
-                continue;
-            }
+            LinuxNamespaceType::Ipc => Some("ipc"),
+            LinuxNamespaceType::Uts => Some("uts"),
+            LinuxNamespaceType::Pid => Some("pid"),
+            _ => None,
         };
-        if ns.path().is_some() {
-            match sandbox_pid {
-                Some(pid) if name != "mnt" && name != "cgroup" => {
-                    ns.set_path(Some(format!("/proc/{pid}/ns/{name}").into()));
-                }
-                _ => {
-                    ns.set_path(None);
-                }
-            }
-        }
+        let path = match (ns.path(), shared, sandbox_pid) {
+            (Some(_), Some(name), Some(pid)) => Some(format!("/proc/{pid}/ns/{name}").into()),
+            _ => None,
+        };
+        ns.set_path(path);
         out.push(ns);
     }
     linux.set_namespaces(Some(out));

@@ -1,5 +1,6 @@
-//! The Task API over one sandbox. The first task creates the sandbox (VM); with containerd's
-//! `ctr`, that is the only task.
+//! The Task API over one sandbox. The first task creates the sandbox (VM): with `ctr`, that is
+//! the only task; in a Kubernetes pod it is the sandbox (pause) container, and the pod's other
+//! containers are further tasks of the same shim (see [`crate::pod`]).
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -3,7 +3,7 @@
 //! root, containerd, QEMU, the CNI plugins and `make install` (make test provides all of them).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -12,48 +12,21 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+mod common;
+
 const IMAGE: &str = "kata.local/busybox:latest";
 const PAUSE: &str = "kata.local/pause:3.6";
 const DEFAULT_CONFIG_DIR: &str = "/opt/kata/share/defaults/kata-containers";
-
-fn repo() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
-}
 
 /// Starts (or finds) containerd and imports the images into CRI's namespace, once.
 fn socket() -> &'static str {
     static SOCKET: OnceLock<String> = OnceLock::new();
     SOCKET.get_or_init(|| {
-        let out = Command::new(repo().join("scripts/containerd.sh"))
-            .arg("start")
-            .output()
-            .expect("scripts/containerd.sh");
-        assert!(
-            out.status.success(),
-            "containerd: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let sock = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        let pause_cmd =
+        let sock = common::containerd(&["start"]);
+        let pause =
             r#"["/bin/sh","-c","trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done"]"#;
-        for (name, reference, entry) in
-            [("busybox", IMAGE, None), ("pause", PAUSE, Some(pause_cmd))]
-        {
-            let tar = std::env::temp_dir().join(format!("kata-cri-{name}.tar"));
-            let mut cmd = Command::new(repo().join("scripts/busybox-image.sh"));
-            cmd.arg(&tar).arg(reference);
-            if let Some(e) = entry {
-                cmd.arg(e);
-            }
-            assert!(cmd.status().expect("image").success());
-            let st = Command::new("ctr")
-                .args(["-a", &sock, "-n", "k8s.io", "images", "import"])
-                .arg(&tar)
-                .stdout(Stdio::null())
-                .status()
-                .expect("import");
-            assert!(st.success());
-        }
+        common::import_image(&sock, "k8s.io", IMAGE, None);
+        common::import_image(&sock, "k8s.io", PAUSE, Some(pause));
         sock
     })
 }
@@ -134,41 +107,20 @@ fn container_config(name: &str, cmd: &[&str], mounts: Vec<Mount>) -> ContainerCo
     }
 }
 
-fn pids_with(needle: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let cmd =
-            String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).unwrap_or_default())
-                .replace('\0', " ");
-        if cmd.contains(needle) {
-            out.push(cmd);
-        }
-    }
-    out
+fn assert_pod_gone(id: &str) {
+    common::assert_sandbox_gone(id, Duration::from_secs(15));
 }
 
-fn assert_pod_gone(id: &str) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let mut left = pids_with(&format!("sandbox-{id} "));
-        left.extend(pids_with(&format!("/run/vc/vm/{id}/")));
-        for dir in [
-            format!("/run/vc/vm/{id}"),
-            format!("/run/kata-containers/shared/sandboxes/{id}"),
-        ] {
-            if Path::new(&dir).exists() {
-                left.push(dir);
-            }
-        }
-        if left.is_empty() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "left behind by pod {id}: {left:#?}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+async fn pod_status(c: &mut RuntimeServiceClient<Channel>, pod: &str) -> PodSandboxStatus {
+    c.pod_sandbox_status(PodSandboxStatusRequest {
+        pod_sandbox_id: pod.into(),
+        verbose: false,
+    })
+    .await
+    .expect("PodSandboxStatus")
+    .into_inner()
+    .status
+    .expect("status")
 }
 
 async fn exec(c: &mut RuntimeServiceClient<Channel>, id: &str, cmd: &[&str]) -> (String, i32) {
@@ -287,9 +239,13 @@ async fn a_pod_runs_its_containers_in_one_vm() {
     );
 
     // One VM and one shim serve the pod.
-    assert_eq!(pids_with(&format!("sandbox-{pod} ")).len(), 1, "one QEMU");
     assert_eq!(
-        pids_with("containerd-shim-kata-v2")
+        common::processes_with(&format!("sandbox-{pod} ")).len(),
+        1,
+        "one QEMU"
+    );
+    assert_eq!(
+        common::processes_with("containerd-shim-kata-v2")
             .iter()
             .filter(|c| c.contains(&format!("-id {pod} "))
                 || c.contains(&format!("-id {c1} "))
@@ -299,13 +255,10 @@ async fn a_pod_runs_its_containers_in_one_vm() {
         "one shim"
     );
     // Both run on the guest kernel, share the pod's hostname, IPC and emptyDir.
-    let guest = std::fs::read_to_string(repo().join("guest/kernel-version")).expect("pin");
+    let guest = common::guest_kernel_release();
     for id in [&c1, &c2] {
         let (out, code) = exec(&mut c, id, &["uname", "-r"]).await;
-        assert_eq!(
-            (out.trim(), code),
-            (format!("{}-amd64", guest.trim()).as_str(), 0)
-        );
+        assert_eq!((out.trim(), code), (guest.as_str(), 0));
         let (out, _) = exec(&mut c, id, &["hostname"]).await;
         assert_eq!(out.trim(), "kata-pod1");
     }
@@ -341,16 +294,7 @@ async fn a_pod_runs_its_containers_in_one_vm() {
         .status
         .expect("status");
     assert_eq!(st.state(), ContainerState::ContainerRunning);
-    let ps = c
-        .pod_sandbox_status(PodSandboxStatusRequest {
-            pod_sandbox_id: pod.clone(),
-            verbose: false,
-        })
-        .await
-        .expect("PodSandboxStatus")
-        .into_inner()
-        .status
-        .expect("status");
+    let ps = pod_status(&mut c, &pod).await;
     assert_eq!(ps.state(), PodSandboxState::SandboxReady);
     let stats = c
         .container_stats(ContainerStatsRequest {
@@ -385,7 +329,7 @@ async fn a_pod_runs_its_containers_in_one_vm() {
         .expect("RemoveContainer");
     }
     assert_eq!(
-        pids_with(&format!("sandbox-{pod} ")).len(),
+        common::processes_with(&format!("sandbox-{pod} ")).len(),
         1,
         "the VM outlives its containers"
     );
@@ -418,7 +362,7 @@ async fn the_guides_vcpu_annotation_needs_enable_annotations() {
     remove_stale(&mut c, "kata-vcpus").await;
     remove_stale(&mut c, "kata-vcpus-refused").await;
     // Refused with the shipped configuration: a clear CRI error, nothing left.
-    let before = pids_with("qemu-system").len();
+    let before = common::processes_with("qemu-system").len();
     let err = c
         .run_pod_sandbox(RunPodSandboxRequest {
             config: Some(pod_config("kata-vcpus-refused", &annotations, &logs)),
@@ -431,7 +375,11 @@ async fn the_guides_vcpu_annotation_needs_enable_annotations() {
         "{}",
         err.message()
     );
-    assert_eq!(pids_with("qemu-system").len(), before, "no QEMU left");
+    assert_eq!(
+        common::processes_with("qemu-system").len(),
+        before,
+        "no QEMU left"
+    );
 
     // Allowed by a drop-in, as the guide does in configuration.toml: nproc = 5 in the guest.
     let drop_in = write_drop_in(
@@ -580,16 +528,9 @@ async fn web_pod(
         container_config("web", &["sh", "-c", script], vec![]),
     )
     .await;
-    let ip = c
-        .pod_sandbox_status(PodSandboxStatusRequest {
-            pod_sandbox_id: pod.clone(),
-            verbose: false,
-        })
+    let ip = pod_status(c, &pod)
         .await
-        .expect("PodSandboxStatus")
-        .into_inner()
-        .status
-        .and_then(|s| s.network)
+        .network
         .map(|n| n.ip)
         .unwrap_or_default();
     assert!(
@@ -608,20 +549,7 @@ async fn a_pod_serves_tcp_on_its_network_and_rate_limits_apply() {
     let body = fetch_when_up(&format!("http://{ip}:8080/index.html"));
     assert_eq!(String::from_utf8_lossy(&body), "hello-from-kata\n");
     // The VM's QEMU runs in the pod's namespace, where the tap and tc filters are.
-    let qemu: Vec<i32> = std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
-        .filter(|pid: &i32| {
-            String::from_utf8_lossy(
-                &std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default(),
-            )
-            .contains(&format!("sandbox-{pod}\0"))
-        })
-        .collect();
-    assert_eq!(qemu.len(), 1);
-    let ns = format!("--net=/proc/{}/ns/net", qemu[0]);
+    let ns = format!("--net=/proc/{}/ns/net", qemu_of(&pod));
     let links = Command::new("nsenter")
         .args([&ns, "ip", "-o", "link"])
         .output()
@@ -739,7 +667,7 @@ async fn the_none_model_and_disable_new_netns() {
     );
     let (pod, _) = web_pod(&mut c, "kata-net-nonetns", &[]).await;
     let _ = std::fs::remove_file(&drop_in);
-    let shim = pids_with("containerd-shim-kata-v2")
+    let shim = common::processes_with("containerd-shim-kata-v2")
         .iter()
         .any(|cmd| cmd.contains(&format!("-id {pod} ")));
     assert!(shim, "the pod's shim runs");
@@ -768,17 +696,11 @@ fn netns_of_path(path: &str) -> String {
 
 /// A second container to look around the pod with.
 async fn start_probe(c: &mut RuntimeServiceClient<Channel>, pod: &str) -> String {
-    let st = c
-        .pod_sandbox_status(PodSandboxStatusRequest {
-            pod_sandbox_id: pod.into(),
-            verbose: false,
-        })
+    let name = pod_status(c, pod)
         .await
-        .expect("PodSandboxStatus")
-        .into_inner()
-        .status
-        .expect("status");
-    let name = st.metadata.map(|m| m.name).unwrap_or_default();
+        .metadata
+        .map(|m| m.name)
+        .unwrap_or_default();
     let cfg = pod_config(&name, &[], &logs_dir(&name));
     start_container(
         c,

@@ -2,47 +2,22 @@
 //! Needs root, containerd, QEMU and `make install` (make test provides all of them).
 
 use std::io::Write;
-use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+mod common;
 
 const IMAGE: &str = "kata.local/busybox:latest";
 const KATA: &str = "io.containerd.kata.v2";
 const RUNC: &str = "io.containerd.runc.v2";
 
-fn repo() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
-}
-
 /// Starts (or finds) containerd and imports the test image, once.
 fn socket() -> &'static str {
     static SOCKET: OnceLock<String> = OnceLock::new();
     SOCKET.get_or_init(|| {
-        let out = Command::new(repo().join("scripts/containerd.sh"))
-            .arg("start")
-            .output()
-            .expect("scripts/containerd.sh");
-        assert!(
-            out.status.success(),
-            "containerd: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let sock = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        let tar = std::env::temp_dir().join("kata-test-busybox.tar");
-        let st = Command::new(repo().join("scripts/busybox-image.sh"))
-            .arg(&tar)
-            .arg(IMAGE)
-            .status()
-            .expect("busybox image");
-        assert!(st.success());
-        let st = Command::new("ctr")
-            .args(["-a", &sock, "images", "import"])
-            .arg(&tar)
-            .stdout(Stdio::null())
-            .status()
-            .expect("import");
-        assert!(st.success());
+        let sock = common::containerd(&["start"]);
+        common::import_image(&sock, "default", IMAGE, None);
         sock
     })
 }
@@ -89,40 +64,7 @@ fn run(
 }
 
 fn assert_no_leftovers(id: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let mut left = Vec::new();
-        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let cmd = String::from_utf8_lossy(
-                &std::fs::read(e.path().join("cmdline")).unwrap_or_default(),
-            )
-            .replace('\0', " ");
-            if cmd.contains(&format!("sandbox-{id} ")) || cmd.contains(&format!("/run/vc/vm/{id}/"))
-            {
-                left.push(cmd);
-            }
-        }
-        for dir in [
-            format!("/run/vc/vm/{id}"),
-            format!("/run/kata-containers/shared/sandboxes/{id}"),
-        ] {
-            if Path::new(&dir).exists() {
-                left.push(dir);
-            }
-        }
-        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        left.extend(
-            mounts
-                .lines()
-                .filter(|l| l.contains(&format!("/{id}/")))
-                .map(str::to_string),
-        );
-        if left.is_empty() {
-            return;
-        }
-        assert!(Instant::now() < deadline, "left behind by {id}: {left:#?}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    common::assert_sandbox_gone(id, Duration::from_secs(10));
 }
 
 #[test]
@@ -138,7 +80,16 @@ fn kata_and_runc_agree_on_output_stdin_and_exit_codes() {
     .enumerate()
     {
         let kata = run(KATA, &format!("agree-kata-{i}"), &[], script, stdin);
-        let runc = run(RUNC, &format!("agree-runc-{i}"), &[], script, stdin);
+        // runc is the reference; under load its shim now and then loses a fast-exiting
+        // process's stderr through `ctr run` (seen once in CI-like runs), so the reference
+        // gets up to three tries. kata's output must equal it exactly.
+        let mut runc = run(RUNC, &format!("agree-runc-{i}"), &[], script, stdin);
+        for retry in 0..2 {
+            if runc == kata {
+                break;
+            }
+            runc = run(RUNC, &format!("agree-runc-{i}-{retry}"), &[], script, stdin);
+        }
         assert_eq!(kata, runc, "script {script:?}");
         assert_no_leftovers(&format!("agree-kata-{i}"));
     }
@@ -154,10 +105,9 @@ fn kata_and_runc_agree_on_output_stdin_and_exit_codes() {
 fn runs_in_a_vm_with_the_guest_kernel() {
     let (out, err, code) = run(KATA, "vm-kernel", &[], "uname -r", "");
     assert_eq!(code, 0, "{err}");
-    let guest = std::fs::read_to_string(repo().join("guest/kernel-version")).expect("pin");
     assert_eq!(
         out.trim(),
-        format!("{}-amd64", guest.trim()),
+        common::guest_kernel_release(),
         "the container runs on the guest kernel, not the host's"
     );
     assert_ne!(out.trim(), kata_hypervisor::host::kernel_release());

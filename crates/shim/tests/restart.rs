@@ -5,23 +5,9 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const IMAGE: &str = "kata.local/busybox:latest";
+mod common;
 
-fn script(args: &[&str]) -> String {
-    let out = Command::new(Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../scripts/containerd.sh"
-    )))
-    .args(args)
-    .output()
-    .expect("containerd.sh");
-    assert!(
-        out.status.success(),
-        "containerd.sh {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
+const IMAGE: &str = "kata.local/busybox:latest";
 
 fn ctr(sock: &str, args: &[&str]) -> Output {
     Command::new("ctr")
@@ -36,22 +22,8 @@ fn ctr(sock: &str, args: &[&str]) -> Output {
 #[test]
 #[ignore = "needs root, containerd, QEMU and make install (make test runs it)"]
 fn the_shim_survives_a_containerd_restart() {
-    let sock = script(&["start"]);
-    let tar = std::env::temp_dir().join("kata-restart-busybox.tar");
-    let st = Command::new(Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../scripts/busybox-image.sh"
-    )))
-    .arg(&tar)
-    .arg(IMAGE)
-    .status()
-    .expect("image");
-    assert!(st.success());
-    assert!(
-        ctr(&sock, &["images", "import", &tar.display().to_string()])
-            .status
-            .success()
-    );
+    let sock = common::containerd(&["start"]);
+    common::import_image(&sock, "default", IMAGE, None);
     let id = "restart-kata";
     let out = ctr(
         &sock,
@@ -71,8 +43,8 @@ fn the_shim_survives_a_containerd_restart() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    script(&["stop"]);
-    let sock = script(&["start"]);
+    common::containerd(&["stop"]);
+    let sock = common::containerd(&["start"]);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let ls = String::from_utf8_lossy(&ctr(&sock, &["task", "ls"]).stdout).to_string();

@@ -132,6 +132,36 @@ scheduling:
     )
 }
 
+/// Idle CPU (millicores) over `seconds`, then the PSS (KiB) of QEMU, virtiofsd and this process.
+async fn measure(sb: &Sandbox, seconds: u64) -> (u64, u64, u64, u64) {
+    let me = std::process::id();
+    let vfsd = virtiofsd_pid(&sb.paths.vm_dir);
+    let pids: Vec<u32> = [Some(sb.vm.pid), vfsd, Some(me)]
+        .into_iter()
+        .flatten()
+        .collect();
+    let before: u64 = pids.iter().map(|p| cpu_ticks(*p)).sum();
+    let t = Instant::now();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let ticks = pids
+        .iter()
+        .map(|p| cpu_ticks(*p))
+        .sum::<u64>()
+        .saturating_sub(before);
+    // SAFETY: sysconf has no preconditions.
+    let hz = match unsafe { libc::sysconf(libc::_SC_CLK_TCK) } {
+        n if n > 0 => n as u64,
+        _ => 100,
+    };
+    let millicores = ticks * 1000 * 1000 / hz / (t.elapsed().as_millis().max(1) as u64);
+    (
+        millicores,
+        pss_kib(sb.vm.pid),
+        vfsd.map(pss_kib).unwrap_or(0),
+        pss_kib(me),
+    )
+}
+
 /// Runs `overhead`.
 pub fn run(config: Option<PathBuf>, args: OverheadArgs) -> anyhow::Result<ExitCode> {
     let config = super::env::effective_config(config, &args.annotations)?;
@@ -143,36 +173,31 @@ pub fn run(config: Option<PathBuf>, args: OverheadArgs) -> anyhow::Result<ExitCo
     let id = format!("kata-overhead-{}", std::process::id());
     let m = rt.block_on(async {
         let t = Instant::now();
-        let sb = Sandbox::create(&id, &config).await.with_context(|| {
-            "failed to boot a measurement sandbox (see 'kata-runtime check')".to_string()
-        })?;
-        let boot_ms = t.elapsed().as_millis() as u64;
-        // Let the guest settle (free page reporting, lazy work), then watch it idle.
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        let me = std::process::id();
-        let pids: Vec<u32> = [Some(sb.vm.pid), virtiofsd_pid(&sb.paths.vm_dir), Some(me)]
-            .into_iter()
-            .flatten()
-            .collect();
-        let before: u64 = pids.iter().map(|p| cpu_ticks(*p)).sum();
-        let t = Instant::now();
-        tokio::time::sleep(Duration::from_secs(args.seconds)).await;
-        let ticks = pids
-            .iter()
-            .map(|p| cpu_ticks(*p))
-            .sum::<u64>()
-            .saturating_sub(before);
-        // SAFETY: sysconf has no preconditions.
-        let hz = match unsafe { libc::sysconf(libc::_SC_CLK_TCK) } {
-            n if n > 0 => n as u64,
-            _ => 100,
+        // On error, Sandbox::create has stopped and removed what it started; an interrupt
+        // while it boots leaves it half-way, for cleanup_stale.
+        let sb = tokio::select! {
+            r = Sandbox::create(&id, &config) => {
+                r.context("failed to boot a measurement sandbox (see 'kata-runtime check')")?
+            }
+            _ = tokio::signal::ctrl_c() => {
+                kata_sandbox::sandbox::cleanup_stale(&id);
+                anyhow::bail!("interrupted while the measurement sandbox booted; it was removed");
+            }
         };
-        let idle_millicores = ticks * 1000 * 1000 / hz / (t.elapsed().as_millis().max(1) as u64);
-        let qemu = pss_kib(sb.vm.pid);
-        let vfsd = virtiofsd_pid(&sb.paths.vm_dir).map(pss_kib).unwrap_or(0);
-        let own = pss_kib(me);
+        let boot_ms = t.elapsed().as_millis() as u64;
+        // Let the guest settle (free page reporting, lazy work), then watch it idle; an
+        // interrupt stops the sandbox rather than leaving its QEMU behind.
+        let watched = async {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            measure(&sb, args.seconds).await
+        };
+        let measured = tokio::select! {
+            m = watched => Ok(m),
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted; the measurement sandbox was stopped")),
+        };
         let accelerator = sb.accel.name().to_string();
         sb.stop().await;
+        let (idle_millicores, qemu, vfsd, own) = measured?;
         let total_mib = (qemu + vfsd + own).div_ceil(1024);
         let m = Measurement {
             accelerator,
@@ -189,14 +214,7 @@ pub fn run(config: Option<PathBuf>, args: OverheadArgs) -> anyhow::Result<ExitCo
             ),
         };
         anyhow::Ok(m)
-    });
-    let m = match m {
-        Ok(m) => m,
-        Err(e) => {
-            kata_sandbox::sandbox::cleanup_stale(&id);
-            return Err(e);
-        }
-    };
+    })?;
     if args.json {
         println!(
             "{}",
@@ -245,7 +263,13 @@ mod tests {
     fn own_process_is_measured() {
         let me = std::process::id();
         assert!(pss_kib(me) > 0);
-        assert!(cpu_ticks(me) < u64::MAX);
-        assert_eq!(pss_kib(u32::MAX), 0);
+        // Spin for 100 ms of CPU: at least a few clock ticks show up.
+        let t = std::time::Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < Duration::from_millis(100) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        assert!(cpu_ticks(me) > 0, "{x}");
+        assert_eq!((pss_kib(u32::MAX), cpu_ticks(u32::MAX)), (0, 0));
     }
 }

@@ -25,6 +25,15 @@ pub enum VmError {
         /// Config key.
         key: &'static str,
     },
+    /// The network namespace QEMU should start in cannot be opened.
+    #[error("cannot open the pod's network namespace {path} to start QEMU in it (was the pod removed meanwhile?)")]
+    Netns {
+        /// Namespace path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// QEMU could not be started.
     #[error("failed to start {path}")]
     Spawn {
@@ -137,7 +146,7 @@ impl Vm {
             .stderr(Stdio::from(stderr));
         // QEMU starts inside the pod's network namespace, where its taps are.
         let netns = match &spec.netns {
-            Some(p) => Some(std::fs::File::open(p).map_err(|source| VmError::Spawn {
+            Some(p) => Some(std::fs::File::open(p).map_err(|source| VmError::Netns {
                 path: p.clone(),
                 source,
             })?),

@@ -1,0 +1,105 @@
+//! What the shim's test binaries share: the repository, the project's containerd, locally built
+//! images, and a look at the host's processes.
+#![allow(dead_code)] // each test binary uses its own part
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// The repository root.
+pub fn repo() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+}
+
+/// `scripts/containerd.sh ARGS`; its stdout (the socket, for `start`).
+pub fn containerd(args: &[&str]) -> String {
+    let out = Command::new(repo().join("scripts/containerd.sh"))
+        .args(args)
+        .output()
+        .expect("scripts/containerd.sh");
+    assert!(
+        out.status.success(),
+        "containerd.sh {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Builds the busybox image `reference` (running `entrypoint`, a JSON array, when given) and
+/// imports it into containerd namespace `namespace`.
+pub fn import_image(sock: &str, namespace: &str, reference: &str, entrypoint: Option<&str>) {
+    let tar: PathBuf = std::env::temp_dir().join(format!(
+        "kata-test-{}.tar",
+        reference.replace(['/', ':'], "_")
+    ));
+    let mut cmd = Command::new(repo().join("scripts/busybox-image.sh"));
+    cmd.arg(&tar).arg(reference);
+    if let Some(e) = entrypoint {
+        cmd.arg(e);
+    }
+    assert!(cmd.status().expect("busybox-image.sh").success());
+    let st = Command::new("ctr")
+        .args(["-a", sock, "-n", namespace, "images", "import"])
+        .arg(&tar)
+        .stdout(Stdio::null())
+        .status()
+        .expect("ctr images import");
+    assert!(st.success(), "import {reference}");
+}
+
+/// Command lines (NUL as space) of the host's processes that contain `needle`.
+pub fn processes_with(needle: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let cmd =
+            String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).unwrap_or_default())
+                .replace('\0', " ");
+        if cmd.contains(needle) {
+            out.push(cmd);
+        }
+    }
+    out
+}
+
+/// The guest kernel's release (`uname -r` in a container).
+pub fn guest_kernel_release() -> String {
+    let pin = std::fs::read_to_string(repo().join("guest/kernel-version")).expect("kernel pin");
+    format!("{}-amd64", pin.trim())
+}
+
+/// What sandbox `id` left on the host: its QEMU and virtiofsd, state directories and mounts.
+pub fn sandbox_leftovers(id: &str) -> Vec<String> {
+    let mut left = processes_with(&format!("sandbox-{id} "));
+    left.extend(processes_with(&format!("/run/vc/vm/{id}/")));
+    for dir in [
+        format!("/run/vc/vm/{id}"),
+        format!("/run/kata-containers/shared/sandboxes/{id}"),
+    ] {
+        if Path::new(&dir).exists() {
+            left.push(dir);
+        }
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    left.extend(
+        mounts
+            .lines()
+            .filter(|l| l.contains(&format!("/{id}/")))
+            .map(str::to_string),
+    );
+    left
+}
+
+/// Waits up to `within` until sandbox `id` left nothing; fails listing what remains.
+pub fn assert_sandbox_gone(id: &str, within: std::time::Duration) {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let left = sandbox_leftovers(id);
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "left behind by {id}: {left:#?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
