@@ -77,8 +77,11 @@ config_section! {
         jaeger_password: String = String::new(), N, NY, ALL;
         /// Do not create a network namespace for the shim and hypervisor (use with `none`).
         disable_new_netns: bool = false, Y, OK, ALL;
-        /// Put every Kata process in the sandbox cgroup only (no overhead cgroup).
-        sandbox_cgroup_only: bool = false, Y, NY, ALL;
+        /// Host cgroups: true puts the shim, virtiofsd and QEMU in the sandbox cgroup
+        /// `<pod cgroup>/kata_<id>` (unlimited; the pod cgroup limits it); false puts only
+        /// QEMU's vCPU threads there, with the sum of the containers' CPU limits, and the rest
+        /// in `/kata_overhead/<id>`.
+        sandbox_cgroup_only: bool = false, Y, OK, ALL;
         /// Size the VM at boot from the containers' limits instead of hot-plugging.
         static_sandbox_resource_mgmt: bool = false, N, NY, ALL;
         /// Dragonball's name for `static_sandbox_resource_mgmt`.

@@ -9,6 +9,9 @@ pub enum SandboxError {
     /// The configuration cannot run here.
     #[error("{0}")]
     Unsupported(String),
+    /// The sandbox's host cgroups could not be set up.
+    #[error("host cgroups ([runtime].sandbox_cgroup_only): {0}")]
+    Cgroup(String),
     /// The pod network could not be set up.
     #[error("pod network: {0}")]
     Network(String),

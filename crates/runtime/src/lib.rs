@@ -3,13 +3,16 @@
 //! - [`sandbox`]: a sandbox is a VM (QEMU, virtiofsd) plus its agent; create, resize, stop;
 //! - [`agent`]: the ttrpc client of the agent;
 //! - [`accel`]: KVM or TCG;
+//! - [`cgroups`]: the sandbox's cgroups on the host;
+//! - [`network`]: the pod network mirrored into the VM;
 //! - [`error`]: the errors ([`SandboxError`]).
 
 pub mod accel;
 pub mod agent;
+pub mod cgroups;
 pub mod error;
 pub mod network;
 pub mod sandbox;
 
 pub use error::SandboxError;
-pub use sandbox::{Sandbox, SandboxPaths};
+pub use sandbox::{Placement, Sandbox, SandboxPaths};

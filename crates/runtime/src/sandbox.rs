@@ -17,6 +17,7 @@ use oci_spec::runtime::{Process, Spec};
 use tracing::Instrument;
 
 use crate::agent::{agent_err, ctx, AgentClient, CALL_TIMEOUT};
+use crate::cgroups::{CpuLimit, HostCgroups, Layout};
 use crate::error::SandboxError;
 use crate::network::PodNetwork;
 
@@ -46,6 +47,18 @@ impl SandboxPaths {
             shared_dir: Path::new(SHARED_ROOT).join(id),
         }
     }
+}
+
+/// Where on the host a sandbox runs.
+#[derive(Debug, Clone, Default)]
+pub struct Placement {
+    /// The pod's network namespace, whose interfaces are mirrored into the VM (as
+    /// `[runtime].internetworking_model` says). None: the VM gets no network.
+    pub netns: Option<PathBuf>,
+    /// The sandbox container's `linux.cgroupsPath`. Some: the sandbox's host cgroups are made
+    /// as `[runtime].sandbox_cgroup_only` says, and the calling process (the shim) joins them.
+    /// None: everything stays in the caller's cgroups.
+    pub cgroups_path: Option<String>,
 }
 
 /// How long each boot phase took.
@@ -81,6 +94,8 @@ pub struct Sandbox {
     pub network: Option<PodNetwork>,
     /// The agent.
     pub agent: AgentClient,
+    /// The host cgroups, when the sandbox manages them.
+    pub cgroups: Option<std::sync::Arc<HostCgroups>>,
     vcpus: AtomicU32,
     memory_mib: AtomicU32,
     /// Boot timings.
@@ -138,6 +153,7 @@ pub fn cleanup_stale(id: &str) -> bool {
             }
         }
     }
+    crate::cgroups::remove_recorded(&paths.vm_dir);
     cleanup_paths(&paths);
     existed
 }
@@ -160,15 +176,14 @@ pub fn unmount_under(dir: &Path) {
 impl Sandbox {
     /// Boots the VM, connects to the agent and prepares the guest.
     pub async fn create(id: &str, config: &Config) -> Result<Sandbox, SandboxError> {
-        Self::create_in(id, config, None).await
+        Self::create_in(id, config, &Placement::default()).await
     }
 
-    /// Like [`Sandbox::create`], mirroring the interfaces of the pod network namespace `netns`
-    /// into the VM (as `[runtime].internetworking_model` says).
+    /// Like [`Sandbox::create`], in the pod network namespace and host cgroups `placement` names.
     pub async fn create_in(
         id: &str,
         config: &Config,
-        netns: Option<&Path>,
+        placement: &Placement,
     ) -> Result<Sandbox, SandboxError> {
         let kind = config.hypervisor_kind;
         if !kind.is_supported() {
@@ -184,7 +199,7 @@ impl Sandbox {
             )));
         }
         let mut started = Started::default();
-        match Self::boot(id, config, netns, &paths, &mut started).await {
+        match Self::boot(id, config, placement, &paths, &mut started).await {
             Ok(sb) => Ok(sb),
             Err(e) => {
                 if let Some(vm) = started.vm.take() {
@@ -196,6 +211,9 @@ impl Sandbox {
                 if let Some(n) = started.network.take() {
                     let _ = tokio::task::spawn_blocking(move || n.teardown()).await;
                 }
+                if let Some(cg) = started.cgroups.take() {
+                    let _ = tokio::task::spawn_blocking(move || cg.remove()).await;
+                }
                 cleanup_paths(&paths);
                 Err(e)
             }
@@ -205,7 +223,7 @@ impl Sandbox {
     async fn boot(
         id: &str,
         config: &Config,
-        netns: Option<&Path>,
+        placement: &Placement,
         paths: &SandboxPaths,
         started: &mut Started,
     ) -> Result<Sandbox, SandboxError> {
@@ -218,6 +236,19 @@ impl Sandbox {
         timings.accel_ms = ms(t);
         for dir in [&paths.vm_dir, &paths.shared_dir] {
             std::fs::create_dir_all(dir).map_err(io_err("failed to create", dir))?;
+        }
+        // Joined before virtiofsd and QEMU start, so that they start in it.
+        if let Some(path) = &placement.cgroups_path {
+            let cg = tracing::info_span!("host_cgroups").in_scope(|| {
+                HostCgroups::setup(
+                    Layout::current()?,
+                    id,
+                    path,
+                    config.runtime.sandbox_cgroup_only,
+                    &paths.vm_dir,
+                )
+            })?;
+            started.cgroups = Some(std::sync::Arc::new(cg));
         }
         let t = Instant::now();
         let shared_fs = match h.shared_fs {
@@ -256,7 +287,7 @@ impl Sandbox {
         if config.agent.enable_debug {
             extra.push("agent.log=debug".to_string());
         }
-        let network = match netns {
+        let network = match &placement.netns {
             Some(ns) if !config.runtime.disable_new_netns => {
                 let (ns, model) = (ns.to_path_buf(), config.runtime.internetworking_model);
                 let (rx, tx) = (h.rx_rate_limiter_max_rate, h.tx_rate_limiter_max_rate);
@@ -299,6 +330,12 @@ impl Sandbox {
             .instrument(tracing::info_span!("qemu_start"))
             .await?;
         timings.qemu_ms = ms(t);
+        if let Some(cg) = &started.cgroups {
+            if let Err(e) = place_vcpus(&vm, cg).await {
+                started.vm = Some(vm);
+                return Err(e);
+            }
+        }
         let t = Instant::now();
         let dial_timeout = config.agent.dial_timeout;
         let deadline = Instant::now() + Duration::from_secs(dial_timeout.into());
@@ -398,6 +435,7 @@ impl Sandbox {
             virtiofsd: tokio::sync::Mutex::new(started.virtiofsd.take()),
             network: started.network.take(),
             agent,
+            cgroups: started.cgroups.take(),
             vcpus: AtomicU32::new(h.default_vcpus),
             memory_mib: AtomicU32::new(h.default_memory),
             timings,
@@ -418,6 +456,9 @@ impl Sandbox {
         if vcpus > 0 {
             let added = self.vm.add_vcpus(vcpus).await?;
             self.vcpus.fetch_add(added, Ordering::Relaxed);
+            if let Some(cg) = &self.cgroups {
+                place_vcpus(&self.vm, cg).await?;
+            }
         }
         let mem = memory_mib.div_ceil(MEMORY_BLOCK_MIB) * MEMORY_BLOCK_MIB;
         if mem > 0 {
@@ -827,8 +868,26 @@ impl Sandbox {
         if let Some(n) = self.network.clone() {
             let _ = tokio::task::spawn_blocking(move || n.teardown()).await;
         }
+        if let Some(cg) = self.cgroups.clone() {
+            let _ = tokio::task::spawn_blocking(move || cg.remove()).await;
+        }
         cleanup_paths(&self.paths);
     }
+
+    /// Sets the host sandbox cgroup's CPU limit (the sum of the containers' limits; see
+    /// [`crate::cgroups`]). Does nothing when the sandbox does not manage host cgroups.
+    pub fn set_host_cpu_limit(&self, limit: Option<CpuLimit>) -> Result<(), SandboxError> {
+        match &self.cgroups {
+            Some(cg) => cg.set_cpu_limit(limit),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Moves QEMU's vCPU threads to the sandbox cgroup.
+async fn place_vcpus(vm: &Vm, cg: &HostCgroups) -> Result<(), SandboxError> {
+    let tids = vm.vcpu_threads().await?;
+    cg.add_vcpu_threads(vm.pid, &tids)
 }
 
 /// Gives the guest the pod's interfaces (by MAC), addresses and routes.
@@ -897,4 +956,5 @@ struct Started {
     vm: Option<Vm>,
     virtiofsd: Option<Virtiofsd>,
     network: Option<PodNetwork>,
+    cgroups: Option<std::sync::Arc<HostCgroups>>,
 }

@@ -56,6 +56,14 @@ pub fn role(annotations: &HashMap<String, String>) -> Result<Role, String> {
     })
 }
 
+/// Whether the annotations mark a pod's sandbox (pause) container, which holds no workload.
+pub fn is_pod_sandbox(annotations: &HashMap<String, String>) -> bool {
+    let get = |k: &str| annotations.get(k).map(String::as_str);
+    matches!(get(CRI_CONTAINER_TYPE), Some("sandbox"))
+        || matches!(get(CRIO_CONTAINER_TYPE), Some("sandbox"))
+        || matches!(get(KATA_CONTAINER_TYPE), Some("pod_sandbox"))
+}
+
 /// The role of the container whose bundle is `bundle` (its config.json's annotations).
 pub fn role_of_bundle(bundle: &std::path::Path) -> Result<Role, String> {
     let path = bundle.join("config.json");

@@ -14,7 +14,8 @@ use containerd_shim_protos::events::task::{
 use containerd_shim_protos::shim_async::Task;
 use kata_config::load::{FoundBy, SearchInputs};
 use kata_config::HostLimits;
-use kata_sandbox::Sandbox;
+use kata_sandbox::cgroups::CpuLimit;
+use kata_sandbox::{Placement, Sandbox};
 use oci_spec::runtime::{LinuxResources, Process, Spec};
 use protobuf::well_known_types::empty::Empty;
 use protobuf::well_known_types::timestamp::Timestamp;
@@ -58,6 +59,9 @@ struct TaskState {
     bundle: PathBuf,
     rootfs: Option<PathBuf>,
     memory_mib: u32,
+    /// The container's CPU limit, counted in the host sandbox cgroup's (None: not counted, as
+    /// for a pod's sandbox container).
+    cpu: Option<Option<CpuLimit>>,
     init: Proc,
     execs: HashMap<String, Proc>,
 }
@@ -160,6 +164,15 @@ fn requested(resources: Option<&LinuxResources>) -> (u32, u32) {
         })
         .unwrap_or(0);
     (mem, cpus)
+}
+
+/// The CPU limit (quota, period) of a spec's resources.
+fn cpu_limit(resources: Option<&LinuxResources>) -> Option<CpuLimit> {
+    let cpu = resources?.cpu().as_ref()?;
+    match (cpu.quota(), cpu.period()) {
+        (Some(quota), Some(period)) if quota > 0 && period > 0 => Some(CpuLimit { quota, period }),
+        _ => None,
+    }
 }
 
 fn annotations_of(spec: &Spec) -> HashMap<String, String> {
@@ -305,7 +318,18 @@ impl Service {
         };
         let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
         let (mem, cpus) = requested(resources.as_ref());
-        let netns = kata_sandbox::network::netns_of(&spec);
+        let placement = Placement {
+            netns: kata_sandbox::network::netns_of(&spec),
+            cgroups_path: Some(
+                spec.linux()
+                    .as_ref()
+                    .and_then(|l| l.cgroups_path().as_ref())
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+            ),
+        };
+        let counted_cpu = (!crate::pod::is_pod_sandbox(&annotations_of(&spec)))
+            .then(|| cpu_limit(resources.as_ref()));
         crate::pod::guest_namespaces(
             &mut spec,
             if req.id == self.id { None } else { sandbox_pid },
@@ -321,7 +345,7 @@ impl Service {
                         .min(h.default_maxmemory);
                     h.default_vcpus = h.default_vcpus.saturating_add(cpus).min(h.default_maxvcpus);
                 }
-                match Sandbox::create_in(&req.id, &config, netns.as_deref())
+                match Sandbox::create_in(&req.id, &config, &placement)
                     .instrument(tracing::info_span!("vm_boot"))
                     .await
                 {
@@ -385,11 +409,25 @@ impl Service {
             bundle,
             rootfs: mounted,
             memory_mib: mem,
+            cpu: counted_cpu,
             init,
             execs: HashMap::new(),
         };
         self.state.lock().await.tasks.insert(req.id.clone(), task);
+        self.update_host_cpu_limit(&sb).await;
         Ok(pid)
+    }
+
+    /// Gives the host sandbox cgroup the sum of the containers' CPU limits.
+    async fn update_host_cpu_limit(&self, sb: &Sandbox) {
+        let limits: Vec<Option<CpuLimit>> = {
+            let st = self.state.lock().await;
+            st.tasks.values().filter_map(|t| t.cpu).collect()
+        };
+        let limit = kata_sandbox::cgroups::sum_cpu_limits(&limits);
+        if let Err(e) = sb.set_host_cpu_limit(limit) {
+            tracing::warn!(error = %kata_config::error_chain(&e), ?limit, "cannot limit the host sandbox cgroup");
+        }
     }
 
     /// Forwards the guest's OOM kills as `/tasks/oom` events while the sandbox runs.
@@ -624,6 +662,9 @@ impl Task for Service {
             if let Err(e) = sb.remove_container(&req.id).await {
                 tracing::warn!(error = %e, "remove container");
             }
+            if req.id != self.id {
+                self.update_host_cpu_limit(sb).await;
+            }
             if t.memory_mib > 0 {
                 tracing::debug!(
                     mib = t.memory_mib,
@@ -846,6 +887,9 @@ impl Task for Service {
                 .ok_or_else(|| not_found(&format!("task {}", req.id)))?;
             let grow = mem.saturating_sub(t.memory_mib);
             t.memory_mib = t.memory_mib.max(mem);
+            if t.cpu.is_some() {
+                t.cpu = Some(cpu_limit(Some(&resources)));
+            }
             grow
         };
         if grow > 0 && !sb.config.runtime.static_resources() {
@@ -854,6 +898,7 @@ impl Task for Service {
         sb.update(&req.id, any.value.clone())
             .await
             .map_err(internal)?;
+        self.update_host_cpu_limit(&sb).await;
         Ok(Empty::new())
     }
 

@@ -710,3 +710,133 @@ async fn start_probe(c: &mut RuntimeServiceClient<Channel>, pod: &str) -> String
     )
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, containerd, QEMU and make install (make test runs it)"]
+async fn host_cgroups_follow_sandbox_cgroup_only() {
+    let mut c = client().await;
+    let _lock = config_lock().await;
+    remove_stale(&mut c, "kata-cgroup").await;
+    // The kubelet's part: the pod cgroup, limited to the pod's needs plus its overhead.
+    let parent = "kubepods-kata-test/pod-uid-kata-cgroup";
+    let memory = Path::new("/sys/fs/cgroup/memory").join(parent);
+    std::fs::create_dir_all(&memory).expect("pod cgroup");
+    std::fs::write(memory.join("memory.limit_in_bytes"), "3221225472").expect("limit");
+    let drop_in = write_drop_in(
+        "90-test-cgroup.toml",
+        "[runtime]\nsandbox_cgroup_only = true\n",
+    );
+    let mut cfg = pod_config("kata-cgroup", &[], &logs_dir("cgroup"));
+    cfg.linux = Some(LinuxPodSandboxConfig {
+        cgroup_parent: format!("/{parent}"),
+        ..Default::default()
+    });
+    let pod = c
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(cfg.clone()),
+            runtime_handler: "kata".into(),
+        })
+        .await;
+    let _ = std::fs::remove_file(&drop_in);
+    let pod = pod.expect("RunPodSandbox").into_inner().pod_sandbox_id;
+    let id = start_container(
+        &mut c,
+        &pod,
+        &cfg,
+        container_config("busybox", &["tail", "-f", "/dev/null"], vec![]),
+    )
+    .await;
+    let (out, code) = exec(&mut c, &id, &["true"]).await;
+    assert_eq!(code, 0, "{out}");
+
+    let qemu = qemu_of(&pod);
+    let shim = common::pid_with(&format!("-id {pod}")).expect("the pod's shim");
+    let virtiofsd = common::pid_with(&format!("/run/vc/vm/{pod}/vfsd.sock")).expect("virtiofsd");
+    let mut want = vec![shim, virtiofsd, qemu];
+    want.sort_unstable();
+    let sandbox = memory.join(format!("kata_{pod}"));
+    let mut procs = common::cgroup_members(&sandbox, "cgroup.procs");
+    procs.sort_unstable();
+    assert_eq!(
+        procs, want,
+        "shim, virtiofsd and QEMU in the sandbox cgroup"
+    );
+    // All of QEMU's threads, vCPUs included, are there in every controller.
+    let cpu = Path::new("/sys/fs/cgroup/cpu")
+        .join(parent)
+        .join(format!("kata_{pod}"));
+    let threads = std::fs::read_dir(format!("/proc/{qemu}/task"))
+        .expect("QEMU threads")
+        .count();
+    let tasks = common::cgroup_members(&cpu, "tasks");
+    assert!(tasks.len() >= threads, "{tasks:?}");
+    assert!(common::sandbox_cgroups(&pod)
+        .iter()
+        .all(|d| !d.to_string_lossy().contains("kata_overhead")));
+    // The runtime sets no limit of its own; the pod cgroup counts the whole VM.
+    let quota = std::fs::read_to_string(cpu.join("cpu.cfs_quota_us")).expect("quota");
+    assert_eq!(quota.trim(), "-1");
+    let usage: u64 = std::fs::read_to_string(memory.join("memory.usage_in_bytes"))
+        .expect("usage")
+        .trim()
+        .parse()
+        .expect("number");
+    assert!(
+        usage > 64 << 20,
+        "the pod cgroup is charged for the VM's memory: {usage} bytes"
+    );
+
+    remove_pod(&mut c, &pod).await;
+    assert!(memory.exists(), "the pod cgroup is the kubelet's: it stays");
+
+    // The shipped layout (sandbox_cgroup_only = false): the vCPU threads' cgroup under the pod
+    // cgroup carries the sum of the application containers' CPU limits (the pause container
+    // has none and does not count).
+    remove_stale(&mut c, "kata-cgroup").await;
+    let pod = c
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(cfg.clone()),
+            runtime_handler: "kata".into(),
+        })
+        .await
+        .expect("RunPodSandbox")
+        .into_inner()
+        .pod_sandbox_id;
+    let cpu = Path::new("/sys/fs/cgroup/cpu")
+        .join(parent)
+        .join(format!("kata_{pod}"));
+    let quota = || {
+        std::fs::read_to_string(cpu.join("cpu.cfs_quota_us"))
+            .expect("quota")
+            .trim()
+            .to_string()
+    };
+    assert_eq!(quota(), "-1", "no container yet");
+    for (name, quota_us) in [("half", 50_000), ("quarter", 25_000)] {
+        let mut cc = container_config(name, &["tail", "-f", "/dev/null"], vec![]);
+        cc.linux = Some(LinuxContainerConfig {
+            resources: Some(LinuxContainerResources {
+                cpu_period: 100_000,
+                cpu_quota: quota_us,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        start_container(&mut c, &pod, &cfg, cc).await;
+    }
+    assert_eq!(quota(), "75000", "0.5 + 0.25 CPU");
+    let vcpus = common::cgroup_members(&cpu, "tasks");
+    assert!(!vcpus.is_empty(), "vCPU threads in the sandbox cgroup");
+    let overhead = Path::new("/sys/fs/cgroup/memory/kata_overhead").join(&pod);
+    assert!(
+        common::cgroup_members(&overhead, "cgroup.procs").contains(&qemu_of(&pod)),
+        "QEMU itself in the overhead cgroup"
+    );
+    remove_pod(&mut c, &pod).await;
+    // The pod cgroup is the kubelet's and stays; remove it as the kubelet would.
+    for h in ["cpu", "cpuacct", "cpuset", "memory", "pids", "blkio"] {
+        let top = Path::new("/sys/fs/cgroup").join(h);
+        let _ = std::fs::remove_dir(top.join(parent));
+        let _ = std::fs::remove_dir(top.join("kubepods-kata-test"));
+    }
+}

@@ -383,6 +383,20 @@ fn bad_inputs_reach_the_user_and_leave_nothing() {
         "{err}"
     );
     assert_no_leftovers("bad-netns");
+    // A cgroup path that climbs out of the hierarchy.
+    let (_, err, code) = run(
+        KATA,
+        "bad-cgroup",
+        &["--cgroup", "/default/../etc"],
+        "true",
+        "",
+    );
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("linux.cgroupsPath \"/default/../etc\" contains '.' or '..'"),
+        "{err}"
+    );
+    assert_no_leftovers("bad-cgroup");
 }
 
 #[test]
@@ -436,6 +450,43 @@ fn cpu_quota_hot_plugs_a_vcpu() {
         .unwrap_or(1);
     assert_eq!(a, (b + 1).min(host), "vCPUs {b} -> {a} with --cpus 1");
     assert_no_leftovers("cpus-one");
+}
+
+#[test]
+#[ignore = "needs root, containerd, QEMU and make install (make test runs it)"]
+fn host_cgroups_hold_vcpus_apart_from_the_overhead() {
+    // The shipped sandbox_cgroup_only = false: the shim, virtiofsd and QEMU in
+    // /kata_overhead/<id>; QEMU's vCPU threads in <cgroupsPath parent>/kata_<id> (ctr gives
+    // /default/<id>), which carries the container's CPU limit.
+    let id = "cgroups-kata";
+    force_remove(id);
+    run_detached(KATA, id, &["--cpus", "0.5"], &["sleep", "1000"]);
+    let cpu = std::path::Path::new("/sys/fs/cgroup/cpu/default").join(format!("kata_{id}"));
+    let quota = std::fs::read_to_string(cpu.join("cpu.cfs_quota_us")).expect("sandbox cgroup");
+    assert_eq!(quota.trim(), "50000", "--cpus 0.5 over a 100 ms period");
+    let qemu = common::pid_with(&format!("sandbox-{id} ")).expect("QEMU runs");
+    let shim = common::pid_with(&format!("-id {id} ")).expect("shim runs");
+    let virtiofsd = common::pid_with(&format!("/run/vc/vm/{id}/vfsd.sock")).expect("virtiofsd");
+    let tasks = common::cgroup_members(&cpu, "tasks");
+    assert_eq!(tasks.len(), 2, "1 + 1 hot-plugged vCPU threads: {tasks:?}");
+    for tid in &tasks {
+        let tgid = std::fs::read_to_string(format!("/proc/{qemu}/task/{tid}/stat"));
+        assert!(tgid.is_ok(), "thread {tid} is QEMU's");
+    }
+    let overhead = std::path::Path::new("/sys/fs/cgroup/memory/kata_overhead").join(id);
+    let mut procs = common::cgroup_members(&overhead, "cgroup.procs");
+    procs.sort_unstable();
+    let mut want = vec![shim, virtiofsd, qemu];
+    want.sort_unstable();
+    assert_eq!(
+        procs, want,
+        "shim, virtiofsd and QEMU in the overhead cgroup"
+    );
+    // The guest still runs under the limit.
+    let out = ctr(&["task", "exec", "--exec-id", "n", id, "nproc"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "2");
+    kill_and_remove(id);
+    assert_no_leftovers(id);
 }
 
 #[test]

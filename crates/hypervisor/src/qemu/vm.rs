@@ -77,6 +77,20 @@ pub struct Vm {
     next_dimm: std::sync::atomic::AtomicU32,
 }
 
+/// The `thread-id`s of a `query-cpus-fast` answer.
+pub fn parse_cpu_threads(v: &serde_json::Value) -> Vec<u32> {
+    let mut tids: Vec<u32> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c.get("thread-id")?.as_u64())
+        .filter_map(|t| u32::try_from(t).ok())
+        .collect();
+    tids.sort_unstable();
+    tids.dedup();
+    tids
+}
+
 /// The last `lines` lines of the guest console.
 pub fn console_tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read(path)
@@ -243,6 +257,12 @@ impl Vm {
         Ok(self.qmp.lock().await.execute(command, args).await?)
     }
 
+    /// The host thread ids of the vCPUs (QMP `query-cpus-fast`).
+    pub async fn vcpu_threads(&self) -> Result<Vec<u32>, VmError> {
+        let v = self.qmp("query-cpus-fast", None).await?;
+        Ok(parse_cpu_threads(&v))
+    }
+
     /// Hot-plugs `count` vCPUs; returns how many were added.
     pub async fn add_vcpus(&self, count: u32) -> Result<u32, VmError> {
         let slots =
@@ -358,5 +378,22 @@ pub fn kill_pid(pid: u32) {
     if pid > 0 {
         // SAFETY: plain kill(2).
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_threads_from_query_cpus_fast() {
+        let v = json!([
+            {"cpu-index": 0, "thread-id": 4321, "qom-path": "/machine/unattached/device[0]"},
+            {"cpu-index": 1, "thread-id": 4330, "qom-path": "/machine/peripheral/cpu-1-0"},
+            {"cpu-index": 2, "thread-id": 4321},
+            {"cpu-index": 3}
+        ]);
+        assert_eq!(parse_cpu_threads(&v), [4321, 4330]);
+        assert!(parse_cpu_threads(&json!({"error": "x"})).is_empty());
     }
 }

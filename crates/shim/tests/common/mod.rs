@@ -78,6 +78,7 @@ pub fn sandbox_leftovers(id: &str) -> Vec<String> {
             left.push(dir);
         }
     }
+    left.extend(sandbox_cgroups(id).iter().map(|p| p.display().to_string()));
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     left.extend(
         mounts
@@ -102,4 +103,58 @@ pub fn assert_sandbox_gone(id: &str, within: std::time::Duration) {
         );
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
+}
+
+/// The host cgroup directories of sandbox `id` (`kata_<id>` anywhere, `kata_overhead/<id>`).
+pub fn sandbox_cgroups(id: &str) -> Vec<std::path::PathBuf> {
+    fn walk(dir: &Path, leaf: &str, depth: u32, out: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if !e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                continue;
+            }
+            if e.file_name().to_string_lossy() == leaf {
+                out.push(p);
+            } else if depth > 0 {
+                walk(&p, leaf, depth - 1, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for h in std::fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        walk(&h.path(), &format!("kata_{id}"), 6, &mut out);
+        let overhead = h.path().join("kata_overhead").join(id);
+        if overhead.exists() {
+            out.push(overhead);
+        }
+    }
+    out
+}
+
+/// The pids (or, with `file` = "tasks", thread ids) a cgroup directory lists.
+pub fn cgroup_members(dir: &Path, file: &str) -> Vec<u32> {
+    std::fs::read_to_string(dir.join(file))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// The first pid whose command line contains `needle`.
+pub fn pid_with(needle: &str) -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            String::from_utf8_lossy(&cmd)
+                .replace('\0', " ")
+                .contains(needle)
+        })
 }
