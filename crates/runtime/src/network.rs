@@ -1,8 +1,13 @@
 //! The pod's network: the interfaces the CNI plugins put in the pod's network namespace are
-//! mirrored into the VM. Per interface the runtime creates a tap in that namespace, joins it to
-//! the interface (`tcfilter`: tc mirred redirect both ways; `none`: not joined), and QEMU, started
-//! inside the namespace, gives the guest a virtio-net NIC on the tap with the interface's MAC.
-//! The agent then sets the addresses, MTU and routes in the guest.
+//! mirrored into the VM. Per interface the runtime creates, in that namespace:
+//!
+//! - `tcfilter`: a tap, joined to the interface by tc mirred redirect both ways;
+//! - `macvtap`: a macvtap in passthru mode on the interface (it takes all of the interface's
+//!   traffic, with its MAC), whose character device QEMU gets as an open file descriptor;
+//! - `none`: a tap, not joined.
+//!
+//! QEMU, started inside the namespace, gives the guest a virtio-net NIC on it with the
+//! interface's MAC. The agent then sets the addresses, MTU and routes in the guest.
 //!
 //! Links, addresses, routes and qdiscs are read and changed with iproute2's `ip` and `tc`,
 //! entered into the namespace with `nsenter` (both are runtime requirements, as CNI plugins are).
@@ -26,8 +31,10 @@ pub struct Endpoint {
     pub mtu: u64,
     /// IPv4 addresses with prefix lengths.
     pub addresses: Vec<(String, u32)>,
-    /// The tap QEMU opens.
+    /// The tap (or macvtap) QEMU uses.
     pub tap: String,
+    /// The macvtap's character device (major, minor), for QEMU to open by descriptor.
+    pub macvtap_dev: Option<(u32, u32)>,
 }
 
 /// A route of the pod namespace.
@@ -131,6 +138,7 @@ fn scan(netns: &Path) -> Result<(Vec<Endpoint>, Vec<Route>), SandboxError> {
             mtu: l.mtu,
             addresses,
             tap,
+            macvtap_dev: None,
         });
     }
     let routes: Vec<IpRoute> =
@@ -184,6 +192,45 @@ fn redirect(netns: &Path, from: &str, to: &str) -> Result<(), SandboxError> {
     )
 }
 
+/// The ifb device that shapes what arrives on endpoint `i`'s interface (macvtap rx limit).
+fn ifb_name(i: usize) -> String {
+    format!("ifb{i}{TAP_SUFFIX}")
+}
+
+/// The (major, minor) of macvtap `name`'s character device. Its sysfs entry is visible only in
+/// a sysfs mounted from inside the namespace: one is mounted in a private mount namespace.
+fn macvtap_device(netns: &Path, name: &str) -> Result<(u32, u32), SandboxError> {
+    #[derive(Deserialize)]
+    struct Link {
+        ifindex: u32,
+    }
+    let links: Vec<Link> =
+        serde_json::from_str(&run_in(netns, "ip", &["-j", "link", "show", "dev", name])?)
+            .map_err(|e| SandboxError::Network(format!("unexpected `ip -j link` output: {e}")))?;
+    let index = links
+        .first()
+        .map(|l| l.ifindex)
+        .ok_or_else(|| SandboxError::Network(format!("macvtap {name} vanished")))?;
+    let script =
+        format!("mount -t sysfs sysfs /sys && cat /sys/class/net/{name}/macvtap/tap{index}/dev");
+    let out = run_in(
+        netns,
+        "unshare",
+        &["--mount", "--propagation", "private", "sh", "-c", &script],
+    )?;
+    parse_dev(&out).ok_or_else(|| {
+        SandboxError::Network(format!(
+            "macvtap {name}: unexpected device number {:?}",
+            out.trim()
+        ))
+    })
+}
+
+fn parse_dev(s: &str) -> Option<(u32, u32)> {
+    let (major, minor) = s.trim().split_once(':')?;
+    Some((major.parse().ok()?, minor.parse().ok()?))
+}
+
 impl PodNetwork {
     /// Sets up the taps of `netns` for `model`; `rx`/`tx` are rate limits in bit/s (0: none)
     /// for traffic into and out of the VM. On error, undoes what it did.
@@ -199,13 +246,8 @@ impl PodNetwork {
                 netns.display()
             )));
         }
-        if model == InterNetworkingModel::Macvtap {
-            return Err(SandboxError::Unsupported(
-                "[runtime].internetworking_model = \"macvtap\" is not supported yet; use \"tcfilter\" (the default) or \"none\"".into(),
-            ));
-        }
         let (endpoints, routes) = scan(netns)?;
-        let net = PodNetwork {
+        let mut net = PodNetwork {
             netns: netns.to_path_buf(),
             endpoints,
             routes,
@@ -217,24 +259,41 @@ impl PodNetwork {
         Ok(net)
     }
 
-    fn connect(&self, model: InterNetworkingModel, rx: u64, tx: u64) -> Result<(), SandboxError> {
-        for e in &self.endpoints {
-            run_in(
-                &self.netns,
-                "ip",
-                &["tuntap", "add", "dev", &e.tap, "mode", "tap"],
-            )?;
+    fn connect(
+        &mut self,
+        model: InterNetworkingModel,
+        rx: u64,
+        tx: u64,
+    ) -> Result<(), SandboxError> {
+        let netns = self.netns.clone();
+        for (i, e) in self.endpoints.iter_mut().enumerate() {
+            if model == InterNetworkingModel::Macvtap {
+                run_in(
+                    &netns,
+                    "ip",
+                    &[
+                        "link", "add", "link", &e.name, "name", &e.tap, "type", "macvtap", "mode",
+                        "passthru",
+                    ],
+                )
+                .map_err(|err| {
+                    SandboxError::Network(format!(
+                        "{err} (internetworking_model = \"macvtap\" needs the host kernel's macvtap driver: modprobe macvtap)"
+                    ))
+                })?;
+            } else {
+                run_in(
+                    &netns,
+                    "ip",
+                    &["tuntap", "add", "dev", &e.tap, "mode", "tap"],
+                )?;
+            }
             let mtu = e.mtu.to_string();
             run_in(
-                &self.netns,
+                &netns,
                 "ip",
                 &["link", "set", "dev", &e.tap, "mtu", &mtu, "up"],
             )?;
-            if model != InterNetworkingModel::TcFilter {
-                continue;
-            }
-            redirect(&self.netns, &e.name, &e.tap)?;
-            redirect(&self.netns, &e.tap, &e.name)?;
             let dev = |d: &str, rate: u64| -> Result<(), SandboxError> {
                 if rate == 0 {
                     return Ok(());
@@ -248,9 +307,36 @@ impl PodNetwork {
                 args.extend(tbf_args(rate));
                 tc(&self.netns, &args)
             };
-            // Into the VM: the tap's egress. Out of the VM: redirected to the interface's egress.
-            dev(&e.tap, rx)?;
-            dev(&e.name, tx)?;
+            match model {
+                InterNetworkingModel::TcFilter => {
+                    redirect(&netns, &e.name, &e.tap)?;
+                    redirect(&netns, &e.tap, &e.name)?;
+                    // Into the VM: the tap's egress. Out of the VM: redirected to the
+                    // interface's egress.
+                    dev(&e.tap, rx)?;
+                    dev(&e.name, tx)?;
+                }
+                InterNetworkingModel::Macvtap => {
+                    e.macvtap_dev = Some(macvtap_device(&netns, &e.tap)?);
+                    // Out of the VM: the macvtap sends through the interface's egress. Into
+                    // the VM: frames reach the macvtap from the interface's receive path; they
+                    // are shaped by an ifb device the interface's ingress redirects to, which
+                    // hands them back to the interface's receive path.
+                    dev(&e.name, tx)?;
+                    if rx > 0 {
+                        let ifb = ifb_name(i);
+                        run_in(&netns, "ip", &["link", "add", &ifb, "type", "ifb"]).map_err(
+                            |err| SandboxError::Network(format!(
+                                "{err} (rx_rate_limiter_max_rate with macvtap needs the host kernel's ifb driver: modprobe ifb)"
+                            )),
+                        )?;
+                        run_in(&netns, "ip", &["link", "set", "dev", &ifb, "up"])?;
+                        dev(&ifb, rx)?;
+                        redirect(&netns, &e.name, &ifb)?;
+                    }
+                }
+                _ => {}
+            }
         }
         Ok(())
     }
@@ -260,8 +346,9 @@ impl PodNetwork {
         if !self.netns.exists() {
             return;
         }
-        for e in &self.endpoints {
+        for (i, e) in self.endpoints.iter().enumerate() {
             let _ = run_in(&self.netns, "ip", &["link", "del", "dev", &e.tap]);
+            let _ = run_in(&self.netns, "ip", &["link", "del", "dev", &ifb_name(i)]);
             let _ = run_in(
                 &self.netns,
                 "tc",
@@ -293,6 +380,13 @@ mod tests {
         assert_eq!(tbf_args(4_000_000)[3], "4000000bit");
         assert_eq!(tbf_args(4_000_000)[5], "50000");
         assert_eq!(tbf_args(1000)[5], "16384");
+    }
+
+    #[test]
+    fn device_numbers() {
+        assert_eq!(parse_dev("246:1\n"), Some((246, 1)));
+        assert_eq!(parse_dev("246"), None);
+        assert_eq!(parse_dev("a:b"), None);
     }
 
     #[test]

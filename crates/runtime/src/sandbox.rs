@@ -302,15 +302,27 @@ impl Sandbox {
             _ => None,
         };
         let vhost = !h.disable_vhost_net && Path::new("/dev/vhost-net").exists();
-        let nics = network
-            .iter()
-            .flat_map(|n| n.endpoints.iter())
-            .map(|e| Nic {
+        // Macvtaps are handed to QEMU as open descriptors of their character devices; these
+        // stay open until QEMU has started.
+        let mut macvtaps = Vec::new();
+        let mut nics = Vec::new();
+        for e in network.iter().flat_map(|n| n.endpoints.iter()) {
+            let fd = match e.macvtap_dev {
+                Some(dev) => {
+                    let f = open_char_device(&paths.vm_dir.join(&e.tap), dev)?;
+                    let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+                    macvtaps.push(f);
+                    Some(fd)
+                }
+                None => None,
+            };
+            nics.push(Nic {
                 tap: e.tap.clone(),
                 mac: e.mac.clone(),
                 vhost,
-            })
-            .collect();
+                fd,
+            });
+        }
         let spec = LaunchSpec {
             id: id.to_string(),
             accel,
@@ -330,6 +342,7 @@ impl Sandbox {
             .instrument(tracing::info_span!("qemu_start"))
             .await?;
         timings.qemu_ms = ms(t);
+        drop(macvtaps);
         if let Some(cg) = &started.cgroups {
             if let Err(e) = place_vcpus(&vm, cg).await {
                 started.vm = Some(vm);
@@ -938,6 +951,29 @@ async fn configure_guest_network(agent: &AgentClient, n: &PodNetwork) -> Result<
         .await
         .map_err(agent_err("UpdateRoutes"))?;
     Ok(())
+}
+
+/// Makes a character device node `path` for (major, minor) and opens it read-write.
+fn open_char_device(
+    path: &Path,
+    (major, minor): (u32, u32),
+) -> Result<std::fs::File, SandboxError> {
+    use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+    let _ = std::fs::remove_file(path);
+    mknod(
+        path,
+        SFlag::S_IFCHR,
+        Mode::from_bits_truncate(0o600),
+        makedev(u64::from(major), u64::from(minor)),
+    )
+    .map_err(|e| {
+        SandboxError::Network(format!("mknod {} ({major}:{minor}): {e}", path.display()))
+    })?;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(io_err("failed to open macvtap device", path))
 }
 
 /// A random guest vsock CID (3 and up; 0-2 are reserved).

@@ -545,6 +545,7 @@ async fn web_pod(
 async fn a_pod_serves_tcp_on_its_network_and_rate_limits_apply() {
     let mut c = client().await;
     let _lock = config_lock().await;
+    let _server = BridgeServer::start();
     let (pod, ip) = web_pod(&mut c, "kata-net", &[]).await;
     let body = fetch_when_up(&format!("http://{ip}:8080/index.html"));
     assert_eq!(String::from_utf8_lossy(&body), "hello-from-kata\n");
@@ -570,17 +571,25 @@ async fn a_pod_serves_tcp_on_its_network_and_rate_limits_apply() {
         fast.push(t);
     }
     fast.sort();
+    let probe = start_probe(&mut c, &pod).await;
+    let fast_in = download_into(&mut c, &probe).await;
     remove_pod(&mut c, &pod).await;
 
-    // The same download from a pod whose outbound rate is limited to 2 Mbit/s.
+    // The same downloads with a pod whose rates are limited to 2 Mbit/s.
     let drop_in = write_drop_in(
         "90-test-net.toml",
-        "[hypervisor.qemu]\nenable_annotations = [\"tx_rate_limiter_max_rate\"]\n",
+        "[hypervisor.qemu]\nenable_annotations = [\"tx_rate_limiter_max_rate\", \"rx_rate_limiter_max_rate\"]\n",
     );
-    let limited = [(
-        "io.katacontainers.config.hypervisor.tx_rate_limiter_max_rate",
-        "2000000",
-    )];
+    let limited = [
+        (
+            "io.katacontainers.config.hypervisor.tx_rate_limiter_max_rate",
+            "2000000",
+        ),
+        (
+            "io.katacontainers.config.hypervisor.rx_rate_limiter_max_rate",
+            "2000000",
+        ),
+    ];
     let (pod, ip) = web_pod(&mut c, "kata-net-limited", &limited).await;
     let _ = std::fs::remove_file(&drop_in);
     fetch_when_up(&format!("http://{ip}:8080/index.html"));
@@ -597,6 +606,10 @@ async fn a_pod_serves_tcp_on_its_network_and_rate_limits_apply() {
         "limited {slow:?} vs unlimited {:?}",
         fast[1]
     );
+    let probe = start_probe(&mut c, &pod).await;
+    let slow_in = download_into(&mut c, &probe).await;
+    eprintln!("1 MiB into the VM: {fast_in:?} unlimited, {slow_in:?} at rx_rate_limiter_max_rate = 2 Mbit/s");
+    assert!(slow_in >= Duration::from_millis(2500) && slow_in > fast_in * 2);
     remove_pod(&mut c, &pod).await;
     let left = taps_anywhere();
     assert!(left.is_empty(), "taps left: {left:?}");
@@ -839,4 +852,106 @@ async fn host_cgroups_follow_sandbox_cgroup_only() {
         let _ = std::fs::remove_dir(top.join(parent));
         let _ = std::fs::remove_dir(top.join("kubepods-kata-test"));
     }
+}
+
+/// Serves a 1 MiB file from containerd's network namespace (the CNI bridge's address) until
+/// dropped: traffic into a pod's VM.
+struct BridgeServer(std::process::Child, tempfile::TempDir);
+
+impl BridgeServer {
+    const URL: &'static str = "http://198.51.100.1:8089/blob";
+
+    fn start() -> BridgeServer {
+        let dir = tempfile::tempdir().expect("tmp");
+        std::fs::write(dir.path().join("blob"), vec![0u8; 1 << 20]).expect("blob");
+        let child = Command::new("nsenter")
+            .args([
+                "--net=/run/netns/kata-containerd",
+                "/bin/busybox",
+                "httpd",
+                "-f",
+            ])
+            .args(["-p", "198.51.100.1:8089", "-h"])
+            .arg(dir.path())
+            .spawn()
+            .expect("httpd");
+        BridgeServer(child, dir)
+    }
+}
+
+impl Drop for BridgeServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Downloads the bridge server's file from inside container `id`; returns how long it took.
+async fn download_into(c: &mut RuntimeServiceClient<Channel>, id: &str) -> Duration {
+    let t = Instant::now();
+    let (out, code) = exec(
+        c,
+        id,
+        &[
+            "sh",
+            "-c",
+            &format!("wget -q -O - {} | wc -c", BridgeServer::URL),
+        ],
+    )
+    .await;
+    assert_eq!((out.trim(), code), ("1048576", 0), "download into the VM");
+    t.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, containerd, QEMU and make install (make test runs it)"]
+async fn the_macvtap_model_serves_tcp_and_rate_limits_apply() {
+    let mut c = client().await;
+    let _lock = config_lock().await;
+    let _server = BridgeServer::start();
+    let drop_in = write_drop_in(
+        "90-test-macvtap.toml",
+        "[runtime]\ninternetworking_model = \"macvtap\"\n[hypervisor.qemu]\nenable_annotations = [\"rx_rate_limiter_max_rate\", \"tx_rate_limiter_max_rate\"]\n",
+    );
+    let (pod, ip) = web_pod(&mut c, "kata-macvtap", &[]).await;
+    let body = fetch_when_up(&format!("http://{ip}:8080/index.html"));
+    assert_eq!(String::from_utf8_lossy(&body), "hello-from-kata\n");
+    let ns = format!("--net=/proc/{}/ns/net", qemu_of(&pod));
+    let link = Command::new("nsenter")
+        .args([&ns, "ip", "-d", "link", "show", "dev", "tap0_kata"])
+        .output()
+        .expect("ip");
+    let link = String::from_utf8_lossy(&link.stdout).to_string();
+    assert!(link.contains("macvtap mode passthru"), "{link}");
+    let probe = start_probe(&mut c, &pod).await;
+    let (_, t) = fetch(&format!("http://{ip}:8080/blob")).expect("download");
+    let fast_out = t;
+    let fast_in = download_into(&mut c, &probe).await;
+    remove_pod(&mut c, &pod).await;
+
+    let limited = [
+        (
+            "io.katacontainers.config.hypervisor.tx_rate_limiter_max_rate",
+            "2000000",
+        ),
+        (
+            "io.katacontainers.config.hypervisor.rx_rate_limiter_max_rate",
+            "2000000",
+        ),
+    ];
+    let (pod, ip) = web_pod(&mut c, "kata-macvtap-limited", &limited).await;
+    let _ = std::fs::remove_file(&drop_in);
+    fetch_when_up(&format!("http://{ip}:8080/index.html"));
+    let (b, slow_out) = fetch(&format!("http://{ip}:8080/blob")).expect("download");
+    assert_eq!(b.len(), 1 << 20);
+    let probe = start_probe(&mut c, &pod).await;
+    let slow_in = download_into(&mut c, &probe).await;
+    eprintln!(
+        "macvtap, 1 MiB: out of the VM {fast_out:?} unlimited, {slow_out:?} at 2 Mbit/s; into the VM {fast_in:?} unlimited, {slow_in:?} at 2 Mbit/s"
+    );
+    assert!(slow_out >= Duration::from_millis(2500) && slow_out > fast_out * 2);
+    assert!(slow_in >= Duration::from_millis(2500) && slow_in > fast_in * 2);
+    remove_pod(&mut c, &pod).await;
+    let left = taps_anywhere();
+    assert!(left.is_empty(), "taps left: {left:?}");
 }

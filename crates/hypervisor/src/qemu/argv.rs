@@ -77,6 +77,9 @@ pub struct Nic {
     pub mac: String,
     /// Use vhost-net.
     pub vhost: bool,
+    /// An open tap descriptor QEMU inherits (a macvtap's character device) instead of opening
+    /// `tap` by name.
+    pub fd: Option<i32>,
 }
 
 /// Tag of the shared filesystem (Kata's).
@@ -301,11 +304,17 @@ pub fn build(h: &HypervisorConfig, s: &LaunchSpec) -> Vec<String> {
         push(
             &mut a,
             "-netdev",
-            format!(
-                "tap,id=net{i},ifname={},script=no,downscript=no,vhost={}",
-                n.tap,
-                if n.vhost { "on" } else { "off" }
-            ),
+            match n.fd {
+                Some(fd) => format!(
+                    "tap,id=net{i},fd={fd},vhost={}",
+                    if n.vhost { "on" } else { "off" }
+                ),
+                None => format!(
+                    "tap,id=net{i},ifname={},script=no,downscript=no,vhost={}",
+                    n.tap,
+                    if n.vhost { "on" } else { "off" }
+                ),
+            },
         );
         push(
             &mut a,
@@ -480,13 +489,23 @@ mod tests {
     #[test]
     fn nics() {
         let mut sp = spec(Accel::Tcg);
-        sp.nics = vec![Nic {
-            tap: "tap0_kata".into(),
-            mac: "aa:bb:cc:dd:ee:ff".into(),
-            vhost: false,
-        }];
+        sp.nics = vec![
+            Nic {
+                tap: "tap0_kata".into(),
+                mac: "aa:bb:cc:dd:ee:ff".into(),
+                vhost: false,
+                fd: None,
+            },
+            Nic {
+                tap: "tap1_kata".into(),
+                mac: "aa:bb:cc:dd:ee:01".into(),
+                vhost: false,
+                fd: Some(7),
+            },
+        ];
         let a = joined(&build(&cfg(), &sp));
         assert!(a.contains("-netdev tap,id=net0,ifname=tap0_kata,script=no,downscript=no,vhost=off -device virtio-net-pci,netdev=net0,mac=aa:bb:cc:dd:ee:ff,romfile="), "{a}");
+        assert!(a.contains("-netdev tap,id=net1,fd=7,vhost=off -device virtio-net-pci,netdev=net1,mac=aa:bb:cc:dd:ee:01,romfile="), "{a}");
     }
 
     #[test]

@@ -179,6 +179,22 @@ impl Vm {
                 });
             }
         }
+        // Tap descriptors (macvtaps) are inherited under their own numbers.
+        let inherited: Vec<i32> = spec.nics.iter().filter_map(|n| n.fd).collect();
+        if !inherited.is_empty() {
+            // SAFETY: fcntl(2) is async-signal-safe; the descriptors stay open in the caller
+            // until spawn returns.
+            unsafe {
+                cmd.pre_exec(move || {
+                    for fd in &inherited {
+                        if libc::fcntl(*fd, libc::F_SETFD, 0) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
         let mut child = cmd.spawn().map_err(|source| VmError::Spawn {
             path: qemu.to_path_buf(),
             source,
