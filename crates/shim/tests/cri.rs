@@ -856,7 +856,10 @@ async fn host_cgroups_follow_sandbox_cgroup_only() {
 
 /// Serves a 1 MiB file from containerd's network namespace (the CNI bridge's address) until
 /// dropped: traffic into a pod's VM.
-struct BridgeServer(std::process::Child, tempfile::TempDir);
+struct BridgeServer {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
 
 impl BridgeServer {
     const URL: &'static str = "http://198.51.100.1:8089/blob";
@@ -875,14 +878,14 @@ impl BridgeServer {
             .arg(dir.path())
             .spawn()
             .expect("httpd");
-        BridgeServer(child, dir)
+        BridgeServer { child, _dir: dir }
     }
 }
 
 impl Drop for BridgeServer {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
