@@ -22,7 +22,9 @@ case $cmd in
   start) ;;
   *) echo "usage: $0 start|stop|socket" >&2; exit 2 ;;
 esac
-mkdir -p "$base" /etc/kata-containers /var/lib/kata-containerd
+mkdir -p "$base" /etc/kata-containers /var/lib/kata-containerd "$cni_conf"
+# The CRI plugin reloads the CNI configuration when it changes, also while running.
+cp "$here/config/cni/10-kata.conflist" "$cni_conf/"
 if [ -S "$sock" ] && ctr -a "$sock" version >/dev/null 2>&1; then echo "$sock"; exit 0; fi
 cat > "$conf" <<TOML
 version = 2
@@ -50,8 +52,6 @@ state = "$base/state"
   [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.kata.options]
     ConfigPath = "/opt/kata/share/defaults/kata-containers/configuration.toml"
 TOML
-mkdir -p "$cni_conf"
-cp "$here/config/cni/10-kata.conflist" "$cni_conf/"
 ip netns add "$netns" 2>/dev/null || true
 ip -n "$netns" link set lo up
 # containerd finds the shim binary on its PATH.

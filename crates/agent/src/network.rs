@@ -1,8 +1,8 @@
 //! Guest networking: configures the VM's NICs as the runtime describes the pod's interfaces
-//! (found by MAC address), their IPv4 addresses, routes and ARP neighbours. Uses the classic
-//! interface ioctls, which the guest kernel always has.
+//! (found by MAC address), their IPv4 and IPv6 addresses, routes and ARP neighbours. Uses the
+//! classic interface ioctls (AF_INET and AF_INET6 sockets), which the guest kernel always has.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use crate::container::AgentError;
@@ -29,8 +29,12 @@ pub fn find_by_mac(mac: &str) -> Result<String, AgentError> {
 }
 
 fn socket() -> Result<OwnedFd, AgentError> {
+    socket_of(libc::AF_INET)
+}
+
+fn socket_of(family: libc::c_int) -> Result<OwnedFd, AgentError> {
     // SAFETY: plain socket(2); the fd is owned below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    let fd = unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         return Err(AgentError::Failed(format!(
             "socket: {}",
@@ -124,11 +128,122 @@ fn prefix_mask(prefix: u32) -> Result<Ipv4Addr, AgentError> {
 }
 
 fn parse_v4(s: &str, what: &str) -> Result<Ipv4Addr, AgentError> {
-    s.parse().map_err(|_| {
-        AgentError::Invalid(format!(
-            "{what} {s:?} is not an IPv4 address (IPv6 is not supported yet)"
+    s.parse()
+        .map_err(|_| AgentError::Invalid(format!("{what} {s:?} is not an IPv4 address")))
+}
+
+fn parse_v6(s: &str, what: &str) -> Result<Ipv6Addr, AgentError> {
+    s.parse()
+        .map_err(|_| AgentError::Invalid(format!("{what} {s:?} is not an IPv6 address")))
+}
+
+fn in6(ip: Ipv6Addr) -> libc::in6_addr {
+    libc::in6_addr {
+        s6_addr: ip.octets(),
+    }
+}
+
+fn ifindex(name: &str) -> Result<libc::c_int, AgentError> {
+    let c = std::ffi::CString::new(name)
+        .map_err(|_| AgentError::Invalid(format!("invalid interface name {name:?}")))?;
+    // SAFETY: c is a valid NUL-terminated string.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if i == 0 {
+        return Err(AgentError::NotFound(format!("no guest interface {name}")));
+    }
+    libc::c_int::try_from(i).map_err(|_| AgentError::Failed(format!("{name}: index {i}")))
+}
+
+/// Adds IPv6 address `addr`/`prefix` to `name`. Duplicate address detection is off for the
+/// interface: the address was already checked on the pod's network, where the host holds it.
+fn add_v6_address(name: &str, addr: &str, prefix: u32) -> Result<(), AgentError> {
+    let ip = parse_v6(addr, "address")?;
+    if prefix > 128 {
+        return Err(AgentError::Invalid(format!(
+            "IPv6 prefix length {prefix} is above 128"
+        )));
+    }
+    let conf = format!("/proc/sys/net/ipv6/conf/{name}/accept_dad");
+    std::fs::write(&conf, "0").map_err(|e| {
+        AgentError::Failed(format!(
+            "{name}: cannot turn off duplicate address detection ({conf}: {e}); does the guest kernel have IPv6?"
         ))
-    })
+    })?;
+    let fd = socket_of(libc::AF_INET6)?;
+    let mut r = libc::in6_ifreq {
+        ifr6_addr: in6(ip),
+        ifr6_prefixlen: prefix,
+        ifr6_ifindex: ifindex(name)?,
+    };
+    match ioctl(
+        &fd,
+        libc::SIOCSIFADDR,
+        &mut r as *mut _ as *mut _,
+        format!("set address {addr}/{prefix} on {name}"),
+    ) {
+        Err(AgentError::Failed(m)) if m.ends_with("File exists (os error 17)") => Ok(()),
+        other => other,
+    }
+}
+
+/// `struct in6_rtmsg` of <linux/ipv6_route.h> (the libc crate lacks it).
+#[repr(C)]
+struct In6Rtmsg {
+    dst: libc::in6_addr,
+    src: libc::in6_addr,
+    gateway: libc::in6_addr,
+    typ: u32,
+    dst_len: u16,
+    src_len: u16,
+    metric: u32,
+    info: libc::c_ulong,
+    flags: u32,
+    ifindex: libc::c_int,
+}
+
+fn add_v6_route(dest: &str, gateway: &str, device: &str) -> Result<(), AgentError> {
+    let (net, prefix) = match dest {
+        "default" | "" => (Ipv6Addr::UNSPECIFIED, 0),
+        _ => {
+            let (a, p) = dest.split_once('/').unwrap_or((dest, "128"));
+            let p: u16 = p.parse().ok().filter(|p| *p <= 128).ok_or_else(|| {
+                AgentError::Invalid(format!("route destination {dest:?}: bad prefix length"))
+            })?;
+            (parse_v6(a, "route destination")?, p)
+        }
+    };
+    let mut rt = In6Rtmsg {
+        dst: in6(net),
+        src: in6(Ipv6Addr::UNSPECIFIED),
+        gateway: in6(Ipv6Addr::UNSPECIFIED),
+        typ: 0,
+        dst_len: prefix,
+        src_len: 0,
+        metric: 1,
+        info: 0,
+        flags: libc::RTF_UP as u32,
+        ifindex: 0,
+    };
+    if prefix == 128 {
+        rt.flags |= libc::RTF_HOST as u32;
+    }
+    if !gateway.is_empty() {
+        rt.gateway = in6(parse_v6(gateway, "gateway")?);
+        rt.flags |= libc::RTF_GATEWAY as u32;
+    }
+    if !device.is_empty() {
+        rt.ifindex = ifindex(device)?;
+    }
+    let fd = socket_of(libc::AF_INET6)?;
+    match ioctl(
+        &fd,
+        libc::SIOCADDRT,
+        &mut rt as *mut _ as *mut _,
+        format!("add route {dest} via {gateway:?} dev {device}"),
+    ) {
+        Err(AgentError::Failed(m)) if m.ends_with("File exists (os error 17)") => Ok(()),
+        other => other,
+    }
 }
 
 /// Configures the NIC with MAC `mac`: renames it to `name`, sets the MTU and the (first) IPv4
@@ -165,12 +280,16 @@ pub fn update_interface(
             format!("set the MTU of {current} to {mtu}"),
         )?;
     }
-    if addresses.len() > 1 {
+    let (v6, v4): (Vec<_>, Vec<_>) = addresses.iter().partition(|(a, _)| a.contains(':'));
+    if v4.len() > 1 {
         return Err(AgentError::Invalid(format!(
             "{current}: more than one IPv4 address is not supported yet"
         )));
     }
-    if let Some((addr, prefix)) = addresses.first() {
+    for (addr, prefix) in v6 {
+        add_v6_address(&current, addr, *prefix)?;
+    }
+    if let Some((addr, prefix)) = v4.first() {
         let ip = parse_v4(addr, "address")?;
         let mut r = ifreq(&current)?;
         r.ifr_ifru.ifru_addr = sockaddr(ip);
@@ -196,6 +315,9 @@ pub fn update_interface(
 /// Adds a route: `dest` is "default" or a CIDR; an empty gateway is a connected route (which
 /// the kernel made with the address; an existing route is not an error).
 pub fn add_route(dest: &str, gateway: &str, device: &str) -> Result<(), AgentError> {
+    if dest.contains(':') || gateway.contains(':') {
+        return add_v6_route(dest, gateway, device);
+    }
     let fd = socket()?;
     let (net, prefix) = if dest == "default" || dest.is_empty() {
         (Ipv4Addr::UNSPECIFIED, 0)
@@ -287,5 +409,11 @@ mod tests {
         assert!(ifreq("eth0").is_ok());
         assert!(ifreq("").is_err() && ifreq("a-name-far-too-long").is_err());
         assert!(parse_v4("2001:db8::1", "address").is_err());
+        assert!(parse_v6("2001:db8::1", "address").is_ok());
+        assert_eq!(
+            std::mem::size_of::<In6Rtmsg>(),
+            80,
+            "struct in6_rtmsg on x86_64"
+        );
     }
 }

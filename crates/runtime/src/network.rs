@@ -29,7 +29,7 @@ pub struct Endpoint {
     pub mac: String,
     /// MTU.
     pub mtu: u64,
-    /// IPv4 addresses with prefix lengths.
+    /// IPv4 and (global) IPv6 addresses with prefix lengths.
     pub addresses: Vec<(String, u32)>,
     /// The tap (or macvtap) QEMU uses.
     pub tap: String,
@@ -77,6 +77,8 @@ struct IpAddrInfo {
     family: String,
     local: String,
     prefixlen: u32,
+    #[serde(default)]
+    scope: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -125,10 +127,11 @@ fn scan(netns: &Path) -> Result<(Vec<Endpoint>, Vec<Route>), SandboxError> {
         if l.link_type != "ether" || l.ifname.ends_with(TAP_SUFFIX) {
             continue;
         }
+        // Link-local IPv6 addresses derive from the MAC: the guest makes the same ones.
         let addresses = l
             .addr_info
             .iter()
-            .filter(|a| a.family == "inet")
+            .filter(|a| a.family == "inet" || (a.family == "inet6" && a.scope == "global"))
             .map(|a| (a.local.clone(), a.prefixlen))
             .collect();
         let tap = format!("tap{}{TAP_SUFFIX}", endpoints.len());
@@ -141,19 +144,34 @@ fn scan(netns: &Path) -> Result<(Vec<Endpoint>, Vec<Route>), SandboxError> {
             macvtap_dev: None,
         });
     }
-    let routes: Vec<IpRoute> =
-        serde_json::from_str(&run_in(netns, "ip", &["-j", "-4", "route", "show"])?)
-            .map_err(|e| SandboxError::Network(format!("unexpected `ip -j route` output: {e}")))?;
-    let routes = routes
-        .into_iter()
-        // The kernel makes the connected routes itself when the agent sets the addresses.
-        .filter(|r| r.protocol != "kernel" && endpoints.iter().any(|e| e.name == r.dev))
-        .map(|r| Route {
-            dest: r.dst,
-            gateway: r.gateway,
-            device: r.dev,
-        })
-        .collect();
+    let mut routes = Vec::new();
+    for family in ["-4", "-6"] {
+        let found: Vec<IpRoute> =
+            serde_json::from_str(&run_in(netns, "ip", &["-j", family, "route", "show"])?).map_err(
+                |e| SandboxError::Network(format!("unexpected `ip -j route` output: {e}")),
+            )?;
+        routes.extend(
+            found
+                .into_iter()
+                // The kernel makes the connected (and link-local) routes itself when the agent
+                // sets the addresses.
+                .filter(|r| {
+                    r.protocol != "kernel"
+                        && !r.dst.starts_with("fe80:")
+                        && endpoints.iter().any(|e| e.name == r.dev)
+                })
+                .map(|r| Route {
+                    // "default" names no family; the agent tells them apart by ':'.
+                    dest: if family == "-6" && r.dst == "default" {
+                        "::/0".into()
+                    } else {
+                        r.dst
+                    },
+                    gateway: r.gateway,
+                    device: r.dev,
+                }),
+        );
+    }
     Ok((endpoints, routes))
 }
 

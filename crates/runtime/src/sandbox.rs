@@ -917,6 +917,7 @@ async fn configure_guest_network(agent: &AgentClient, n: &PodNetwork) -> Result<
                     .map(|(a, p)| IPAddress {
                         address: a.clone(),
                         prefix: *p,
+                        ipv6: a.contains(':'),
                         ..Default::default()
                     })
                     .collect(),

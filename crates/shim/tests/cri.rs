@@ -549,6 +549,15 @@ async fn a_pod_serves_tcp_on_its_network_and_rate_limits_apply() {
     let (pod, ip) = web_pod(&mut c, "kata-net", &[]).await;
     let body = fetch_when_up(&format!("http://{ip}:8080/index.html"));
     assert_eq!(String::from_utf8_lossy(&body), "hello-from-kata\n");
+    // Dual stack: the pod's IPv6 address (documentation range) reaches the VM too.
+    let ip6 = pod_status(&mut c, &pod)
+        .await
+        .network
+        .and_then(|n| n.additional_ips.first().map(|i| i.ip.clone()))
+        .unwrap_or_default();
+    assert!(ip6.starts_with("2001:db8:5100::"), "pod IPv6: {ip6:?}");
+    let body = fetch_when_up(&format!("http://[{ip6}]:8080/index.html"));
+    assert_eq!(String::from_utf8_lossy(&body), "hello-from-kata\n");
     // The VM's QEMU runs in the pod's namespace, where the tap and tc filters are.
     let ns = format!("--net=/proc/{}/ns/net", qemu_of(&pod));
     let links = Command::new("nsenter")
@@ -572,6 +581,15 @@ async fn a_pod_serves_tcp_on_its_network_and_rate_limits_apply() {
     }
     fast.sort();
     let probe = start_probe(&mut c, &pod).await;
+    // The pod's IPv6 default route is in the guest (/proc/net/ipv6_route: destination ::/0
+    // via the bridge's 2001:db8:5100::1).
+    let (routes, _) = exec(&mut c, &probe, &["cat", "/proc/net/ipv6_route"]).await;
+    assert!(
+        routes.lines().any(|l| l.starts_with(
+            "00000000000000000000000000000000 00 00000000000000000000000000000000 00 20010db8510000000000000000000001"
+        )),
+        "{routes}"
+    );
     let fast_in = download_into(&mut c, &probe).await;
     remove_pod(&mut c, &pod).await;
 
