@@ -83,9 +83,9 @@ config_section! {
         /// in `/kata_overhead/<id>`.
         sandbox_cgroup_only: bool = false, Y, OK, ALL;
         /// Size the VM at boot from the containers' limits instead of hot-plugging.
-        static_sandbox_resource_mgmt: bool = false, N, NY, ALL;
+        static_sandbox_resource_mgmt: bool = false, N, OK, ALL;
         /// Dragonball's name for `static_sandbox_resource_mgmt`.
-        static_resource_mgmt: bool = false, N, NY, ALL;
+        static_resource_mgmt: bool = false, N, OK, ALL;
         /// Host paths bind-mounted read-only into the guest at
         /// /run/kata-containers/shared/containers/sandbox-mounts.
         sandbox_bind_mounts: Vec<String> = Vec::new(), N, NY, ALL;

@@ -491,6 +491,53 @@ fn host_cgroups_hold_vcpus_apart_from_the_overhead() {
 
 #[test]
 #[ignore = "needs root, containerd, QEMU and make install (make test runs it)"]
+fn static_resources_size_the_vm_at_boot() {
+    // static_sandbox_resource_mgmt: the container's limits are added to the VM at boot (QEMU's
+    // -smp and -m), nothing is hot-plugged.
+    let good =
+        std::fs::read_to_string("/opt/kata/share/defaults/kata-containers/configuration-qemu.toml")
+            .expect("installed config");
+    let dir = tempfile::tempdir().expect("tmp");
+    let cfg = dir.path().join("static.toml");
+    std::fs::write(
+        &cfg,
+        good.replace(
+            "static_sandbox_resource_mgmt = false",
+            "static_sandbox_resource_mgmt = true",
+        ),
+    )
+    .expect("write");
+    let id = "static-kata";
+    force_remove(id);
+    let cfg_arg = cfg.display().to_string();
+    run_detached(
+        KATA,
+        id,
+        &[
+            "--runtime-config-path",
+            &cfg_arg,
+            "--memory-limit",
+            "536870912",
+            "--cpus",
+            "1",
+        ],
+        &["sleep", "1000"],
+    );
+    let qemu = common::pid_with(&format!("sandbox-{id} ")).expect("QEMU runs");
+    let argv = String::from_utf8_lossy(
+        &std::fs::read(format!("/proc/{qemu}/cmdline")).expect("cmdline"),
+    )
+    .replace('\0', " ");
+    assert!(argv.contains("-smp 2,"), "{argv}");
+    assert!(argv.contains("-m 2560M"), "{argv}");
+    let out = ctr(&["task", "exec", "--exec-id", "n", id, "nproc"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "2");
+    kill_and_remove(id);
+    assert_no_leftovers(id);
+}
+
+#[test]
+#[ignore = "needs root, containerd, QEMU and make install (make test runs it)"]
 fn a_killed_shim_is_cleaned_up_by_delete() {
     let id = "crash-kata";
     force_remove(id);
