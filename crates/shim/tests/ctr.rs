@@ -524,10 +524,9 @@ fn static_resources_size_the_vm_at_boot() {
         &["sleep", "1000"],
     );
     let qemu = common::pid_with(&format!("sandbox-{id} ")).expect("QEMU runs");
-    let argv = String::from_utf8_lossy(
-        &std::fs::read(format!("/proc/{qemu}/cmdline")).expect("cmdline"),
-    )
-    .replace('\0', " ");
+    let argv =
+        String::from_utf8_lossy(&std::fs::read(format!("/proc/{qemu}/cmdline")).expect("cmdline"))
+            .replace('\0', " ");
     assert!(argv.contains("-smp 2,"), "{argv}");
     assert!(argv.contains("-m 2560M"), "{argv}");
     let out = ctr(&["task", "exec", "--exec-id", "n", id, "nproc"]);
