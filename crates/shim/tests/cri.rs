@@ -892,11 +892,18 @@ impl BridgeServer {
                 "httpd",
                 "-f",
             ])
-            .args(["-p", "198.51.100.1:8089", "-h"])
+            // Every address of that namespace: the bridge may not exist before the first pod.
+            .args(["-p", "8089", "-h"])
             .arg(dir.path())
             .spawn()
             .expect("httpd");
-        BridgeServer { child, _dir: dir }
+        let mut server = BridgeServer { child, _dir: dir };
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            matches!(server.child.try_wait(), Ok(None)),
+            "the bridge-side httpd exited at once"
+        );
+        server
     }
 }
 
