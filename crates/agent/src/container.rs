@@ -69,6 +69,20 @@ pub struct ProcessEntry {
     pub start: Mutex<Option<File>>,
     /// Status pipe, read at start for an exec failure.
     pub status: Mutex<Option<File>>,
+    /// WaitProcess has reported the exit.
+    pub waited: std::sync::atomic::AtomicBool,
+}
+
+impl ProcessEntry {
+    /// Closes what an exited process no longer needs (stdin, start and status pipes); the
+    /// output streams stay until they are read to the end.
+    pub fn exited(&self) {
+        self.waited
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        for m in [&self.stdin, &self.start, &self.status] {
+            m.lock().unwrap_or_else(|e| e.into_inner()).take();
+        }
+    }
 }
 
 /// One container.
@@ -105,6 +119,24 @@ impl Container {
             .ok_or_else(|| {
                 AgentError::NotFound(format!("container {} has no process {key}", self.id))
             })
+    }
+
+    /// Forgets exec `exec_id` once its exit was reported and its output read to the end (a
+    /// pod's exec probes would otherwise pile up for the container's lifetime). The init
+    /// process stays until the container is removed.
+    pub fn release_if_done(&self, exec_id: &str) {
+        if exec_id.is_empty() || exec_id == self.id {
+            return;
+        }
+        let mut map = self.processes.lock().unwrap_or_else(|e| e.into_inner());
+        let done = map.get(exec_id).is_some_and(|p| {
+            p.waited.load(std::sync::atomic::Ordering::Relaxed)
+                && p.stdout.delivered()
+                && p.stderr.delivered()
+        });
+        if done {
+            map.remove(exec_id);
+        }
     }
 }
 
@@ -270,6 +302,7 @@ fn spawn(
         exit,
         start: Mutex::new(config.wait_start.then_some(start_w)),
         status: Mutex::new(Some(status_r)),
+        waited: std::sync::atomic::AtomicBool::new(false),
     })
 }
 

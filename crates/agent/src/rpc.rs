@@ -313,6 +313,8 @@ impl AgentService for Agent {
         let exit = reaper::wait(p.exit.clone())
             .await
             .ok_or_else(|| AgentError::Failed("the process was lost".into()))?;
+        p.exited();
+        c.release_if_done(&req.exec_id);
         let signal = match exit {
             reaper::Exit::Signal(s) => s as u32,
             reaper::Exit::Code(_) => 0,
@@ -381,17 +383,25 @@ impl AgentService for Agent {
     }
 
     async fn read_stdout(&self, _: &TtrpcContext, req: ReadStreamRequest) -> R<ReadStreamResponse> {
-        let p = self.container(&req.container_id)?.process(&req.exec_id)?;
+        let c = self.container(&req.container_id)?;
+        let data = c.process(&req.exec_id)?.stdout.read(req.len as usize).await;
+        if data.is_empty() {
+            c.release_if_done(&req.exec_id);
+        }
         Ok(ReadStreamResponse {
-            data: p.stdout.read(req.len as usize).await,
+            data,
             ..Default::default()
         })
     }
 
     async fn read_stderr(&self, _: &TtrpcContext, req: ReadStreamRequest) -> R<ReadStreamResponse> {
-        let p = self.container(&req.container_id)?.process(&req.exec_id)?;
+        let c = self.container(&req.container_id)?;
+        let data = c.process(&req.exec_id)?.stderr.read(req.len as usize).await;
+        if data.is_empty() {
+            c.release_if_done(&req.exec_id);
+        }
         Ok(ReadStreamResponse {
-            data: p.stderr.read(req.len as usize).await,
+            data,
             ..Default::default()
         })
     }

@@ -12,6 +12,8 @@ use tokio::sync::Notify;
 struct Inner {
     data: VecDeque<u8>,
     eof: bool,
+    /// A reader was told end of stream (or no reader needs to be: a closed stream).
+    delivered: bool,
 }
 
 /// One output stream.
@@ -52,7 +54,16 @@ impl OutputBuffer {
     pub fn closed() -> Self {
         let b = OutputBuffer::default();
         b.close();
+        b.inner.lock().unwrap_or_else(|e| e.into_inner()).delivered = true;
         b
+    }
+
+    /// Whether a reader has been given the end of the stream: nothing more will be read.
+    pub fn delivered(&self) -> bool {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .delivered
     }
 
     fn push(&self, bytes: &[u8]) {
@@ -81,6 +92,7 @@ impl OutputBuffer {
                     return g.data.drain(..n).collect();
                 }
                 if g.eof {
+                    g.delivered = true;
                     return Vec::new();
                 }
             }
@@ -97,6 +109,7 @@ mod tests {
     async fn delivers_everything_then_eof() {
         let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
         let buf = OutputBuffer::pump(std::io::Cursor::new(data.clone()));
+        assert!(!buf.delivered());
         let mut got = Vec::new();
         loop {
             let chunk = buf.read(7000).await;
@@ -107,7 +120,9 @@ mod tests {
             got.extend(chunk);
         }
         assert_eq!(got, data);
+        assert!(buf.delivered());
         assert!(buf.read(10).await.is_empty(), "EOF is sticky");
+        assert!(OutputBuffer::closed().delivered());
         assert!(OutputBuffer::closed().read(1).await.is_empty());
     }
 }

@@ -535,6 +535,49 @@ fn static_resources_size_the_vm_at_boot() {
     assert_no_leftovers(id);
 }
 
+/// Open files in the whole guest (/proc/sys/fs/file-nr; the kernel counts in batches of 32).
+fn guest_open_files(id: &str, exec_id: &str) -> u64 {
+    let out = ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        exec_id,
+        id,
+        "cat",
+        "/proc/sys/fs/file-nr",
+    ]);
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("file-nr")
+}
+
+#[test]
+#[ignore = "needs root, containerd, QEMU and make install (make test runs it)"]
+fn finished_execs_release_their_guest_resources() {
+    // A pod's exec probes run for the container's whole life: the agent must forget each exec
+    // once its exit and output are delivered (it kept a pipe per exec: ~1 open file each).
+    let id = "execs-kata";
+    force_remove(id);
+    run_detached(KATA, id, &[], &["sleep", "1000"]);
+    let before = guest_open_files(id, "files-before");
+    for i in 0..120 {
+        let out = ctr(&["task", "exec", "--exec-id", &format!("p{i}"), id, "true"]);
+        assert!(out.status.success(), "exec {i}");
+    }
+    let after = guest_open_files(id, "files-after");
+    assert!(
+        after < before + 64,
+        "guest open files {before} -> {after} after 120 execs"
+    );
+    // An exec id can be used again once its exec is gone.
+    let out = ctr(&["task", "exec", "--exec-id", "p0", id, "echo", "again"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "again");
+    kill_and_remove(id);
+    assert_no_leftovers(id);
+}
+
 #[test]
 #[ignore = "needs root, containerd, QEMU and make install (make test runs it)"]
 fn a_killed_shim_is_cleaned_up_by_delete() {
