@@ -59,17 +59,36 @@ fn ifreq(name: &str) -> Result<libc::ifreq, AgentError> {
     Ok(r)
 }
 
+/// ioctl(2); `arg` must point to a live struct of the type `req` expects (and whatever it
+/// points to must outlive the call).
+fn raw_ioctl(fd: &OwnedFd, req: libc::c_ulong, arg: *mut libc::c_void) -> std::io::Result<()> {
+    // SAFETY: the callers pass a valid struct for `req`, alive for the call.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), req as _, arg) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn ioctl(
     fd: &OwnedFd,
     req: libc::c_ulong,
     arg: *mut libc::c_void,
     what: String,
 ) -> Result<(), AgentError> {
-    // SAFETY: `arg` points to a live struct of the type `req` expects.
-    if unsafe { libc::ioctl(fd.as_raw_fd(), req as _, arg) } < 0 {
-        return Err(failed(what)(std::io::Error::last_os_error()));
+    raw_ioctl(fd, req, arg).map_err(failed(what))
+}
+
+/// An ioctl that adds something: already there (EEXIST) is success.
+fn ioctl_add(
+    fd: &OwnedFd,
+    req: libc::c_ulong,
+    arg: *mut libc::c_void,
+    what: String,
+) -> Result<(), AgentError> {
+    match raw_ioctl(fd, req, arg) {
+        Err(e) if e.raw_os_error() != Some(libc::EEXIST) => Err(failed(what)(e)),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 fn sockaddr(ip: Ipv4Addr) -> libc::sockaddr {
@@ -175,15 +194,12 @@ fn add_v6_address(name: &str, addr: &str, prefix: u32) -> Result<(), AgentError>
         ifr6_prefixlen: prefix,
         ifr6_ifindex: ifindex(name)?,
     };
-    match ioctl(
+    ioctl_add(
         &fd,
         libc::SIOCSIFADDR,
         &mut r as *mut _ as *mut _,
         format!("set address {addr}/{prefix} on {name}"),
-    ) {
-        Err(AgentError::Failed(m)) if m.ends_with("File exists (os error 17)") => Ok(()),
-        other => other,
-    }
+    )
 }
 
 /// `struct in6_rtmsg` of <linux/ipv6_route.h> (the libc crate lacks it).
@@ -235,15 +251,12 @@ fn add_v6_route(dest: &str, gateway: &str, device: &str) -> Result<(), AgentErro
         rt.ifindex = ifindex(device)?;
     }
     let fd = socket_of(libc::AF_INET6)?;
-    match ioctl(
+    ioctl_add(
         &fd,
         libc::SIOCADDRT,
         &mut rt as *mut _ as *mut _,
         format!("add route {dest} via {gateway:?} dev {device}"),
-    ) {
-        Err(AgentError::Failed(m)) if m.ends_with("File exists (os error 17)") => Ok(()),
-        other => other,
-    }
+    )
 }
 
 /// Configures the NIC with MAC `mac`: renames it to `name`, sets the MTU and the (first) IPv4
@@ -345,24 +358,13 @@ pub fn add_route(dest: &str, gateway: &str, device: &str) -> Result<(), AgentErr
     if !device.is_empty() {
         rt.rt_dev = dev.as_ptr() as *mut libc::c_char;
     }
-    // SAFETY: rt is a valid rtentry; rt_dev points into `dev`, alive for the call.
-    let r = unsafe {
-        libc::ioctl(
-            fd.as_raw_fd(),
-            libc::SIOCADDRT as _,
-            &mut rt as *mut libc::rtentry,
-        )
-    };
-    if r < 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EEXIST) {
-            return Ok(());
-        }
-        return Err(AgentError::Failed(format!(
-            "add route {dest} via {gateway:?} dev {device}: {e}"
-        )));
-    }
-    Ok(())
+    // rt is a valid rtentry; rt_dev points into `dev`, alive for the call.
+    ioctl_add(
+        &fd,
+        libc::SIOCADDRT,
+        &mut rt as *mut _ as *mut _,
+        format!("add route {dest} via {gateway:?} dev {device}"),
+    )
 }
 
 /// Adds a permanent ARP entry.

@@ -168,6 +168,20 @@ async fn start_container(
     id
 }
 
+/// RunPodSandbox with runtime handler "kata" (as a RuntimeClass selects it); the pod's id.
+async fn run_pod(
+    c: &mut RuntimeServiceClient<Channel>,
+    config: &PodSandboxConfig,
+) -> Result<String, tonic::Status> {
+    Ok(c.run_pod_sandbox(RunPodSandboxRequest {
+        config: Some(config.clone()),
+        runtime_handler: "kata".into(),
+    })
+    .await?
+    .into_inner()
+    .pod_sandbox_id)
+}
+
 async fn remove_pod(c: &mut RuntimeServiceClient<Channel>, pod: &str) {
     c.stop_pod_sandbox(StopPodSandboxRequest {
         pod_sandbox_id: pod.into(),
@@ -201,15 +215,7 @@ async fn a_pod_runs_its_containers_in_one_vm() {
         .join("pods/uid-kata-pod1/volumes/kubernetes.io~empty-dir/cache");
     std::fs::create_dir_all(&empty_dir).expect("emptyDir");
     let t = Instant::now();
-    let pod = c
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(cfg.clone()),
-            runtime_handler: "kata".into(),
-        })
-        .await
-        .expect("RunPodSandbox")
-        .into_inner()
-        .pod_sandbox_id;
+    let pod = run_pod(&mut c, &cfg).await.expect("RunPodSandbox");
     let cache = || Mount {
         container_path: "/cache".into(),
         host_path: empty_dir.display().to_string(),
@@ -363,13 +369,12 @@ async fn the_guides_vcpu_annotation_needs_enable_annotations() {
     remove_stale(&mut c, "kata-vcpus-refused").await;
     // Refused with the shipped configuration: a clear CRI error, nothing left.
     let before = common::processes_with("qemu-system").len();
-    let err = c
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(pod_config("kata-vcpus-refused", &annotations, &logs)),
-            runtime_handler: "kata".into(),
-        })
-        .await
-        .expect_err("refused annotation");
+    let err = run_pod(
+        &mut c,
+        &pod_config("kata-vcpus-refused", &annotations, &logs),
+    )
+    .await
+    .expect_err("refused annotation");
     assert!(
         err.message().contains("enable_annotations") && err.message().contains("default_vcpus"),
         "{}",
@@ -387,17 +392,9 @@ async fn the_guides_vcpu_annotation_needs_enable_annotations() {
         "[hypervisor.qemu]\nenable_annotations = [\"default_vcpus\"]\n",
     );
     let cfg = pod_config("kata-vcpus", &annotations, &logs);
-    let pod = c
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(cfg.clone()),
-            runtime_handler: "kata".into(),
-        })
-        .await;
+    let pod = run_pod(&mut c, &cfg).await;
     let _ = std::fs::remove_file(&drop_in);
-    let pod = pod
-        .expect("RunPodSandbox with default_vcpus = 5")
-        .into_inner()
-        .pod_sandbox_id;
+    let pod = pod.expect("RunPodSandbox with default_vcpus = 5");
     let id = start_container(
         &mut c,
         &pod,
@@ -511,15 +508,7 @@ async fn web_pod(
 ) -> (String, String) {
     remove_stale(c, name).await;
     let cfg = pod_config(name, annotations, &logs_dir(name));
-    let pod = c
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(cfg.clone()),
-            runtime_handler: "kata".into(),
-        })
-        .await
-        .expect("RunPodSandbox")
-        .into_inner()
-        .pod_sandbox_id;
+    let pod = run_pod(c, &cfg).await.expect("RunPodSandbox");
     let script = "mkdir -p /www && head -c 1048576 /dev/zero > /www/blob && echo hello-from-kata > /www/index.html && exec httpd -f -p 8080 -h /www";
     start_container(
         c,
@@ -598,36 +587,17 @@ async fn a_pod_serves_tcp_on_its_network_and_rate_limits_apply() {
         "90-test-net.toml",
         "[hypervisor.qemu]\nenable_annotations = [\"tx_rate_limiter_max_rate\", \"rx_rate_limiter_max_rate\"]\n",
     );
-    let limited = [
-        (
-            "io.katacontainers.config.hypervisor.tx_rate_limiter_max_rate",
-            "2000000",
-        ),
-        (
-            "io.katacontainers.config.hypervisor.rx_rate_limiter_max_rate",
-            "2000000",
-        ),
-    ];
-    let (pod, ip) = web_pod(&mut c, "kata-net-limited", &limited).await;
+    let (pod, ip) = web_pod(&mut c, "kata-net-limited", &LIMITED_2MBIT).await;
     let _ = std::fs::remove_file(&drop_in);
     fetch_when_up(&format!("http://{ip}:8080/index.html"));
     let (b, slow) = fetch(&format!("http://{ip}:8080/blob")).expect("download");
     assert_eq!(b.len(), 1 << 20);
     eprintln!("1 MiB download: {:?} unlimited (median of 3), {slow:?} at tx_rate_limiter_max_rate = 2 Mbit/s", fast[1]);
-    // 8 Mbit at 2 Mbit/s is 4 s; the bucket lets the first 250 KB through at once.
-    assert!(
-        slow >= Duration::from_millis(2500),
-        "limited download took {slow:?}"
-    );
-    assert!(
-        slow > fast[1] * 2,
-        "limited {slow:?} vs unlimited {:?}",
-        fast[1]
-    );
+    assert_limited(slow, fast[1], "out of the VM");
     let probe = start_probe(&mut c, &pod).await;
     let slow_in = download_into(&mut c, &probe).await;
     eprintln!("1 MiB into the VM: {fast_in:?} unlimited, {slow_in:?} at rx_rate_limiter_max_rate = 2 Mbit/s");
-    assert!(slow_in >= Duration::from_millis(2500) && slow_in > fast_in * 2);
+    assert_limited(slow_in, fast_in, "into the VM");
     remove_pod(&mut c, &pod).await;
     let left = taps_anywhere();
     assert!(left.is_empty(), "taps left: {left:?}");
@@ -762,14 +732,9 @@ async fn host_cgroups_follow_sandbox_cgroup_only() {
         cgroup_parent: format!("/{parent}"),
         ..Default::default()
     });
-    let pod = c
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(cfg.clone()),
-            runtime_handler: "kata".into(),
-        })
-        .await;
+    let pod = run_pod(&mut c, &cfg).await;
     let _ = std::fs::remove_file(&drop_in);
-    let pod = pod.expect("RunPodSandbox").into_inner().pod_sandbox_id;
+    let pod = pod.expect("RunPodSandbox");
     let id = start_container(
         &mut c,
         &pod,
@@ -824,15 +789,7 @@ async fn host_cgroups_follow_sandbox_cgroup_only() {
     // cgroup carries the sum of the application containers' CPU limits (the pause container
     // has none and does not count).
     remove_stale(&mut c, "kata-cgroup").await;
-    let pod = c
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(cfg.clone()),
-            runtime_handler: "kata".into(),
-        })
-        .await
-        .expect("RunPodSandbox")
-        .into_inner()
-        .pod_sandbox_id;
+    let pod = run_pod(&mut c, &cfg).await.expect("RunPodSandbox");
     let cpu = Path::new("/sys/fs/cgroup/cpu")
         .join(parent)
         .join(format!("kata_{pod}"));
@@ -870,6 +827,26 @@ async fn host_cgroups_follow_sandbox_cgroup_only() {
         let _ = std::fs::remove_dir(top.join(parent));
         let _ = std::fs::remove_dir(top.join("kubepods-kata-test"));
     }
+}
+
+/// Pod annotations limiting both directions to 2 Mbit/s.
+const LIMITED_2MBIT: [(&str, &str); 2] = [
+    (
+        "io.katacontainers.config.hypervisor.tx_rate_limiter_max_rate",
+        "2000000",
+    ),
+    (
+        "io.katacontainers.config.hypervisor.rx_rate_limiter_max_rate",
+        "2000000",
+    ),
+];
+
+/// A 1 MiB transfer at 2 Mbit/s: 8 Mbit take 4 s, less the bucket's first 250 KB burst.
+fn assert_limited(slow: Duration, fast: Duration, what: &str) {
+    assert!(
+        slow >= Duration::from_millis(2500) && slow > fast * 2,
+        "{what}: {slow:?} limited vs {fast:?} unlimited"
+    );
 }
 
 /// Serves a 1 MiB file from containerd's network namespace (the CNI bridge's address) until
@@ -957,17 +934,7 @@ async fn the_macvtap_model_serves_tcp_and_rate_limits_apply() {
     let fast_in = download_into(&mut c, &probe).await;
     remove_pod(&mut c, &pod).await;
 
-    let limited = [
-        (
-            "io.katacontainers.config.hypervisor.tx_rate_limiter_max_rate",
-            "2000000",
-        ),
-        (
-            "io.katacontainers.config.hypervisor.rx_rate_limiter_max_rate",
-            "2000000",
-        ),
-    ];
-    let (pod, ip) = web_pod(&mut c, "kata-macvtap-limited", &limited).await;
+    let (pod, ip) = web_pod(&mut c, "kata-macvtap-limited", &LIMITED_2MBIT).await;
     let _ = std::fs::remove_file(&drop_in);
     fetch_when_up(&format!("http://{ip}:8080/index.html"));
     let (b, slow_out) = fetch(&format!("http://{ip}:8080/blob")).expect("download");
@@ -977,8 +944,8 @@ async fn the_macvtap_model_serves_tcp_and_rate_limits_apply() {
     eprintln!(
         "macvtap, 1 MiB: out of the VM {fast_out:?} unlimited, {slow_out:?} at 2 Mbit/s; into the VM {fast_in:?} unlimited, {slow_in:?} at 2 Mbit/s"
     );
-    assert!(slow_out >= Duration::from_millis(2500) && slow_out > fast_out * 2);
-    assert!(slow_in >= Duration::from_millis(2500) && slow_in > fast_in * 2);
+    assert_limited(slow_out, fast_out, "out of the VM");
+    assert_limited(slow_in, fast_in, "into the VM");
     remove_pod(&mut c, &pod).await;
     let left = taps_anywhere();
     assert!(left.is_empty(), "taps left: {left:?}");
