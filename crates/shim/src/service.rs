@@ -774,16 +774,27 @@ impl Task for Service {
     async fn kill(&self, _: &TtrpcContext, req: KillRequest) -> ttrpc::Result<Empty> {
         tracing::info!(rpc = "kill", id = %req.id, "task API");
         let sb = self.sandbox().await?;
-        {
+        let mut exit = {
             let st = self.state.lock().await;
             let p = st.task(&req.id)?.process(&req.exec_id)?;
             if p.exit.borrow().is_some() {
                 return Err(not_found("process already finished:"));
             }
+            p.exit.subscribe()
+        };
+        if let Err(e) = sb.signal(&req.id, &req.exec_id, req.signal, req.all).await {
+            // The process may have finished meanwhile (the agent forgets a finished exec as soon
+            // as its output is delivered, just before its exit is published here).
+            let finished = tokio::time::timeout(
+                std::time::Duration::from_secs(1),
+                exit.wait_for(|e| e.is_some()),
+            )
+            .await;
+            if matches!(finished, Ok(Ok(_))) {
+                return Err(not_found("process already finished:"));
+            }
+            return Err(internal(e));
         }
-        sb.signal(&req.id, &req.exec_id, req.signal, req.all)
-            .await
-            .map_err(internal)?;
         Ok(Empty::new())
     }
 
