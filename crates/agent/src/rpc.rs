@@ -47,6 +47,26 @@ impl Agent {
             .cloned()
             .ok_or_else(|| AgentError::NotFound(format!("container {id} does not exist")))
     }
+
+    /// ReadStdout / ReadStderr: waits for output; at the end of the stream a finished exec is
+    /// forgotten.
+    async fn read_stream(
+        &self,
+        req: &ReadStreamRequest,
+        stderr: bool,
+    ) -> ttrpc::Result<ReadStreamResponse> {
+        let c = self.container(&req.container_id)?;
+        let p = c.process(&req.exec_id)?;
+        let stream = if stderr { &p.stderr } else { &p.stdout };
+        let data = stream.read(req.len as usize).await;
+        if data.is_empty() {
+            c.release_if_done(&req.exec_id);
+        }
+        Ok(ReadStreamResponse {
+            data,
+            ..Default::default()
+        })
+    }
 }
 
 type R<T> = ttrpc::Result<T>;
@@ -383,27 +403,11 @@ impl AgentService for Agent {
     }
 
     async fn read_stdout(&self, _: &TtrpcContext, req: ReadStreamRequest) -> R<ReadStreamResponse> {
-        let c = self.container(&req.container_id)?;
-        let data = c.process(&req.exec_id)?.stdout.read(req.len as usize).await;
-        if data.is_empty() {
-            c.release_if_done(&req.exec_id);
-        }
-        Ok(ReadStreamResponse {
-            data,
-            ..Default::default()
-        })
+        self.read_stream(&req, false).await
     }
 
     async fn read_stderr(&self, _: &TtrpcContext, req: ReadStreamRequest) -> R<ReadStreamResponse> {
-        let c = self.container(&req.container_id)?;
-        let data = c.process(&req.exec_id)?.stderr.read(req.len as usize).await;
-        if data.is_empty() {
-            c.release_if_done(&req.exec_id);
-        }
-        Ok(ReadStreamResponse {
-            data,
-            ..Default::default()
-        })
+        self.read_stream(&req, true).await
     }
 
     async fn close_stdin(&self, _: &TtrpcContext, req: CloseStdinRequest) -> R<Empty> {

@@ -502,13 +502,23 @@ impl HostCgroups {
 }
 
 /// Removes the cgroup directories a crashed sandbox recorded in `state_dir` (its processes must
-/// be gone).
+/// be gone). Only directories inside a mounted cgroup hierarchy are touched.
 pub fn remove_recorded(state_dir: &Path) {
     let Ok(text) = std::fs::read_to_string(state_dir.join(RECORD_FILE)) else {
         return;
     };
-    for line in text.lines().filter(|l| l.starts_with("/sys/fs/cgroup")) {
-        remove_dir(Path::new(line));
+    let Ok(layout) = Layout::current() else {
+        return;
+    };
+    let mounts: Vec<PathBuf> = layout
+        .hierarchies()
+        .into_iter()
+        .map(|h| h.mount.clone())
+        .collect();
+    for dir in text.lines().map(Path::new) {
+        if mounts.iter().any(|m| dir.starts_with(m) && dir != m) {
+            remove_dir(dir);
+        }
     }
 }
 

@@ -155,13 +155,8 @@ fn requested(resources: Option<&LinuxResources>) -> (u32, u32) {
         .filter(|l| *l > 0)
         .map(|l| (l as u64).div_ceil(1 << 20) as u32)
         .unwrap_or(0);
-    let cpus = r
-        .cpu()
-        .as_ref()
-        .and_then(|c| match (c.quota(), c.period()) {
-            (Some(q), Some(p)) if q > 0 && p > 0 => Some((q as u64).div_ceil(p) as u32),
-            _ => None,
-        })
+    let cpus = cpu_limit(Some(r))
+        .map(|l| (l.quota as u64).div_ceil(l.period) as u32)
         .unwrap_or(0);
     (mem, cpus)
 }
@@ -257,8 +252,9 @@ impl Service {
                 format!("read {}/config.json: {e}", bundle.display()),
             )
         })?;
-        let role = crate::pod::role(&annotations_of(&spec))
-            .map_err(|e| err(ttrpc::Code::INVALID_ARGUMENT, e))?;
+        let annotations = annotations_of(&spec);
+        let role =
+            crate::pod::role(&annotations).map_err(|e| err(ttrpc::Code::INVALID_ARGUMENT, e))?;
         let (existing, sandbox_pid) = {
             let st = self.state.lock().await;
             let pid = st
@@ -286,7 +282,7 @@ impl Service {
                         rootfs::config_path(req.options.as_ref()),
                         FoundBy::RuntimeOption,
                     )
-                    .with_annotations(annotations_of(&spec).into_iter().collect());
+                    .with_annotations(annotations.clone().into_iter().collect());
                 tracing::info_span!("config_load")
                     .in_scope(|| kata_config::load::load_effective(&inputs, &HostLimits::current()))
                     .map_err(|e| err(ttrpc::Code::INVALID_ARGUMENT, kata_config::error_chain(&e)))?
@@ -328,8 +324,8 @@ impl Service {
                     .unwrap_or_default(),
             ),
         };
-        let counted_cpu = (!crate::pod::is_pod_sandbox(&annotations_of(&spec)))
-            .then(|| cpu_limit(resources.as_ref()));
+        let counted_cpu =
+            (!crate::pod::is_pod_sandbox(&annotations)).then(|| cpu_limit(resources.as_ref()));
         crate::pod::guest_namespaces(
             &mut spec,
             if req.id == self.id { None } else { sandbox_pid },

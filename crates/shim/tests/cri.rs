@@ -16,6 +16,8 @@ mod common;
 
 const IMAGE: &str = "kata.local/busybox:latest";
 const PAUSE: &str = "kata.local/pause:3.6";
+/// The guide's example pod's command: a container that idles.
+const IDLE: &[&str] = &["tail", "-f", "/dev/null"];
 const DEFAULT_CONFIG_DIR: &str = "/opt/kata/share/defaults/kata-containers";
 
 /// Starts (or finds) containerd and imports the images into CRI's namespace, once.
@@ -225,7 +227,7 @@ async fn a_pod_runs_its_containers_in_one_vm() {
         &mut c,
         &pod,
         &cfg,
-        container_config("app", &["tail", "-f", "/dev/null"], vec![cache()]),
+        container_config("app", IDLE, vec![cache()]),
     )
     .await;
     let first = t.elapsed();
@@ -234,7 +236,7 @@ async fn a_pod_runs_its_containers_in_one_vm() {
         &mut c,
         &pod,
         &cfg,
-        container_config("sidecar", &["tail", "-f", "/dev/null"], vec![cache()]),
+        container_config("sidecar", IDLE, vec![cache()]),
     )
     .await;
     let second = t.elapsed();
@@ -399,7 +401,7 @@ async fn the_guides_vcpu_annotation_needs_enable_annotations() {
         &mut c,
         &pod,
         &cfg,
-        container_config("busybox", &["tail", "-f", "/dev/null"], vec![]),
+        container_config("busybox", IDLE, vec![]),
     )
     .await;
     let (out, code) = exec(&mut c, &id, &["nproc"]).await;
@@ -703,13 +705,7 @@ async fn start_probe(c: &mut RuntimeServiceClient<Channel>, pod: &str) -> String
         .map(|m| m.name)
         .unwrap_or_default();
     let cfg = pod_config(&name, &[], &logs_dir(&name));
-    start_container(
-        c,
-        pod,
-        &cfg,
-        container_config("probe", &["tail", "-f", "/dev/null"], vec![]),
-    )
-    .await
+    start_container(c, pod, &cfg, container_config("probe", IDLE, vec![])).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -739,7 +735,7 @@ async fn host_cgroups_follow_sandbox_cgroup_only() {
         &mut c,
         &pod,
         &cfg,
-        container_config("busybox", &["tail", "-f", "/dev/null"], vec![]),
+        container_config("busybox", IDLE, vec![]),
     )
     .await;
     let (out, code) = exec(&mut c, &id, &["true"]).await;
@@ -801,7 +797,7 @@ async fn host_cgroups_follow_sandbox_cgroup_only() {
     };
     assert_eq!(quota(), "-1", "no container yet");
     for (name, quota_us) in [("half", 50_000), ("quarter", 25_000)] {
-        let mut cc = container_config(name, &["tail", "-f", "/dev/null"], vec![]);
+        let mut cc = container_config(name, IDLE, vec![]);
         cc.linux = Some(LinuxContainerConfig {
             resources: Some(LinuxContainerResources {
                 cpu_period: 100_000,
