@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Builds the static kata-agent and the guest initrd into build/.
+# Builds the static kata-agent and the guest initrds into build/:
+#   kata-containers-initrd-<release>.img for the project's kernel (build/kernel): no modules;
+#   kata-containers-initrd-<abi>-amd64.img for Debian's kernel (build/kernel-debian), with the
+#   modules the runtime needs, when that kernel has been fetched (KERNEL=debian or all).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
-ver="$(cat guest/kernel-version)-amd64"
 triple=x86_64-unknown-linux-gnu
 # Static glibc build; --target keeps build scripts and proc-macros dynamic.
 RUSTFLAGS="-C target-feature=+crt-static" cargo build --release -p kata-agent --target "$triple"
@@ -14,6 +16,18 @@ strip -o build/kata-agent "$agent"
 file build/kata-agent | grep -qE 'static(-pie)? linked|statically linked' || { echo "error: kata-agent is not statically linked" >&2; exit 1; }
 busybox_args=()
 [ -x /bin/busybox ] && busybox_args=(--busybox /bin/busybox)
-target/release/kata-guest-image --agent build/kata-agent \
-  --modules-dir "build/kernel/modules/lib/modules/$ver" "${busybox_args[@]}" \
-  --output "build/kata-containers-initrd-$ver.img"
+built=0
+if [ -f build/kernel/release ]; then
+  release=$(cat build/kernel/release)
+  target/release/kata-guest-image --agent build/kata-agent "${busybox_args[@]}" \
+    --output "build/kata-containers-initrd-$release.img"
+  built=1
+fi
+debian="$(cat guest/kernel/debian-version)-amd64"
+if [ -d "build/kernel-debian/modules/lib/modules/$debian" ]; then
+  target/release/kata-guest-image --agent build/kata-agent \
+    --modules-dir "build/kernel-debian/modules/lib/modules/$debian" "${busybox_args[@]}" \
+    --output "build/kata-containers-initrd-$debian.img"
+  built=1
+fi
+[ "$built" -eq 1 ] || { echo "error: no guest kernel in build/kernel or build/kernel-debian; run 'make kernel' first" >&2; exit 1; }

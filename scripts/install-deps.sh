@@ -5,7 +5,8 @@ set -euo pipefail
 packages=(
   qemu-system-x86   # the hypervisor
   containerd runc   # the container manager, and runc for side-by-side tests
-  kmod              # depmod for the guest kernel's modules
+  kmod              # depmod for Debian's guest kernel's modules
+  flex bison bc libelf-dev   # building the guest kernel
   cpio              # initrd packing
   busybox-static    # debug console and test images
   xz-utils          # vmlinux extraction

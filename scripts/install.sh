@@ -6,7 +6,8 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 PREFIX=${PREFIX:-/opt/kata}
 target=${CARGO_TARGET_DIR:-$here/target}/release
 kernel_dir=${KERNEL_DIR:-$here/build/kernel}
-ver="$(cat "$here/guest/kernel-version")-amd64"
+debian_dir=${DEBIAN_KERNEL_DIR:-$here/build/kernel-debian}
+debian="$(cat "$here/guest/kernel/debian-version")-amd64"
 
 install -d "$PREFIX/bin" "$PREFIX/libexec" "$PREFIX/share/defaults/kata-containers" \
   "$PREFIX/share/kata-containers" "$PREFIX/share/bash-completion/completions"
@@ -24,19 +25,32 @@ for f in "$here"/config/configuration-*.toml; do
 done
 ln -sfn configuration-qemu.toml "$defaults/configuration.toml"
 
+# The default guest: the project's kernel (vmlinux.container) and its initrd, which carries no
+# modules. Debian's generic kernel and its initrd (with modules) are installed beside them, for
+# comparison (see docs/architecture.md), never as the default.
 assets="$PREFIX/share/kata-containers"
-if [ -f "$kernel_dir/vmlinux-$ver" ]; then
-  install -p -m 0644 "$kernel_dir/vmlinux-$ver" "$assets/vmlinux-$ver"
-  install -m 0644 "$kernel_dir/vmlinuz-$ver" "$assets/vmlinuz-$ver"
-  install -m 0644 "$kernel_dir/config-$ver" "$assets/config-$ver"
-  ln -sfn "vmlinux-$ver" "$assets/vmlinux.container"
-  ln -sfn "vmlinuz-$ver" "$assets/vmlinuz.container"
+rm -f "$assets"/vmlinux.container "$assets"/vmlinuz.container "$assets"/kata-containers-initrd.img
+if [ -f "$kernel_dir/release" ]; then
+  release=$(cat "$kernel_dir/release")
+  install -p -m 0644 "$kernel_dir/vmlinux-$release" "$assets/vmlinux-$release"
+  install -m 0644 "$kernel_dir/config-$release" "$assets/config-$release"
+  ln -sfn "vmlinux-$release" "$assets/vmlinux.container"
+  # Kata's files may name vmlinuz.container: the same ELF kernel (QEMU boots it through PVH).
+  ln -sfn "vmlinux-$release" "$assets/vmlinuz.container"
+  initrd="$here/build/kata-containers-initrd-$release.img"
+  if [ -f "$initrd" ]; then
+    install -m 0644 "$initrd" "$assets/kata-containers-initrd-$release.img"
+    ln -sfn "kata-containers-initrd-$release.img" "$assets/kata-containers-initrd.img"
+  fi
 fi
-
-initrd="$here/build/kata-containers-initrd-$ver.img"
-if [ -f "$initrd" ]; then
-  install -m 0644 "$initrd" "$assets/kata-containers-initrd-$ver.img"
-  ln -sfn "kata-containers-initrd-$ver.img" "$assets/kata-containers-initrd.img"
+if [ -f "$debian_dir/vmlinux-$debian" ]; then
+  install -p -m 0644 "$debian_dir/vmlinux-$debian" "$assets/vmlinux-$debian"
+  install -m 0644 "$debian_dir/vmlinuz-$debian" "$assets/vmlinuz-$debian"
+  install -m 0644 "$debian_dir/config-$debian" "$assets/config-$debian"
+  initrd="$here/build/kata-containers-initrd-$debian.img"
+  if [ -f "$initrd" ]; then
+    install -m 0644 "$initrd" "$assets/kata-containers-initrd-$debian.img"
+  fi
 fi
 if [ -x "$here/build/tools/bin/virtiofsd" ]; then
   install -m 0755 "$here/build/tools/bin/virtiofsd" "$PREFIX/libexec/virtiofsd"

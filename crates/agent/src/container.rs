@@ -253,16 +253,8 @@ fn spawn(
         .write_all(&json)
         .map_err(io("send the helper its configuration"))?;
     drop(cfg_w);
-    let mut pid_bytes = [0u8; 4];
-    let pid = match status_r.read_exact(&mut pid_bytes) {
-        Ok(()) if pid_bytes[0] != b'E' => u32::from_le_bytes(pid_bytes) as i32,
-        _ => {
-            let mut rest = String::new();
-            let _ = status_r.read_to_string(&mut rest);
-            let msg = String::from_utf8_lossy(&pid_bytes).to_string() + &rest;
-            return Err(AgentError::Failed(msg.trim_start_matches('E').to_string()));
-        }
-    };
+    let pid = read_pid(&mut status_r)?;
+    crate::init::debug(|| format!("helper {helper_pid}: process {pid} forked"));
     let mut tty = None;
     if let Some((agent_end, child_end)) = tty_pair {
         drop(child_end);
@@ -282,7 +274,9 @@ fn spawn(
     if config.wait_start {
         let mut b = [0u8; 1];
         match status_r.read(&mut b) {
-            Ok(1) if b[0] == b'R' => {}
+            Ok(1) if b[0] == b'R' => {
+                crate::init::debug(|| format!("process {pid}: ready to start"));
+            }
             _ => {
                 let mut rest = String::new();
                 let _ = status_r.read_to_string(&mut rest);
@@ -304,6 +298,34 @@ fn spawn(
         status: Mutex::new(Some(status_r)),
         waited: std::sync::atomic::AtomicBool::new(false),
     })
+}
+
+/// Reads the helper's first message: the forked process's pid, or the helper's error (see
+/// [`crate::helper::pid_message`]).
+fn read_pid(status: &mut impl Read) -> Result<i32, AgentError> {
+    let mut tag = [0u8; 1];
+    match status.read_exact(&mut tag) {
+        Ok(()) if tag[0] == b'P' => {
+            let mut b = [0u8; 4];
+            status
+                .read_exact(&mut b)
+                .map_err(io("read the process's pid from the helper"))?;
+            Ok(u32::from_le_bytes(b) as i32)
+        }
+        Ok(()) => {
+            let mut rest = String::new();
+            let _ = status.read_to_string(&mut rest);
+            let msg = if tag[0] == b'E' {
+                rest
+            } else {
+                String::from_utf8_lossy(&tag).to_string() + &rest
+            };
+            Err(AgentError::Failed(msg))
+        }
+        Err(e) => Err(AgentError::Failed(format!(
+            "the container helper exited before it reported a pid: {e}"
+        ))),
+    }
 }
 
 /// Receives one file descriptor sent with SCM_RIGHTS.
@@ -586,4 +608,30 @@ pub fn resize(entry: &ProcessEntry, rows: u16, cols: u16) -> Result<(), AgentErr
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_pid_reads_back_as_a_pid_even_one_whose_low_byte_is_e() {
+        for pid in [1, 69, 325, 0x4545, 4_194_304] {
+            let msg = crate::helper::pid_message(pid);
+            assert_eq!(read_pid(&mut &msg[..]).expect("pid"), pid);
+        }
+    }
+
+    #[test]
+    fn a_helper_error_reads_back_as_its_message() {
+        let e = read_pid(&mut &b"Epivot_root /x: EINVAL"[..]).expect_err("error");
+        assert_eq!(e.to_string(), "pivot_root /x: EINVAL");
+        let e = read_pid(&mut &b""[..]).expect_err("eof");
+        assert!(
+            e.to_string().contains("exited before it reported a pid"),
+            "{e}"
+        );
+        let e = read_pid(&mut &b"P\x01"[..]).expect_err("short");
+        assert!(e.to_string().contains("pid"), "{e}");
+    }
 }

@@ -123,7 +123,7 @@ pub fn main() -> ! {
         }
         Ok(ForkResult::Parent { child }) => {
             CHILD.store(child.as_raw(), std::sync::atomic::Ordering::Relaxed);
-            let _ = status.write_all(&(child.as_raw() as u32).to_le_bytes());
+            let _ = status.write_all(&pid_message(child.as_raw()));
             drop(status);
             // SAFETY: installing a handler that only calls kill.
             for sig in [
@@ -162,6 +162,14 @@ fn mirror_exit(child: Pid) -> ! {
             Err(_) => std::process::exit(255),
         }
     }
+}
+
+/// What the helper writes on its status pipe once the process is forked: `P` and the pid
+/// (little-endian u32). A failure is `E` and a message instead. The tag comes first so that no
+/// pid can be mistaken for an error (a bare pid whose low byte is 69 is an `E`).
+pub fn pid_message(pid: i32) -> [u8; 5] {
+    let b = (pid as u32).to_le_bytes();
+    [b'P', b[0], b[1], b[2], b[3]]
 }
 
 fn fail(status: &mut File, msg: &str) -> ! {

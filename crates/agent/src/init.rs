@@ -219,11 +219,24 @@ pub fn load_module(path: &Path, params: &str) -> bool {
     false
 }
 
-/// Loads a module by name (with parameters), finding it under /lib/modules.
+/// Loads a module by name (with parameters), finding it under /lib/modules. A module built into
+/// the kernel (it has `/sys/module/<name>`, or the kernel has no module support and the name is
+/// built in) needs no loading; parameters cannot be given to it then.
 pub fn modprobe(spec: &str) -> Result<(), String> {
     let mut parts = spec.split_whitespace();
     let name = parts.next().ok_or("empty module specification")?;
     let params: Vec<&str> = parts.collect();
+    let sys = Path::new("/sys/module").join(name.replace('-', "_"));
+    if sys.exists() && !sys.join("initstate").exists() {
+        // Built in (a loaded module would have `initstate`).
+        if params.is_empty() {
+            return Ok(());
+        }
+        return Err(format!(
+            "kernel module {name} is built into the guest kernel: its parameters ({}) can only be set on the kernel command line ({name}.<param>=<value> in [hypervisor].kernel_params)",
+            params.join(" ")
+        ));
+    }
     let release = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().to_string())
         .unwrap_or_default();
@@ -233,7 +246,9 @@ pub fn modprobe(spec: &str) -> Result<(), String> {
     match found {
         Some(p) if load_module(&p, &params.join(" ")) => Ok(()),
         Some(p) => Err(format!("failed to load {}", p.display())),
-        None => Err(format!("kernel module {name} is not in the guest image")),
+        None => Err(format!(
+            "kernel module {name} is neither built into the guest kernel nor in the guest image"
+        )),
     }
 }
 
@@ -261,10 +276,14 @@ pub fn init_debug() {
     DEBUG.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// Logs when debug logging is on.
+/// Logs when debug logging is on, with the guest's uptime (seconds since boot, as the kernel's
+/// own console lines show it), so the phases of a start can be timed from the console log.
 pub fn debug(msg: impl FnOnce() -> String) {
     if DEBUG.load(std::sync::atomic::Ordering::Relaxed) {
-        log(&msg());
+        let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+            .map(|t| t.tv_sec() as f64 + t.tv_nsec() as f64 / 1e9)
+            .unwrap_or(0.0);
+        log(&format!("[{t:.6}] {}", msg()));
     }
 }
 

@@ -140,6 +140,7 @@ fn mem_total_kb() -> u64 {
 #[async_trait]
 impl AgentService for Agent {
     async fn create_sandbox(&self, _: &TtrpcContext, req: CreateSandboxRequest) -> R<Empty> {
+        crate::init::debug(|| "CreateSandbox".to_string());
         // The pod's containers share the guest's network namespace: its loopback must be up.
         crate::network::loopback_up()?;
         if !req.hostname.is_empty() {
@@ -157,6 +158,7 @@ impl AgentService for Agent {
         }
         let storages = req.storages.clone();
         let mounts = blocking(move || mount_storages(&storages)).await?;
+        crate::init::debug(|| format!("CreateSandbox: {} storages mounted", mounts.len()));
         self.sandbox_mounts
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -202,6 +204,7 @@ impl AgentService for Agent {
         {
             return Err(AgentError::Exists(format!("container {id} already exists")).into());
         }
+        crate::init::debug(|| format!("CreateContainer {id}"));
         let spec: Spec = serde_json::from_slice(&req.oci_spec_json)
             .map_err(|e| AgentError::Invalid(format!("invalid OCI spec: {e}")))?;
         let reaper = self.reaper.clone();

@@ -209,7 +209,17 @@ fn check_boots_the_kernel_and_explains_the_accelerator() {
         matches!(code, Some(0) | Some(2)),
         "exit {code:?}\n{stdout}\n{stderr}"
     );
-    assert!(stdout.contains("the guest kernel boots with"), "{stdout}");
+    // The kernel is named by the version banner read from the file.
+    let kernel = test_kernel();
+    let release = kernel
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("vmlinux-"))
+        .expect("vmlinux-<release>");
+    assert!(
+        stdout.contains(&format!("the guest kernel {release} boots with")),
+        "{stdout}"
+    );
     assert!(
         stdout.contains("System is capable of running Kata Containers"),
         "{stdout}"
@@ -232,6 +242,8 @@ fn check_boots_the_kernel_and_explains_the_accelerator() {
     let v: serde_json::Value = serde_json::from_str(&env).expect("json");
     let expected = if code == Some(0) { "kvm" } else { "tcg" };
     assert_eq!(v["Hypervisor"]["AcceleratorInUse"], expected);
+    let banner = v["Kernel"]["Version"].as_str().unwrap_or_default();
+    assert!(banner.starts_with(&format!("{release} ")), "{banner}");
 }
 
 #[test]

@@ -3,8 +3,10 @@
 //! - [`cpio`]: a deterministic `newc` archive writer (fixed inode numbers, mode, owner and
 //!   mtime 0), so the same inputs give the same bytes;
 //! - [`modules`]: `modules.dep` parsing and the dependency closure, in load order;
-//! - [`build_initrd`]: the initrd: `/init` (kata-agent), `/dev/console`, the modules and their
-//!   load list `/etc/kata-agent/modules`, and optionally busybox for the debug console.
+//! - [`build_initrd`]: the initrd: `/init` (kata-agent), `/dev/console`, optionally busybox for
+//!   the debug console, and, for a kernel that has modules (Debian's generic one), the modules
+//!   and their load list `/etc/kata-agent/modules`. The project's own kernel has everything
+//!   built in, so its initrd carries no modules and the agent loads none.
 //!
 //! The initrd is not compressed: under TCG emulation the guest kernel's decompression costs more
 //! than loading the larger file.
@@ -61,8 +63,9 @@ pub enum BuildError {
 pub struct InitrdSpec {
     /// The static kata-agent binary.
     pub agent: PathBuf,
-    /// `/lib/modules/<release>` of the guest kernel (with `modules.dep`).
-    pub modules_dir: PathBuf,
+    /// `/lib/modules/<release>` of the guest kernel (with `modules.dep`); `None` for a kernel
+    /// with everything built in (no modules in the initrd, no load list).
+    pub modules_dir: Option<PathBuf>,
     /// Module names to include (with dependencies).
     pub modules: Vec<String>,
     /// A static busybox to include as /bin/busybox (debug console), if any.
@@ -81,16 +84,6 @@ fn read(path: &Path) -> Result<Vec<u8>, BuildError> {
 
 /// Builds the initrd bytes.
 pub fn build_initrd(spec: &InitrdSpec) -> Result<Vec<u8>, BuildError> {
-    let release = spec
-        .modules_dir
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_default();
-    let dep_path = spec.modules_dir.join("modules.dep");
-    let dep_text = String::from_utf8_lossy(&read(&dep_path)?).to_string();
-    let deps = modules::parse_modules_dep(&dep_text);
-    let order = modules::closure(&deps, &spec.modules)?;
-
     // BTreeMap: entries sorted by path, so the archive is deterministic.
     let mut files: BTreeMap<String, cpio::Entry> = BTreeMap::new();
     for dir in [
@@ -102,7 +95,6 @@ pub fn build_initrd(spec: &InitrdSpec) -> Result<Vec<u8>, BuildError> {
         "etc",
         "etc/kata-agent",
         "lib",
-        "lib/modules",
         "bin",
         "sbin",
         "mnt",
@@ -112,9 +104,39 @@ pub fn build_initrd(spec: &InitrdSpec) -> Result<Vec<u8>, BuildError> {
     files.insert("dev/console".into(), cpio::Entry::char_device(0o600, 5, 1));
     files.insert("dev/null".into(), cpio::Entry::char_device(0o666, 1, 3));
     files.insert("init".into(), cpio::Entry::file(0o755, read(&spec.agent)?));
+    if let Some(modules_dir) = &spec.modules_dir {
+        add_modules(&mut files, modules_dir, &spec.modules)?;
+    }
+    if let Some(bb) = &spec.busybox {
+        files.insert("bin/busybox".into(), cpio::Entry::file(0o755, read(bb)?));
+        files.insert("bin/sh".into(), cpio::Entry::symlink("busybox"));
+    }
+    let bytes = cpio::write(files.iter().map(|(p, e)| (p.as_str(), e)));
+    if bytes.len() > MAX_SIZE {
+        return Err(BuildError::TooLarge {
+            size: bytes.len(),
+            limit: MAX_SIZE,
+        });
+    }
+    Ok(bytes)
+}
+
+/// Adds `wanted` and their dependencies under `lib/modules/<release>/`, and their load list.
+fn add_modules(
+    files: &mut BTreeMap<String, cpio::Entry>,
+    modules_dir: &Path,
+    wanted: &[String],
+) -> Result<(), BuildError> {
+    let release = modules_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let dep_text = String::from_utf8_lossy(&read(&modules_dir.join("modules.dep"))?).to_string();
+    let deps = modules::parse_modules_dep(&dep_text);
+    let order = modules::closure(&deps, wanted)?;
     let mut list = String::new();
     for rel in &order {
-        let src = spec.modules_dir.join(rel);
+        let src = modules_dir.join(rel);
         let dest = format!("lib/modules/{release}/{rel}");
         let mut parent = Path::new(&dest).parent();
         while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty()) {
@@ -131,18 +153,7 @@ pub fn build_initrd(spec: &InitrdSpec) -> Result<Vec<u8>, BuildError> {
         "etc/kata-agent/modules".into(),
         cpio::Entry::file(0o644, list.into_bytes()),
     );
-    if let Some(bb) = &spec.busybox {
-        files.insert("bin/busybox".into(), cpio::Entry::file(0o755, read(bb)?));
-        files.insert("bin/sh".into(), cpio::Entry::symlink("busybox"));
-    }
-    let bytes = cpio::write(files.iter().map(|(p, e)| (p.as_str(), e)));
-    if bytes.len() > MAX_SIZE {
-        return Err(BuildError::TooLarge {
-            size: bytes.len(),
-            limit: MAX_SIZE,
-        });
-    }
-    Ok(bytes)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -165,7 +176,7 @@ mod tests {
         std::fs::write(&agent, b"\x7fELF agent").expect("agent");
         let spec = InitrdSpec {
             agent: agent.clone(),
-            modules_dir: modules.clone(),
+            modules_dir: Some(modules.clone()),
             modules: vec!["a".into()],
             busybox: None,
         };
@@ -191,5 +202,24 @@ mod tests {
             build_initrd(&missing),
             Err(BuildError::UnknownModule(_))
         ));
+    }
+
+    #[test]
+    fn a_built_in_kernel_gets_no_modules_and_no_load_list() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let agent = dir.path().join("agent");
+        std::fs::write(&agent, b"\x7fELF agent").expect("agent");
+        let spec = InitrdSpec {
+            agent,
+            modules_dir: None,
+            modules: DEFAULT_MODULES.iter().map(|s| s.to_string()).collect(),
+            busybox: None,
+        };
+        let bytes = build_initrd(&spec).expect("build");
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(text.contains("init"), "the agent is /init");
+        assert!(!text.contains(".ko"), "no module files");
+        assert!(!text.contains("lib/modules"), "no module tree");
+        assert!(!text.contains("etc/kata-agent/modules"), "no load list");
     }
 }

@@ -10,8 +10,9 @@ struct Args {
     /// Static kata-agent binary (becomes /init).
     #[arg(long, required_unless_present = "trim_kernel")]
     agent: Option<PathBuf>,
-    /// The guest kernel's /lib/modules/<release> directory (with modules.dep).
-    #[arg(long, required_unless_present = "trim_kernel")]
+    /// The guest kernel's /lib/modules/<release> directory (with modules.dep). Leave it out for
+    /// a kernel with everything built in (the project's own): no modules in the initrd.
+    #[arg(long)]
     modules_dir: Option<PathBuf>,
     /// Extra kernel modules to include (repeatable), besides the defaults.
     #[arg(long = "module")]
@@ -61,12 +62,17 @@ fn main() -> ExitCode {
     if let Some(path) = &args.trim_kernel {
         return trim(path);
     }
-    let (Some(agent), Some(modules_dir), Some(output)) =
-        (args.agent, args.modules_dir, args.output)
-    else {
-        eprintln!("kata-guest-image: --agent, --modules-dir and --output are required");
+    let (Some(agent), Some(output)) = (args.agent, args.output) else {
+        eprintln!("kata-guest-image: --agent and --output are required");
         return ExitCode::from(2);
     };
+    let modules_dir = args.modules_dir;
+    if modules_dir.is_none() && !args.modules.is_empty() {
+        eprintln!(
+            "kata-guest-image: --module needs --modules-dir (the kernel's /lib/modules/<release>)"
+        );
+        return ExitCode::from(2);
+    }
     let mut modules: Vec<String> = kata_guest_image::DEFAULT_MODULES
         .iter()
         .map(|s| s.to_string())

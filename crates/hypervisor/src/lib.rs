@@ -1,11 +1,13 @@
 //! Hypervisor layer.
 //!
+//! - [`guest_kernel`]: a guest kernel file's version banner, read without booting it;
 //! - [`host`]: what this host offers (CPU, kernel modules, `/dev/kvm`, vsock, memory);
 //! - [`probe`]: the boot probe that tells whether KVM can really boot the guest kernel, and the
 //!   accelerator choice that follows from it (cached per boot of the host);
 //! - [`qemu`]: the QEMU command line, QMP client and VM lifecycle;
 //! - [`virtiofsd`]: the per-sandbox virtio-fs daemon.
 
+pub mod guest_kernel;
 pub mod host;
 pub mod probe;
 pub mod qemu;

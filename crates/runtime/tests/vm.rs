@@ -407,7 +407,7 @@ async fn oci_process_and_filesystem_semantics() {
     let script = "id -u; id -g; id -G; pwd; echo $FOO; ulimit -n; \
         touch /should-fail 2>/dev/null && echo rootfs-writable || echo rootfs-readonly; \
         touch /scratch/ok && echo scratch-writable; \
-        [ -c /proc/kcore ] && echo kcore-masked || echo kcore-visible; \
+        [ -c /proc/keys ] && echo keys-masked || echo keys-visible; \
         grep -E '^(CapEff|NoNewPrivs)' /proc/self/status";
     let (out, status) = run_container(&sb, &rootfs, "oci1", script, |s| {
         let mut p = s.process().clone().expect("process");
@@ -473,7 +473,7 @@ async fn oci_process_and_filesystem_semantics() {
             "123",
             "rootfs-readonly",
             "scratch-writable",
-            "kcore-masked",
+            "keys-masked",
             "CapEff:\t0000000000000420",
             "NoNewPrivs:\t1"
         ],
@@ -553,6 +553,122 @@ async fn virtio_9p_shares_the_rootfs() {
         std::fs::read_to_string(rootfs.join("tmp/from-guest")).expect("written through the share"),
         "written\n"
     );
+    sb.stop().await;
+    assert_no_leftovers(id);
+}
+
+/// The file names of a `newc` cpio archive.
+fn cpio_names(bytes: &[u8]) -> Vec<String> {
+    let field = |at: usize, i: usize| {
+        let f = &bytes[at + 6 + 8 * i..at + 6 + 8 * (i + 1)];
+        usize::from_str_radix(std::str::from_utf8(f).expect("hex"), 16).expect("hex field")
+    };
+    let mut names = Vec::new();
+    let mut at = 0;
+    while at + 110 <= bytes.len() && &bytes[at..at + 6] == b"070701" {
+        let (size, namesize) = (field(at, 6), field(at, 11));
+        let name = String::from_utf8_lossy(&bytes[at + 110..at + 110 + namesize - 1]).to_string();
+        if name == "TRAILER!!!" {
+            break;
+        }
+        names.push(name);
+        let data = (at + 110 + namesize + 3) & !3;
+        at = (data + size + 3) & !3;
+    }
+    names
+}
+
+/// The default guest kernel is the project's own: everything built in, so the initrd carries no
+/// modules and the agent loads none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, QEMU and the installed guest (make test runs it)"]
+async fn the_default_kernel_has_everything_built_in() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let rootfs = busybox_rootfs(tmp.path());
+    let c = config(&[]);
+    let initrd = std::fs::read(&c.hypervisor.initrd).expect("installed initrd");
+    let names = cpio_names(&initrd);
+    assert!(names.iter().any(|n| n == "init"), "{names:?}");
+    let modules: Vec<&String> = names
+        .iter()
+        .filter(|n| {
+            n.ends_with(".ko") || n.starts_with("lib/modules") || n.contains("kata-agent/modules")
+        })
+        .collect();
+    assert!(modules.is_empty(), "the initrd holds modules: {modules:?}");
+    let id = "it-kernel";
+    kata_sandbox::sandbox::cleanup_stale(id);
+    let sb = Sandbox::create(id, &c).await.expect("sandbox boots");
+    let console = std::fs::read_to_string(sb.paths.vm_dir.join("console.log")).expect("console");
+    assert!(
+        console.contains("kata-agent: loaded 0 kernel modules"),
+        "{console}"
+    );
+    // /proc/modules exists only in a kernel with module support; the configuration is in
+    // /proc/config.gz (CONFIG_IKCONFIG_PROC).
+    let (out, status) = run_container(
+        &sb,
+        &rootfs,
+        "k1",
+        "uname -r; test -e /proc/modules && echo modules; zcat /proc/config.gz | grep -E '^(# )?CONFIG_(MODULES|VIRTIO_MEM|IP_NF_IPTABLES|BLK_DEV_PMEM)[= ]' | sort",
+        |_| {},
+    )
+    .await;
+    assert_eq!(status, 0, "{out}");
+    let release = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../build/kernel/release"),
+    )
+    .expect("build/kernel/release");
+    assert_eq!(
+        out,
+        format!(
+            "{}\n# CONFIG_MODULES is not set\nCONFIG_BLK_DEV_PMEM=y\nCONFIG_IP_NF_IPTABLES=y\nCONFIG_VIRTIO_MEM=y\n",
+            release.trim()
+        )
+    );
+    sb.stop().await;
+    assert_no_leftovers(id);
+}
+
+/// Debian's generic kernel stays a working option (`make kernel KERNEL=debian`): boot it once,
+/// with its own initrd and modules, so it does not rot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, QEMU and the installed guest (make test runs it)"]
+async fn debians_generic_kernel_still_boots() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let rootfs = busybox_rootfs(tmp.path());
+    let abi = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/kernel/debian-version"),
+    )
+    .expect("pin");
+    let ver = format!("{}-amd64", abi.trim());
+    let assets = Path::new("/opt/kata/share/kata-containers");
+    let mut c = config(&[]);
+    c.hypervisor.kernel = assets.join(format!("vmlinux-{ver}")).display().to_string();
+    c.hypervisor.initrd = assets
+        .join(format!("kata-containers-initrd-{ver}.img"))
+        .display()
+        .to_string();
+    c.hypervisor.valid_initrd_paths = vec!["/**".into(), "/*".into()];
+    c.validate(&HostLimits::current()).expect("valid");
+    let id = "it-debian-kernel";
+    kata_sandbox::sandbox::cleanup_stale(id);
+    let sb = Sandbox::create(id, &c)
+        .await
+        .expect("sandbox boots Debian's kernel");
+    let console = std::fs::read_to_string(sb.paths.vm_dir.join("console.log")).expect("console");
+    let loaded = console
+        .lines()
+        .find_map(|l| {
+            l.split("kata-agent: loaded ")
+                .nth(1)
+                .and_then(|r| r.split(' ').next())
+                .and_then(|n| n.parse::<u32>().ok())
+        })
+        .unwrap_or(0);
+    assert!(loaded >= 10, "Debian's kernel needs its modules: {console}");
+    let (out, status) = run_container(&sb, &rootfs, "d1", "uname -r", |_| {}).await;
+    assert_eq!((out.trim(), status), (ver.as_str(), 0));
     sb.stop().await;
     assert_no_leftovers(id);
 }

@@ -400,16 +400,19 @@ fn boot_probe(
             return None;
         }
     };
+    let name = kata_hypervisor::guest_kernel::release(kernel)
+        .map(|r| format!("the guest kernel {r}"))
+        .unwrap_or_else(|| "the guest kernel".to_string());
     let describe = |o: &BootOutcome| {
         if o.booted {
             format!(
-                "the guest kernel boots with {} ({} ms from QEMU start to the root-mount stage)",
+                "{name} boots with {} ({} ms from QEMU start to the root-mount stage)",
                 o.accel.name(),
                 o.elapsed_ms
             )
         } else {
             format!(
-                "the guest kernel does not boot with {}: {}",
+                "{name} does not boot with {}: {}",
                 o.accel.name(),
                 o.failure.clone().unwrap_or_default()
             )

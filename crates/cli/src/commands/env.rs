@@ -43,6 +43,8 @@ pub struct EnvInfo {
 struct KernelInfo {
     path: String,
     parameters: String,
+    /// The kernel file's version banner (`Linux version ...`), empty when it has none.
+    version: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -230,6 +232,8 @@ pub fn collect(c: &Config) -> EnvInfo {
         kernel: KernelInfo {
             path: h.kernel.clone(),
             parameters: h.kernel_params.clone(),
+            version: kata_hypervisor::guest_kernel::version_banner(Path::new(&h.kernel))
+                .unwrap_or_default(),
         },
         meta: MetaInfo {
             version: FORMAT_VERSION.to_string(),

@@ -60,10 +60,13 @@ pub fn processes_with(needle: &str) -> Vec<String> {
     out
 }
 
-/// The guest kernel's release (`uname -r` in a container).
+/// The default guest kernel's release (`uname -r` in a container): the project's own kernel,
+/// as scripts/kernel-build.sh recorded it.
 pub fn guest_kernel_release() -> String {
-    let pin = std::fs::read_to_string(repo().join("guest/kernel-version")).expect("kernel pin");
-    format!("{}-amd64", pin.trim())
+    std::fs::read_to_string(repo().join("build/kernel/release"))
+        .expect("build/kernel/release (make kernel)")
+        .trim()
+        .to_string()
 }
 
 /// What sandbox `id` left on the host: its QEMU and virtiofsd, state directories and mounts.
