@@ -189,15 +189,11 @@ fn spawn(
     let (cfg_r, mut cfg_w) = pipe()?;
     let (mut status_r, status_w) = pipe()?;
     let (start_r, start_w) = pipe()?;
-    let mut cmd = Command::new("/proc/self/exe");
-    cmd.arg0("kata-agent-init").arg("init-container");
     let mut stdin = None;
     let (mut stdout, mut stderr) = (OutputBuffer::closed(), OutputBuffer::closed());
-    // For a terminal, the child opens the pty inside the container and sends the master back.
-    let tty_pair = if terminal {
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+    // For a terminal, the child opens the pty inside the container and sends the master back
+    // over a socket (the helper's fd 6); otherwise the helper's stdio are pipes.
+    let (tty_pair, child_stdio) = if terminal {
         let (a, b) = nix::sys::socket::socketpair(
             nix::sys::socket::AddressFamily::Unix,
             nix::sys::socket::SockType::Stream,
@@ -205,44 +201,45 @@ fn spawn(
             nix::sys::socket::SockFlag::SOCK_CLOEXEC,
         )
         .map_err(|e| AgentError::Failed(format!("socketpair: {e}")))?;
-        Some((File::from(a), File::from(b)))
+        (Some((File::from(a), File::from(b))), None)
     } else {
         let (in_r, in_w) = pipe()?;
         let (out_r, out_w) = pipe()?;
         let (err_r, err_w) = pipe()?;
-        cmd.stdin(Stdio::from(in_r))
-            .stdout(Stdio::from(out_w))
-            .stderr(Stdio::from(err_w));
         stdout = OutputBuffer::pump(out_r);
         stderr = OutputBuffer::pump(err_r);
         stdin = Some(in_w);
-        None
+        (None, Some([in_r, out_w, err_w]))
     };
-    let tty_child_fd = tty_pair.as_ref().map(|(_, b)| b.as_raw_fd()).unwrap_or(-1);
-    let fds = [cfg_r.as_raw_fd(), status_w.as_raw_fd(), start_r.as_raw_fd()];
-    // SAFETY: the closure runs in the forked child and only makes async-signal-safe calls
-    // (dup2, unshare).
-    unsafe {
-        cmd.pre_exec(move || {
-            for (i, fd) in fds.iter().enumerate() {
-                if libc::dup2(*fd, 3 + i as i32) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            if tty_child_fd >= 0 && libc::dup2(tty_child_fd, 6) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if !unshare.is_empty() && libc::unshare(unshare.bits()) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
+    let mut handed = None;
+    if let Some(spare) = crate::spare::take() {
+        let mut fds = vec![cfg_r.as_raw_fd(), status_w.as_raw_fd(), start_r.as_raw_fd()];
+        match (&tty_pair, &child_stdio) {
+            (Some((_, child_end)), _) => fds.push(child_end.as_raw_fd()),
+            (None, Some(stdio)) => fds.extend(stdio.iter().map(|f| f.as_raw_fd())),
+            (None, None) => {}
+        }
+        match spare.hand_over(&fds, unshare) {
+            Ok(pid) => handed = Some(pid),
+            Err(e) => crate::init::debug(|| format!("spare helper unusable: {e}")),
+        }
     }
-    let child = cmd.spawn().map_err(io("start the container helper"))?;
-    let helper_pid = child.id() as i32;
+    let helper_pid = match handed {
+        Some(pid) => {
+            // The helper has its copies: the agent must not keep the write ends open.
+            drop(child_stdio);
+            pid
+        }
+        None => start_helper(
+            [&cfg_r, &status_w, &start_r],
+            tty_pair.as_ref().map(|(_, b)| b),
+            child_stdio,
+            unshare,
+        )?,
+    };
+
     let exit = reaper.register(helper_pid);
     crate::init::debug(|| format!("helper pid {helper_pid}"));
-    drop(cmd);
     drop(status_w);
     drop(start_r);
     drop(cfg_r);
@@ -287,6 +284,8 @@ fn spawn(
             }
         }
     }
+    // A new spare, now that this process is ready (not competing with it for the vCPU).
+    crate::spare::refill_later();
     Ok(ProcessEntry {
         pid,
         stdin: Mutex::new(stdin),
@@ -298,6 +297,56 @@ fn spawn(
         status: Mutex::new(Some(status_r)),
         waited: std::sync::atomic::AtomicBool::new(false),
     })
+}
+
+/// Starts a helper on demand (no spare was ready): `/proc/self/exe init-container` with the
+/// pipes on fds 3-5, the terminal socket on 6 or the stdio pipes on 0-2, in the new namespaces.
+fn start_helper(
+    pipes: [&File; 3],
+    tty_child: Option<&File>,
+    stdio: Option<[File; 3]>,
+    unshare: CloneFlags,
+) -> Result<i32, AgentError> {
+    let mut cmd = Command::new("/proc/self/exe");
+    cmd.arg0("kata-agent-init").arg("init-container");
+    match stdio {
+        Some([i, o, e]) => {
+            cmd.stdin(Stdio::from(i))
+                .stdout(Stdio::from(o))
+                .stderr(Stdio::from(e));
+        }
+        None => {
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+        }
+    }
+    let tty_child_fd = tty_child.map(|f| f.as_raw_fd()).unwrap_or(-1);
+    let fds = [
+        pipes[0].as_raw_fd(),
+        pipes[1].as_raw_fd(),
+        pipes[2].as_raw_fd(),
+    ];
+    // SAFETY: the closure runs in the forked child and only makes async-signal-safe calls
+    // (dup2, unshare).
+    unsafe {
+        cmd.pre_exec(move || {
+            for (i, fd) in fds.iter().enumerate() {
+                if libc::dup2(*fd, 3 + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if tty_child_fd >= 0 && libc::dup2(tty_child_fd, 6) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if !unshare.is_empty() && libc::unshare(unshare.bits()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(io("start the container helper"))?;
+    Ok(child.id() as i32)
 }
 
 /// Reads the helper's first message: the forked process's pid, or the helper's error (see
@@ -374,20 +423,31 @@ pub fn await_exec(entry: &ProcessEntry) -> Result<(), AgentError> {
 
 /// Creates the cgroup of a container and applies its limits.
 pub fn create_cgroup(id: &str, resources: Option<&LinuxResources>) -> Result<PathBuf, AgentError> {
-    let root = Path::new(CGROUP_ROOT);
-    if !root.exists() {
-        std::fs::create_dir_all(root).map_err(io("create the containers' cgroup"))?;
-        if let Ok(ctrl) = std::fs::read_to_string(root.join("cgroup.controllers")) {
-            let enable: Vec<String> = ctrl.split_whitespace().map(|c| format!("+{c}")).collect();
-            let _ = std::fs::write(root.join("cgroup.subtree_control"), enable.join(" "));
-        }
-    }
+    let root = prepare_cgroup_root()?;
     let dir = root.join(id);
     std::fs::create_dir_all(&dir).map_err(io("create the container's cgroup"))?;
     if let Some(r) = resources {
         apply_resources(&dir, r)?;
     }
     Ok(dir)
+}
+
+/// Creates the containers' parent cgroup with every controller enabled for its children. The
+/// agent does it once at start, off the path of the first container create (enabling the
+/// controllers costs tens of ms under TCG); later calls find it done.
+pub fn prepare_cgroup_root() -> Result<&'static Path, AgentError> {
+    static READY: Mutex<bool> = Mutex::new(false);
+    let root = Path::new(CGROUP_ROOT);
+    let mut ready = READY.lock().unwrap_or_else(|e| e.into_inner());
+    if !*ready {
+        std::fs::create_dir_all(root).map_err(io("create the containers' cgroup"))?;
+        if let Ok(ctrl) = std::fs::read_to_string(root.join("cgroup.controllers")) {
+            let enable: Vec<String> = ctrl.split_whitespace().map(|c| format!("+{c}")).collect();
+            let _ = std::fs::write(root.join("cgroup.subtree_control"), enable.join(" "));
+        }
+        *ready = true;
+    }
+    Ok(root)
 }
 
 /// Writes OCI resources into a cgroup v2 directory.

@@ -4,11 +4,12 @@
 //! capabilities, waits for the start signal and execs.
 //!
 //! File descriptors: 0-2 the process's stdio; 3 the configuration (JSON, read to EOF); 4 the
-//! status pipe (the helper writes the child's pid as 4 little-endian bytes, then the child
+//! status pipe (the helper writes `P` and the child's pid as 4 little-endian bytes, then the child
 //! writes `R` once ready, or `E<message>` on failure; exec closes it); 5 the start pipe (create
 //! only: one byte starts the process); 6, for a terminal, a unix socket on which the child sends
 //! the pty master it opened inside the container (so the pty belongs to the container's own
-//! /dev/pts). The helper then waits for the child and exits the same way (code, or the same
+//! /dev/pts). A helper started ahead of time (`init-container --spare`, see [`crate::spare`])
+//! first receives these descriptors over a socket on fd 3. The helper then waits for the child and exits the same way (code, or the same
 //! signal).
 
 use std::ffi::CString;
@@ -92,6 +93,13 @@ extern "C" fn forward(sig: libc::c_int) {
 
 /// Entry point of `kata-agent init-container`. Never returns.
 pub fn main() -> ! {
+    if std::env::args().nth(2).as_deref() == Some(crate::spare::SPARE_ARG) {
+        // Started ahead of time: wait for the descriptors and namespaces of a container.
+        if let Err(e) = crate::spare::receive() {
+            let _ = std::fs::write("/dev/kmsg", format!("kata-agent-init: spare helper: {e}\n"));
+            std::process::exit(127);
+        }
+    }
     // SAFETY: fds 3 and 4 are handed to us by the agent and owned by this process.
     let mut config_file = unsafe { File::from_raw_fd(CONFIG_FD) };
     let mut status = unsafe { File::from_raw_fd(STATUS_FD) };

@@ -16,6 +16,7 @@ mod mounts;
 mod network;
 mod reaper;
 mod rpc;
+mod spare;
 mod stream;
 
 use std::sync::Arc;
@@ -92,6 +93,13 @@ async fn serve() -> std::io::Result<()> {
         "serving the agent API on {desc} at {} us of uptime",
         uptime_us()
     ));
+    // Off the path of the first create: the containers' cgroup and a helper started ahead.
+    std::thread::spawn(|| {
+        spare::refill();
+        if let Err(e) = container::prepare_cgroup_root() {
+            init::log(&format!("containers' cgroup: {e}"));
+        }
+    });
     // The server runs on its own tasks; PID 1 never exits on its own.
     std::future::pending::<()>().await;
     Ok(())
