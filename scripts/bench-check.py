@@ -40,7 +40,10 @@ def check(r, png):
     for case in ("runc", "kata virtio-fs", "kata virtio-9p"):
         d = r["fs"]["results"].get(case, {})
         need(all(d.get(x, 0) > 0 for x in ("write_mib_s", "read_mib_s", "meta_ms")), f"shared-fs figures of {case}")
-    need(len(r["targets"]) == 6, "the six targets")
+    need(len(r["targets"]) == 9, "the nine targets")
+    for n, d in r.get("scrape", {}).items():
+        need(d["shim_ms"]["median"] > 0 and d["monitor_ms"]["median"] > 0 and d["monitor_rss_kib"] > 0, f"scrape figures with {n} sandboxes")
+    need(len(r.get("scrape", {})) >= 2, "scrapes with 1 and N sandboxes")
     need(r.get("guest_memory_mib", 0) > 0, "the guest memory from the configuration")
     with open(png, "rb") as f:
         need(f.read(8) == b"\x89PNG\r\n\x1a\n", f"{png} is a PNG")

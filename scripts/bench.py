@@ -210,6 +210,79 @@ def guest_meminfo(sock, cfg):
     return info
 
 
+# --- metrics: the shims' monitor sockets and kata-monitor --------------------------------------
+
+class UnixHTTPConnection(__import__("http.client").client.HTTPConnection):
+    def __init__(self, path, timeout=10):
+        super().__init__("shim", timeout=timeout)
+        self.path = path
+
+    def connect(self):
+        import socket
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.path)
+
+
+def get_ms(conn_factory, path):
+    c = conn_factory()
+    t0 = time.perf_counter()
+    c.request("GET", path)
+    r = c.getresponse()
+    body = r.read()
+    ms = (time.perf_counter() - t0) * 1000
+    c.close()
+    if r.status != 200 or not body:
+        raise RuntimeError(f"GET {path}: {r.status}")
+    return ms
+
+
+def pct(xs, p):
+    xs = sorted(xs)
+    return round(xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))], 1)
+
+
+def bench_scrape(sock, counts, n=30):
+    """Latency of the shim's /metrics and of kata-monitor's /metrics (median, p99) with 1 and N
+    sandboxes, and kata-monitor's RSS."""
+    import http.client
+    import socket as so
+    with so.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mon = subprocess.Popen(["/opt/kata/bin/kata-monitor", "--listen-address", f"127.0.0.1:{port}",
+                            "--runtime-endpoint", sock], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    res = {}
+    try:
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            try:
+                get_ms(lambda: http.client.HTTPConnection("127.0.0.1", port, timeout=5), "/")
+                break
+            except OSError:
+                time.sleep(0.1)
+        for count in counts:
+            cids = [f"bench-scrape-{i}" for i in range(count)]
+            for cid in cids:
+                start_detached(sock, RUNTIMES["kata"], cid)
+            time.sleep(3)
+            shim = [get_ms(lambda: UnixHTTPConnection(f"/run/vc/sbs/{cids[i % count]}/shim-monitor.sock"), "/metrics")
+                    for i in range(n)]
+            monitor = [get_ms(lambda: http.client.HTTPConnection("127.0.0.1", port, timeout=30), "/metrics")
+                       for _ in range(n)]
+            res[str(count)] = {
+                "shim_ms": {"median": round(statistics.median(shim), 1), "p99": pct(shim, 99), "samples": [round(x, 1) for x in shim]},
+                "monitor_ms": {"median": round(statistics.median(monitor), 1), "p99": pct(monitor, 99), "samples": [round(x, 1) for x in monitor]},
+                "monitor_rss_kib": rss_kib(mon.pid),
+            }
+            for cid in cids:
+                remove(sock, cid)
+    finally:
+        mon.kill()
+        mon.wait()
+    return res
+
+
 # --- the raw-QEMU floor --------------------------------------------------------------------------
 
 def cmdline(pid):
@@ -434,6 +507,12 @@ def targets(r):
         (f"idle QEMU PSS <= 150 MiB (default_memory = {mem})", f"{one['qemu_pss_kib'] / 1024:.1f} MiB", one["qemu_pss_kib"] <= 150 * 1024),
         ("idle sandbox PSS <= 80 MiB", f"{one['total_pss_kib'] / 1024:.1f} MiB", one["total_pss_kib"] <= 80 * 1024),
         ("shim RSS <= 15 MiB", f"{one['shim_rss_kib'] / 1024:.1f} MiB", one["shim_rss_kib"] <= 15 * 1024),
+        ("shim /metrics p99 <= 50 ms", f"{r['scrape']['1']['shim_ms']['p99']} ms", r["scrape"]["1"]["shim_ms"]["p99"] <= 50),
+        (f"kata-monitor /metrics p99 <= 200 ms with {r['concurrent']} sandboxes",
+         f"{r['scrape'][str(r['concurrent'])]['monitor_ms']['p99']} ms" if str(r['concurrent']) in r['scrape'] else "not measured",
+         str(r['concurrent']) in r['scrape'] and r['scrape'][str(r['concurrent'])]['monitor_ms']['p99'] <= 200),
+        ("kata-monitor RSS <= 20 MiB", f"{max(v['monitor_rss_kib'] for v in r['scrape'].values()) / 1024:.1f} MiB",
+         max(v["monitor_rss_kib"] for v in r["scrape"].values()) <= 20 * 1024),
         ("virtio-fs sequential read >= 50% of runc", f"{fs['kata virtio-fs']['read_mib_s']} vs {fs['runc']['read_mib_s']} MiB/s",
          fs["kata virtio-fs"]["read_mib_s"] >= 0.5 * fs["runc"]["read_mib_s"]),
     ]
@@ -532,6 +611,16 @@ def generated(r):
             q = f"{x['qemu_pss_kib'] / 1024:.1f}" if "qemu_pss_kib" in x else ""
             v = f"{x['virtiofsd_pss_kib'] / 1024:.1f}" if "virtiofsd_pss_kib" in x else ""
             lines.append(f"| {rt} | {n} | {x['shim_pss_kib'] / 1024:.1f} | {q} | {v} | {x['total_pss_kib'] / 1024:.1f} | {x['shim_rss_kib'] / 1024:.1f} |")
+    lines += [
+        "",
+        "## Metrics scrapes (ms; shim: its monitor socket's /metrics; kata-monitor: /metrics of all sandboxes)",
+        "",
+        "| sandboxes | shim median | shim p99 | kata-monitor median | kata-monitor p99 | kata-monitor RSS MiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for n, d in r["scrape"].items():
+        lines.append(f"| {n} | {d['shim_ms']['median']} | {d['shim_ms']['p99']} | {d['monitor_ms']['median']} | "
+                     f"{d['monitor_ms']['p99']} | {d['monitor_rss_kib'] / 1024:.1f} |")
     fs = r["fs"]
     lines += [
         "",
@@ -649,6 +738,7 @@ def main():
     r["memory"] = bench_memory(sock, counts, [("runc", RUNTIMES["runc"], None)])
     r["memory"]["kata"] = default["memory"]
     r["fs"] = bench_fs(sock, a.fs_mib, a.files)
+    r["scrape"] = bench_scrape(sock, counts)
     r["targets"] = [{"target": t, "measured": m, "met": ok} for t, m, ok in targets(r)]
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:

@@ -12,7 +12,7 @@ debian="$(cat "$here/guest/kernel/debian-version")-amd64"
 install -d "$PREFIX/bin" "$PREFIX/libexec" "$PREFIX/share/defaults/kata-containers" \
   "$PREFIX/share/kata-containers" "$PREFIX/share/bash-completion/completions"
 
-for bin in kata-runtime containerd-shim-kata-v2; do
+for bin in kata-runtime containerd-shim-kata-v2 kata-monitor; do
   install -m 0755 "$target/$bin" "$PREFIX/bin/$bin"
 done
 
@@ -55,6 +55,9 @@ fi
 if [ -x "$here/build/tools/bin/virtiofsd" ]; then
   install -m 0755 "$here/build/tools/bin/virtiofsd" "$PREFIX/libexec/virtiofsd"
 fi
+
+install -d "$PREFIX/share/kata-containers/systemd"
+install -m 0644 "$here/config/systemd/kata-monitor.service" "$PREFIX/share/kata-containers/systemd/kata-monitor.service"
 
 "$PREFIX/bin/kata-runtime" completion bash > "$PREFIX/share/bash-completion/completions/kata-runtime"
 echo "installed into $PREFIX"

@@ -243,7 +243,18 @@ fn spawn(
     drop(status_w);
     drop(start_r);
     drop(cfg_r);
-    let _ = std::fs::write(cgroup.join("cgroup.procs"), helper_pid.to_string());
+    // The helper joins the container's cgroup before it forks the process: a container whose
+    // limits cannot apply must not run unlimited.
+    if let Err(e) = std::fs::write(cgroup.join("cgroup.procs"), helper_pid.to_string()) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(helper_pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        return Err(AgentError::Failed(format!(
+            "cannot put the container's process into its cgroup {}: {e}",
+            cgroup.display()
+        )));
+    }
     let json = serde_json::to_vec(config)
         .map_err(|e| AgentError::Failed(format!("encode helper config: {e}")))?;
     cfg_w

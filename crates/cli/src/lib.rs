@@ -51,6 +51,8 @@ pub enum Command {
     /// Show the effective configuration and host facts.
     #[command(visible_alias = "kata-env")]
     Env(commands::env::EnvArgs),
+    /// Print a sandbox's metrics (Prometheus text) from its shim's monitor socket.
+    Metrics(commands::metrics::MetricsArgs),
     /// Measure this host's per-pod overhead (a real sandbox, idle) and print a RuntimeClass
     /// manifest carrying it in overhead.podFixed.
     Overhead(commands::overhead::OverheadArgs),
@@ -85,6 +87,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Some(Command::Check(args)) => commands::check::run(cli.config, args),
         Some(Command::Env(args)) => commands::env::run(cli.config, args),
         Some(Command::Overhead(args)) => commands::overhead::run(cli.config, args),
+        Some(Command::Metrics(args)) => commands::metrics::run(args),
         Some(Command::Completion { shell }) => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "kata-runtime", &mut std::io::stdout());

@@ -105,6 +105,11 @@ impl Virtiofsd {
         Ok(Virtiofsd { child, pid })
     }
 
+    /// Its pid (`None` once it has been reaped).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// Stops it (it normally exits by itself when QEMU goes away).
     pub async fn stop(mut self) {
         if tokio::time::timeout(Duration::from_millis(500), self.child.wait())

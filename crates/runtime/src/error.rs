@@ -9,6 +9,14 @@ pub enum SandboxError {
     /// The configuration cannot run here.
     #[error("{0}")]
     Unsupported(String),
+    /// An id that cannot name a directory safely.
+    #[error("invalid {kind} id {id:?}: use letters, digits, '_', '+', '-' and '.' (not '.' or '..'), at most 128 characters")]
+    InvalidId {
+        /// What it identifies.
+        kind: &'static str,
+        /// The id (truncated).
+        id: String,
+    },
     /// The sandbox's host cgroups could not be set up.
     #[error("host cgroups ([runtime].sandbox_cgroup_only): {0}")]
     Cgroup(String),

@@ -5,12 +5,16 @@
 //! - [`accel`]: KVM or TCG;
 //! - [`cgroups`]: the sandbox's cgroups on the host;
 //! - [`network`]: the pod network mirrored into the VM;
+//! - [`ids`]: sandbox, container and exec ids checked before they become paths;
+//! - [`monitor_client`]: the HTTP client of a shim's monitor socket;
 //! - [`error`]: the errors ([`SandboxError`]).
 
 pub mod accel;
 pub mod agent;
 pub mod cgroups;
 pub mod error;
+pub mod ids;
+pub mod monitor_client;
 pub mod network;
 pub mod sandbox;
 

@@ -1,6 +1,7 @@
 //! A sandbox: one VM with its agent. Every error path stops what was started and removes the
 //! sandbox's state directories.
 
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -90,6 +91,8 @@ pub struct Sandbox {
     /// The VM.
     pub vm: Vm,
     virtiofsd: tokio::sync::Mutex<Option<Virtiofsd>>,
+    /// The agent channel.
+    channel: AgentChannel,
     /// The pod network mirrored into the VM.
     pub network: Option<PodNetwork>,
     /// The agent.
@@ -114,6 +117,14 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl Fn(std::io::Error) -> 
     }
 }
 
+/// Where every shim serves its monitor socket (Kata 3.0's Go runtime layout).
+pub const MONITOR_DIR: &str = "/run/vc/sbs";
+
+/// The monitor socket of sandbox `id`'s shim: `/run/vc/sbs/<id>/shim-monitor.sock`.
+pub fn monitor_socket(id: &str) -> PathBuf {
+    Path::new(MONITOR_DIR).join(id).join("shim-monitor.sock")
+}
+
 /// Removes a sandbox's directories, unmounting anything left inside the shared directory.
 pub fn cleanup_paths(paths: &SandboxPaths) {
     unmount_under(&paths.shared_dir);
@@ -124,6 +135,9 @@ pub fn cleanup_paths(paths: &SandboxPaths) {
 /// Kills what a previous, crashed instance of sandbox `id` left (QEMU by its pid file; virtiofsd
 /// exits with it) and removes its directories. Returns true when something was there.
 pub fn cleanup_stale(id: &str) -> bool {
+    if !crate::ids::is_valid(id) {
+        return false;
+    }
     let paths = SandboxPaths::for_id(id);
     let existed = paths.vm_dir.exists() || paths.shared_dir.exists();
     if let Some(pid) = std::fs::read_to_string(paths.vm_dir.join("pid"))
@@ -185,6 +199,7 @@ impl Sandbox {
         config: &Config,
         placement: &Placement,
     ) -> Result<Sandbox, SandboxError> {
+        crate::ids::check("sandbox", id)?;
         let kind = config.hypervisor_kind;
         if !kind.is_supported() {
             return Err(SandboxError::Unsupported(format!(
@@ -235,7 +250,14 @@ impl Sandbox {
             tracing::info_span!("accel_choose").in_scope(|| crate::accel::choose(h, &qemu))?;
         timings.accel_ms = ms(t);
         for dir in [&paths.vm_dir, &paths.shared_dir] {
-            std::fs::create_dir_all(dir).map_err(io_err("failed to create", dir))?;
+            // Only root may enter a sandbox's state: sockets, console log, the shared tree.
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(io_err("failed to create", dir))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(io_err("failed to set the mode of", dir))?;
         }
         // Joined before virtiofsd and QEMU start, so that they start in it.
         if let Some(path) = &placement.cgroups_path {
@@ -446,6 +468,7 @@ impl Sandbox {
             paths: paths.clone(),
             vm,
             virtiofsd: tokio::sync::Mutex::new(started.virtiofsd.take()),
+            channel: channel.clone(),
             network: started.network.take(),
             agent,
             cgroups: started.cgroups.take(),
@@ -453,6 +476,36 @@ impl Sandbox {
             memory_mib: AtomicU32::new(h.default_memory),
             timings,
         })
+    }
+
+    /// How the host reaches the agent: `vsock://<cid>:<port>` over kernel vsock, or
+    /// `unix://<socket>` for the unix socket QEMU bridges to the agent's virtio-serial port.
+    pub fn agent_url(&self) -> String {
+        match &self.channel {
+            AgentChannel::Vsock { cid } => format!("vsock://{cid}:{}", kata_protocols::VSOCK_PORT),
+            AgentChannel::Serial { socket } => format!("unix://{}", socket.display()),
+        }
+    }
+
+    /// virtiofsd's pid, when the sandbox runs one (never waits: `None` while it is being
+    /// stopped).
+    pub fn virtiofsd_pid(&self) -> Option<u32> {
+        self.virtiofsd
+            .try_lock()
+            .ok()
+            .and_then(|v| v.as_ref().and_then(|v| v.pid()))
+    }
+
+    /// The agent's metrics (Prometheus text).
+    pub async fn agent_metrics(&self, timeout: Duration) -> Result<String, SandboxError> {
+        let req = kata_protocols::agent::GetMetricsRequest::new();
+        Ok(self
+            .agent
+            .agent
+            .get_metrics(ctx(timeout), &req)
+            .await
+            .map_err(agent_err("GetMetrics"))?
+            .metrics)
     }
 
     /// vCPUs and memory (MiB) the VM has now.
@@ -537,6 +590,7 @@ impl Sandbox {
         container_id: &str,
         host_rootfs: &Path,
     ) -> Result<PathBuf, SandboxError> {
+        crate::ids::check("container", container_id)?;
         let target = self.paths.shared_dir.join(container_id).join("rootfs");
         std::fs::create_dir_all(&target).map_err(io_err("failed to create", &target))?;
         mount(
@@ -558,6 +612,9 @@ impl Sandbox {
 
     /// Removes what [`Sandbox::share_rootfs`] set up.
     pub fn unshare(&self, container_id: &str) {
+        if !crate::ids::is_valid(container_id) {
+            return;
+        }
         let dir = self.paths.shared_dir.join(container_id);
         unmount_under(&dir);
         let _ = std::fs::remove_dir_all(&dir);
@@ -823,6 +880,7 @@ impl Sandbox {
         source: &Path,
         readonly: bool,
     ) -> Result<PathBuf, SandboxError> {
+        crate::ids::check("container", container_id)?;
         let rel = Path::new(container_id)
             .join("mounts")
             .join(index.to_string());

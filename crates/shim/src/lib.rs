@@ -4,16 +4,19 @@
 //! - [`service`]: the Task API over a [`kata_sandbox::Sandbox`];
 //! - [`io`]: containerd's FIFOs bridged to the agent's streams;
 //! - [`events`]: task events forwarded to containerd;
-//! - [`rootfs`]: the snapshotter's mounts and the runtime options.
+//! - [`rootfs`]: the snapshotter's mounts and the runtime options;
+//! - [`monitor`]: the monitor socket (HTTP: `/metrics`, `/agent-url`);
+//! - [`metrics`]: what `/metrics` answers (shim, hypervisor, virtiofsd, agent and guest).
 
 pub mod args;
 pub mod events;
 pub mod io;
+pub mod metrics;
+pub mod monitor;
 pub mod pod;
 pub mod rootfs;
 pub mod service;
 
-use std::hash::{Hash, Hasher};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
@@ -30,6 +33,17 @@ const SOCKET_DIR: &str = "/run/containerd/s";
 
 /// Runs the shim.
 pub fn run(args: Args) -> ExitCode {
+    // The id names the shim's socket, state and monitor directories: check it first.
+    if !args.id.is_empty() && !kata_sandbox::ids::is_valid(&args.id) {
+        eprintln!(
+            "containerd-shim-kata-v2: {}",
+            kata_sandbox::SandboxError::InvalidId {
+                kind: "task",
+                id: args.id.chars().take(160).collect(),
+            }
+        );
+        return ExitCode::FAILURE;
+    }
     let result = match args.action.as_str() {
         "start" => start(&args),
         "delete" => delete(&args),
@@ -44,11 +58,19 @@ pub fn run(args: Args) -> ExitCode {
     }
 }
 
-/// The socket of the shim of task `id` in `namespace`.
+/// The socket of the shim of task `id` in `namespace`: named by a SHA-256 of containerd's
+/// address, the namespace and the id, so the name is the same for every build of the shim (a
+/// new shim binary still finds the socket of one started by the old).
 pub fn socket_path(args: &Args) -> PathBuf {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    (&args.address, &args.namespace, &args.id).hash(&mut h);
-    Path::new(SOCKET_DIR).join(format!("kata-{:016x}.sock", h.finish()))
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for part in [&args.address, &args.namespace, &args.id] {
+        h.update(part.as_bytes());
+        h.update([0u8]);
+    }
+    let digest = h.finalize();
+    let name: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    Path::new(SOCKET_DIR).join(format!("kata-{name}.sock"))
 }
 
 fn start(args: &Args) -> Result<(), String> {
@@ -165,6 +187,7 @@ fn delete(args: &Args) -> Result<(), String> {
         PathBuf::from(&args.bundle)
     };
     kata_sandbox::sandbox::cleanup_stale(&args.id);
+    monitor::remove(&args.id);
     rootfs::unmount_rootfs(&bundle.join("rootfs"));
     let _ = std::fs::remove_file(socket_path(args));
     let resp = containerd_shim_protos::api::DeleteResponse {
@@ -208,6 +231,14 @@ fn daemon(args: &Args) -> Result<(), String> {
             publisher,
             shutdown.clone(),
         ));
+        // The monitor socket (metrics, agent URL); a failure to serve it is logged, never fatal.
+        let monitor = match monitor::start(&args.id, service.clone()) {
+            Ok(task) => Some(task),
+            Err(e) => {
+                tracing::warn!(error = %e, "monitor socket not served");
+                None
+            }
+        };
         let mut services = containerd_shim_protos::shim_async::create_task(service.clone());
         // containerd 1.6 calls containerd.task.v2.Task; 2.x calls v3. Serve both.
         for (_, svc) in containerd_shim_protos::shim_async::create_task(service) {
@@ -226,10 +257,35 @@ fn daemon(args: &Args) -> Result<(), String> {
         tokio::time::sleep(Duration::from_millis(20)).await;
         let _ = tokio::time::timeout(Duration::from_millis(500), server.shutdown()).await;
         let _ = std::fs::remove_file(&socket);
+        if let Some(task) = monitor {
+            task.abort();
+        }
+        monitor::remove(&args.id);
         Ok::<(), String>(())
     });
     // Blocking FIFO opens that never completed (a stdin nobody wrote) must not keep the shim
     // alive.
     rt.shutdown_background();
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_socket_name_is_a_stable_hash() {
+        // sha256("/run/containerd/containerd.sock\0default\0abc\0"), first 8 bytes: the same
+        // with every Rust release and every build (DefaultHasher is neither).
+        let args = Args {
+            address: "/run/containerd/containerd.sock".into(),
+            namespace: "default".into(),
+            id: "abc".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            socket_path(&args),
+            PathBuf::from("/run/containerd/s/kata-2b99dc7ef9eaf7a7.sock")
+        );
+    }
 }

@@ -202,6 +202,15 @@ impl Service {
         }
     }
 
+    /// The sandbox, if its VM runs, for the monitor socket. Waits at most 200 ms for the state
+    /// (a scrape must never hang on a long Task API call).
+    pub async fn current_sandbox(&self) -> Option<Arc<Sandbox>> {
+        tokio::time::timeout(std::time::Duration::from_millis(200), self.state.lock())
+            .await
+            .ok()
+            .and_then(|st| st.sandbox.clone())
+    }
+
     async fn sandbox(&self) -> Result<Arc<Sandbox>, ttrpc::Error> {
         self.state.lock().await.sandbox.clone().ok_or_else(|| {
             err(
@@ -514,6 +523,7 @@ impl Task for Service {
         _: &TtrpcContext,
         req: CreateTaskRequest,
     ) -> ttrpc::Result<CreateTaskResponse> {
+        let _timer = crate::metrics::rpc_timer("create");
         let pid = self
             .do_create(&req)
             .instrument(tracing::info_span!("task_create", id = %req.id))
@@ -539,6 +549,7 @@ impl Task for Service {
     }
 
     async fn start(&self, _: &TtrpcContext, req: StartRequest) -> ttrpc::Result<StartResponse> {
+        let _timer = crate::metrics::rpc_timer("start");
         tracing::info!(rpc = "start", id = %req.id, "task API");
         let sb = self.sandbox().await?;
         if req.exec_id.is_empty() {
@@ -629,6 +640,7 @@ impl Task for Service {
     }
 
     async fn delete(&self, _: &TtrpcContext, req: DeleteRequest) -> ttrpc::Result<DeleteResponse> {
+        let _timer = crate::metrics::rpc_timer("delete");
         tracing::info!(rpc = "delete", id = %req.id, "task API");
         let mut st = self.state.lock().await;
         if !req.exec_id.is_empty() {
@@ -697,6 +709,7 @@ impl Task for Service {
     }
 
     async fn exec(&self, _: &TtrpcContext, req: ExecProcessRequest) -> ttrpc::Result<Empty> {
+        let _timer = crate::metrics::rpc_timer("exec");
         tracing::info!(rpc = "exec", id = %req.id, "task API");
         let spec: Process = match req.spec.as_ref() {
             Some(any) => serde_json::from_slice(&any.value).map_err(|e| {
@@ -746,6 +759,7 @@ impl Task for Service {
     }
 
     async fn state(&self, _: &TtrpcContext, req: StateRequest) -> ttrpc::Result<StateResponse> {
+        let _timer = crate::metrics::rpc_timer("state");
         tracing::info!(rpc = "state", id = %req.id, "task API");
         let st = self.state.lock().await;
         let t = st.task(&req.id)?;
@@ -768,6 +782,7 @@ impl Task for Service {
     }
 
     async fn kill(&self, _: &TtrpcContext, req: KillRequest) -> ttrpc::Result<Empty> {
+        let _timer = crate::metrics::rpc_timer("kill");
         tracing::info!(rpc = "kill", id = %req.id, "task API");
         let sb = self.sandbox().await?;
         let mut exit = {
@@ -795,6 +810,7 @@ impl Task for Service {
     }
 
     async fn wait(&self, _: &TtrpcContext, req: WaitRequest) -> ttrpc::Result<WaitResponse> {
+        let _timer = crate::metrics::rpc_timer("wait");
         tracing::info!(rpc = "wait", id = %req.id, "task API");
         let mut rx = {
             let st = self.state.lock().await;
@@ -816,6 +832,7 @@ impl Task for Service {
     }
 
     async fn pids(&self, _: &TtrpcContext, req: PidsRequest) -> ttrpc::Result<PidsResponse> {
+        let _timer = crate::metrics::rpc_timer("pids");
         tracing::info!(rpc = "pids", id = %req.id, "task API");
         let sb = self.sandbox().await?;
         let pids = sb.pids(&req.id).await.map_err(internal)?;
@@ -833,6 +850,7 @@ impl Task for Service {
     }
 
     async fn close_io(&self, _: &TtrpcContext, req: CloseIORequest) -> ttrpc::Result<Empty> {
+        let _timer = crate::metrics::rpc_timer("close_io");
         tracing::info!(rpc = "close_io", id = %req.id, "task API");
         let sb = self.sandbox().await?;
         if req.stdin {
@@ -863,6 +881,7 @@ impl Task for Service {
     }
 
     async fn resize_pty(&self, _: &TtrpcContext, req: ResizePtyRequest) -> ttrpc::Result<Empty> {
+        let _timer = crate::metrics::rpc_timer("resize_pty");
         tracing::info!(rpc = "resize_pty", id = %req.id, "task API");
         let sb = self.sandbox().await?;
         // ctr races a resize against the process's exit: answer with an error, never crash.
@@ -873,6 +892,7 @@ impl Task for Service {
     }
 
     async fn update(&self, _: &TtrpcContext, req: UpdateTaskRequest) -> ttrpc::Result<Empty> {
+        let _timer = crate::metrics::rpc_timer("update");
         tracing::info!(rpc = "update", id = %req.id, "task API");
         let sb = self.sandbox().await?;
         let any = req
@@ -910,6 +930,7 @@ impl Task for Service {
     }
 
     async fn stats(&self, _: &TtrpcContext, req: StatsRequest) -> ttrpc::Result<StatsResponse> {
+        let _timer = crate::metrics::rpc_timer("stats");
         tracing::info!(rpc = "stats", id = %req.id, "task API");
         let sb = self.sandbox().await?;
         let r = sb.stats(&req.id).await.map_err(internal)?;
@@ -944,6 +965,7 @@ impl Task for Service {
         _: &TtrpcContext,
         req: ConnectRequest,
     ) -> ttrpc::Result<ConnectResponse> {
+        let _timer = crate::metrics::rpc_timer("connect");
         let st = self.state.lock().await;
         let task_pid = st.tasks.get(&req.id).map(|t| t.init.pid).unwrap_or(0);
         Ok(ConnectResponse {
@@ -955,6 +977,7 @@ impl Task for Service {
     }
 
     async fn shutdown(&self, _: &TtrpcContext, _: ShutdownRequest) -> ttrpc::Result<Empty> {
+        let _timer = crate::metrics::rpc_timer("shutdown");
         tracing::info!(rpc = "shutdown", "task API");
         let st = self.state.lock().await;
         if !st.tasks.is_empty() {
@@ -970,6 +993,7 @@ impl Task for Service {
     }
 
     async fn pause(&self, _: &TtrpcContext, _: PauseRequest) -> ttrpc::Result<Empty> {
+        let _timer = crate::metrics::rpc_timer("pause");
         Err(err(
             ttrpc::Code::UNIMPLEMENTED,
             "pause is not supported by containerd-shim-kata-v2",
@@ -977,6 +1001,7 @@ impl Task for Service {
     }
 
     async fn resume(&self, _: &TtrpcContext, _: ResumeRequest) -> ttrpc::Result<Empty> {
+        let _timer = crate::metrics::rpc_timer("resume");
         Err(err(
             ttrpc::Code::UNIMPLEMENTED,
             "resume is not supported by containerd-shim-kata-v2",
@@ -984,6 +1009,7 @@ impl Task for Service {
     }
 
     async fn checkpoint(&self, _: &TtrpcContext, _: CheckpointTaskRequest) -> ttrpc::Result<Empty> {
+        let _timer = crate::metrics::rpc_timer("checkpoint");
         Err(err(
             ttrpc::Code::UNIMPLEMENTED,
             "checkpoint is not supported by containerd-shim-kata-v2",

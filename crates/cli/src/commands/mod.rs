@@ -2,7 +2,9 @@
 
 pub mod check;
 pub mod env;
+pub mod metrics;
 pub mod overhead;
+pub mod shim_client;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

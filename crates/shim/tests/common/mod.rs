@@ -60,6 +60,111 @@ pub fn processes_with(needle: &str) -> Vec<String> {
     out
 }
 
+/// `kata-runtime ARGS` (the installed binary): (stdout, stderr, exit code).
+pub fn kata_runtime(args: &[&str]) -> (String, String, i32) {
+    let out = Command::new("/opt/kata/bin/kata-runtime")
+        .args(args)
+        .output()
+        .expect("kata-runtime runs");
+    (
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+        out.status.code().unwrap_or(-1),
+    )
+}
+
+/// One HTTP/1.1 request over a unix socket: (status, body).
+pub fn http_unix(socket: &Path, method: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket)
+        .unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: shim\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("read");
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (status, body.to_string())
+}
+
+/// `promtool check metrics` on `text`: the problems it reports, less the naming lints that
+/// Kata's own family names cause (kept for compatibility with Kata's dashboards; see
+/// docs/monitoring.md). Anything else (a parse error, a duplicate, another lint) is returned.
+pub fn promtool_problems(text: &str) -> Vec<String> {
+    use std::io::Write;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus)");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("feed promtool");
+    let out = child.wait_with_output().expect("promtool");
+    let all =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    const KATA_NAMES: &[(&str, &str)] = &[
+        (
+            "_histogram_milliseconds",
+            "metric name should not include type 'histogram'",
+        ),
+        (
+            "_histogram_milliseconds",
+            "use base unit \"seconds\" instead of \"milliseconds\"",
+        ),
+        (
+            "kata_agent_scrape_count",
+            "non-histogram and non-summary metrics should not have \"_count\" suffix",
+        ),
+        (
+            "kata_monitor_scrape_count",
+            "non-histogram and non-summary metrics should not have \"_count\" suffix",
+        ),
+        (
+            "kata_monitor_scrape_failed_count",
+            "non-histogram and non-summary metrics should not have \"_count\" suffix",
+        ),
+        (
+            "kata_monitor_scrape_count",
+            "counter metrics should have \"_total\" suffix",
+        ),
+        (
+            "kata_monitor_scrape_failed_count",
+            "counter metrics should have \"_total\" suffix",
+        ),
+        (
+            "kata_monitor_running_shim_count",
+            "non-histogram and non-summary metrics should not have \"_count\" suffix",
+        ),
+    ];
+    all.lines()
+        .filter(|l| !l.trim().is_empty())
+        .filter(|l| {
+            !KATA_NAMES.iter().any(|(name, lint)| {
+                l.split_whitespace()
+                    .next()
+                    .is_some_and(|n| n.contains(name))
+                    && l.contains(lint)
+            })
+        })
+        .map(str::to_string)
+        .collect()
+}
+
 /// The default guest kernel's release (`uname -r` in a container): the project's own kernel,
 /// as scripts/kernel-build.sh recorded it.
 pub fn guest_kernel_release() -> String {
@@ -74,6 +179,7 @@ pub fn sandbox_leftovers(id: &str) -> Vec<String> {
     let mut left = processes_with(&format!("sandbox-{id} "));
     left.extend(processes_with(&format!("/run/vc/vm/{id}/")));
     for dir in [
+        format!("/run/vc/sbs/{id}"),
         format!("/run/vc/vm/{id}"),
         format!("/run/kata-containers/shared/sandboxes/{id}"),
     ] {

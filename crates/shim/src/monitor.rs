@@ -1,0 +1,167 @@
+//! The shim's monitor socket: HTTP over the unix socket
+//! `/run/vc/sbs/<sandbox-id>/shim-monitor.sock` (Kata 3.0's path; mode 0600, its directory
+//! 0700), which `kata-runtime metrics` and `kata-monitor` read.
+//!
+//! Routes (see docs/monitoring.md): `GET /metrics` (Prometheus text), `GET /agent-url` (how
+//! the host reaches the agent). An unknown path answers 404, a known path with another method
+//! 405 with an `Allow` header. The route table is [`ROUTES`]; a handler never fails the pod.
+
+use std::convert::Infallible;
+use std::os::unix::fs::PermissionsExt;
+#[cfg(test)]
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+
+use crate::service::Service;
+
+pub use kata_sandbox::sandbox::{monitor_socket as socket_path, MONITOR_DIR as SANDBOXES_DIR};
+
+/// A route: its path and the methods it answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// `/metrics`.
+    Metrics,
+    /// `/agent-url`.
+    AgentUrl,
+}
+
+/// The route table: path, route, allowed methods.
+pub const ROUTES: &[(&str, Route, &[Method])] = &[
+    ("/metrics", Route::Metrics, &[Method::GET]),
+    ("/agent-url", Route::AgentUrl, &[Method::GET]),
+];
+
+/// What routing a request gives.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Routed {
+    /// Handle it.
+    To(Route),
+    /// Known path, other method: 405 with these methods.
+    MethodNotAllowed(&'static [Method]),
+    /// Unknown path: 404.
+    NotFound,
+}
+
+/// Routes a request by path and method (queries are ignored for routing).
+pub fn route(method: &Method, path: &str) -> Routed {
+    match ROUTES.iter().find(|(p, _, _)| *p == path) {
+        None => Routed::NotFound,
+        Some((_, r, methods)) if methods.contains(method) => Routed::To(*r),
+        Some((_, _, methods)) => Routed::MethodNotAllowed(methods),
+    }
+}
+
+/// Removes sandbox `id`'s monitor directory (at teardown, and by crash cleanup).
+pub fn remove(id: &str) {
+    let sock = socket_path(id);
+    let _ = std::fs::remove_file(&sock);
+    if let Some(dir) = sock.parent() {
+        let _ = std::fs::remove_dir(dir);
+    }
+}
+
+/// Serves the monitor socket of sandbox `id` until the task is aborted.
+pub fn start(id: &str, service: Arc<Service>) -> Result<tokio::task::JoinHandle<()>, String> {
+    let path = socket_path(id);
+    let dir = path
+        .parent()
+        .ok_or_else(|| format!("no directory for {}", path.display()))?;
+    std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| format!("chmod {}: {e}", dir.display()))?;
+    let _ = std::fs::remove_file(&path);
+    let listener = tokio::net::UnixListener::bind(&path)
+        .map_err(|e| format!("listen on {}: {e}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("chmod {}: {e}", path.display()))?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let service = service.clone();
+            tokio::spawn(async move {
+                let handler = hyper::service::service_fn(move |req| {
+                    let service = service.clone();
+                    async move { Ok::<_, Infallible>(handle(req, &service).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), handler)
+                    .await;
+            });
+        }
+    }))
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r
+}
+
+async fn handle(req: Request<Incoming>, service: &Service) -> Response<Full<Bytes>> {
+    match route(req.method(), req.uri().path()) {
+        Routed::NotFound => text(StatusCode::NOT_FOUND, "URL NOT FOUND"),
+        Routed::MethodNotAllowed(methods) => {
+            let allow: Vec<&str> = methods.iter().map(Method::as_str).collect();
+            let mut r = text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!(
+                    "method {} not allowed; use {}",
+                    req.method(),
+                    allow.join(", ")
+                ),
+            );
+            if let Ok(v) = allow.join(", ").parse() {
+                r.headers_mut().insert(hyper::header::ALLOW, v);
+            }
+            r
+        }
+        Routed::To(Route::Metrics) => {
+            let sb = service.current_sandbox().await;
+            let body = crate::metrics::render(sb.as_deref()).await;
+            let mut r = text(StatusCode::OK, body);
+            if let Ok(v) = "text/plain; version=0.0.4; charset=utf-8".parse() {
+                r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+            }
+            r
+        }
+        Routed::To(Route::AgentUrl) => match service.current_sandbox().await {
+            Some(sb) => text(StatusCode::OK, sb.agent_url()),
+            None => text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the sandbox's VM is not running",
+            ),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_by_path_then_method() {
+        assert_eq!(route(&Method::GET, "/metrics"), Routed::To(Route::Metrics));
+        assert_eq!(
+            route(&Method::GET, "/agent-url"),
+            Routed::To(Route::AgentUrl)
+        );
+        assert_eq!(
+            route(&Method::POST, "/metrics"),
+            Routed::MethodNotAllowed(&[Method::GET])
+        );
+        assert_eq!(route(&Method::GET, "/nope"), Routed::NotFound);
+        assert_eq!(route(&Method::GET, "/metrics/"), Routed::NotFound);
+        assert_eq!(
+            socket_path("abc"),
+            PathBuf::from("/run/vc/sbs/abc/shim-monitor.sock")
+        );
+    }
+}
