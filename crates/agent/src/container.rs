@@ -73,6 +73,15 @@ pub struct ProcessEntry {
     pub waited: std::sync::atomic::AtomicBool,
 }
 
+impl Drop for ProcessEntry {
+    fn drop(&mut self) {
+        // Nobody can read this process's output any more: its pump threads must not wait for
+        // room in the bounded buffers.
+        self.stdout.abandon();
+        self.stderr.abandon();
+    }
+}
+
 impl ProcessEntry {
     /// Closes what an exited process no longer needs (stdin, start and status pipes); the
     /// output streams stay until they are read to the end.

@@ -19,10 +19,13 @@ pub const COMMIT: &str = env!("KATA_COMMIT");
 #[derive(Debug, Parser)]
 #[command(
     name = "kata-runtime",
-    version,
-    about = "Kata Containers runtime: check the host, show the configuration"
+    disable_version_flag = true,
+    about = "Kata Containers runtime: check the host, show the configuration, read a sandbox's metrics"
 )]
 pub struct Cli {
+    /// Print the version (as `kata-runtime version`).
+    #[arg(short = 'v', long)]
+    pub version: bool,
     /// Configuration file to use instead of the search order.
     #[arg(
         long,
@@ -56,6 +59,8 @@ pub enum Command {
     /// Measure this host's per-pod overhead (a real sandbox, idle) and print a RuntimeClass
     /// manifest carrying it in overhead.podFixed.
     Overhead(commands::overhead::OverheadArgs),
+    /// Print the runtime's version, commit and OCI specification version.
+    Version,
     /// Print a shell completion script.
     Completion {
         /// Shell.
@@ -77,6 +82,10 @@ pub fn init_logging(debug: bool) {
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> ExitCode {
+    if cli.version {
+        print!("{}", commands::version::text());
+        return ExitCode::SUCCESS;
+    }
     if cli.show_default_config_paths {
         for p in commands::default_config_paths() {
             println!("{}", p.display());
@@ -88,6 +97,10 @@ pub fn run(cli: Cli) -> ExitCode {
         Some(Command::Env(args)) => commands::env::run(cli.config, args),
         Some(Command::Overhead(args)) => commands::overhead::run(cli.config, args),
         Some(Command::Metrics(args)) => commands::metrics::run(args),
+        Some(Command::Version) => {
+            print!("{}", commands::version::text());
+            Ok(ExitCode::SUCCESS)
+        }
         Some(Command::Completion { shell }) => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "kata-runtime", &mut std::io::stdout());

@@ -149,6 +149,36 @@ fn completion_script_names_the_subcommands() {
 }
 
 #[test]
+fn version_prints_katas_three_lines() {
+    let (out, version, _) = run(bin().arg("version"));
+    assert!(out.status.success());
+    let lines: Vec<&str> = version.lines().collect();
+    assert_eq!(lines.len(), 3, "{version}");
+    assert!(lines[0].starts_with("kata-runtime  : 0."), "{version}");
+    assert!(lines[1].starts_with("   commit   : "), "{version}");
+    assert!(lines[2].starts_with("   OCI specs: 1."), "{version}");
+    for flag in ["--version", "-v"] {
+        let (out, same, _) = run(bin().arg(flag));
+        assert!(out.status.success());
+        assert_eq!(same, version, "{flag}");
+    }
+}
+
+#[test]
+fn metrics_of_an_unknown_or_hostile_sandbox_id_is_a_clear_error() {
+    let (out, _, stderr) = run(bin().args(["metrics", "no-such-sandbox"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr.contains("sandbox no-such-sandbox not found")
+            && stderr.contains("/run/vc/sbs/no-such-sandbox/shim-monitor.sock"),
+        "{stderr}"
+    );
+    let (out, _, stderr) = run(bin().args(["metrics", "../../etc"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr.contains("is not a sandbox id"), "{stderr}");
+}
+
+#[test]
 fn release_lookup_without_network_is_explained() {
     let (out, _, stderr) =
         run(bin().args(["check", "--check-version-only", "--no-network-checks"]));

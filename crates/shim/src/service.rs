@@ -476,7 +476,16 @@ impl Service {
             let status = match sb.wait(&cid, &exec_id).await {
                 Ok((status, _)) => status as u32,
                 Err(e) => {
-                    tracing::warn!(error = %e, "wait failed");
+                    match sb.vm.exit_error() {
+                        // The VM died: say why, with the guest console's last lines.
+                        Some(vm) => tracing::error!(
+                            container = %cid,
+                            exec = %exec_id,
+                            error = %kata_config::error_chain(&vm),
+                            "the sandbox's VM died; the process is reported as killed (exit 255)"
+                        ),
+                        None => tracing::warn!(error = %e, "wait failed"),
+                    }
                     255
                 }
             };
@@ -602,10 +611,22 @@ impl Task for Service {
                 p.stdio.clone(),
             )
         };
-        let pid = sb
-            .exec(&req.id, &req.exec_id, &spec)
-            .await
-            .map_err(internal)?;
+        let pid = match sb.exec(&req.id, &req.exec_id, &spec).await {
+            Ok(pid) => pid,
+            Err(e) => {
+                // As runc's shim: an exec that failed to start is finished, so Wait, Kill and
+                // Delete answer at once (containerd kills and waits for it before deleting it).
+                let st = self.state.lock().await;
+                if let Some(p) = st
+                    .tasks
+                    .get(&req.id)
+                    .and_then(|t| t.execs.get(&req.exec_id))
+                {
+                    p.exit.send_replace(Some((255, now())));
+                }
+                return Err(internal(e));
+            }
+        };
         let tasks = io::start(&sb, &req.id, &req.exec_id, &stdio);
         let mut st = self.state.lock().await;
         let p = st
@@ -790,6 +811,11 @@ impl Task for Service {
             let p = st.task(&req.id)?.process(&req.exec_id)?;
             if p.exit.borrow().is_some() {
                 return Err(not_found("process already finished:"));
+            }
+            if !req.exec_id.is_empty() && !p.started {
+                // An exec that never started (its start failed, e.g. a missing binary) has no
+                // process to signal: say so at once, as runc's shim does.
+                return Err(not_found("process not started:"));
             }
             p.exit.subscribe()
         };

@@ -246,6 +246,24 @@ async fn a_pod_runs_its_containers_in_one_vm() {
         second.as_millis()
     );
 
+    // An ExecSync of a binary that does not exist fails at once with the exec's own error (as
+    // with runc), and the container is unharmed.
+    let t = Instant::now();
+    let missing = c
+        .exec_sync(ExecSyncRequest {
+            container_id: c1.clone(),
+            cmd: vec!["/no/such/binary".into()],
+            timeout: 30,
+        })
+        .await;
+    let took = t.elapsed();
+    match missing {
+        Err(e) => assert!(e.message().contains("/no/such/binary"), "{}", e.message()),
+        Ok(r) => panic!("a missing binary ran: exit {}", r.into_inner().exit_code),
+    }
+    assert!(took < Duration::from_millis(900), "the error took {took:?}");
+    assert_eq!(exec(&mut c, &c1, &["true"]).await.1, 0);
+
     // One VM and one shim serve the pod.
     assert_eq!(
         common::processes_with(&format!("sandbox-{pod} ")).len(),

@@ -5,6 +5,7 @@ pub mod env;
 pub mod metrics;
 pub mod overhead;
 pub mod shim_client;
+pub mod version;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
