@@ -14,6 +14,10 @@ use crate::{
     AgentConfig, FactoryConfig, HypervisorConfig, HypervisorKind, ImageConfig, RuntimeConfig,
 };
 
+/// `seccompsandbox` in the shipped configuration-qemu.toml.
+pub const QEMU_SECCOMP_SANDBOX: &str =
+    "on,obsolete=deny,spawn=deny,resourcecontrol=deny,elevateprivileges=deny";
+
 /// Hypervisors for which a configuration file is shipped.
 pub const SHIPPED: [HypervisorKind; 4] = [
     HypervisorKind::Qemu,
@@ -51,7 +55,12 @@ pub fn profile(
     h.valid_file_mem_backends = vec![String::new()];
     let mut runtime = RuntimeConfig::default();
     match kind {
-        HypervisorKind::Qemu | HypervisorKind::Acrn => {}
+        HypervisorKind::Qemu => {
+            // QEMU's own seccomp filter, on in the shipped file (Kata leaves it commented out):
+            // no obsolete system calls, no fork/exec, no scheduler or privilege changes.
+            h.seccompsandbox = QEMU_SECCOMP_SANDBOX.to_string();
+        }
+        HypervisorKind::Acrn => {}
         HypervisorKind::Clh | HypervisorKind::Dragonball => {
             h.block_device_driver = BlockDeviceDriver::VirtioBlk
         }

@@ -185,7 +185,8 @@ config_section! {
         /// QEMU TCG translation cache size in MiB when emulating (0: QEMU's default). Most of an
         /// emulated QEMU's memory is this cache. Not a Kata key.
         tcg_tb_size: u32 = 32, Y, OK, QEMU;
-        /// QEMU seccomp sandbox options (`-sandbox`), empty for none.
+        /// QEMU seccomp sandbox options (`-sandbox`), empty for none. The shipped file sets
+        /// `on,obsolete=deny,spawn=deny,resourcecontrol=deny,elevateprivileges=deny`.
         seccompsandbox: String = String::new(), N, OK, QEMU;
         /// Disable the hypervisor's seccomp filter (Cloud Hypervisor).
         disable_seccomp: bool = false, N, NY, CLH;

@@ -861,6 +861,17 @@ fn the_monitor_socket_serves_metrics_that_promtool_accepts() {
                 .unwrap_or(false)
         })
         .collect();
+    // The shipped configuration runs QEMU under its own seccomp filter (-sandbox on,...).
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pid[0])).expect("status");
+    assert!(
+        status.contains("Seccomp:\t2"),
+        "QEMU has no seccomp filter:\n{status}"
+    );
+    assert!(
+        qemu[0].contains("-sandbox on,obsolete=deny,spawn=deny"),
+        "{}",
+        qemu[0]
+    );
     // SAFETY: SIGKILL of the sandbox's QEMU, which the test started.
     unsafe { libc::kill(pid[0] as i32, libc::SIGKILL) };
     std::thread::sleep(Duration::from_millis(300));
