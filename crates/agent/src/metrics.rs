@@ -15,10 +15,7 @@ pub fn render(containers: usize) -> String {
     let r = prometheus::Registry::new();
     let me = ProcessSource::this();
     let _ = process::register(&r, "kata_agent", "Agent", &me, false);
-    let status = std::fs::read_to_string(me.dir.join("status")).unwrap_or_default();
-    let (_, items) = process::parse_status(&status);
-    let item = |name: &str| items.iter().find(|(i, _)| *i == name).map(|(_, v)| *v);
-    if let Some(v) = item("vmsize") {
+    if let Some(v) = me.status_item("vmsize") {
         let _ = gauge_family(
             &r,
             "kata_agent_total_vm",
@@ -27,7 +24,7 @@ pub fn render(containers: usize) -> String {
             &[(vec![], v)],
         );
     }
-    if let Some(v) = item("vmrss") {
+    if let Some(v) = me.status_item("vmrss") {
         let _ = gauge_family(
             &r,
             "kata_agent_total_rss",
@@ -36,18 +33,12 @@ pub fn render(containers: usize) -> String {
             &[(vec![], v)],
         );
     }
-    let stat = std::fs::read_to_string(me.dir.join("stat")).unwrap_or_default();
-    let ticks: f64 = process::parse_stat(&stat)
-        .iter()
-        .filter(|(i, _)| *i == "utime" || *i == "stime")
-        .map(|(_, v)| v)
-        .sum();
     let _ = gauge_family(
         &r,
         "kata_agent_total_time",
         "Agent CPU time (user and system), in seconds.",
         &[],
-        &[(vec![], ticks / 100.0)],
+        &[(vec![], me.cpu_seconds())],
     );
     let _ = gauge_family(
         &r,

@@ -4,10 +4,7 @@
 
 use std::path::Path;
 
-use crate::{gauge_family, MetricsError};
-
-/// Clock ticks per second of `/proc/stat` (USER_HZ, 100 on every Linux architecture we run).
-const USER_HZ: f64 = 100.0;
+use crate::{gauge_family, MetricsError, USER_HZ};
 
 /// `/proc/stat` CPU columns, in order.
 const CPU_ITEMS: &[&str] = &[

@@ -16,6 +16,10 @@ pub mod guest;
 pub mod process;
 pub mod text;
 
+/// Clock ticks per second of `/proc/stat` and `/proc/<pid>/stat` (USER_HZ: 100 on every Linux
+/// architecture the runtime supports, host and guest alike).
+pub const USER_HZ: f64 = 100.0;
+
 /// Errors building a family (a bug in a name or label set, never the data).
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {

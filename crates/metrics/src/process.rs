@@ -88,6 +88,30 @@ impl ProcessSource {
     pub fn exists(&self) -> bool {
         self.dir.join("stat").exists()
     }
+
+    /// CPU time (user and system) in seconds; 0 when the process is gone.
+    pub fn cpu_seconds(&self) -> f64 {
+        std::fs::read_to_string(self.dir.join("stat"))
+            .map(|t| {
+                parse_stat(&t)
+                    .iter()
+                    .filter(|(i, _)| *i == "utime" || *i == "stime")
+                    .map(|(_, v)| v)
+                    .sum::<f64>()
+                    / crate::USER_HZ
+            })
+            .unwrap_or(0.0)
+    }
+
+    /// One `proc_status` item (`vmrss`, `vmsize`, ...) in bytes, if the process has it.
+    pub fn status_item(&self, item: &str) -> Option<f64> {
+        let text = std::fs::read_to_string(self.dir.join("status")).ok()?;
+        parse_status(&text)
+            .1
+            .iter()
+            .find(|(i, _)| *i == item)
+            .map(|(_, v)| *v)
+    }
 }
 
 /// Parses `/proc/<pid>/status` into (item, value) pairs.

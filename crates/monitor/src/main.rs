@@ -47,7 +47,7 @@ struct Args {
     #[arg(long, value_enum, default_value = "info")]
     log_level: LogLevel,
     /// Directory of the shims' monitor sockets.
-    #[arg(long, default_value = kata_sandbox::sandbox::MONITOR_DIR, hide = true)]
+    #[arg(long, default_value = kata_sandbox::sandbox::MONITOR_DIR)]
     sandboxes_dir: PathBuf,
 }
 

@@ -88,52 +88,16 @@ fn count_error(source: &str) {
     }
 }
 
-/// Host CPU ticks of the sandbox's processes and guest CPU seconds at the previous scrape, for
+/// Host CPU seconds of the sandbox's processes and guest CPU seconds at the previous scrape, for
 /// the pod overhead.
 #[derive(Debug, Clone, Copy)]
 struct CpuSample {
     at: Instant,
-    host_ticks: f64,
+    host_cpu_secs: f64,
     guest_busy_secs: f64,
 }
 
 static LAST_CPU: Mutex<Option<CpuSample>> = Mutex::new(None);
-
-/// Clock ticks per second of /proc/<pid>/stat.
-fn ticks_per_second() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 {
-        t as f64
-    } else {
-        100.0
-    }
-}
-
-fn cpu_ticks(src: &ProcessSource) -> f64 {
-    std::fs::read_to_string(src.dir.join("stat"))
-        .map(|t| {
-            process::parse_stat(&t)
-                .iter()
-                .filter(|(i, _)| *i == "utime" || *i == "stime")
-                .map(|(_, v)| v)
-                .sum()
-        })
-        .unwrap_or(0.0)
-}
-
-fn rss_bytes(src: &ProcessSource) -> f64 {
-    std::fs::read_to_string(src.dir.join("status"))
-        .map(|t| {
-            process::parse_status(&t)
-                .1
-                .iter()
-                .find(|(i, _)| *i == "vmrss")
-                .map(|(_, v)| *v)
-                .unwrap_or(0.0)
-        })
-        .unwrap_or(0.0)
-}
 
 /// A guest family's value from the agent's text (`name{item="x"}` or `name{cpu="total",item="x"}`).
 fn guest_value(text: &str, prefix: &str) -> Option<f64> {
@@ -185,7 +149,10 @@ pub async fn render(sandbox: Option<&Sandbox>) -> String {
 /// guest's own busy time, since the previous scrape) and `kata_shim_pod_overhead_memory_in_bytes`
 /// (RSS of QEMU, virtiofsd and the shim beyond the memory the guest uses).
 fn pod_overhead(registry: &Registry, host: &[ProcessSource], agent_text: &str) {
-    let host_rss: f64 = host.iter().map(rss_bytes).sum();
+    let host_rss: f64 = host
+        .iter()
+        .map(|p| p.status_item("vmrss").unwrap_or(0.0))
+        .sum();
     let total = guest_value(agent_text, "kata_guest_meminfo{item=\"mem_total\"}");
     let avail = guest_value(agent_text, "kata_guest_meminfo{item=\"mem_available\"}");
     if let (Some(t), Some(a)) = (total, avail) {
@@ -197,7 +164,7 @@ fn pod_overhead(registry: &Registry, host: &[ProcessSource], agent_text: &str) {
             &[(vec![], (host_rss - (t - a)).max(0.0))],
         );
     }
-    let host_ticks: f64 = host.iter().map(cpu_ticks).sum();
+    let host_cpu: f64 = host.iter().map(ProcessSource::cpu_seconds).sum();
     let guest_busy: Option<f64> = {
         let v: Vec<f64> = ["user", "nice", "system", "irq", "softirq"]
             .iter()
@@ -215,7 +182,7 @@ fn pod_overhead(registry: &Registry, host: &[ProcessSource], agent_text: &str) {
     };
     let now = CpuSample {
         at: Instant::now(),
-        host_ticks,
+        host_cpu_secs: host_cpu,
         guest_busy_secs: guest_busy,
     };
     let prev = LAST_CPU
@@ -225,7 +192,7 @@ fn pod_overhead(registry: &Registry, host: &[ProcessSource], agent_text: &str) {
     if let Some(p) = prev {
         let secs = now.at.duration_since(p.at).as_secs_f64();
         if secs > 0.0 {
-            let host = (now.host_ticks - p.host_ticks) / ticks_per_second();
+            let host = now.host_cpu_secs - p.host_cpu_secs;
             let guest = now.guest_busy_secs - p.guest_busy_secs;
             let pct = ((host - guest) / secs * 100.0).max(0.0);
             let _ = kata_metrics::gauge_family(
