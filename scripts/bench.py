@@ -302,7 +302,7 @@ def bench_floor(sock, n, cfg=None):
     remove(sock, cid)
     base = tempfile.mkdtemp(prefix="kata-bench-floor-")
     shared = os.path.join(base, "shared")
-    os.makedirs(shared)
+    os.makedirs(os.path.join(shared, "shared"))  # the sandbox's export (mounts/ is not needed)
 
     def sub(a):
         return (a.replace(f"/run/vc/vm/{cid}", base)

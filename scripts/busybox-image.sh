@@ -3,6 +3,8 @@
 #   scripts/busybox-image.sh OUT.tar [REF [ENTRYPOINT_JSON]]
 # REF defaults to kata.local/busybox:latest (command `sh`). With ENTRYPOINT_JSON (a JSON array)
 # the image runs that instead, e.g. the pod sandbox ("pause") image of scripts/containerd.sh.
+# SYMLINKS="path:target ..." adds symlinks to the image (the hostile images of the security
+# tests, e.g. SYMLINKS="escape:/ dots:../../../..").
 set -euo pipefail
 out=$1
 ref=${2:-kata.local/busybox:latest}
@@ -17,6 +19,7 @@ for a in $(/bin/busybox --list); do [ "$a" = busybox ] || ln -s busybox "$root/b
 printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n' > "$root/etc/passwd"
 printf 'root:x:0:\nnobody:x:65534:\n' > "$root/etc/group"
 chmod 1777 "$root/tmp"
+for link in ${SYMLINKS:-}; do ln -s "${link#*:}" "$root/${link%%:*}"; done
 tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$root" -cf "$work/layer.tar" .
 diff_id=$(sha256sum "$work/layer.tar" | cut -d' ' -f1)
 cat > "$work/config.json" <<JSON

@@ -105,6 +105,8 @@ pub struct Container {
     pub processes: Mutex<HashMap<String, Arc<ProcessEntry>>>,
     /// Guest mounts made for it (unmounted on removal, in reverse order).
     pub mounts: Vec<PathBuf>,
+    /// Its compiled seccomp filter, applied to its execs too (as runc does).
+    pub seccomp: Option<crate::seccomp::Program>,
 }
 
 impl Container {
@@ -587,6 +589,20 @@ pub fn create(
             rootfs.display()
         )));
     }
+    let seccomp = match spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()) {
+        Some(profile) => {
+            let p = crate::seccomp::compile(profile)
+                .map_err(|e| AgentError::Invalid(format!("linux.seccomp: {e}")))?;
+            if !p.skipped.is_empty() {
+                eprintln!(
+                    "kata-agent: container {id}: seccomp profile names syscalls x86-64 does not have (skipped, as libseccomp does): {}",
+                    p.skipped.join(", ")
+                );
+            }
+            Some(p)
+        }
+        None => None,
+    };
     let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
     let cgroup = create_cgroup(id, resources.as_ref())?;
     let flags = clone_flags(&spec);
@@ -596,6 +612,7 @@ pub fn create(
         rootfs,
         wait_start: true,
         join_pid: None,
+        seccomp: seccomp.clone(),
     };
     let entry = match spawn(reaper, &config, flags, &cgroup) {
         Ok(e) => e,
@@ -611,6 +628,7 @@ pub fn create(
         cgroup,
         processes: Mutex::new(processes),
         mounts,
+        seccomp,
     })
 }
 
@@ -658,6 +676,7 @@ pub fn exec(
         rootfs: PathBuf::new(),
         wait_start: false,
         join_pid: Some(init.pid),
+        seccomp: c.seccomp.clone(),
     };
     let entry = spawn(reaper, &config, CloneFlags::empty(), &c.cgroup)?;
     await_exec(&entry)?;

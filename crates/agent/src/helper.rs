@@ -26,7 +26,9 @@ use nix::unistd::{fork, ForkResult, Pid};
 use oci_spec::runtime::{PosixRlimit, Process, Spec};
 use serde::{Deserialize, Serialize};
 
-use crate::mounts::mount_one;
+use std::os::fd::AsFd;
+
+use crate::mounts::mount_in;
 
 /// What the helper is asked to do.
 #[derive(Debug, Serialize, Deserialize)]
@@ -41,6 +43,9 @@ pub struct HelperConfig {
     pub wait_start: bool,
     /// Join the namespaces of this pid (exec into a running container).
     pub join_pid: Option<i32>,
+    /// The container's seccomp filter (compiled by the agent).
+    #[serde(default)]
+    pub seccomp: Option<crate::seccomp::Program>,
 }
 
 /// Enters the ipc, uts, pid and mount namespaces of `pid` (pid: for children).
@@ -211,6 +216,15 @@ fn child(config: &HelperConfig, status: &mut File) -> String {
             return e;
         }
     }
+    // As runc: without no_new_privileges the filter goes in while the process still has
+    // CAP_SYS_ADMIN (so the profile must allow what remains: setuid, capset, execve...); with
+    // it, as late as possible, right before execve.
+    let nnp = p.no_new_privileges().unwrap_or(false);
+    if let (Some(filter), false) = (&config.seccomp, nnp) {
+        if let Err(e) = crate::seccomp::install(filter) {
+            return e;
+        }
+    }
     if let Err(e) = setup_process(p) {
         return e;
     }
@@ -226,7 +240,16 @@ fn child(config: &HelperConfig, status: &mut File) -> String {
             _ => std::process::exit(0), // the container was deleted before it started
         }
     }
-    exec(p)
+    let prepared = match prepare_exec(p) {
+        Ok(x) => x,
+        Err(e) => return e,
+    };
+    if let (Some(filter), true) = (&config.seccomp, nnp) {
+        if let Err(e) = crate::seccomp::install(filter) {
+            return e;
+        }
+    }
+    exec(prepared)
 }
 
 /// Opens a pty in this (the container's) mount namespace, makes the slave our stdio and sends
@@ -284,11 +307,13 @@ fn setup_rootfs(spec: &Spec, rootfs: &Path) -> Result<(), String> {
         None::<&str>,
     )
     .map_err(|e| format!("bind rootfs {}: {e}", rootfs.display()))?;
+    // Every mount point is resolved inside the root filesystem (an image's symlinks never lead
+    // out of it) and mounted through a descriptor.
+    let root = kata_mount::open_dir(rootfs)
+        .map_err(|e| format!("open the root filesystem {}: {e}", rootfs.display()))?;
     let mut dev_is_tmpfs = false;
     for m in spec.mounts().iter().flatten() {
         let dest = m.destination();
-        let rel = dest.strip_prefix("/").unwrap_or(dest);
-        let target = rootfs.join(rel);
         let fstype = m.typ().clone().unwrap_or_default();
         let source = m
             .source()
@@ -304,7 +329,7 @@ fn setup_rootfs(spec: &Spec, rootfs: &Path) -> Result<(), String> {
             // guest's read-only instead.
             let ro = vec![
                 "rbind".to_string(),
-                "ro".to_string(),
+                "rro".to_string(),
                 "nosuid".to_string(),
                 "nodev".to_string(),
                 "noexec".to_string(),
@@ -314,8 +339,8 @@ fn setup_rootfs(spec: &Spec, rootfs: &Path) -> Result<(), String> {
             } else {
                 "/sys/fs/cgroup"
             };
-            if mount_one(&source, &target, &fstype, &options).is_err() {
-                mount_one(src, &target, "bind", &ro)?;
+            if mount_in(root.as_fd(), &source, dest, &fstype, &options).is_err() {
+                mount_in(root.as_fd(), src, dest, "bind", &ro)?;
             }
             continue;
         }
@@ -324,11 +349,12 @@ fn setup_rootfs(spec: &Spec, rootfs: &Path) -> Result<(), String> {
             std::fs::create_dir_all(&source)
                 .map_err(|e| format!("create emptyDir {source}: {e}"))?;
         }
-        mount_one(&source, &target, &fstype, &options)?;
+        mount_in(root.as_fd(), &source, dest, &fstype, &options)?;
     }
     if dev_is_tmpfs {
-        make_devices(rootfs)?;
+        make_devices(root.as_fd())?;
     }
+    drop(root);
     std::env::set_current_dir(rootfs).map_err(|e| format!("chdir {}: {e}", rootfs.display()))?;
     nix::unistd::pivot_root(".", ".")
         .map_err(|e| format!("pivot_root {}: {e}", rootfs.display()))?;
@@ -403,9 +429,12 @@ fn mask(p: &Path) -> Result<(), String> {
     }
 }
 
-fn make_devices(rootfs: &Path) -> Result<(), String> {
-    use nix::sys::stat::{makedev, mknod, Mode, SFlag};
-    let dev = rootfs.join("dev");
+/// The devices runc makes in a tmpfs /dev (made below a descriptor of the container's /dev).
+fn make_devices(root: std::os::fd::BorrowedFd<'_>) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let dev = kata_mount::open_in_root(root, Path::new("/dev"))
+        .map_err(|e| format!("open the container's /dev: {e}"))?;
+    let c = |s: &str| CString::new(s).unwrap_or_default();
     for (name, major, minor) in [
         ("null", 1, 3),
         ("zero", 1, 5),
@@ -414,24 +443,25 @@ fn make_devices(rootfs: &Path) -> Result<(), String> {
         ("urandom", 1, 9),
         ("tty", 5, 0),
     ] {
-        let p = dev.join(name);
-        if p.exists() {
-            continue;
+        let n = c(name);
+        // SAFETY: mknodat(2) and fchmodat(2) relative to a descriptor we own.
+        let rc = unsafe {
+            libc::mknodat(
+                dev.as_raw_fd(),
+                n.as_ptr(),
+                libc::S_IFCHR | 0o666,
+                libc::makedev(major, minor),
+            )
+        };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EEXIST) {
+                continue;
+            }
+            return Err(format!("mknod /dev/{name}: {e}"));
         }
-        mknod(
-            &p,
-            SFlag::S_IFCHR,
-            Mode::from_bits_truncate(0o666),
-            makedev(major, minor),
-        )
-        .map_err(|e| format!("mknod {}: {e}", p.display()))?;
-        // mknod honours the umask; make the mode exact.
-        let _ = nix::sys::stat::fchmodat(
-            None,
-            &p,
-            Mode::from_bits_truncate(0o666),
-            nix::sys::stat::FchmodatFlags::FollowSymlink,
-        );
+        // mknod honours the umask; make the mode exact (the node was just made: no symlink).
+        unsafe { libc::fchmodat(dev.as_raw_fd(), n.as_ptr(), 0o666, 0) };
     }
     for (name, target) in [
         ("fd", "/proc/self/fd"),
@@ -440,7 +470,9 @@ fn make_devices(rootfs: &Path) -> Result<(), String> {
         ("stderr", "/proc/self/fd/2"),
         ("ptmx", "pts/ptmx"),
     ] {
-        let _ = std::os::unix::fs::symlink(target, dev.join(name));
+        let (n, t) = (c(name), c(target));
+        // SAFETY: symlinkat(2) relative to a descriptor we own; EEXIST is fine.
+        unsafe { libc::symlinkat(t.as_ptr(), dev.as_raw_fd(), n.as_ptr()) };
     }
     Ok(())
 }
@@ -572,10 +604,17 @@ fn cap(name: &str) -> Option<caps::Capability> {
     n.parse().ok()
 }
 
-fn exec(p: &Process) -> String {
+/// The program, argv and environment of a process, resolved through its `PATH`.
+struct Prepared {
+    prog: CString,
+    argv: Vec<CString>,
+    envp: Vec<CString>,
+}
+
+fn prepare_exec(p: &Process) -> Result<Prepared, String> {
     let args = p.args().clone().unwrap_or_default();
     let Some(program) = args.first() else {
-        return "the process has no args".to_string();
+        return Err("the process has no args".to_string());
     };
     let env: Vec<String> = p.env().clone().unwrap_or_default();
     let path = env
@@ -592,15 +631,24 @@ fn exec(p: &Process) -> String {
             .find(|c| is_executable(c))
         {
             Some(p) => p,
-            None => return format!("executable file {program:?} not found in $PATH ({path})"),
+            None => {
+                return Err(format!(
+                    "executable file {program:?} not found in $PATH ({path})"
+                ))
+            }
         }
     };
-    let c = |s: &str| CString::new(s).unwrap_or_default();
-    let argv: Vec<CString> = args.iter().map(|a| c(a)).collect();
-    let envp: Vec<CString> = env.iter().map(|e| c(e)).collect();
-    let prog = c(&resolved.display().to_string());
-    match nix::unistd::execve(&prog, &argv, &envp) {
-        Err(e) => format!("exec {}: {e}", resolved.display()),
+    let c = |s: &str| CString::new(s).map_err(|_| format!("{s:?} contains a NUL byte"));
+    Ok(Prepared {
+        prog: c(&resolved.display().to_string())?,
+        argv: args.iter().map(|a| c(a)).collect::<Result<_, _>>()?,
+        envp: env.iter().map(|e| c(e)).collect::<Result<_, _>>()?,
+    })
+}
+
+fn exec(p: Prepared) -> String {
+    match nix::unistd::execve(&p.prog, &p.argv, &p.envp) {
+        Err(e) => format!("exec {}: {e}", p.prog.to_string_lossy()),
         Ok(never) => match never {},
     }
 }

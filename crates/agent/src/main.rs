@@ -16,6 +16,7 @@ mod mounts;
 mod network;
 mod reaper;
 mod rpc;
+mod seccomp;
 mod spare;
 mod stream;
 

@@ -53,7 +53,11 @@ pub fn profile(
     h.valid_image_paths = vec![format!("{ASSETS_DIR}/*")];
     h.valid_virtio_fs_daemon_paths = vec![h.virtio_fs_daemon.clone()];
     h.valid_file_mem_backends = vec![String::new()];
-    let mut runtime = RuntimeConfig::default();
+    let mut runtime = RuntimeConfig {
+        // The container's seccomp profile is applied in the guest (Kata ships true: not applied).
+        disable_guest_seccomp: false,
+        ..RuntimeConfig::default()
+    };
     match kind {
         HypervisorKind::Qemu => {
             // QEMU's own seccomp filter, on in the shipped file (Kata leaves it commented out):

@@ -65,8 +65,9 @@ config_section! {
         enable_debug: bool = false, N, OK, ALL;
         /// How the VM joins the container network: `tcfilter`, `macvtap` or `none`.
         internetworking_model: InterNetworkingModel = InterNetworkingModel::TcFilter, Y, OK, ALL;
-        /// Do not apply the container's seccomp profile inside the guest.
-        disable_guest_seccomp: bool = true, Y, NY, ALL;
+        /// Do not apply the container's seccomp profile inside the guest (the shim logs that
+        /// it skipped it). Kata's default is true; the shipped files set false.
+        disable_guest_seccomp: bool = true, Y, OK, ALL;
         /// Emit OpenTelemetry traces and spans.
         enable_tracing: bool = false, N, NY, ALL;
         /// Trace collector (Jaeger accepts OTLP).

@@ -49,10 +49,13 @@ pub fn args(h: &HypervisorConfig, socket: &Path, shared_dir: &Path) -> Vec<Strin
         shared_dir.display().to_string(),
         "--cache".to_string(),
         h.virtio_fs_cache.virtiofsd_name().to_string(),
+        // Confined: its own mount, pid and network namespaces with the export as its root
+        // (binds made later propagate into it), and its seccomp filter killing any system call
+        // it does not need (GHSA-2gv2-cffp-j227).
         "--sandbox".to_string(),
-        "none".to_string(),
+        "namespace".to_string(),
         "--seccomp".to_string(),
-        "none".to_string(),
+        "kill".to_string(),
     ];
     a.extend(h.virtio_fs_extra_args.iter().cloned());
     a
@@ -105,9 +108,20 @@ impl Virtiofsd {
         Ok(Virtiofsd { child, pid })
     }
 
-    /// Its pid (`None` once it has been reaped).
+    /// The pid of the process serving the guest (`None` once it has been reaped): with its
+    /// namespace sandbox virtiofsd forks, and the child (in the new pid namespace) does the
+    /// work while the parent waits for it.
     pub fn pid(&self) -> Option<u32> {
-        self.child.id()
+        let pid = self.child.id()?;
+        let children =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        Some(
+            children
+                .split_whitespace()
+                .next()
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(pid),
+        )
     }
 
     /// Stops it (it normally exits by itself when QEMU goes away).

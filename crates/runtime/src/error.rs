@@ -47,6 +47,17 @@ pub enum SandboxError {
         /// Error.
         errno: nix::errno::Errno,
     },
+    /// A host path could not be shared with the guest (a bad option, a mount point that cannot
+    /// be made safely, or the bind itself).
+    #[error("cannot share {source_path} with the guest (at {target}): {reason}")]
+    Share {
+        /// Source.
+        source_path: String,
+        /// Target.
+        target: String,
+        /// Why.
+        reason: String,
+    },
     /// virtiofsd failed.
     #[error("virtiofsd")]
     Virtiofsd(#[from] VirtiofsdError),

@@ -36,7 +36,7 @@ pub const MEMORY_BLOCK_MIB: u32 = 128;
 pub struct SandboxPaths {
     /// VM sockets and logs.
     pub vm_dir: PathBuf,
-    /// Shared with the guest.
+    /// The sandbox's share: `mounts/` and `shared/` (see [`SandboxPaths::mounts_dir`]).
     pub shared_dir: PathBuf,
 }
 
@@ -48,6 +48,50 @@ impl SandboxPaths {
             shared_dir: Path::new(SHARED_ROOT).join(id),
         }
     }
+
+    /// Where the runtime bind-mounts what it shares (root filesystems, volumes): writable by
+    /// the host only, a shared mount so that every bind propagates to [`Self::export_dir`].
+    pub fn mounts_dir(&self) -> PathBuf {
+        self.shared_dir.join("mounts")
+    }
+
+    /// What the guest sees (virtiofsd's or 9p's export): a read-only view of `mounts/` (a slave
+    /// of it), so the guest cannot create or replace anything at the top of its share; the
+    /// binds inside keep their own modes (a root filesystem stays writable).
+    pub fn export_dir(&self) -> PathBuf {
+        self.shared_dir.join("shared")
+    }
+}
+
+/// Makes `mounts/` (host-writable, shared) and `shared/` (its read-only slave view, exported).
+fn prepare_share(paths: &SandboxPaths) -> Result<(), SandboxError> {
+    let (mounts, export) = (paths.mounts_dir(), paths.export_dir());
+    for d in [&mounts, &export] {
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(d)
+            .map_err(io_err("failed to create", d))?;
+    }
+    let m = |src: Option<&Path>, target: &Path, flags: MsFlags| {
+        mount(src, target, None::<&str>, flags, None::<&str>).map_err(|errno| SandboxError::Mount {
+            source_path: src.map(|p| p.display().to_string()).unwrap_or_default(),
+            target: target.display().to_string(),
+            errno,
+        })
+    };
+    m(Some(&mounts), &mounts, MsFlags::MS_BIND)?;
+    m(None, &mounts, MsFlags::MS_SHARED)?;
+    m(Some(&mounts), &export, MsFlags::MS_BIND | MsFlags::MS_REC)?;
+    m(
+        None,
+        &export,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+    )?;
+    // A slave receives the binds made in mounts/; shared again so that virtiofsd's own mount
+    // namespace (a slave of it) receives them too.
+    m(None, &export, MsFlags::MS_SLAVE)?;
+    m(None, &export, MsFlags::MS_SHARED)?;
+    Ok(())
 }
 
 /// Where on the host a sandbox runs.
@@ -272,6 +316,9 @@ impl Sandbox {
             })?;
             started.cgroups = Some(std::sync::Arc::new(cg));
         }
+        if h.shared_fs != SharedFs::None {
+            prepare_share(paths)?;
+        }
         let t = Instant::now();
         let shared_fs = match h.shared_fs {
             SharedFs::VirtioFs => {
@@ -279,7 +326,7 @@ impl Sandbox {
                 let v = Virtiofsd::start(
                     h,
                     &socket,
-                    &paths.shared_dir,
+                    &paths.export_dir(),
                     &paths.vm_dir.join("virtiofsd.log"),
                 )
                 .instrument(tracing::info_span!("virtiofsd_start"))
@@ -288,7 +335,7 @@ impl Sandbox {
                 SharedFsDevice::VirtioFs { socket }
             }
             SharedFs::Virtio9p => SharedFsDevice::Virtio9p {
-                dir: paths.shared_dir.clone(),
+                dir: paths.export_dir(),
             },
             SharedFs::None => SharedFsDevice::None,
             SharedFs::VirtioFsNydus => return Err(SandboxError::Unsupported(
@@ -591,32 +638,49 @@ impl Sandbox {
         host_rootfs: &Path,
     ) -> Result<PathBuf, SandboxError> {
         crate::ids::check("container", container_id)?;
-        let target = self.paths.shared_dir.join(container_id).join("rootfs");
-        std::fs::create_dir_all(&target).map_err(io_err("failed to create", &target))?;
-        mount(
-            Some(host_rootfs),
-            &target,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            None::<&str>,
-        )
-        .map_err(|errno| SandboxError::Mount {
-            source_path: host_rootfs.display().to_string(),
-            target: target.display().to_string(),
-            errno,
-        })?;
-        Ok(Path::new(GUEST_SHARED_DIR)
-            .join(container_id)
-            .join("rootfs"))
+        let rel = Path::new(container_id).join("rootfs");
+        self.bind_into_share(&rel, host_rootfs, &["rbind".to_string()])?;
+        Ok(Path::new(GUEST_SHARED_DIR).join(rel))
     }
 
-    /// Removes what [`Sandbox::share_rootfs`] set up.
+    /// Bind-mounts `source` at `rel` inside `mounts/` (made below descriptors, never through a
+    /// symlink) with OCI `options` (`ro` read-only at its top, `rro` everywhere, before it is
+    /// attached; an option a bind cannot honour is an error).
+    fn bind_into_share(
+        &self,
+        rel: &Path,
+        source: &Path,
+        options: &[String],
+    ) -> Result<(), SandboxError> {
+        let mounts = self.paths.mounts_dir();
+        let fail = |reason: String| SandboxError::Share {
+            source_path: source.display().to_string(),
+            target: mounts.join(rel).display().to_string(),
+            reason,
+        };
+        let mut opts = kata_mount::parse(options, true).map_err(fail)?;
+        // Propagation is the container's business (applied in the guest); here the bind must
+        // propagate to the export and virtiofsd.
+        opts.propagation = MsFlags::empty();
+        let kind = if source.is_dir() {
+            kata_mount::Kind::Dir
+        } else {
+            kata_mount::Kind::File
+        };
+        let root = kata_mount::open_dir(&mounts).map_err(|e| fail(e.to_string()))?;
+        use std::os::fd::AsFd;
+        let target = kata_mount::create_in_root(root.as_fd(), rel, kind).map_err(fail)?;
+        kata_mount::bind(source, target.as_fd(), &opts).map_err(fail)
+    }
+
+    /// Removes what [`Sandbox::share_rootfs`] and [`Sandbox::share_mount`] set up.
     pub fn unshare(&self, container_id: &str) {
         if !crate::ids::is_valid(container_id) {
             return;
         }
-        let dir = self.paths.shared_dir.join(container_id);
+        let dir = self.paths.mounts_dir().join(container_id);
         unmount_under(&dir);
+        unmount_under(&self.paths.export_dir().join(container_id));
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -871,54 +935,21 @@ impl Sandbox {
         r.map(|_| ())
     }
 
-    /// Shares a host file or directory (a bind mount of the spec) with the guest, read-only when
-    /// `readonly`; returns its guest path.
+    /// Shares a host file or directory (a bind mount of the spec) with the guest with the
+    /// mount's OCI options (`ro`, `rro`... are honoured on the host side too, so the guest cannot
+    /// write through the share); returns its guest path.
     pub fn share_mount(
         &self,
         container_id: &str,
         index: usize,
         source: &Path,
-        readonly: bool,
+        options: &[String],
     ) -> Result<PathBuf, SandboxError> {
         crate::ids::check("container", container_id)?;
         let rel = Path::new(container_id)
             .join("mounts")
             .join(index.to_string());
-        let target = self.paths.shared_dir.join(&rel);
-        let parent = target
-            .parent()
-            .unwrap_or(&self.paths.shared_dir)
-            .to_path_buf();
-        std::fs::create_dir_all(&parent).map_err(io_err("failed to create", &parent))?;
-        if source.is_dir() {
-            std::fs::create_dir_all(&target).map_err(io_err("failed to create", &target))?;
-        } else {
-            std::fs::File::create(&target).map_err(io_err("failed to create", &target))?;
-        }
-        let merr = |errno| SandboxError::Mount {
-            source_path: source.display().to_string(),
-            target: target.display().to_string(),
-            errno,
-        };
-        mount(
-            Some(source),
-            &target,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            None::<&str>,
-        )
-        .map_err(merr)?;
-        if readonly {
-            // Read-only on the host side too, so the guest cannot write through the share.
-            mount(
-                None::<&str>,
-                &target,
-                None::<&str>,
-                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-                None::<&str>,
-            )
-            .map_err(merr)?;
-        }
+        self.bind_into_share(&rel, source, options)?;
         Ok(Path::new(GUEST_SHARED_DIR).join(rel))
     }
 

@@ -170,6 +170,24 @@ fn cpu_limit(resources: Option<&LinuxResources>) -> Option<CpuLimit> {
     }
 }
 
+/// With `[runtime] disable_guest_seccomp = true` (Kata's default in its own files) the
+/// container's seccomp profile is not applied in the guest, as in Kata: said in the log, never
+/// silently.
+fn guest_seccomp(config: &kata_config::Config, cid: &str, spec: &mut Spec) {
+    if !config.runtime.disable_guest_seccomp {
+        return;
+    }
+    if let Some(linux) = spec.linux_mut() {
+        if linux.seccomp().is_some() {
+            tracing::warn!(
+                container = cid,
+                "the container's seccomp profile is not applied: [runtime] disable_guest_seccomp = true"
+            );
+            linux.set_seccomp(None);
+        }
+    }
+}
+
 fn annotations_of(spec: &Spec) -> HashMap<String, String> {
     spec.annotations()
         .clone()
@@ -242,10 +260,10 @@ impl Service {
             let Some(source) = m.source().clone() else {
                 continue;
             };
-            let readonly = m.options().iter().flatten().any(|o| o == "ro");
+            let options = m.options().clone().unwrap_or_default();
             let guest = sb
-                .share_mount(cid, i, &source, readonly)
-                .map_err(internal)?;
+                .share_mount(cid, i, &source, &options)
+                .map_err(|e| err(ttrpc::Code::INVALID_ARGUMENT, kata_config::error_chain(&e)))?;
             m.set_source(Some(guest));
             m.set_typ(Some("bind".into()));
         }
@@ -379,6 +397,7 @@ impl Service {
                 tracing::warn!(error = %kata_config::error_chain(&e), "resource hot-plug failed");
             }
         }
+        guest_seccomp(&sb.config, &req.id, &mut spec);
         let created = async {
             Self::share_mounts(&sb, &req.id, &mut spec)?;
             sb.create_container(&req.id, spec, &rootfs)

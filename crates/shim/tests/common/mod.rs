@@ -46,6 +46,30 @@ pub fn import_image(sock: &str, namespace: &str, reference: &str, entrypoint: Op
     assert!(st.success(), "import {reference}");
 }
 
+/// Builds the busybox image `reference` with extra `symlinks` (path in the image, target) and
+/// imports it into the default namespace: the hostile images of the security tests.
+pub fn import_image_with_symlinks(sock: &str, reference: &str, symlinks: &[(&str, &str)]) {
+    let tar: PathBuf = std::env::temp_dir().join(format!(
+        "kata-test-{}.tar",
+        reference.replace(['/', ':'], "_")
+    ));
+    let list: Vec<String> = symlinks.iter().map(|(p, t)| format!("{p}:{t}")).collect();
+    let st = Command::new(repo().join("scripts/busybox-image.sh"))
+        .arg(&tar)
+        .arg(reference)
+        .env("SYMLINKS", list.join(" "))
+        .status()
+        .expect("busybox-image.sh");
+    assert!(st.success());
+    let st = Command::new("ctr")
+        .args(["-a", sock, "images", "import"])
+        .arg(&tar)
+        .stdout(Stdio::null())
+        .status()
+        .expect("ctr images import");
+    assert!(st.success(), "import {reference}");
+}
+
 /// Command lines (NUL as space) of the host's processes that contain `needle`.
 pub fn processes_with(needle: &str) -> Vec<String> {
     let mut out = Vec::new();
