@@ -361,6 +361,10 @@ fn setup_rootfs(spec: &Spec, rootfs: &Path) -> Result<(), String> {
     umount2(".", MntFlags::MNT_DETACH).map_err(|e| format!("detach old root: {e}"))?;
     std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
     if let Some(linux) = spec.linux() {
+        // Before /proc/sys is made read-only (runc's order).
+        for (key, value) in linux.sysctl().iter().flatten() {
+            write_sysctl(key, value)?;
+        }
         for path in linux.masked_paths().iter().flatten() {
             mask(Path::new(path))?;
         }
@@ -403,6 +407,46 @@ fn setup_rootfs(spec: &Spec, rootfs: &Path) -> Result<(), String> {
         .map_err(|e| format!("make the root filesystem read-only: {e}"))?;
     }
     Ok(())
+}
+
+/// Whether a sysctl belongs to a namespace the container has of its own (runc's rule; in the
+/// guest, the pod's network namespace is the guest's, so `net.*` is the pod's to set).
+pub fn sysctl_allowed(key: &str) -> bool {
+    const IPC: &[&str] = &[
+        "kernel.msgmax",
+        "kernel.msgmnb",
+        "kernel.msgmni",
+        "kernel.sem",
+        "kernel.shmall",
+        "kernel.shmmax",
+        "kernel.shmmni",
+        "kernel.shm_rmid_forced",
+    ];
+    IPC.contains(&key)
+        || key.starts_with("fs.mqueue.")
+        || key.starts_with("net.")
+        || key == "kernel.hostname"
+        || key == "kernel.domainname"
+}
+
+/// `/proc/sys/<key with / for .>`, refusing what could name another file.
+pub fn sysctl_path(key: &str) -> Result<PathBuf, String> {
+    if key.is_empty() || key.contains('/') || key.split('.').any(|c| c.is_empty() || c == "..") {
+        return Err(format!("sysctl {key:?} is not a valid name"));
+    }
+    if !sysctl_allowed(key) {
+        return Err(format!(
+            "sysctl {key} is not in a separate kernel namespace of the container (allowed: \
+             kernel.msg*, kernel.sem, kernel.shm*, fs.mqueue.*, net.*, kernel.hostname, \
+             kernel.domainname)"
+        ));
+    }
+    Ok(Path::new("/proc/sys").join(key.replace('.', "/")))
+}
+
+fn write_sysctl(key: &str, value: &str) -> Result<(), String> {
+    let path = sysctl_path(key)?;
+    std::fs::write(&path, value).map_err(|e| format!("sysctl {key}={value}: {e}"))
 }
 
 fn mask(p: &Path) -> Result<(), String> {
@@ -658,4 +702,29 @@ fn is_executable(p: &Path) -> bool {
     std::fs::metadata(p)
         .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
         .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sysctls_of_the_containers_namespaces_only() {
+        assert_eq!(
+            sysctl_path("net.ipv4.ip_forward").expect("net"),
+            PathBuf::from("/proc/sys/net/ipv4/ip_forward")
+        );
+        assert_eq!(
+            sysctl_path("kernel.shm_rmid_forced").expect("ipc"),
+            PathBuf::from("/proc/sys/kernel/shm_rmid_forced")
+        );
+        sysctl_path("fs.mqueue.msg_max").expect("mqueue");
+        for refused in ["kernel.panic", "vm.overcommit_memory", "fs.file-max"] {
+            let e = sysctl_path(refused).expect_err(refused);
+            assert!(e.contains("not in a separate kernel namespace"), "{e}");
+        }
+        for bad in ["", "net..x", "net./../x", "net.ipv4/../../x", "net.."] {
+            assert!(sysctl_path(bad).is_err(), "{bad:?}");
+        }
+    }
 }

@@ -4,7 +4,8 @@
 //!   the name fully matches a regex of `enable_annotations`, and for path-valued keys only when
 //!   the value matches a glob(3) pattern of the matching `valid_*` list;
 //! - `io.katacontainers.config.runtime.<key>` and `io.katacontainers.config.agent.<key>`: keys
-//!   the guide marks dynamic;
+//!   the guide marks dynamic; those that change the host or weaken a protection
+//!   ([`GATED_KEYS`]) only when the key fully matches a regex of `[runtime].enable_annotations`;
 //! - `io.katacontainers.container.resource.{swappiness,swap_in_bytes}`;
 //! - `io.katacontainers.pkg.oci.{container_type,bundle_path}` and `io.katacontainers.config_path`.
 //!
@@ -18,6 +19,21 @@ use serde::Serialize;
 
 use crate::schema::{find_key, Dynamic, KeySpec};
 use crate::{AgentConfig, Config, ConfigError, HypervisorConfig, RuntimeConfig};
+
+/// Runtime and agent keys whose annotations change the host (its network namespaces and
+/// cgroups, the guest kernel's modules, the shim's endpoints) or weaken a protection a cluster
+/// may enforce (the guest seccomp): a pod author may set them only when
+/// `[runtime].enable_annotations` allows them.
+pub const GATED_KEYS: &[(&str, &str)] = &[
+    ("runtime", "internetworking_model"),
+    ("runtime", "disable_new_netns"),
+    ("runtime", "sandbox_cgroup_only"),
+    ("runtime", "vfio_mode"),
+    ("runtime", "experimental"),
+    ("runtime", "enable_pprof"),
+    ("runtime", "disable_guest_seccomp"),
+    ("agent.kata", "kernel_modules"),
+];
 
 /// Prefix of every Kata annotation.
 pub const KATA_PREFIX: &str = "io.katacontainers.";
@@ -234,11 +250,13 @@ impl Config {
         if let Some(key) = name.strip_prefix(RUNTIME_PREFIX) {
             let spec = lookup(RuntimeConfig::KEYS, name, key, RUNTIME_PREFIX)?;
             dynamic_or_refuse(spec, name, "runtime")?;
+            self.gate(name, "runtime", spec.name, value)?;
             return set_field(&mut self.runtime, spec.name, name, value);
         }
         if let Some(key) = name.strip_prefix(AGENT_PREFIX) {
             let spec = lookup(AgentConfig::KEYS, name, key, AGENT_PREFIX)?;
             dynamic_or_refuse(spec, name, "agent.kata")?;
+            self.gate(name, "agent.kata", spec.name, value)?;
             return set_field(&mut self.agent, spec.name, name, value);
         }
         match name {
@@ -282,6 +300,30 @@ impl Config {
                 suggestion: suggest_annotation(name),
             }),
         }
+    }
+
+    /// Refuses a [`GATED_KEYS`] annotation that `[runtime].enable_annotations` does not allow.
+    fn gate(
+        &self,
+        name: &str,
+        section: &str,
+        key: &str,
+        value: &str,
+    ) -> Result<(), AnnotationError> {
+        if !GATED_KEYS.contains(&(section, key)) {
+            return Ok(());
+        }
+        let allowed = &self.runtime.enable_annotations;
+        if allowed.iter().any(|re| full_match(re, key)) {
+            return Ok(());
+        }
+        Err(AnnotationError::NotEnabled {
+            annotation: name.to_string(),
+            value: value.to_string(),
+            section: "runtime".to_string(),
+            key: key.to_string(),
+            allowed: allowed.clone(),
+        })
     }
 
     fn apply_hypervisor(

@@ -382,7 +382,11 @@ annotation > file > built-in default.
   named `valid_*` list; an empty list refuses every value. Kata's `default_max_vcpus` is accepted
   for `default_maxvcpus`.
 - `io.katacontainers.config.runtime.<key>` and `io.katacontainers.config.agent.<key>`: keys whose
-  Annotation column says yes.
+  Annotation column says yes; those that change the host or weaken a protection
+  (`internetworking_model`, `disable_new_netns`, `sandbox_cgroup_only`, `vfio_mode`,
+  `experimental`, `enable_pprof`, `disable_guest_seccomp`, the agent's `kernel_modules`) only
+  when the key fully matches a regular expression of `[runtime].enable_annotations` (not a Kata
+  key: Kata accepts them from any pod author; see [security.md](security.md)).
 - `io.katacontainers.container.resource.swappiness` (0 to 100) and
   `io.katacontainers.container.resource.swap_in_bytes` (bytes).
 - `io.katacontainers.pkg.oci.container_type` (`pod_sandbox` or `pod_container`) and

@@ -98,6 +98,12 @@ config_section! {
         experimental: Vec<String> = Vec::new(), Y, OK, ALL;
         /// Serve profiling data from the shim through kata-monitor.
         enable_pprof: bool = false, Y, NY, ALL;
+        /// Regular expressions (full match) of the runtime and agent annotations that change
+        /// the host or weaken a protection, which a pod author may set only when listed here:
+        /// `internetworking_model`, `disable_new_netns`, `sandbox_cgroup_only`, `vfio_mode`,
+        /// `experimental`, `enable_pprof`, `disable_guest_seccomp` and the agent's
+        /// `kernel_modules`. Not a Kata key (Kata accepts them from anyone).
+        enable_annotations: Vec<String> = Vec::new(), N, OK, ALL;
         /// Runtime name (runtime-rs files).
         name: String = String::new(), N, OK, ALL;
         /// Hypervisor name (runtime-rs files); must match the `[hypervisor.*]` section if set.

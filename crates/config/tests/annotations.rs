@@ -120,6 +120,7 @@ fn list_values_accept_json_or_semicolons() {
     )
     .expect("json");
     assert_eq!(c.hypervisor.virtio_fs_extra_args, vec!["-o", "xattr"]);
+    c.runtime.enable_annotations = vec!["kernel_modules".into()];
     annotate(
         &mut c,
         &[(
@@ -184,16 +185,11 @@ fn kata_alias_default_max_vcpus() {
 }
 
 #[test]
-fn runtime_and_agent_annotations_need_no_whitelist() {
+fn runtime_and_agent_annotations_that_stay_in_the_guest_need_no_allow_list() {
     let mut c = cfg("");
     annotate(
         &mut c,
         &[
-            (
-                "io.katacontainers.config.runtime.internetworking_model",
-                "none",
-            ),
-            ("io.katacontainers.config.runtime.disable_new_netns", "true"),
             ("io.katacontainers.config.agent.enable_tracing", "1"),
             (
                 "io.katacontainers.config.agent.container_pipe_size",
@@ -202,9 +198,68 @@ fn runtime_and_agent_annotations_need_no_whitelist() {
         ],
     )
     .expect("runtime/agent");
-    assert!(c.runtime.disable_new_netns);
     assert!(c.agent.enable_tracing);
     assert_eq!(c.agent.container_pipe_size, 65536);
+}
+
+#[test]
+fn annotations_that_change_the_host_need_runtime_enable_annotations() {
+    let host = [
+        (
+            "io.katacontainers.config.runtime.internetworking_model",
+            "none",
+        ),
+        ("io.katacontainers.config.runtime.disable_new_netns", "true"),
+        (
+            "io.katacontainers.config.runtime.sandbox_cgroup_only",
+            "true",
+        ),
+        (
+            "io.katacontainers.config.runtime.disable_guest_seccomp",
+            "true",
+        ),
+        ("io.katacontainers.config.agent.kernel_modules", "e1000e"),
+    ];
+    let mut c = cfg("");
+    for (name, value) in host {
+        let e = annotate(&mut c, &[(name, value)]).expect_err(name);
+        let key = name.rsplit('.').next().expect("key");
+        assert!(
+            e.contains(&format!(
+                "add a regular expression matching \"{key}\" to [runtime].enable_annotations"
+            )),
+            "{e}"
+        );
+    }
+    assert!(!c.runtime.disable_new_netns, "nothing applied");
+    // Allowed by the node admin: applied.
+    let mut c = cfg("");
+    c.runtime.enable_annotations = vec![
+        "disable_.*".into(),
+        "internetworking_model".into(),
+        "sandbox_cgroup_only".into(),
+        "kernel_modules".into(),
+    ];
+    annotate(&mut c, &host).expect("allowed");
+    assert!(
+        c.runtime.disable_new_netns
+            && c.runtime.sandbox_cgroup_only
+            && c.runtime.disable_guest_seccomp
+    );
+    assert_eq!(c.agent.kernel_modules, vec!["e1000e"]);
+    // From a file: the [runtime] key itself, never from an annotation.
+    let e = annotate(
+        &mut cfg(""),
+        &[(
+            "io.katacontainers.config.runtime.enable_annotations",
+            "[\".*\"]",
+        )],
+    )
+    .expect_err("static");
+    assert!(
+        e.contains("can only be set in the configuration file"),
+        "{e}"
+    );
 }
 
 #[test]

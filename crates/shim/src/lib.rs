@@ -10,6 +10,7 @@
 
 pub mod args;
 pub mod events;
+pub mod hooks;
 pub mod io;
 pub mod metrics;
 pub mod monitor;

@@ -64,6 +64,10 @@ struct TaskState {
     cpu: Option<Option<CpuLimit>>,
     init: Proc,
     execs: HashMap<String, Proc>,
+    /// The spec's hooks (poststart and poststop run later) and what their state carries.
+    hooks: Option<oci_spec::runtime::Hooks>,
+    oci_version: String,
+    annotations: HashMap<String, String>,
 }
 
 #[derive(Debug, Default)]
@@ -398,7 +402,28 @@ impl Service {
             }
         }
         guest_seccomp(&sb.config, &req.id, &mut spec);
+        // The host's hooks stay on the host: the agent never sees them.
+        let hooks = spec.hooks().clone();
+        spec.set_hooks(None);
+        let oci_version = spec.version().clone();
         let created = async {
+            if let Some(h) = &hooks {
+                crate::hooks::check(h).map_err(|e| err(ttrpc::Code::INVALID_ARGUMENT, e))?;
+                let state = crate::hooks::state(
+                    &oci_version,
+                    &req.id,
+                    "creating",
+                    sb.vm.pid,
+                    &bundle,
+                    &annotations,
+                );
+                for (kind, hook) in crate::hooks::create_hooks(h) {
+                    crate::hooks::run(kind, &hook, &state)
+                        .instrument(tracing::info_span!("hook", kind))
+                        .await
+                        .map_err(|e| err(ttrpc::Code::FAILED_PRECONDITION, e))?;
+                }
+            }
             Self::share_mounts(&sb, &req.id, &mut spec)?;
             sb.create_container(&req.id, spec, &rootfs)
                 .await
@@ -436,6 +461,9 @@ impl Service {
             cpu: counted_cpu,
             init,
             execs: HashMap::new(),
+            hooks,
+            oci_version,
+            annotations,
         };
         self.state.lock().await.tasks.insert(req.id.clone(), task);
         self.update_host_cpu_limit(&sb).await;
@@ -592,6 +620,15 @@ impl Task for Service {
                 .ok_or_else(|| not_found(&format!("task {}", req.id)))?;
             t.init.started = true;
             let pid = t.init.pid;
+            let poststart = t.hooks.as_ref().and_then(|h| h.poststart().clone());
+            let state = crate::hooks::state(
+                &t.oci_version,
+                &req.id,
+                "running",
+                sb.vm.pid,
+                &t.bundle,
+                &t.annotations,
+            );
             self.watch_exit(
                 sb,
                 req.id.clone(),
@@ -601,6 +638,7 @@ impl Task for Service {
                 t.init.exit.clone(),
             );
             drop(st);
+            crate::hooks::run_logged("poststart", poststart.as_ref(), &state).await;
             self.publisher
                 .publish(
                     "/tasks/start",
@@ -722,6 +760,18 @@ impl Task for Service {
         }
         if let Some(r) = &t.rootfs {
             rootfs::unmount_rootfs(r);
+        }
+        if let Some(poststop) = t.hooks.as_ref().and_then(|h| h.poststop().as_ref()) {
+            let pid = sb.as_ref().map_or(0, |sb| sb.vm.pid);
+            let state = crate::hooks::state(
+                &t.oci_version,
+                &req.id,
+                "stopped",
+                pid,
+                &t.bundle,
+                &t.annotations,
+            );
+            crate::hooks::run_logged("poststop", Some(poststop), &state).await;
         }
         let (status, at) = t.init.exit.borrow().clone().unwrap_or((128 + 9, now()));
         if req.id == self.id {

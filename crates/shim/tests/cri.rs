@@ -762,8 +762,10 @@ async fn host_cgroups_follow_sandbox_cgroup_only() {
 
     let qemu = qemu_of(&pod);
     let shim = common::pid_with(&format!("-id {pod}")).expect("the pod's shim");
-    let virtiofsd = common::pid_with(&format!("/run/vc/vm/{pod}/vfsd.sock")).expect("virtiofsd");
-    let mut want = vec![shim, virtiofsd, qemu];
+    let virtiofsd = common::virtiofsd_pids(&pod);
+    assert_eq!(virtiofsd.len(), 2, "virtiofsd and its sandboxed worker");
+    let mut want = vec![shim, qemu];
+    want.extend(&virtiofsd);
     want.sort_unstable();
     let sandbox = memory.join(format!("kata_{pod}"));
     let mut procs = common::cgroup_members(&sandbox, "cgroup.procs");
@@ -1175,4 +1177,69 @@ async fn prometheus_scrapes_kata_monitor_with_cri_labels() {
         !text.contains(&pod),
         "the removed pod's samples are still served"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, containerd, QEMU and make install (make test runs it)"]
+async fn pod_sysctls_match_runc() {
+    let mut c = client().await;
+    let mut seen = Vec::new();
+    for handler in ["kata", "runc"] {
+        let name = format!("sysctl-{handler}");
+        remove_stale(&mut c, &name).await;
+        let mut cfg = pod_config(&name, &[], &logs_dir(&name));
+        cfg.linux = Some(LinuxPodSandboxConfig {
+            sysctls: [
+                ("net.ipv4.ip_unprivileged_port_start", "1000"),
+                ("kernel.shm_rmid_forced", "1"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+            ..Default::default()
+        });
+        let pod = c
+            .run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(cfg.clone()),
+                runtime_handler: handler.into(),
+            })
+            .await
+            .expect("RunPodSandbox")
+            .into_inner()
+            .pod_sandbox_id;
+        let id = start_container(
+            &mut c,
+            &pod,
+            &cfg,
+            container_config("busybox", IDLE, vec![]),
+        )
+        .await;
+        let (out, code) = exec(
+            &mut c,
+            &id,
+            &[
+                "cat",
+                "/proc/sys/net/ipv4/ip_unprivileged_port_start",
+                "/proc/sys/kernel/shm_rmid_forced",
+            ],
+        )
+        .await;
+        assert_eq!(code, 0, "{handler}: {out}");
+        seen.push(out);
+        c.stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await
+        .expect("StopPodSandbox");
+        c.remove_pod_sandbox(RemovePodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await
+        .expect("RemovePodSandbox");
+        if handler == "kata" {
+            assert_pod_gone(&pod);
+        }
+    }
+    assert_eq!(seen[0], "1000\n1\n");
+    assert_eq!(seen[0], seen[1], "kata and runc");
 }

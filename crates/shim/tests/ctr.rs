@@ -478,7 +478,8 @@ fn host_cgroups_hold_vcpus_apart_from_the_overhead() {
     assert_eq!(quota.trim(), "50000", "--cpus 0.5 over a 100 ms period");
     let qemu = common::pid_with(&format!("sandbox-{id} ")).expect("QEMU runs");
     let shim = common::pid_with(&format!("-id {id} ")).expect("shim runs");
-    let virtiofsd = common::pid_with(&format!("/run/vc/vm/{id}/vfsd.sock")).expect("virtiofsd");
+    let virtiofsd = common::virtiofsd_pids(id);
+    assert_eq!(virtiofsd.len(), 2, "virtiofsd and its sandboxed worker");
     let tasks = common::cgroup_members(&cpu, "tasks");
     assert_eq!(tasks.len(), 2, "1 + 1 hot-plugged vCPU threads: {tasks:?}");
     for tid in &tasks {
@@ -488,7 +489,8 @@ fn host_cgroups_hold_vcpus_apart_from_the_overhead() {
     let overhead = std::path::Path::new("/sys/fs/cgroup/memory/kata_overhead").join(id);
     let mut procs = common::cgroup_members(&overhead, "cgroup.procs");
     procs.sort_unstable();
-    let mut want = vec![shim, virtiofsd, qemu];
+    let mut want = vec![shim, qemu];
+    want.extend(&virtiofsd);
     want.sort_unstable();
     assert_eq!(
         procs, want,
@@ -1106,16 +1108,40 @@ fn seccomp_matches_runc() {
     );
     assert_eq!(e, "exec-mkdir=1\n");
     // disable_guest_seccomp (Kata's default in its own files) honoured: no filter in the guest.
+    // From an annotation only where the node admin allows it ([runtime].enable_annotations).
+    let off = [
+        "--seccomp",
+        "--seccomp-profile",
+        p.as_str(),
+        "--annotation",
+        "io.katacontainers.config.runtime.disable_guest_seccomp=true",
+    ];
+    let (_, err, code) = run(KATA, "seccomp-refused", &off, "true", "");
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("add a regular expression matching \"disable_guest_seccomp\" to [runtime].enable_annotations"),
+        "{err}"
+    );
+    let shipped =
+        std::fs::read_to_string("/opt/kata/share/defaults/kata-containers/configuration-qemu.toml")
+            .expect("shipped configuration");
+    assert!(shipped.contains("\n[runtime]\n"));
+    let allowing = dir.path().join("allow-seccomp-annotation.toml");
+    std::fs::write(
+        &allowing,
+        shipped.replace(
+            "\n[runtime]\n",
+            "\n[runtime]\nenable_annotations = [\"disable_guest_seccomp\"]\n",
+        ),
+    )
+    .expect("write");
+    let allowing = allowing.display().to_string();
+    let mut args = off.to_vec();
+    args.extend(["--runtime-config-path", allowing.as_str()]);
     let (out, err, code) = run(
         KATA,
         "seccomp-disabled",
-        &[
-            "--seccomp",
-            "--seccomp-profile",
-            p.as_str(),
-            "--annotation",
-            "io.katacontainers.config.runtime.disable_guest_seccomp=true",
-        ],
+        &args,
         "mkdir /tmp/d && echo made; grep Seccomp: /proc/self/status",
         "",
     );
@@ -1191,4 +1217,104 @@ fn virtiofsd_is_confined_and_the_top_of_the_share_is_read_only() {
     assert!(export.join(id).join("rootfs/written").exists());
     kill_and_remove(id);
     assert_no_leftovers(id);
+}
+
+/// `ctr oci spec` with `args` as the process, `hooks`, and a busybox root filesystem made in
+/// `dir`, written to `dir/config.json` (`ctr run --config` takes no image).
+fn spec_with_hooks(dir: &std::path::Path, args: &[&str], hooks: serde_json::Value) -> String {
+    let root = dir.join("rootfs");
+    if !root.exists() {
+        std::fs::create_dir_all(root.join("bin")).expect("mkdir");
+        std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox");
+        std::os::unix::fs::symlink("busybox", root.join("bin/sh")).expect("sh");
+    }
+    let out = Command::new("ctr")
+        .args(["oci", "spec"])
+        .output()
+        .expect("ctr oci spec");
+    let mut spec: serde_json::Value = serde_json::from_slice(&out.stdout).expect("spec json");
+    spec["process"]["args"] = serde_json::json!(args);
+    spec["root"] = serde_json::json!({"path": root.display().to_string(), "readonly": false});
+    spec["hooks"] = hooks;
+    let p = dir.join("config.json");
+    std::fs::write(&p, serde_json::to_vec(&spec).expect("json")).expect("write");
+    p.display().to_string()
+}
+
+/// `ctr run --rm --config SPEC ID`; returns (stdout, stderr, exit code).
+fn run_config(runtime: &str, id: &str, spec: &str) -> (String, String, i32) {
+    let out = ctr(&["run", "--runtime", runtime, "--rm", "--config", spec, id]);
+    (
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+        out.status.code().unwrap_or(-1),
+    )
+}
+
+#[test]
+#[ignore = "needs root, containerd, QEMU and make install (make test runs it)"]
+fn oci_hooks_run_on_the_host_as_runc_runs_them() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut logs = Vec::new();
+    for runtime in [KATA, RUNC] {
+        let tag = if runtime == KATA { "kata" } else { "runc" };
+        let log = dir.path().join(format!("hooks-{tag}.log"));
+        // Each hook appends its kind and the status and id of the state it read on stdin.
+        let hook = |kind: &str| {
+            serde_json::json!({
+                "path": "/bin/sh",
+                "args": ["sh", "-c", format!(
+                    "s=$(cat); st=$(echo \"$s\" | sed 's/.*\"status\":\"\\([a-z]*\\)\".*/\\1/'); \
+                     id=$(echo \"$s\" | sed 's/.*\"id\":\"\\([^\"]*\\)\".*/\\1/'); \
+                     echo \"{kind} $st $id $HOOK_ENV\" >> {}", log.display())],
+                "env": ["HOOK_ENV=from-spec"],
+                "timeout": 10,
+            })
+        };
+        let hooks = serde_json::json!({
+            "prestart": [hook("prestart")],
+            "createRuntime": [hook("createRuntime")],
+            "createContainer": [hook("createContainer")],
+            "poststart": [hook("poststart")],
+            "poststop": [hook("poststop")],
+        });
+        let spec = spec_with_hooks(dir.path(), &["/bin/sh", "-c", "echo ran"], hooks);
+        let id = "hooks";
+        let (out, err, code) = run_config(runtime, &format!("{id}-{tag}"), &spec);
+        assert_eq!((out.as_str(), code), ("ran\n", 0), "{runtime}: {err}");
+        let text = std::fs::read_to_string(&log).expect("hooks ran");
+        logs.push(text.replace(&format!("{id}-{tag}"), "ID"));
+    }
+    assert_eq!(
+        logs[0], logs[1],
+        "kata and runc run the same hooks, in the same order, with the same state"
+    );
+    assert_eq!(
+        logs[0],
+        "prestart creating ID from-spec\ncreateRuntime creating ID from-spec\ncreateContainer creating ID from-spec\npoststart running ID from-spec\npoststop stopped ID from-spec\n"
+    );
+    assert_no_leftovers("hooks-kata");
+    // A failing createRuntime hook fails the create with its message; nothing is left.
+    let spec = spec_with_hooks(
+        dir.path(),
+        &["/bin/sh", "-c", "true"],
+        serde_json::json!({"createRuntime": [{"path": "/bin/sh", "args": ["sh", "-c", "echo no-network-for-you >&2; exit 1"]}]}),
+    );
+    let (_, err, code) = run_config(KATA, "hooks-fail", &spec);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("createRuntime hook /bin/sh failed") && err.contains("no-network-for-you"),
+        "{err}"
+    );
+    assert_no_leftovers("hooks-fail");
+    // startContainer hooks would run inside the VM: refused, saying so.
+    let spec = spec_with_hooks(
+        dir.path(),
+        &["/bin/sh", "-c", "true"],
+        serde_json::json!({"startContainer": [{"path": "/bin/true"}]}),
+    );
+    let (_, err, code) = run_config(KATA, "hooks-start", &spec);
+    assert_ne!(code, 0);
+    assert!(err.contains("startContainer hooks"), "{err}");
+    assert_no_leftovers("hooks-start");
 }

@@ -277,6 +277,25 @@ pub fn cgroup_members(dir: &Path, file: &str) -> Vec<u32> {
         .collect()
 }
 
+/// The pids of a sandbox's virtiofsd: the namespace sandbox's parent, which waits, and the
+/// worker it forked.
+pub fn virtiofsd_pids(id: &str) -> Vec<u32> {
+    let sock = format!("/run/vc/vm/{id}/vfsd.sock");
+    let mut out: Vec<u32> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            cmd.starts_with("/opt/kata/libexec/virtiofsd") && cmd.contains(&sock)
+        })
+        .collect();
+    out.sort_unstable();
+    out
+}
+
 /// The first pid whose command line contains `needle`.
 pub fn pid_with(needle: &str) -> Option<u32> {
     std::fs::read_dir("/proc")
