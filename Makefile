@@ -3,7 +3,7 @@ PREFIX ?= /opt/kata
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all build kernel guest virtiofsd install setup test lint unit bench generate clean
+.PHONY: all build kernel guest virtiofsd install setup test lint unit bench generate fuzz clean
 
 all: build
 
@@ -54,6 +54,14 @@ test:
 # Benchmarks kata against runc; writes bench/results.json and BENCHMARKS.md.
 bench: install
 	/usr/bin/python3 scripts/bench.py
+
+# Fuzz the parsers of untrusted input (seccomp profiles, mount options, annotations,
+# configuration text) with cargo-fuzz on the nightly toolchain, FUZZ_SECONDS each (installs
+# cargo-fuzz on first use). A crash or a hang fails; its input is left in fuzz/artifacts/.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= seccomp mount_options annotations config
+fuzz:
+	scripts/fuzz.sh $(FUZZ_SECONDS) $(FUZZ_TARGETS)
 
 # Rewrite the files generated from the configuration schema.
 generate:

@@ -449,9 +449,24 @@ pub fn create_cgroup(id: &str, resources: Option<&LinuxResources>) -> Result<Pat
     let dir = root.join(id);
     std::fs::create_dir_all(&dir).map_err(io("create the container's cgroup"))?;
     if let Some(r) = resources {
-        apply_resources(&dir, r)?;
+        let applied = apply_resources(&dir, r).and_then(|_| apply_devices(&dir, r));
+        if let Err(e) = applied {
+            let _ = std::fs::remove_dir(&dir);
+            return Err(e);
+        }
     }
     Ok(dir)
+}
+
+/// The container's device rules as a BPF program on its cgroup (see [`crate::devcg`]).
+fn apply_devices(dir: &Path, r: &LinuxResources) -> Result<(), AgentError> {
+    let Some(list) = r.devices().as_ref().filter(|l| !l.is_empty()) else {
+        return Ok(());
+    };
+    let rules = crate::devcg::rules(list).map_err(AgentError::Invalid)?;
+    let fd = std::fs::File::open(dir).map_err(io("open the container's cgroup"))?;
+    use std::os::fd::AsFd;
+    crate::devcg::attach(&crate::devcg::assemble(&rules), fd.as_fd()).map_err(AgentError::Failed)
 }
 
 /// Creates the containers' parent cgroup with every controller enabled for its children. The

@@ -354,6 +354,17 @@ fn setup_rootfs(spec: &Spec, rootfs: &Path) -> Result<(), String> {
     if dev_is_tmpfs {
         make_devices(root.as_fd())?;
     }
+    if let Some(linux) = spec.linux() {
+        let privileged = spec
+            .process()
+            .as_ref()
+            .and_then(|p| p.capabilities().as_ref())
+            .and_then(|c| c.bounding().as_ref())
+            .is_some_and(|b| b.contains(&oci_spec::runtime::Capability::SysAdmin));
+        for d in linux.devices().iter().flatten() {
+            spec_device(root.as_fd(), d, privileged)?;
+        }
+    }
     drop(root);
     std::env::set_current_dir(rootfs).map_err(|e| format!("chdir {}: {e}", rootfs.display()))?;
     nix::unistd::pivot_root(".", ".")
@@ -471,6 +482,81 @@ fn mask(p: &Path) -> Result<(), String> {
     } else {
         Ok(())
     }
+}
+
+/// Makes a device of `linux.devices` in the container, as runc does, if the guest has it (the
+/// same type and numbers under /sys/dev): a VM has its own devices, not the host's. A device the
+/// guest does not have is an error, except in a privileged container, whose spec lists every
+/// host device (containerd's `privileged_without_host_devices` avoids that): skipped, said on
+/// the console.
+fn spec_device(
+    root: std::os::fd::BorrowedFd<'_>,
+    d: &oci_spec::runtime::LinuxDevice,
+    privileged: bool,
+) -> Result<(), String> {
+    use oci_spec::runtime::LinuxDeviceType as T;
+    use std::os::fd::AsRawFd;
+    let path = d.path();
+    let (kind, sys) = match d.typ() {
+        T::C | T::U => (libc::S_IFCHR, "char"),
+        T::B => (libc::S_IFBLK, "block"),
+        T::P => (libc::S_IFIFO, ""),
+        T::A => return Err(format!("device {}: type a is not a device", path.display())),
+    };
+    let (major, minor) = (d.major() as u32, d.minor() as u32);
+    if !sys.is_empty() && !Path::new(&format!("/sys/dev/{sys}/{major}:{minor}")).exists() {
+        if privileged {
+            let _ = std::fs::write(
+                "/dev/kmsg",
+                format!(
+                    "kata-agent: host device {} ({sys} {major}:{minor}) is not in the VM; skipped for this privileged container\n",
+                    path.display()
+                ),
+            );
+            return Ok(());
+        }
+        return Err(format!(
+            "device {} ({sys} {major}:{minor}) does not exist in the VM: a container gets the guest's devices, not the host's (block volumes: direct-volume; PCI devices: VFIO)",
+            path.display()
+        ));
+    }
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    let name = path
+        .file_name()
+        .ok_or_else(|| format!("device path {} has no name", path.display()))?;
+    let dir = kata_mount::create_in_root(root, parent, kata_mount::Kind::Dir)
+        .map_err(|e| format!("device {}: {e}", path.display()))?;
+    let n = CString::new(std::os::unix::ffi::OsStrExt::as_bytes(name))
+        .map_err(|_| format!("device path {} has a NUL byte", path.display()))?;
+    let mode = d.file_mode().unwrap_or(0o666) & 0o7777;
+    // SAFETY: mknodat(2) relative to a descriptor we own.
+    let rc = unsafe {
+        libc::mknodat(
+            dir.as_raw_fd(),
+            n.as_ptr(),
+            kind | mode,
+            libc::makedev(major, minor),
+        )
+    };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EEXIST) {
+            return Ok(());
+        }
+        return Err(format!("mknod {}: {e}", path.display()));
+    }
+    // SAFETY: fchmodat(2) and fchownat(2) of the node just made, relative to our descriptor.
+    unsafe {
+        libc::fchmodat(dir.as_raw_fd(), n.as_ptr(), mode, 0);
+        libc::fchownat(
+            dir.as_raw_fd(),
+            n.as_ptr(),
+            d.uid().unwrap_or(0),
+            d.gid().unwrap_or(0),
+            libc::AT_SYMLINK_NOFOLLOW,
+        );
+    }
+    Ok(())
 }
 
 /// The devices runc makes in a tmpfs /dev (made below a descriptor of the container's /dev).

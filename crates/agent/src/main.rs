@@ -16,7 +16,7 @@ mod mounts;
 mod network;
 mod reaper;
 mod rpc;
-mod seccomp;
+use kata_agent::{devcg, seccomp};
 mod spare;
 mod stream;
 

@@ -237,6 +237,7 @@ pub fn parse(options: &[String], bind_type: bool) -> Result<MountOptions, String
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn opts(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()
@@ -299,6 +300,33 @@ mod tests {
             &["rbind", "runbindable", "relatime", "nosymfollow"],
         ] {
             parse(&opts(set), true).unwrap_or_else(|e| panic!("{set:?}: {e}"));
+        }
+    }
+
+    proptest! {
+        /// Any option list parses or is refused, never a panic; a bind mount never carries
+        /// filesystem data (the kernel would ignore it).
+        #[test]
+        fn arbitrary_option_lists(
+            options in prop::collection::vec(
+                prop_oneof![
+                    prop::sample::select(vec![
+                        "ro", "rw", "rro", "rrw", "rbind", "bind", "rprivate", "shared",
+                        "nosuid", "rnoexec", "noatime", "rstrictatime", "sync", "remount",
+                        "size=1m", "mode=755", "idmap", "rfoo", "",
+                    ]).prop_map(str::to_string),
+                    "[a-z=0-9,]{0,12}",
+                ],
+                0..8,
+            ),
+            bind in any::<bool>(),
+        ) {
+            if let Ok(m) = parse(&options, bind) {
+                if m.bind {
+                    prop_assert!(m.data.is_empty(), "{:?}", options);
+                }
+                prop_assert_eq!(m.top.set & m.top.clr & !ATTR_ATIME_MASK, 0);
+            }
         }
     }
 }

@@ -1222,6 +1222,15 @@ fn virtiofsd_is_confined_and_the_top_of_the_share_is_read_only() {
 /// `ctr oci spec` with `args` as the process, `hooks`, and a busybox root filesystem made in
 /// `dir`, written to `dir/config.json` (`ctr run --config` takes no image).
 fn spec_with_hooks(dir: &std::path::Path, args: &[&str], hooks: serde_json::Value) -> String {
+    spec_file(dir, args, |spec| spec["hooks"] = hooks)
+}
+
+/// [`spec_with_hooks`] with any change to the spec.
+fn spec_file(
+    dir: &std::path::Path,
+    args: &[&str],
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> String {
     let root = dir.join("rootfs");
     if !root.exists() {
         std::fs::create_dir_all(root.join("bin")).expect("mkdir");
@@ -1235,7 +1244,7 @@ fn spec_with_hooks(dir: &std::path::Path, args: &[&str], hooks: serde_json::Valu
     let mut spec: serde_json::Value = serde_json::from_slice(&out.stdout).expect("spec json");
     spec["process"]["args"] = serde_json::json!(args);
     spec["root"] = serde_json::json!({"path": root.display().to_string(), "readonly": false});
-    spec["hooks"] = hooks;
+    edit(&mut spec);
     let p = dir.join("config.json");
     std::fs::write(&p, serde_json::to_vec(&spec).expect("json")).expect("write");
     p.display().to_string()
@@ -1317,4 +1326,78 @@ fn oci_hooks_run_on_the_host_as_runc_runs_them() {
     assert_ne!(code, 0);
     assert!(err.contains("startContainer hooks"), "{err}");
     assert_no_leftovers("hooks-start");
+}
+
+#[test]
+#[ignore = "needs root, containerd, QEMU and make install (make test runs it)"]
+fn sysctls_match_runc() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut outs = Vec::new();
+    for runtime in [KATA, RUNC] {
+        let tag = if runtime == KATA { "kata" } else { "runc" };
+        let spec = spec_file(
+            dir.path(),
+            &["/bin/sh", "-c", "cat /proc/sys/net/ipv4/ip_unprivileged_port_start /proc/sys/kernel/shm_rmid_forced"],
+            |s| {
+                s["linux"]["sysctl"] = serde_json::json!({
+                    "net.ipv4.ip_unprivileged_port_start": "1000",
+                    "kernel.shm_rmid_forced": "1",
+                })
+            },
+        );
+        let (out, err, code) = run_config(runtime, &format!("sysctl-{tag}"), &spec);
+        assert_eq!(code, 0, "{runtime}: {err}");
+        outs.push(out);
+        // A sysctl of no namespace of the container's own: refused by both.
+        let spec = spec_file(dir.path(), &["/bin/sh", "-c", "true"], |s| {
+            s["linux"]["sysctl"] = serde_json::json!({"vm.overcommit_memory": "1"})
+        });
+        let (_, err, code) = run_config(runtime, &format!("sysctl-bad-{tag}"), &spec);
+        assert_ne!(code, 0, "{runtime}");
+        assert!(err.contains("vm.overcommit_memory"), "{runtime}: {err}");
+    }
+    assert_eq!(outs[0], "1000\n1\n");
+    assert_eq!(outs[0], outs[1], "kata and runc");
+    assert_no_leftovers("sysctl-kata");
+    assert_no_leftovers("sysctl-bad-kata");
+}
+
+#[test]
+#[ignore = "needs root, containerd, QEMU and make install (make test runs it)"]
+fn devices_and_the_device_cgroup_match_runc() {
+    // A device given with --device appears; a device node made in the container (mknod is
+    // allowed by containerd's rules) cannot be opened: the device cgroup refuses /dev/mem.
+    let script = "ls -l /dev/fuse | cut -c1-10; \
+                  mknod /tmp/mem c 1 1 && (head -c 1 /tmp/mem >/dev/null 2>&1 && echo mem-readable || echo mem-refused); \
+                  head -c 3 /dev/zero | wc -c";
+    let mut outs = Vec::new();
+    for runtime in [KATA, RUNC] {
+        let tag = if runtime == KATA { "kata" } else { "runc" };
+        let (out, err, code) = run(
+            runtime,
+            &format!("devices-{tag}"),
+            &["--device", "/dev/fuse"],
+            script,
+            "",
+        );
+        assert_eq!(code, 0, "{runtime}: {err}");
+        outs.push(out);
+    }
+    assert_eq!(
+        outs[0], "crw-------\nmem-refused\n3\n",
+        "the host node's mode, as runc"
+    );
+    assert_eq!(outs[0], outs[1], "kata and runc");
+    assert_no_leftovers("devices-kata");
+    // A privileged container's spec lists every host device; those the VM does not have are
+    // skipped (said on the guest console), the others are there.
+    let (out, err, code) = run(
+        KATA,
+        "devices-privileged",
+        &["--privileged"],
+        "test -c /dev/fuse && echo fuse; test -c /dev/net/tun && echo tun",
+        "",
+    );
+    assert_eq!((out.as_str(), code), ("fuse\ntun\n", 0), "{err}");
+    assert_no_leftovers("devices-privileged");
 }

@@ -126,7 +126,6 @@ pub struct Cond {
 
 impl Cond {
     /// Whether `arg` satisfies the condition (`wide`: compare 64 bits, else the low 32).
-    #[cfg_attr(not(test), allow(dead_code))] // the tests' reference
     pub fn holds(&self, arg: u64, wide: bool) -> bool {
         let m = if wide { u64::MAX } else { u64::from(u32::MAX) };
         let (a, v, v2) = (arg & m, self.value & m, self.value_two & m);
@@ -226,7 +225,6 @@ pub fn rules(s: &LinuxSeccomp) -> Result<Rules, String> {
 
 /// What the filter returns for a syscall (the reference semantics the program implements;
 /// used by the tests and the fuzz target).
-#[cfg_attr(not(test), allow(dead_code))] // the tests' reference and interpreter
 pub fn evaluate(r: &Rules, arch: u32, nr: u32, args: &[u64; 6]) -> u32 {
     let (rules, wide) = match arch {
         AUDIT_ARCH_X86_64 if nr & X32_SYSCALL_BIT != 0 => return RET_ERRNO | ENOSYS,
@@ -498,7 +496,6 @@ pub fn install(p: &Program) -> Result<(), String> {
 }
 
 /// A classic BPF interpreter for seccomp programs (tests and fuzzing): what the kernel returns.
-#[cfg_attr(not(test), allow(dead_code))] // the tests' reference and interpreter
 pub fn run(insns: &[Insn], arch: u32, nr: u32, args: &[u64; 6]) -> Result<u32, String> {
     let mut data = [0u8; 64];
     data[0..4].copy_from_slice(&nr.to_le_bytes());

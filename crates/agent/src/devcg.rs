@@ -1,0 +1,340 @@
+//! The device cgroup of a container (`linux.resources.devices`) on the guest's cgroup v2: an eBPF
+//! program of type `BPF_PROG_TYPE_CGROUP_DEVICE` attached to the container's cgroup, as runc
+//! does on cgroup v2.
+//!
+//! Semantics are cgroup v1's, which the OCI rules were written for: a new cgroup allows
+//! everything; the rules apply in order, so for each access a request asks for (mknod, read,
+//! write) the last rule that matches the device and includes that access decides; the request is
+//! allowed when every access it asks for is. (containerd's rules start with `deny a *:* rwm`, so
+//! only what follows is allowed.)
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+use oci_spec::runtime::{LinuxDeviceCgroup, LinuxDeviceType};
+
+/// `BPF_DEVCG_ACC_MKNOD`.
+pub const ACC_MKNOD: u32 = 1;
+/// `BPF_DEVCG_ACC_READ`.
+pub const ACC_READ: u32 = 2;
+/// `BPF_DEVCG_ACC_WRITE`.
+pub const ACC_WRITE: u32 = 4;
+/// `BPF_DEVCG_DEV_BLOCK`.
+pub const DEV_BLOCK: u32 = 1;
+/// `BPF_DEVCG_DEV_CHAR`.
+pub const DEV_CHAR: u32 = 2;
+
+/// One rule, reduced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rule {
+    /// Allow or deny.
+    pub allow: bool,
+    /// `DEV_BLOCK`, `DEV_CHAR`, or `None` for all.
+    pub typ: Option<u32>,
+    /// Major number, `None` for any.
+    pub major: Option<u32>,
+    /// Minor number, `None` for any.
+    pub minor: Option<u32>,
+    /// `ACC_*` bits.
+    pub access: u32,
+}
+
+/// Reduces the OCI rules; an access letter other than r, w, m or a device type the kernel's
+/// program cannot see is an error.
+pub fn rules(list: &[LinuxDeviceCgroup]) -> Result<Vec<Rule>, String> {
+    let mut out = Vec::new();
+    for (i, d) in list.iter().enumerate() {
+        let typ = match d.typ().unwrap_or(LinuxDeviceType::A) {
+            LinuxDeviceType::A => None,
+            LinuxDeviceType::B => Some(DEV_BLOCK),
+            LinuxDeviceType::C | LinuxDeviceType::U => Some(DEV_CHAR),
+            LinuxDeviceType::P => return Err(format!(
+                "linux.resources.devices[{i}]: type p (FIFO) is not a device the cgroup controls"
+            )),
+        };
+        let mut access = 0;
+        for ch in d.access().as_deref().unwrap_or("rwm").chars() {
+            access |= match ch {
+                'r' => ACC_READ,
+                'w' => ACC_WRITE,
+                'm' => ACC_MKNOD,
+                other => {
+                    return Err(format!(
+                        "linux.resources.devices[{i}]: access {other:?} is not r, w or m"
+                    ))
+                }
+            };
+        }
+        let num = |v: Option<i64>| -> Result<Option<u32>, String> {
+            match v {
+                None => Ok(None),
+                Some(n) if n < 0 => Ok(None),
+                Some(n) => u32::try_from(n).map(Some).map_err(|_| {
+                    format!("linux.resources.devices[{i}]: device number {n} is out of range")
+                }),
+            }
+        };
+        out.push(Rule {
+            allow: d.allow(),
+            typ,
+            major: num(d.major())?,
+            minor: num(d.minor())?,
+            access,
+        });
+    }
+    Ok(out)
+}
+
+/// The reference semantics: whether a request is allowed.
+pub fn evaluate(rules: &[Rule], typ: u32, major: u32, minor: u32, access: u32) -> bool {
+    [ACC_MKNOD, ACC_READ, ACC_WRITE]
+        .into_iter()
+        .filter(|bit| access & bit != 0)
+        .all(|bit| {
+            rules
+                .iter()
+                .rev()
+                .find(|r| {
+                    r.access & bit != 0
+                        && r.typ.is_none_or(|t| t == typ)
+                        && r.major.is_none_or(|m| m == major)
+                        && r.minor.is_none_or(|m| m == minor)
+                })
+                .is_none_or(|r| r.allow)
+        })
+}
+
+/// One eBPF instruction (`struct bpf_insn`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+pub struct Insn {
+    /// Opcode.
+    pub code: u8,
+    /// dst_reg (low 4 bits) and src_reg (high 4 bits).
+    pub regs: u8,
+    /// Offset.
+    pub off: i16,
+    /// Immediate.
+    pub imm: i32,
+}
+
+const LDX_W: u8 = 0x61; // BPF_LDX | BPF_MEM | BPF_W
+const AND_K: u8 = 0x57; // BPF_ALU64 | BPF_AND | BPF_K
+const RSH_K: u8 = 0x77; // BPF_ALU64 | BPF_RSH | BPF_K
+const MOV_X: u8 = 0xbf; // BPF_ALU64 | BPF_MOV | BPF_X
+const MOV_K: u8 = 0xb7; // BPF_ALU64 | BPF_MOV | BPF_K
+const JEQ_K: u8 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+const JNE_K: u8 = 0x55; // BPF_JMP | BPF_JNE | BPF_K
+const JA: u8 = 0x05;
+const EXIT: u8 = 0x95;
+
+fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Insn {
+    Insn {
+        code,
+        regs: dst | (src << 4),
+        off,
+        imm,
+    }
+}
+
+/// Compiles rules to the program (r2 type, r3 access, r4 major, r5 minor).
+pub fn assemble(rules: &[Rule]) -> Vec<Insn> {
+    let mut p = vec![
+        insn(LDX_W, 2, 1, 0, 0),
+        insn(AND_K, 2, 0, 0, 0xffff),
+        insn(LDX_W, 3, 1, 0, 0),
+        insn(RSH_K, 3, 0, 0, 16),
+        insn(LDX_W, 4, 1, 4, 0),
+        insn(LDX_W, 5, 1, 8, 0),
+    ];
+    for bit in [ACC_MKNOD, ACC_READ, ACC_WRITE] {
+        // Jumps to the end of this bit's block are patched once its length is known.
+        let mut to_done = Vec::new();
+        p.push(insn(MOV_X, 6, 3, 0, 0));
+        p.push(insn(AND_K, 6, 0, 0, bit as i32));
+        to_done.push(p.len());
+        p.push(insn(JEQ_K, 6, 0, 0, 0));
+        for r in rules.iter().rev().filter(|r| r.access & bit != 0) {
+            let mut to_next = Vec::new();
+            for (reg, want) in [(2u8, r.typ), (4, r.major), (5, r.minor)] {
+                if let Some(v) = want {
+                    to_next.push(p.len());
+                    p.push(insn(JNE_K, reg, 0, 0, v as i32));
+                }
+            }
+            if r.allow {
+                to_done.push(p.len());
+                p.push(insn(JA, 0, 0, 0, 0));
+            } else {
+                p.push(insn(MOV_K, 0, 0, 0, 0));
+                p.push(insn(EXIT, 0, 0, 0, 0));
+            }
+            let next = p.len();
+            for at in to_next {
+                p[at].off = (next - at - 1) as i16;
+            }
+        }
+        let done = p.len();
+        for at in to_done {
+            p[at].off = (done - at - 1) as i16;
+        }
+    }
+    p.push(insn(MOV_K, 0, 0, 0, 1));
+    p.push(insn(EXIT, 0, 0, 0, 0));
+    p
+}
+
+/// Runs a program on a request (tests): what the kernel would return.
+pub fn run(p: &[Insn], typ: u32, major: u32, minor: u32, access: u32) -> Result<bool, String> {
+    let ctx = [(access << 16) | typ, major, minor];
+    let mut r = [0u64; 11];
+    let mut pc = 0usize;
+    for _ in 0..100_000 {
+        let i = p.get(pc).ok_or("ran off the end")?;
+        pc += 1;
+        let (dst, src) = ((i.regs & 0xf) as usize, (i.regs >> 4) as usize);
+        match i.code {
+            LDX_W => {
+                if src != 1 {
+                    return Err("load from a register other than the context".into());
+                }
+                r[dst] = u64::from(ctx[(i.off / 4) as usize]);
+            }
+            AND_K => r[dst] &= i.imm as u32 as u64,
+            RSH_K => r[dst] >>= i.imm,
+            MOV_X => r[dst] = r[src],
+            MOV_K => r[dst] = i.imm as u32 as u64,
+            JEQ_K | JNE_K => {
+                let eq = r[dst] == i.imm as u32 as u64;
+                if eq == (i.code == JEQ_K) {
+                    pc = (pc as i64 + i64::from(i.off)) as usize;
+                }
+            }
+            JA => pc = (pc as i64 + i64::from(i.off)) as usize,
+            EXIT => return Ok(r[0] != 0),
+            other => return Err(format!("unknown opcode {other:#x}")),
+        }
+    }
+    Err("no exit".into())
+}
+
+/// Loads the program and attaches it to the cgroup directory `cgroup`.
+pub fn attach(p: &[Insn], cgroup: BorrowedFd<'_>) -> Result<(), String> {
+    let license = c"Apache-2.0";
+    let mut log = vec![0u8; 4096];
+    let mut attr = [0u8; 128];
+    let put32 =
+        |a: &mut [u8; 128], off: usize, v: u32| a[off..off + 4].copy_from_slice(&v.to_ne_bytes());
+    let put64 =
+        |a: &mut [u8; 128], off: usize, v: u64| a[off..off + 8].copy_from_slice(&v.to_ne_bytes());
+    put32(&mut attr, 0, 15); // BPF_PROG_TYPE_CGROUP_DEVICE
+    put32(&mut attr, 4, p.len() as u32);
+    put64(&mut attr, 8, p.as_ptr() as u64);
+    put64(&mut attr, 16, license.as_ptr() as u64);
+    put32(&mut attr, 24, 1); // log_level
+    put32(&mut attr, 28, log.len() as u32);
+    put64(&mut attr, 32, log.as_mut_ptr() as u64);
+    // SAFETY: bpf(BPF_PROG_LOAD) reads `attr`, the instructions and the license, and writes at
+    // most log.len() bytes of log; all alive for the call.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 5, attr.as_ptr(), attr.len()) };
+    if fd < 0 {
+        let e = io::Error::last_os_error();
+        let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
+        return Err(format!(
+            "load the device cgroup program: {e}: {}",
+            String::from_utf8_lossy(&log[..end]).trim()
+        ));
+    }
+    // SAFETY: a descriptor just returned by bpf(2).
+    let prog = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut attr = [0u8; 128];
+    put32(&mut attr, 0, cgroup.as_raw_fd() as u32);
+    put32(&mut attr, 4, prog.as_raw_fd() as u32);
+    put32(&mut attr, 8, 6); // BPF_CGROUP_DEVICE
+    put32(&mut attr, 12, 2); // BPF_F_ALLOW_MULTI
+                             // SAFETY: bpf(BPF_PROG_ATTACH) reads `attr`.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, 8, attr.as_ptr(), attr.len()) };
+    if rc < 0 {
+        return Err(format!(
+            "attach the device cgroup program: {}",
+            io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn oci(json: &str) -> Vec<LinuxDeviceCgroup> {
+        serde_json::from_str(json).expect("rules")
+    }
+
+    #[test]
+    fn containerds_default_rules() {
+        // What containerd writes for a non-privileged container.
+        let r = rules(&oci(r#"[{"allow":false,"access":"rwm"},
+                {"allow":true,"type":"c","major":1,"minor":3,"access":"rwm"},
+                {"allow":true,"type":"c","major":1,"minor":5,"access":"rwm"},
+                {"allow":true,"type":"c","major":5,"minor":0,"access":"rwm"},
+                {"allow":true,"type":"c","major":136,"access":"rwm"},
+                {"allow":true,"type":"c","access":"m"},
+                {"allow":true,"type":"b","access":"m"}]"#))
+        .expect("rules");
+        let p = assemble(&r);
+        let rw = ACC_READ | ACC_WRITE;
+        for (what, typ, maj, min, acc, want) in [
+            ("/dev/null rw", DEV_CHAR, 1, 3, rw, true),
+            ("/dev/mem r", DEV_CHAR, 1, 1, ACC_READ, false),
+            ("mknod /dev/mem", DEV_CHAR, 1, 1, ACC_MKNOD, true),
+            ("a pty", DEV_CHAR, 136, 7, rw, true),
+            ("/dev/vda r", DEV_BLOCK, 254, 0, ACC_READ, false),
+            ("mknod vda", DEV_BLOCK, 254, 0, ACC_MKNOD, true),
+        ] {
+            assert_eq!(run(&p, typ, maj, min, acc), Ok(want), "{what}");
+            assert_eq!(evaluate(&r, typ, maj, min, acc), want, "{what}");
+        }
+    }
+
+    #[test]
+    fn bad_rules_are_refused() {
+        let e = rules(&oci(r#"[{"allow":true,"type":"c","access":"rx"}]"#)).expect_err("x");
+        assert!(e.contains("'x'"), "{e}");
+        let e = rules(&oci(r#"[{"allow":true,"type":"p"}]"#)).expect_err("p");
+        assert!(e.contains("FIFO"), "{e}");
+    }
+
+    fn rule() -> impl Strategy<Value = Rule> {
+        (
+            any::<bool>(),
+            prop_oneof![Just(None), Just(Some(DEV_BLOCK)), Just(Some(DEV_CHAR))],
+            prop_oneof![Just(None), (0u32..4).prop_map(Some)],
+            prop_oneof![Just(None), (0u32..4).prop_map(Some)],
+            1u32..8,
+        )
+            .prop_map(|(allow, typ, major, minor, access)| Rule {
+                allow,
+                typ,
+                major,
+                minor,
+                access,
+            })
+    }
+
+    proptest! {
+        /// The program agrees with cgroup v1's semantics for any rules and any request.
+        #[test]
+        fn the_program_agrees_with_the_rules(
+            rules in prop::collection::vec(rule(), 0..12),
+            typ in prop_oneof![Just(DEV_BLOCK), Just(DEV_CHAR)],
+            major in 0u32..5,
+            minor in 0u32..5,
+            access in 1u32..8,
+        ) {
+            let p = assemble(&rules);
+            prop_assert_eq!(run(&p, typ, major, minor, access), Ok(evaluate(&rules, typ, major, minor, access)));
+        }
+    }
+}
