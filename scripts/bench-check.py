@@ -37,10 +37,15 @@ def check(r, png):
         need(k["kernel_file_bytes"] > 0, f"the {name} kernel's file size")
     for phase in ("config_load", "vm_boot", "agent_connect", "container_create", "process_start", "teardown"):
         need(len(r["breakdown_ms"].get(phase, [])) == r["iterations"], f"span {phase} once per kata start")
-    for case in ("runc", "kata virtio-fs", "kata virtio-9p"):
+    for case in ("runc", "kata virtio-fs", "kata virtio-fs, virtiofsd unconfined", "kata virtio-9p"):
         d = r["fs"]["results"].get(case, {})
         need(all(d.get(x, 0) > 0 for x in ("write_mib_s", "read_mib_s", "meta_ms")), f"shared-fs figures of {case}")
-    need(len(r["targets"]) == 9, "the nine targets")
+    need(len(r["targets"]) == 10, "the ten targets")
+    for rt in ("runc", "kata"):
+        for mode in ("off", "on"):
+            d = r.get("seccomp", {}).get(rt, {}).get(mode, {})
+            need(d.get("start_ms", {}).get("median", 0) > 0 and d.get("loop_ms", {}).get("median", 0) > 0,
+                 f"seccomp figures of {rt} ({mode})")
     for n, d in r.get("scrape", {}).items():
         need(d["shim_ms"]["median"] > 0 and d["monitor_ms"]["median"] > 0 and d["monitor_rss_kib"] > 0, f"scrape figures with {n} sandboxes")
     need(len(r.get("scrape", {})) >= 2, "scrapes with 1 and N sandboxes")

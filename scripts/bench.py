@@ -425,7 +425,16 @@ def bench_fs(sock, mib, files):
         raise RuntimeError(f"{DEFAULT_CONFIG} has no shared_fs = \"virtio-fs\" line to switch")
     with open(cfg9p, "w") as f:
         f.write(text.replace('shared_fs = "virtio-fs"', 'shared_fs = "virtio-9p"'))
+    # virtiofsd without its sandbox and seccomp filter (what the runtime ran before), to price
+    # the confinement.
+    cfg_open = os.path.join(work, "configuration-virtiofsd-unconfined.toml")
+    m = re.search(r'^virtio_fs_extra_args = \[(.*)\]$', text, re.M)
+    if not m:
+        raise RuntimeError(f"{DEFAULT_CONFIG} has no virtio_fs_extra_args line")
+    with open(cfg_open, "w") as f:
+        f.write(text[:m.start()] + f'virtio_fs_extra_args = [{m.group(1)}, "--sandbox", "none", "--seccomp", "none"]' + text[m.end():])
     cases = [("runc", RUNTIMES["runc"], []), ("kata virtio-fs", RUNTIMES["kata"], []),
+             ("kata virtio-fs, virtiofsd unconfined", RUNTIMES["kata"], ["--runtime-config-path", cfg_open]),
              ("kata virtio-9p", RUNTIMES["kata"], ["--runtime-config-path", cfg9p])]
     sig = os.path.join(work, "sig")
     res = {}
@@ -492,6 +501,35 @@ def med(xs):
     return statistics.median(xs) if xs else 0
 
 
+UNCONFINED = "kata virtio-fs, virtiofsd unconfined"
+
+
+# --- seccomp's cost ----------------------------------------------------------------------------
+
+# 200000 one-byte reads and writes: a system-call-heavy loop, timed inside the container.
+SYSCALL_LOOP = "t() { cut -d' ' -f1 /proc/uptime; }; s=$(t); dd if=/dev/zero of=/dev/null bs=1 count=100000 2>/dev/null; e=$(t); echo $s $e"
+
+
+def bench_seccomp(sock, n):
+    """`ctr run --rm true` and a system-call loop, without and with containerd's default seccomp
+    profile (`ctr run --seccomp`), for runc and kata (the profile applied in the guest)."""
+    res = {}
+    for rt_name in ("runc", "kata"):
+        rt = RUNTIMES[rt_name]
+        d = {}
+        for mode, extra in (("off", []), ("on", ["--seccomp"])):
+            starts = [timed(lambda i=i: ctr(sock, "run", "--runtime", rt, "--rm", *extra, IMAGE,
+                                            f"bench-seccomp-{rt_name}-{mode}-{i}", "true")) for i in range(n)]
+            loops = []
+            for i in range(max(3, n // 3)):
+                out = ctr(sock, "run", "--runtime", rt, "--rm", *extra, IMAGE,
+                          f"bench-seccomp-loop-{rt_name}-{mode}-{i}", "sh", "-c", SYSCALL_LOOP).stdout.split()
+                loops.append(round((float(out[1]) - float(out[0])) * 1000))
+            d[mode] = {"start_ms": summary(starts), "loop_ms": summary(loops)}
+        res[rt_name] = d
+    return res
+
+
 def targets(r):
     k = r["kernels"]
     kata = r["cold_start_ms"]["kata"]["median"]
@@ -515,6 +553,10 @@ def targets(r):
          max(v["monitor_rss_kib"] for v in r["scrape"].values()) <= 20 * 1024),
         ("virtio-fs sequential read >= 50% of runc", f"{fs['kata virtio-fs']['read_mib_s']} vs {fs['runc']['read_mib_s']} MiB/s",
          fs["kata virtio-fs"]["read_mib_s"] >= 0.5 * fs["runc"]["read_mib_s"]),
+        ("confined virtiofsd >= 90% of unconfined (sequential read and write)",
+         f"read {fs['kata virtio-fs']['read_mib_s']} vs {fs[UNCONFINED]['read_mib_s']}, write {fs['kata virtio-fs']['write_mib_s']} vs {fs[UNCONFINED]['write_mib_s']} MiB/s",
+         fs["kata virtio-fs"]["read_mib_s"] >= 0.9 * fs[UNCONFINED]["read_mib_s"]
+         and fs["kata virtio-fs"]["write_mib_s"] >= 0.9 * fs[UNCONFINED]["write_mib_s"]),
     ]
 
 
@@ -631,6 +673,17 @@ def generated(r):
     ]
     for name, d in fs["results"].items():
         lines.append(f"| {name} | {d['write_mib_s']} | {d['read_mib_s']} | {d['meta_ms']} |")
+    sc = r["seccomp"]
+    lines += [
+        "",
+        "## seccomp's cost (containerd's default profile, `ctr run --seccomp`; median ms)",
+        "",
+        "| runtime | `ctr run --rm true` without | with | 200000 read/write system calls without | with |",
+        "|---|---|---|---|---|",
+    ]
+    for rt, d in sc.items():
+        lines.append(f"| {rt} | {d['off']['start_ms']['median']:.0f} | {d['on']['start_ms']['median']:.0f} | "
+                     f"{d['off']['loop_ms']['median']:.0f} | {d['on']['loop_ms']['median']:.0f} |")
     lines.append("")
     return "\n".join(lines)
 
@@ -738,6 +791,7 @@ def main():
     r["memory"] = bench_memory(sock, counts, [("runc", RUNTIMES["runc"], None)])
     r["memory"]["kata"] = default["memory"]
     r["fs"] = bench_fs(sock, a.fs_mib, a.files)
+    r["seccomp"] = bench_seccomp(sock, a.iterations)
     r["scrape"] = bench_scrape(sock, counts)
     r["targets"] = [{"target": t, "measured": m, "met": ok} for t, m, ok in targets(r)]
     os.makedirs(os.path.dirname(a.out), exist_ok=True)

@@ -48,9 +48,11 @@ pub fn rules(list: &[LinuxDeviceCgroup]) -> Result<Vec<Rule>, String> {
             LinuxDeviceType::A => None,
             LinuxDeviceType::B => Some(DEV_BLOCK),
             LinuxDeviceType::C | LinuxDeviceType::U => Some(DEV_CHAR),
-            LinuxDeviceType::P => return Err(format!(
+            LinuxDeviceType::P => {
+                return Err(format!(
                 "linux.resources.devices[{i}]: type p (FIFO) is not a device the cgroup controls"
-            )),
+            ))
+            }
         };
         let mut access = 0;
         for ch in d.access().as_deref().unwrap_or("rwm").chars() {

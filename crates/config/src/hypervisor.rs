@@ -225,7 +225,9 @@ config_section! {
         virtio_fs_cache_size: u32 = 0, Y, NY, QEMU_CLH_FC;
         /// virtio-fs request queue size.
         virtio_fs_queue_size: u32 = 1024, Y, NY, QEMU_CLH_FC;
-        /// Extra arguments for virtiofsd.
+        /// Extra arguments for virtiofsd. virtiofsd runs confined (`--sandbox namespace
+        /// --seccomp kill`); a `--sandbox` or `--seccomp` here replaces that default (and weakens
+        /// the guest boundary: see docs/security.md).
         virtio_fs_extra_args: Vec<String> = list(&["--thread-pool-size=1", "-o", "announce_submounts"]), Y, OK, QEMU_CLH_FC;
         /// virtio-fs cache mode: `auto`, `always` or `none` (alias `never`), or `metadata`.
         virtio_fs_cache: VirtioFsCache = VirtioFsCache::Auto, Y, OK, QEMU_CLH_FC;

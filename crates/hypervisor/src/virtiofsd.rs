@@ -49,15 +49,24 @@ pub fn args(h: &HypervisorConfig, socket: &Path, shared_dir: &Path) -> Vec<Strin
         shared_dir.display().to_string(),
         "--cache".to_string(),
         h.virtio_fs_cache.virtiofsd_name().to_string(),
-        // Confined: its own mount, pid and network namespaces with the export as its root
-        // (binds made later propagate into it), and its seccomp filter killing any system call
-        // it does not need (GHSA-2gv2-cffp-j227).
-        "--sandbox".to_string(),
-        "namespace".to_string(),
-        "--seccomp".to_string(),
-        "kill".to_string(),
     ];
-    a.extend(h.virtio_fs_extra_args.iter().cloned());
+    // Confined: its own mount, pid and network namespaces with the export as its root (binds
+    // made later propagate into it), and its seccomp filter killing any system call it does not
+    // need (GHSA-2gv2-cffp-j227). An admin's `--sandbox`/`--seccomp` in virtio_fs_extra_args
+    // replaces the default (virtiofsd refuses a flag given twice).
+    let extra = &h.virtio_fs_extra_args;
+    let given = |flag: &str| {
+        extra
+            .iter()
+            .any(|x| x == flag || x.starts_with(&format!("{flag}=")))
+    };
+    for (flag, value) in [("--sandbox", "namespace"), ("--seccomp", "kill")] {
+        if !given(flag) {
+            a.push(flag.to_string());
+            a.push(value.to_string());
+        }
+    }
+    a.extend(extra.iter().cloned());
     a
 }
 
@@ -160,5 +169,19 @@ mod tests {
             "-o".to_string(),
             "announce_submounts".to_string()
         ]));
+        assert!(a.windows(2).any(|w| w == ["--sandbox", "namespace"]));
+        assert!(a.windows(2).any(|w| w == ["--seccomp", "kill"]));
+    }
+
+    #[test]
+    fn an_admins_sandbox_flags_replace_the_defaults() {
+        let h = HypervisorConfig {
+            virtio_fs_extra_args: vec!["--sandbox=chroot".into(), "--seccomp".into(), "log".into()],
+            ..HypervisorConfig::default()
+        };
+        let a = args(&h, Path::new("/s.sock"), Path::new("/shared"));
+        assert_eq!(a.iter().filter(|x| x.starts_with("--sandbox")).count(), 1);
+        assert_eq!(a.iter().filter(|x| x.starts_with("--seccomp")).count(), 1);
+        assert!(a.ends_with(&["--sandbox=chroot".into(), "--seccomp".into(), "log".into()]));
     }
 }
