@@ -107,6 +107,18 @@ pub struct Container {
     pub mounts: Vec<PathBuf>,
     /// Its compiled seccomp filter, applied to its execs too (as runc does).
     pub seccomp: Option<crate::seccomp::Program>,
+    /// What guest hooks read on stdin, less `status` and `pid`.
+    pub hook_state: serde_json::Value,
+}
+
+impl Container {
+    /// The OCI state for a guest hook.
+    pub fn hook_state(&self, status: &str, pid: i32) -> serde_json::Value {
+        let mut s = self.hook_state.clone();
+        s["status"] = status.into();
+        s["pid"] = pid.into();
+        s
+    }
 }
 
 impl Container {
@@ -463,7 +475,9 @@ fn apply_devices(dir: &Path, r: &LinuxResources) -> Result<(), AgentError> {
     let Some(list) = r.devices().as_ref().filter(|l| !l.is_empty()) else {
         return Ok(());
     };
-    let rules = crate::devcg::rules(list).map_err(AgentError::Invalid)?;
+    let mut rules = crate::devcg::rules(list).map_err(AgentError::Invalid)?;
+    // As runc: its standard devices are allowed whatever the spec says.
+    rules.extend(crate::devcg::runc_defaults());
     let fd = std::fs::File::open(dir).map_err(io("open the container's cgroup"))?;
     use std::os::fd::AsFd;
     crate::devcg::attach(&crate::devcg::assemble(&rules), fd.as_fd()).map_err(AgentError::Failed)
@@ -618,6 +632,12 @@ pub fn create(
         }
         None => None,
     };
+    let hook_state = serde_json::json!({
+        "ociVersion": spec.version(),
+        "id": id,
+        "bundle": rootfs.parent().unwrap_or(&rootfs),
+        "annotations": spec.annotations().clone().unwrap_or_default(),
+    });
     let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
     let cgroup = create_cgroup(id, resources.as_ref())?;
     let flags = clone_flags(&spec);
@@ -644,7 +664,28 @@ pub fn create(
         processes: Mutex::new(processes),
         mounts,
         seccomp,
+        hook_state,
     })
+}
+
+/// Gets rid of a container that will not be used (a failed guest prestart hook): its processes
+/// killed, its cgroup and mounts removed.
+pub fn discard(c: &Container) {
+    for pid in cgroup_pids(&c.cgroup) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    for _ in 0..50 {
+        if std::fs::remove_dir(&c.cgroup).is_ok() || !c.cgroup.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    for m in c.mounts.iter().rev() {
+        let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
+    }
 }
 
 /// Starts a created container.

@@ -39,6 +39,40 @@ pub struct Rule {
     pub access: u32,
 }
 
+/// The devices runc always allows on top of a spec's rules (libcontainer's `AllowedDevices`):
+/// mknod of any node, and the standard devices it makes in /dev (null, zero, full, random,
+/// urandom, tty, console, ptmx, the ptys, tun).
+pub fn runc_defaults() -> Vec<Rule> {
+    let c = |major: Option<u32>, minor: Option<u32>, access: u32| Rule {
+        allow: true,
+        typ: Some(DEV_CHAR),
+        major,
+        minor,
+        access,
+    };
+    let rwm = ACC_READ | ACC_WRITE | ACC_MKNOD;
+    vec![
+        c(None, None, ACC_MKNOD),
+        Rule {
+            allow: true,
+            typ: Some(DEV_BLOCK),
+            major: None,
+            minor: None,
+            access: ACC_MKNOD,
+        },
+        c(Some(1), Some(3), rwm),
+        c(Some(1), Some(8), rwm),
+        c(Some(1), Some(7), rwm),
+        c(Some(5), Some(0), rwm),
+        c(Some(1), Some(5), rwm),
+        c(Some(1), Some(9), rwm),
+        c(Some(5), Some(1), rwm),
+        c(Some(136), None, rwm),
+        c(Some(5), Some(2), rwm),
+        c(Some(10), Some(200), rwm),
+    ]
+}
+
 /// Reduces the OCI rules; an access letter other than r, w, m or a device type the kernel's
 /// program cannot see is an error.
 pub fn rules(list: &[LinuxDeviceCgroup]) -> Result<Vec<Rule>, String> {
@@ -298,6 +332,22 @@ mod tests {
             assert_eq!(run(&p, typ, maj, min, acc), Ok(want), "{what}");
             assert_eq!(evaluate(&r, typ, maj, min, acc), want, "{what}");
         }
+    }
+
+    #[test]
+    fn runcs_defaults_come_on_top_of_a_deny_all() {
+        // CRI's sandbox container: deny everything, nothing else; runc still makes /dev/null.
+        let mut r = rules(&oci(r#"[{"allow":false,"access":"rwm"}]"#)).expect("rules");
+        r.extend(runc_defaults());
+        let p = assemble(&r);
+        assert_eq!(
+            run(&p, DEV_CHAR, 1, 3, ACC_MKNOD | ACC_READ | ACC_WRITE),
+            Ok(true)
+        );
+        assert_eq!(run(&p, DEV_CHAR, 136, 4, ACC_READ), Ok(true));
+        assert_eq!(run(&p, DEV_CHAR, 1, 1, ACC_READ), Ok(false), "/dev/mem");
+        assert_eq!(run(&p, DEV_BLOCK, 8, 0, ACC_MKNOD), Ok(true));
+        assert_eq!(run(&p, DEV_BLOCK, 8, 0, ACC_WRITE), Ok(false));
     }
 
     #[test]

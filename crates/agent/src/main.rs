@@ -9,6 +9,7 @@
 
 mod channel;
 mod container;
+mod guest_hooks;
 mod helper;
 mod init;
 mod metrics;

@@ -25,6 +25,8 @@ pub struct Agent {
     boot_time_us: u64,
     /// OOM kills already reported, per container.
     oom_seen: Mutex<HashMap<String, u64>>,
+    /// `guest_hook_path` from CreateSandbox (see [`crate::guest_hooks`]).
+    guest_hooks: Mutex<Option<PathBuf>>,
 }
 
 impl Agent {
@@ -36,7 +38,15 @@ impl Agent {
             sandbox_mounts: Mutex::default(),
             boot_time_us,
             oom_seen: Mutex::default(),
+            guest_hooks: Mutex::default(),
         }
+    }
+
+    fn guest_hooks(&self) -> Option<PathBuf> {
+        self.guest_hooks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn container(&self, id: &str) -> Result<Arc<Container>, AgentError> {
@@ -150,6 +160,11 @@ impl AgentService for Agent {
         for m in &req.kernel_modules {
             crate::init::modprobe(m).map_err(AgentError::Failed)?;
         }
+        if !req.guest_hook_path.is_empty() {
+            let dir =
+                crate::guest_hooks::check_dir(&req.guest_hook_path).map_err(AgentError::Invalid)?;
+            *self.guest_hooks.lock().unwrap_or_else(|e| e.into_inner()) = Some(dir);
+        }
         if !req.dns.is_empty() {
             let text: String = req.dns.iter().map(|l| format!("{l}\n")).collect();
             let _ = std::fs::create_dir_all("/etc");
@@ -210,13 +225,22 @@ impl AgentService for Agent {
         let reaper = self.reaper.clone();
         let storages = req.storages.clone();
         let cid = id.clone();
+        let hooks = self.guest_hooks();
         let c = blocking(move || {
             let mounts = mount_storages(&storages)?;
-            container::create(&reaper, &cid, spec, mounts.clone()).inspect_err(|_| {
+            let c = container::create(&reaper, &cid, spec, mounts.clone()).inspect_err(|_| {
                 for m in mounts.iter().rev() {
                     let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
                 }
-            })
+            })?;
+            if let Some(dir) = hooks {
+                let state = c.hook_state("created", c.init()?.pid);
+                if let Err(e) = crate::guest_hooks::run(&dir, "prestart", &state) {
+                    container::discard(&c);
+                    return Err(AgentError::Failed(e));
+                }
+            }
+            Ok(c)
         })
         .await?;
         let pid = c.init()?.pid as u32;
@@ -232,7 +256,18 @@ impl AgentService for Agent {
 
     async fn start_container(&self, _: &TtrpcContext, req: StartContainerRequest) -> R<Empty> {
         let c = self.container(&req.container_id)?;
-        blocking(move || container::start(&c)).await?;
+        let hooks = self.guest_hooks();
+        blocking(move || {
+            container::start(&c)?;
+            if let Some(dir) = hooks {
+                let state = c.hook_state("running", c.init()?.pid);
+                if let Err(e) = crate::guest_hooks::run(&dir, "poststart", &state) {
+                    eprintln!("kata-agent: container {}: {e}", c.id);
+                }
+            }
+            Ok(())
+        })
+        .await?;
         Ok(Empty::new())
     }
 
@@ -267,6 +302,17 @@ impl AgentService for Agent {
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        if let Some(dir) = self.guest_hooks() {
+            let state = c.hook_state("stopped", init.pid);
+            let id = c.id.clone();
+            let _ = blocking(move || {
+                if let Err(e) = crate::guest_hooks::run(&dir, "poststop", &state) {
+                    eprintln!("kata-agent: container {id}: {e}");
+                }
+                Ok(())
+            })
+            .await;
         }
         for m in c.mounts.iter().rev() {
             let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);

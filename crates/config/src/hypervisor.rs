@@ -284,8 +284,10 @@ config_section! {
         entropy_source: String = s("/dev/urandom"), Dynamic::Path("valid_entropy_sources"), OK, QEMU_FC;
         /// Glob(3) patterns an `entropy_source` annotation must match.
         valid_entropy_sources: Vec<String> = list(&["/dev/urandom", "/dev/random", ""]), N, OK, QEMU_FC;
-        /// Guest directory of OCI hooks (`prestart`, `poststart`, `poststop` subdirectories).
-        guest_hook_path: String = String::new(), Y, NY, ALL;
+        /// Guest directory of OCI hooks (`prestart`, `poststart`, `poststop` subdirectories of
+        /// executables, run by the agent in the guest for every container; put them in the
+        /// guest image with `kata-guest-image --add-tree`).
+        guest_hook_path: String = String::new(), Y, OK, ALL;
         /// Network bandwidth into the VM in bits per second (0: none): a token bucket (tc tbf)
         /// on each pod interface's tap.
         rx_rate_limiter_max_rate: u64 = 0, Y, OK, QEMU_FC;

@@ -70,6 +70,9 @@ pub struct InitrdSpec {
     pub modules: Vec<String>,
     /// A static busybox to include as /bin/busybox (debug console), if any.
     pub busybox: Option<PathBuf>,
+    /// Host directory trees to copy into the image: (source, absolute destination), e.g. guest
+    /// hooks for `guest_hook_path`.
+    pub trees: Vec<(PathBuf, String)>,
 }
 
 /// Largest initrd accepted.
@@ -111,6 +114,9 @@ pub fn build_initrd(spec: &InitrdSpec) -> Result<Vec<u8>, BuildError> {
         files.insert("bin/busybox".into(), cpio::Entry::file(0o755, read(bb)?));
         files.insert("bin/sh".into(), cpio::Entry::symlink("busybox"));
     }
+    for (src, dest) in &spec.trees {
+        add_tree(&mut files, src, dest)?;
+    }
     let bytes = cpio::write(files.iter().map(|(p, e)| (p.as_str(), e)));
     if bytes.len() > MAX_SIZE {
         return Err(BuildError::TooLarge {
@@ -119,6 +125,59 @@ pub fn build_initrd(spec: &InitrdSpec) -> Result<Vec<u8>, BuildError> {
         });
     }
     Ok(bytes)
+}
+
+/// Copies the tree `src` (directories, regular files with their modes, symlinks) to `dest`.
+fn add_tree(
+    files: &mut BTreeMap<String, cpio::Entry>,
+    src: &Path,
+    dest: &str,
+) -> Result<(), BuildError> {
+    use std::os::unix::fs::PermissionsExt;
+    let dest = dest.trim_matches('/');
+    let mut parent = Path::new(dest).parent();
+    while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty()) {
+        files
+            .entry(p.display().to_string())
+            .or_insert_with(|| cpio::Entry::dir(0o755));
+        parent = p.parent();
+    }
+    let meta = std::fs::symlink_metadata(src).map_err(|source| BuildError::Read {
+        path: src.to_path_buf(),
+        source,
+    })?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if meta.file_type().is_symlink() {
+        let target = std::fs::read_link(src).map_err(|source| BuildError::Read {
+            path: src.to_path_buf(),
+            source,
+        })?;
+        files.insert(
+            dest.to_string(),
+            cpio::Entry::symlink(&target.display().to_string()),
+        );
+    } else if meta.is_dir() {
+        files.insert(dest.to_string(), cpio::Entry::dir(mode));
+        let mut names: Vec<_> = std::fs::read_dir(src)
+            .map_err(|source| BuildError::Read {
+                path: src.to_path_buf(),
+                source,
+            })?
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        names.sort();
+        for n in names {
+            add_tree(
+                files,
+                &src.join(&n),
+                &format!("{dest}/{}", n.to_string_lossy()),
+            )?;
+        }
+    } else {
+        files.insert(dest.to_string(), cpio::Entry::file(mode, read(src)?));
+    }
+    Ok(())
 }
 
 /// Adds `wanted` and their dependencies under `lib/modules/<release>/`, and their load list.
@@ -179,6 +238,7 @@ mod tests {
             modules_dir: Some(modules.clone()),
             modules: vec!["a".into()],
             busybox: None,
+            trees: Vec::new(),
         };
         let one = build_initrd(&spec).expect("build");
         // Touch the inputs: timestamps must not matter.
@@ -214,6 +274,7 @@ mod tests {
             modules_dir: None,
             modules: DEFAULT_MODULES.iter().map(|s| s.to_string()).collect(),
             busybox: None,
+            trees: Vec::new(),
         };
         let bytes = build_initrd(&spec).expect("build");
         let text = String::from_utf8_lossy(&bytes);
@@ -221,5 +282,41 @@ mod tests {
         assert!(!text.contains(".ko"), "no module files");
         assert!(!text.contains("lib/modules"), "no module tree");
         assert!(!text.contains("etc/kata-agent/modules"), "no load list");
+    }
+
+    #[test]
+    fn trees_are_copied_with_modes_and_symlinks() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let hooks = dir.path().join("hooks");
+        std::fs::create_dir_all(hooks.join("prestart")).expect("mkdir");
+        std::fs::write(hooks.join("prestart/10-a"), b"#!/bin/sh\n").expect("hook");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            hooks.join("prestart/10-a"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .expect("chmod");
+        std::os::unix::fs::symlink("10-a", hooks.join("prestart/20-b")).expect("symlink");
+        let agent = dir.path().join("agent");
+        std::fs::write(&agent, b"\x7fELF agent").expect("agent");
+        let spec = InitrdSpec {
+            agent,
+            modules_dir: None,
+            modules: vec![],
+            busybox: None,
+            trees: vec![(hooks, "/usr/share/oci/hooks".into())],
+        };
+        let bytes = build_initrd(&spec).expect("build");
+        let text = String::from_utf8_lossy(&bytes);
+        for path in [
+            "usr/share/oci/hooks/prestart/10-a",
+            "usr/share/oci/hooks/prestart/20-b",
+            "usr/share/oci",
+        ] {
+            assert!(text.contains(path), "{path}");
+        }
+        // newc headers: mode 0100755 for the hook, 0120777 for the symlink.
+        assert!(text.contains("000081ED") && text.contains("0000A1FF"));
+        assert_eq!(bytes, build_initrd(&spec).expect("again"), "deterministic");
     }
 }

@@ -20,6 +20,10 @@ struct Args {
     /// Static busybox to include for the debug console.
     #[arg(long)]
     busybox: Option<PathBuf>,
+    /// Copy a host directory tree into the image: SRC:DEST (repeatable), e.g.
+    /// `--add-tree hooks:/usr/share/oci/hooks` for `guest_hook_path`.
+    #[arg(long = "add-tree", value_name = "SRC:DEST")]
+    trees: Vec<String>,
     /// Output file.
     #[arg(long, short, required_unless_present = "trim_kernel")]
     output: Option<PathBuf>,
@@ -78,11 +82,26 @@ fn main() -> ExitCode {
         .map(|s| s.to_string())
         .collect();
     modules.extend(args.modules);
+    let mut trees = Vec::new();
+    for t in &args.trees {
+        match t.split_once(':') {
+            Some((src, dest)) if dest.starts_with('/') && !src.is_empty() => {
+                trees.push((std::path::PathBuf::from(src), dest.to_string()))
+            }
+            _ => {
+                eprintln!(
+                    "kata-guest-image: --add-tree {t:?}: expected SRC:DEST with an absolute DEST"
+                );
+                return ExitCode::from(2);
+            }
+        }
+    }
     let spec = kata_guest_image::InitrdSpec {
         agent,
         modules_dir,
         modules,
         busybox: args.busybox,
+        trees,
     };
     let bytes = match kata_guest_image::build_initrd(&spec) {
         Ok(b) => b,

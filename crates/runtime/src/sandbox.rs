@@ -486,6 +486,7 @@ impl Sandbox {
             sandbox_id: id.to_string(),
             storages: storage.into_iter().collect(),
             kernel_modules: config.agent.kernel_modules.clone(),
+            guest_hook_path: config.hypervisor.guest_hook_path.clone(),
             ..Default::default()
         };
         let created = agent

@@ -1160,7 +1160,30 @@ fn seccomp_matches_runc() {
 #[ignore = "needs root, containerd, QEMU and make install (make test runs it)"]
 fn virtiofsd_is_confined_and_the_top_of_the_share_is_read_only() {
     let id = "vfsd-confined";
-    run_detached(KATA, id, &[], &["sleep", "1000"]);
+    // Privileged: the container is root in the guest with every capability.
+    run_detached(KATA, id, &["--privileged"], &["sleep", "1000"]);
+    let share = std::path::PathBuf::from(format!("/run/kata-containers/shared/sandboxes/{id}"));
+    let census = || -> Vec<String> {
+        let mut names = Vec::new();
+        for top in [
+            "",
+            "mounts",
+            "shared",
+            &format!("mounts/{id}"),
+            &format!("shared/{id}"),
+        ] {
+            for e in std::fs::read_dir(share.join(top))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                names.push(format!("{top}/{}", e.file_name().to_string_lossy()));
+            }
+        }
+        names.sort();
+        names
+    };
+    let before = census();
     let sock = format!("/run/vc/vm/{id}/vfsd.sock");
     let ours = std::fs::read_link("/proc/self/ns/mnt").expect("ns");
     let ours_pid = std::fs::read_link("/proc/self/ns/pid").expect("ns");
@@ -1215,6 +1238,30 @@ fn virtiofsd_is_confined_and_the_top_of_the_share_is_read_only() {
     ]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "x\n");
     assert!(export.join(id).join("rootfs/written").exists());
+    // The privileged container, root in the guest, mounts the share again and tries to write
+    // above its root filesystem and at the top: whatever the guest reaches is its own root
+    // filesystem; the host's share is unchanged (the container's own written file aside).
+    let attack = "mkdir -p /mnt/s && mount -t virtiofs kataShared /mnt/s; \
+                  for p in /mnt/s /mnt/s/.. /mnt/s/../.. /run/kata-containers/shared/containers; do \
+                  touch $p/evil 2>/dev/null; ln -s / $p/evil-link 2>/dev/null; mkdir $p/evil-dir 2>/dev/null; done; true";
+    let out = ctr(&["task", "exec", "--exec-id", "a", id, "sh", "-c", attack]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        census(),
+        {
+            let mut b = before.clone();
+            b.sort();
+            b
+        },
+        "the share's top is unchanged"
+    );
+    for d in [share.join("mounts"), share.join("shared"), share.clone()] {
+        assert!(!d.join("evil").exists() && !d.join("evil-link").exists());
+    }
     kill_and_remove(id);
     assert_no_leftovers(id);
 }
@@ -1400,4 +1447,85 @@ fn devices_and_the_device_cgroup_match_runc() {
     );
     assert_eq!((out.as_str(), code), ("fuse\ntun\n", 0), "{err}");
     assert_no_leftovers("devices-privileged");
+}
+
+#[test]
+#[ignore = "needs root, containerd, QEMU and make install (make test runs it)"]
+fn guest_hooks_run_in_the_guest() {
+    // An initrd with hooks under /usr/share/oci/hooks (kata-guest-image --add-tree), and a
+    // configuration pointing guest_hook_path there.
+    let dir = tempfile::tempdir().expect("tmp");
+    let hooks = dir.path().join("hooks");
+    let script = "#!/bin/sh\n\
+        s=$(/bin/busybox cat)\n\
+        b=$(echo \"$s\" | /bin/busybox sed 's/.*\"bundle\":\"\\([^\"]*\\)\".*/\\1/')\n\
+        st=$(echo \"$s\" | /bin/busybox sed 's/.*\"status\":\"\\([a-z]*\\)\".*/\\1/')\n\
+        echo \"$1 $st $(/bin/busybox uname -r)\" >> \"$b/rootfs/hooks.log\"\n";
+    for kind in ["prestart", "poststart", "poststop"] {
+        std::fs::create_dir_all(hooks.join(kind)).expect("mkdir");
+        let p = hooks.join(kind).join("10-log");
+        std::fs::write(&p, script).expect("hook");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    let initrd = dir.path().join("initrd-with-hooks.img");
+    let st = Command::new(common::repo().join("target/release/kata-guest-image"))
+        .arg("--agent")
+        .arg(common::repo().join("build/kata-agent"))
+        .args(["--busybox", "/bin/busybox", "--add-tree"])
+        .arg(format!("{}:/usr/share/oci/hooks", hooks.display()))
+        .arg("--output")
+        .arg(&initrd)
+        .stdout(Stdio::null())
+        .status()
+        .expect("kata-guest-image");
+    assert!(st.success());
+    let shipped =
+        std::fs::read_to_string("/opt/kata/share/defaults/kata-containers/configuration-qemu.toml")
+            .expect("shipped configuration");
+    let re_initrd = shipped
+        .lines()
+        .find(|l| l.starts_with("initrd = "))
+        .expect("an initrd line")
+        .to_string();
+    assert!(shipped.contains("guest_hook_path = \"\""));
+    let cfg = dir.path().join("configuration-hooks.toml");
+    std::fs::write(
+        &cfg,
+        shipped
+            .replace(&re_initrd, &format!("initrd = \"{}\"", initrd.display()))
+            .replace(
+                "guest_hook_path = \"\"",
+                "guest_hook_path = \"/usr/share/oci/hooks\"",
+            ),
+    )
+    .expect("config");
+    let spec = spec_file(dir.path(), &["/bin/sh", "-c", "cat /hooks.log"], |_| {});
+    let cfg = cfg.display().to_string();
+    let out = ctr(&[
+        "run",
+        "--runtime",
+        KATA,
+        "--rm",
+        "--runtime-config-path",
+        &cfg,
+        "--config",
+        &spec,
+        "guest-hooks",
+    ]);
+    let release = common::guest_kernel_release();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("prestart created {release}\n"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("rootfs/hooks.log")).expect("hooks ran"),
+        format!(
+            "prestart created {release}\npoststart running {release}\npoststop stopped {release}\n"
+        ),
+        "the guest ran the three hooks, in the guest's kernel"
+    );
+    assert_no_leftovers("guest-hooks");
 }
