@@ -14,7 +14,11 @@ fuzz_target!(|data: &[u8]| {
     let mut map = BTreeMap::new();
     for line in text.lines() {
         if let Some((k, v)) = line.split_once('=') {
-            let k = if k.starts_with("io.") { k.to_string() } else { format!("io.katacontainers.{k}") };
+            let k = if k.starts_with("io.") {
+                k.to_string()
+            } else {
+                format!("io.katacontainers.{k}")
+            };
             map.insert(k, v.to_string());
         }
     }

@@ -20,7 +20,11 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let word = |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
-    let arch = if head[0] & 1 == 0 { AUDIT_ARCH_X86_64 } else { AUDIT_ARCH_I386 };
+    let arch = if head[0] & 1 == 0 {
+        AUDIT_ARCH_X86_64
+    } else {
+        AUDIT_ARCH_I386
+    };
     let nr = word(4) % 512;
     let a = u64::from(word(8)) | (u64::from(word(12)) << 32);
     let args = [a, !a, a >> 1, a.rotate_left(7), 0, u64::MAX];

@@ -254,35 +254,54 @@ pub fn run(p: &[Insn], typ: u32, major: u32, minor: u32, access: u32) -> Result<
     Err("no exit".into())
 }
 
-/// Loads the program and attaches it to the cgroup directory `cgroup`.
-pub fn attach(p: &[Insn], cgroup: BorrowedFd<'_>) -> Result<(), String> {
+fn put32(a: &mut [u8; 128], off: usize, v: u32) {
+    a[off..off + 4].copy_from_slice(&v.to_ne_bytes());
+}
+
+fn put64(a: &mut [u8; 128], off: usize, v: u64) {
+    a[off..off + 8].copy_from_slice(&v.to_ne_bytes());
+}
+
+/// `BPF_PROG_LOAD` of a device program; `log`: the verifier's log buffer (None: no log).
+fn load(p: &[Insn], log: Option<&mut [u8]>) -> Result<OwnedFd, io::Error> {
     let license = c"Apache-2.0";
-    let mut log = vec![0u8; 4096];
     let mut attr = [0u8; 128];
-    let put32 =
-        |a: &mut [u8; 128], off: usize, v: u32| a[off..off + 4].copy_from_slice(&v.to_ne_bytes());
-    let put64 =
-        |a: &mut [u8; 128], off: usize, v: u64| a[off..off + 8].copy_from_slice(&v.to_ne_bytes());
     put32(&mut attr, 0, 15); // BPF_PROG_TYPE_CGROUP_DEVICE
     put32(&mut attr, 4, p.len() as u32);
     put64(&mut attr, 8, p.as_ptr() as u64);
     put64(&mut attr, 16, license.as_ptr() as u64);
-    put32(&mut attr, 24, 1); // log_level
-    put32(&mut attr, 28, log.len() as u32);
-    put64(&mut attr, 32, log.as_mut_ptr() as u64);
+    if let Some(log) = log {
+        put32(&mut attr, 24, 1); // log_level
+        put32(&mut attr, 28, log.len() as u32);
+        put64(&mut attr, 32, log.as_mut_ptr() as u64);
+    }
     // SAFETY: bpf(BPF_PROG_LOAD) reads `attr`, the instructions and the license, and writes at
-    // most log.len() bytes of log; all alive for the call.
+    // most the log's length into the log; all alive for the call.
     let fd = unsafe { libc::syscall(libc::SYS_bpf, 5, attr.as_ptr(), attr.len()) };
     if fd < 0 {
-        let e = io::Error::last_os_error();
-        let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
-        return Err(format!(
-            "load the device cgroup program: {e}: {}",
-            String::from_utf8_lossy(&log[..end]).trim()
-        ));
+        return Err(io::Error::last_os_error());
     }
     // SAFETY: a descriptor just returned by bpf(2).
-    let prog = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Loads the program and attaches it to the cgroup directory `cgroup`.
+pub fn attach(p: &[Insn], cgroup: BorrowedFd<'_>) -> Result<(), String> {
+    let prog = match load(p, None) {
+        Ok(fd) => fd,
+        Err(e) => {
+            // Again with the verifier's log, for the reason (a log too small is ENOSPC).
+            let mut log = vec![0u8; 1 << 20];
+            let _ = load(p, Some(&mut log));
+            let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
+            let text = String::from_utf8_lossy(&log[..end]);
+            let tail: Vec<&str> = text.lines().rev().take(5).collect();
+            return Err(format!(
+                "load the device cgroup program: {e}: {}",
+                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+            ));
+        }
+    };
     let mut attr = [0u8; 128];
     put32(&mut attr, 0, cgroup.as_raw_fd() as u32);
     put32(&mut attr, 4, prog.as_raw_fd() as u32);
@@ -348,6 +367,22 @@ mod tests {
         assert_eq!(run(&p, DEV_CHAR, 1, 1, ACC_READ), Ok(false), "/dev/mem");
         assert_eq!(run(&p, DEV_BLOCK, 8, 0, ACC_MKNOD), Ok(true));
         assert_eq!(run(&p, DEV_BLOCK, 8, 0, ACC_WRITE), Ok(false));
+    }
+
+    #[test]
+    fn the_kernel_verifier_accepts_the_program() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: loading a BPF program needs root (make test runs it as root)");
+            return;
+        }
+        let mut r = rules(&oci(
+            r#"[{"allow":false,"access":"rwm"},{"allow":true,"type":"c","major":10,"minor":229,"access":"rwm"}]"#,
+        ))
+        .expect("rules");
+        r.extend(runc_defaults());
+        load(&assemble(&r), None).expect("the verifier accepts it");
+        load(&assemble(&[]), None).expect("and the empty program");
     }
 
     #[test]
