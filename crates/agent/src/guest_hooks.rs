@@ -34,7 +34,14 @@ pub fn scan(dir: &Path, kind: &str) -> Vec<PathBuf> {
 }
 
 /// Runs the `kind` hooks of `dir` with `state` (JSON) on stdin; the first failure stops them.
-pub fn run(dir: &Path, kind: &str, state: &serde_json::Value) -> Result<(), String> {
+/// `reaper`: the agent's (as PID 1 it reaps every child, so the exit comes from it); `None`
+/// waits directly (tests).
+pub fn run(
+    dir: &Path,
+    kind: &str,
+    state: &serde_json::Value,
+    reaper: Option<&crate::reaper::Reaper>,
+) -> Result<(), String> {
     let json = serde_json::to_vec(state).map_err(|e| e.to_string())?;
     for hook in scan(dir, kind) {
         let what = format!("guest {kind} hook {}", hook.display());
@@ -50,31 +57,38 @@ pub fn run(dir: &Path, kind: &str, state: &serde_json::Value) -> Result<(), Stri
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| format!("{what}: {e}"))?;
+        let exit = reaper.map(|r| r.register(child.id() as i32));
         if let Some(mut stdin) = child.stdin.take() {
             let _ = stdin.write_all(&json);
         }
         let deadline = Instant::now() + TIMEOUT;
-        let status = loop {
-            match child.try_wait() {
-                Ok(Some(s)) => break s,
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(5))
-                }
-                Ok(None) => {
+        let status: i32 = loop {
+            let done = match &exit {
+                Some(rx) => rx.borrow().map(|e| e.status()),
+                None => child
+                    .try_wait()
+                    .map_err(|e| format!("{what}: {e}"))?
+                    .map(|s| s.code().unwrap_or(128)),
+            };
+            match done {
+                Some(s) => break s,
+                None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+                None => {
                     let _ = child.kill();
-                    let _ = child.wait();
                     return Err(format!("{what} timed out after {} s", TIMEOUT.as_secs()));
                 }
-                Err(e) => return Err(format!("{what}: {e}")),
             }
         };
-        if !status.success() {
+        if status != 0 {
             let mut err = String::new();
             if let Some(mut e) = child.stderr.take() {
                 use std::io::Read;
                 let _ = e.read_to_string(&mut err);
             }
-            return Err(format!("{what} failed ({status}): {}", err.trim()));
+            return Err(format!(
+                "{what} failed (exit status {status}): {}",
+                err.trim()
+            ));
         }
     }
     Ok(())
@@ -124,7 +138,13 @@ mod tests {
             let mode = if name.contains("not") { 0o644 } else { 0o755 };
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).expect("chmod");
         }
-        run(dir.path(), "prestart", &serde_json::json!({"id": "c1"})).expect("runs");
+        run(
+            dir.path(),
+            "prestart",
+            &serde_json::json!({"id": "c1"}),
+            None,
+        )
+        .expect("runs");
         assert_eq!(
             std::fs::read_to_string(&log).expect("log"),
             "10-first prestart {\"id\":\"c1\"}\n20-second prestart {\"id\":\"c1\"}\n"
@@ -136,10 +156,10 @@ mod tests {
         .expect("write");
         std::fs::set_permissions(pre.join("15-fails"), std::fs::Permissions::from_mode(0o755))
             .expect("chmod");
-        let e = run(dir.path(), "prestart", &serde_json::json!({})).expect_err("fails");
+        let e = run(dir.path(), "prestart", &serde_json::json!({}), None).expect_err("fails");
         assert!(e.contains("15-fails") && e.contains("refused"), "{e}");
         // No directory for a kind: nothing to run.
-        run(dir.path(), "poststop", &serde_json::json!({})).expect("none");
+        run(dir.path(), "poststop", &serde_json::json!({}), None).expect("none");
         assert!(check_dir("relative").is_err() && check_dir("/a/../b").is_err());
         assert!(check_dir("/usr/share/oci/hooks").is_ok());
     }

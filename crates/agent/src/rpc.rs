@@ -226,6 +226,7 @@ impl AgentService for Agent {
         let storages = req.storages.clone();
         let cid = id.clone();
         let hooks = self.guest_hooks();
+        let hook_reaper = self.reaper.clone();
         let c = blocking(move || {
             let mounts = mount_storages(&storages)?;
             let c = container::create(&reaper, &cid, spec, mounts.clone()).inspect_err(|_| {
@@ -235,7 +236,9 @@ impl AgentService for Agent {
             })?;
             if let Some(dir) = hooks {
                 let state = c.hook_state("created", c.init()?.pid);
-                if let Err(e) = crate::guest_hooks::run(&dir, "prestart", &state) {
+                if let Err(e) =
+                    crate::guest_hooks::run(&dir, "prestart", &state, Some(&hook_reaper))
+                {
                     container::discard(&c);
                     return Err(AgentError::Failed(e));
                 }
@@ -257,11 +260,12 @@ impl AgentService for Agent {
     async fn start_container(&self, _: &TtrpcContext, req: StartContainerRequest) -> R<Empty> {
         let c = self.container(&req.container_id)?;
         let hooks = self.guest_hooks();
+        let reaper = self.reaper.clone();
         blocking(move || {
             container::start(&c)?;
             if let Some(dir) = hooks {
                 let state = c.hook_state("running", c.init()?.pid);
-                if let Err(e) = crate::guest_hooks::run(&dir, "poststart", &state) {
+                if let Err(e) = crate::guest_hooks::run(&dir, "poststart", &state, Some(&reaper)) {
                     eprintln!("kata-agent: container {}: {e}", c.id);
                 }
             }
@@ -306,8 +310,9 @@ impl AgentService for Agent {
         if let Some(dir) = self.guest_hooks() {
             let state = c.hook_state("stopped", init.pid);
             let id = c.id.clone();
+            let reaper = self.reaper.clone();
             let _ = blocking(move || {
-                if let Err(e) = crate::guest_hooks::run(&dir, "poststop", &state) {
+                if let Err(e) = crate::guest_hooks::run(&dir, "poststop", &state, Some(&reaper)) {
                     eprintln!("kata-agent: container {id}: {e}");
                 }
                 Ok(())

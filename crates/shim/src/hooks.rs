@@ -4,7 +4,8 @@
 //!
 //! - `prestart` (deprecated), `createRuntime` and `createContainer`: after the VM is up, before
 //!   the container is created in it (status `creating`); a failure fails the create;
-//! - `poststart`: after the container started (status `running`); a failure is logged;
+//! - `poststart`: after the container started (status `created`, as runc reports it); a
+//!   failure is logged;
 //! - `poststop`: after the container was removed (status `stopped`); a failure is logged;
 //! - `startContainer` hooks run inside the container's namespaces, which are in the guest, where
 //!   the host's hook binaries are not: refused with a clear error (guest hooks come from

@@ -621,10 +621,11 @@ impl Task for Service {
             t.init.started = true;
             let pid = t.init.pid;
             let poststart = t.hooks.as_ref().and_then(|h| h.poststart().clone());
+            // runc (the oracle) gives poststart hooks the state it read before the start.
             let state = crate::hooks::state(
                 &t.oci_version,
                 &req.id,
-                "running",
+                "created",
                 sb.vm.pid,
                 &t.bundle,
                 &t.annotations,

@@ -1125,13 +1125,20 @@ fn seccomp_matches_runc() {
     let shipped =
         std::fs::read_to_string("/opt/kata/share/defaults/kata-containers/configuration-qemu.toml")
             .expect("shipped configuration");
-    assert!(shipped.contains("\n[runtime]\n"));
+    // The [runtime] section's `enable_annotations = []` (the hypervisor's comes first).
+    let at = shipped.find("\n[runtime]\n").expect("a [runtime] section");
+    let (head, tail) = shipped.split_at(at);
+    assert!(tail.contains("\nenable_annotations = []\n"));
     let allowing = dir.path().join("allow-seccomp-annotation.toml");
     std::fs::write(
         &allowing,
-        shipped.replace(
-            "\n[runtime]\n",
-            "\n[runtime]\nenable_annotations = [\"disable_guest_seccomp\"]\n",
+        format!(
+            "{head}{}",
+            tail.replacen(
+                "\nenable_annotations = []\n",
+                "\nenable_annotations = [\"disable_guest_seccomp\"]\n",
+                1
+            )
         ),
     )
     .expect("write");
@@ -1347,7 +1354,7 @@ fn oci_hooks_run_on_the_host_as_runc_runs_them() {
     );
     assert_eq!(
         logs[0],
-        "prestart creating ID from-spec\ncreateRuntime creating ID from-spec\ncreateContainer creating ID from-spec\npoststart running ID from-spec\npoststop stopped ID from-spec\n"
+        "prestart creating ID from-spec\ncreateRuntime creating ID from-spec\ncreateContainer creating ID from-spec\npoststart created ID from-spec\npoststop stopped ID from-spec\n"
     );
     assert_no_leftovers("hooks-kata");
     // A failing createRuntime hook fails the create with its message; nothing is left.
