@@ -316,7 +316,10 @@ mod tests {
             assert!(text.contains(path), "{path}");
         }
         // newc headers: mode 0100755 for the hook, 0120777 for the symlink.
-        assert!(text.contains("000081ED") && text.contains("0000A1FF"));
+        assert!(
+            text.to_ascii_uppercase().contains("000081ED")
+                && text.to_ascii_uppercase().contains("0000A1FF")
+        );
         assert_eq!(bytes, build_initrd(&spec).expect("again"), "deterministic");
     }
 }
