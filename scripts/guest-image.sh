@@ -18,6 +18,8 @@ strip -o build/kata-agent "$agent"
 file build/kata-agent | grep -qE 'static(-pie)? linked|statically linked' || { echo "error: kata-agent is not statically linked" >&2; exit 1; }
 busybox_args=()
 [ -x /bin/busybox ] && busybox_args=(--busybox /bin/busybox)
+# iptables tools for kata-runtime iptables (Debian's iptables package; scripts/install-deps.sh).
+[ -x /usr/sbin/xtables-legacy-multi ] && busybox_args+=(--iptables /usr/sbin/xtables-legacy-multi)
 built=0
 if [ -f build/kernel/release ]; then
   release=$(cat build/kernel/release)

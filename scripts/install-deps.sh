@@ -13,6 +13,7 @@ packages=(
   libcap-ng-dev libseccomp-dev   # building virtiofsd
   protobuf-compiler # CRI protos
   iproute2          # network namespaces in tests
+  iptables          # copied into the guest image for kata-runtime iptables
   prometheus        # promtool for metrics tests
   python3-matplotlib          # the benchmark chart
   containernetworking-plugins # pod networks (bridge, host-local, loopback) for CRI tests

@@ -12,6 +12,7 @@ mod container;
 mod guest_hooks;
 mod helper;
 mod init;
+mod iptables;
 mod metrics;
 mod mounts;
 mod network;

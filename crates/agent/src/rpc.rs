@@ -641,6 +641,38 @@ impl AgentService for Agent {
         Ok(Empty::new())
     }
 
+    async fn get_ip_tables(
+        &self,
+        _: &TtrpcContext,
+        req: GetIPTablesRequest,
+    ) -> R<GetIPTablesResponse> {
+        let reaper = self.reaper.clone();
+        let data = blocking(move || {
+            crate::iptables::save(&reaper, req.is_ipv6).map_err(AgentError::Failed)
+        })
+        .await?;
+        Ok(GetIPTablesResponse {
+            data,
+            ..Default::default()
+        })
+    }
+
+    async fn set_ip_tables(
+        &self,
+        _: &TtrpcContext,
+        req: SetIPTablesRequest,
+    ) -> R<SetIPTablesResponse> {
+        let reaper = self.reaper.clone();
+        let data = blocking(move || {
+            crate::iptables::restore(&reaper, req.is_ipv6, &req.data).map_err(AgentError::Failed)
+        })
+        .await?;
+        Ok(SetIPTablesResponse {
+            data,
+            ..Default::default()
+        })
+    }
+
     async fn get_metrics(&self, _: &TtrpcContext, _: GetMetricsRequest) -> R<Metrics> {
         Ok(Metrics {
             metrics: crate::metrics::render(

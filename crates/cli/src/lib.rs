@@ -56,6 +56,8 @@ pub enum Command {
     Env(commands::env::EnvArgs),
     /// Print a sandbox's metrics (Prometheus text) from its shim's monitor socket.
     Metrics(commands::metrics::MetricsArgs),
+    /// Get or set the packet filter (iptables, ip6tables) inside a sandbox's VM.
+    Iptables(commands::iptables::IptablesArgs),
     /// Measure this host's per-pod overhead (a real sandbox, idle) and print a RuntimeClass
     /// manifest carrying it in overhead.podFixed.
     Overhead(commands::overhead::OverheadArgs),
@@ -97,6 +99,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Some(Command::Env(args)) => commands::env::run(cli.config, args),
         Some(Command::Overhead(args)) => commands::overhead::run(cli.config, args),
         Some(Command::Metrics(args)) => commands::metrics::run(args),
+        Some(Command::Iptables(args)) => commands::iptables::run(args),
         Some(Command::Version) => {
             print!("{}", commands::version::text());
             Ok(ExitCode::SUCCESS)

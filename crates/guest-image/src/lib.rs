@@ -73,6 +73,117 @@ pub struct InitrdSpec {
     /// Host directory trees to copy into the image: (source, absolute destination), e.g. guest
     /// hooks for `guest_hook_path`.
     pub trees: Vec<(PathBuf, String)>,
+    /// The host's `xtables-legacy-multi`, copied with its shared libraries, its extensions
+    /// (`xtables/*.so`) and the `ip(6)tables{,-save,-restore}` links in /sbin, for the agent's
+    /// GetIPTables / SetIPTables.
+    pub iptables: Option<PathBuf>,
+}
+
+/// Where Debian's iptables looks for its extensions (XTABLES_LIBDIR).
+pub const XTABLES_DIR: &str = "/usr/lib/x86_64-linux-gnu/xtables";
+
+/// The shared libraries (and the dynamic loader) `elf` needs, as `ldd` resolves them.
+fn library_closure(elf: &Path) -> Result<Vec<PathBuf>, BuildError> {
+    let out = std::process::Command::new("ldd")
+        .arg(elf)
+        .output()
+        .map_err(|source| BuildError::Read {
+            path: PathBuf::from("ldd"),
+            source,
+        })?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut libs = Vec::new();
+    for line in text.lines() {
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+        let path = match line.split_once("=>") {
+            Some((_, rest)) => rest.split_whitespace().next(),
+            None => line.split_whitespace().next(),
+        };
+        if let Some(p) = path.filter(|p| p.starts_with('/')) {
+            libs.push(PathBuf::from(p));
+        }
+    }
+    if !out.status.success() || libs.is_empty() {
+        return Err(BuildError::Read {
+            path: elf.to_path_buf(),
+            source: std::io::Error::other(format!(
+                "ldd found no shared libraries: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )),
+        });
+    }
+    Ok(libs)
+}
+
+fn add_parents(files: &mut BTreeMap<String, cpio::Entry>, dest: &str) {
+    let mut parent = Path::new(dest).parent();
+    while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty()) {
+        files
+            .entry(p.display().to_string())
+            .or_insert_with(|| cpio::Entry::dir(0o755));
+        parent = p.parent();
+    }
+}
+
+/// Adds iptables (see [`InitrdSpec::iptables`]).
+fn add_iptables(files: &mut BTreeMap<String, cpio::Entry>, multi: &Path) -> Result<(), BuildError> {
+    files.insert(
+        "sbin/xtables-legacy-multi".into(),
+        cpio::Entry::file(0o755, read(multi)?),
+    );
+    for name in [
+        "iptables",
+        "iptables-save",
+        "iptables-restore",
+        "ip6tables",
+        "ip6tables-save",
+        "ip6tables-restore",
+    ] {
+        files.insert(
+            format!("sbin/{name}"),
+            cpio::Entry::symlink("xtables-legacy-multi"),
+        );
+    }
+    let mut elves = vec![multi.to_path_buf()];
+    let mut exts: Vec<PathBuf> = std::fs::read_dir(XTABLES_DIR)
+        .map_err(|source| BuildError::Read {
+            path: PathBuf::from(XTABLES_DIR),
+            source,
+        })?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "so"))
+        .collect();
+    exts.sort();
+    for ext in &exts {
+        let dest = ext
+            .display()
+            .to_string()
+            .trim_start_matches('/')
+            .to_string();
+        add_parents(files, &dest);
+        files.insert(dest, cpio::Entry::file(0o644, read(ext)?));
+    }
+    elves.extend(exts.iter().take(1).cloned());
+    let mut libs = std::collections::BTreeSet::new();
+    for e in &elves {
+        libs.extend(library_closure(e)?);
+    }
+    for lib in libs {
+        // The file itself, under the name the loader asks for.
+        let real = std::fs::canonicalize(&lib).map_err(|source| BuildError::Read {
+            path: lib.clone(),
+            source,
+        })?;
+        let dest = lib
+            .display()
+            .to_string()
+            .trim_start_matches('/')
+            .to_string();
+        add_parents(files, &dest);
+        files.insert(dest, cpio::Entry::file(0o755, read(&real)?));
+    }
+    Ok(())
 }
 
 /// Largest initrd accepted.
@@ -116,6 +227,9 @@ pub fn build_initrd(spec: &InitrdSpec) -> Result<Vec<u8>, BuildError> {
     }
     for (src, dest) in &spec.trees {
         add_tree(&mut files, src, dest)?;
+    }
+    if let Some(multi) = &spec.iptables {
+        add_iptables(&mut files, multi)?;
     }
     let bytes = cpio::write(files.iter().map(|(p, e)| (p.as_str(), e)));
     if bytes.len() > MAX_SIZE {
@@ -239,6 +353,7 @@ mod tests {
             modules: vec!["a".into()],
             busybox: None,
             trees: Vec::new(),
+            iptables: None,
         };
         let one = build_initrd(&spec).expect("build");
         // Touch the inputs: timestamps must not matter.
@@ -275,6 +390,7 @@ mod tests {
             modules: DEFAULT_MODULES.iter().map(|s| s.to_string()).collect(),
             busybox: None,
             trees: Vec::new(),
+            iptables: None,
         };
         let bytes = build_initrd(&spec).expect("build");
         let text = String::from_utf8_lossy(&bytes);
@@ -305,6 +421,7 @@ mod tests {
             modules: vec![],
             busybox: None,
             trees: vec![(hooks, "/usr/share/oci/hooks".into())],
+            iptables: None,
         };
         let bytes = build_initrd(&spec).expect("build");
         let text = String::from_utf8_lossy(&bytes);
@@ -321,5 +438,38 @@ mod tests {
                 && text.to_ascii_uppercase().contains("0000A1FF")
         );
         assert_eq!(bytes, build_initrd(&spec).expect("again"), "deterministic");
+    }
+
+    #[test]
+    fn iptables_comes_with_its_libraries_and_extensions() {
+        let multi = Path::new("/usr/sbin/xtables-legacy-multi");
+        if !multi.exists() {
+            eprintln!("skipped: no iptables on this host (scripts/install-deps.sh installs it)");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tmp");
+        let agent = dir.path().join("agent");
+        std::fs::write(&agent, b"\x7fELF agent").expect("agent");
+        let spec = InitrdSpec {
+            agent,
+            modules_dir: None,
+            modules: vec![],
+            busybox: None,
+            trees: vec![],
+            iptables: Some(multi.to_path_buf()),
+        };
+        let bytes = build_initrd(&spec).expect("build");
+        let text = String::from_utf8_lossy(&bytes);
+        for path in [
+            "sbin/xtables-legacy-multi",
+            "sbin/iptables-restore",
+            "sbin/ip6tables-save",
+            "lib64/ld-linux-x86-64.so.2",
+            "libxtables.so",
+            "libc.so.6",
+            "usr/lib/x86_64-linux-gnu/xtables/libxt_tcp.so",
+        ] {
+            assert!(text.contains(path), "{path}");
+        }
     }
 }

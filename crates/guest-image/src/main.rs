@@ -24,6 +24,10 @@ struct Args {
     /// `--add-tree hooks:/usr/share/oci/hooks` for `guest_hook_path`.
     #[arg(long = "add-tree", value_name = "SRC:DEST")]
     trees: Vec<String>,
+    /// The host's xtables-legacy-multi (Debian's iptables package), copied with its libraries
+    /// and extensions, for `kata-runtime iptables`.
+    #[arg(long, value_name = "XTABLES_LEGACY_MULTI")]
+    iptables: Option<PathBuf>,
     /// Output file.
     #[arg(long, short, required_unless_present = "trim_kernel")]
     output: Option<PathBuf>,
@@ -102,6 +106,7 @@ fn main() -> ExitCode {
         modules,
         busybox: args.busybox,
         trees,
+        iptables: args.iptables,
     };
     let bytes = match kata_guest_image::build_initrd(&spec) {
         Ok(b) => b,

@@ -885,6 +885,37 @@ impl Sandbox {
         Ok(())
     }
 
+    /// The guest's packet filter rules (`ip(6)tables-save`).
+    pub async fn get_iptables(&self, v6: bool) -> Result<Vec<u8>, SandboxError> {
+        let req = GetIPTablesRequest {
+            is_ipv6: v6,
+            ..Default::default()
+        };
+        Ok(self
+            .agent
+            .agent
+            .get_ip_tables(ctx(CALL_TIMEOUT), &req)
+            .await
+            .map_err(agent_err("GetIPTables"))?
+            .data)
+    }
+
+    /// Replaces the guest's packet filter rules (`ip(6)tables-restore`); returns its output.
+    pub async fn set_iptables(&self, v6: bool, rules: Vec<u8>) -> Result<Vec<u8>, SandboxError> {
+        let req = SetIPTablesRequest {
+            is_ipv6: v6,
+            data: rules,
+            ..Default::default()
+        };
+        Ok(self
+            .agent
+            .agent
+            .set_ip_tables(ctx(CALL_TIMEOUT), &req)
+            .await
+            .map_err(agent_err("SetIPTables"))?
+            .data)
+    }
+
     /// Applies OCI `LinuxResources` (JSON) to a container's guest cgroup.
     pub async fn update(
         &self,

@@ -29,13 +29,28 @@ pub enum Route {
     Metrics,
     /// `/agent-url`.
     AgentUrl,
+    /// `/iptables` (false) and `/ip6tables` (true): GET the rules, PUT new ones.
+    IpTables(bool),
 }
 
 /// The route table: path, route, allowed methods.
 pub const ROUTES: &[(&str, Route, &[Method])] = &[
     ("/metrics", Route::Metrics, &[Method::GET]),
     ("/agent-url", Route::AgentUrl, &[Method::GET]),
+    (
+        "/iptables",
+        Route::IpTables(false),
+        &[Method::GET, Method::PUT],
+    ),
+    (
+        "/ip6tables",
+        Route::IpTables(true),
+        &[Method::GET, Method::PUT],
+    ),
 ];
+
+/// Largest rules file a PUT may carry.
+pub const MAX_RULES: usize = 4 << 20;
 
 /// What routing a request gives.
 #[derive(Debug, PartialEq, Eq)]
@@ -132,6 +147,37 @@ async fn handle(req: Request<Incoming>, service: &Service) -> Response<Full<Byte
             }
             r
         }
+        Routed::To(Route::IpTables(v6)) => {
+            let Some(sb) = service.current_sandbox().await else {
+                return text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the sandbox's VM is not running",
+                );
+            };
+            let put = req.method() == Method::PUT;
+            let result = if put {
+                use http_body_util::BodyExt;
+                let body = http_body_util::Limited::new(req.into_body(), MAX_RULES);
+                match body.collect().await {
+                    Ok(b) => sb.set_iptables(v6, b.to_bytes().to_vec()).await,
+                    Err(e) => {
+                        return text(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            format!("the rules could not be read (at most {MAX_RULES} bytes): {e}"),
+                        )
+                    }
+                }
+            } else {
+                sb.get_iptables(v6).await
+            };
+            match result {
+                Ok(out) => text(StatusCode::OK, out),
+                Err(e) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    kata_config::error_chain(&e),
+                ),
+            }
+        }
         Routed::To(Route::AgentUrl) => match service.current_sandbox().await {
             Some(sb) => text(StatusCode::OK, sb.agent_url()),
             None => text(
@@ -158,6 +204,14 @@ mod tests {
             Routed::MethodNotAllowed(&[Method::GET])
         );
         assert_eq!(route(&Method::GET, "/nope"), Routed::NotFound);
+        assert_eq!(
+            route(&Method::PUT, "/ip6tables"),
+            Routed::To(Route::IpTables(true))
+        );
+        assert_eq!(
+            route(&Method::POST, "/iptables"),
+            Routed::MethodNotAllowed(&[Method::GET, Method::PUT])
+        );
         assert_eq!(route(&Method::GET, "/metrics/"), Routed::NotFound);
         assert_eq!(
             socket_path("abc"),

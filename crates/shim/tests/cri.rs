@@ -458,11 +458,16 @@ async fn an_unknown_runtime_handler_is_a_clear_error() {
 /// Runs `busybox wget` from containerd's network namespace (where the CNI bridge is): another
 /// namespace than the pod's. Returns the body and the time it took.
 fn fetch(url: &str) -> Result<(Vec<u8>, Duration), String> {
+    fetch_within(url, 20)
+}
+
+/// [`fetch`] bounded by `secs` seconds.
+fn fetch_within(url: &str, secs: u32) -> Result<(Vec<u8>, Duration), String> {
     let t = Instant::now();
     // (busybox wget's own -T crashes in Debian's busybox-static 1.35: bound it with timeout.)
     let out = Command::new("timeout")
         .args([
-            "20",
+            &secs.to_string(),
             "nsenter",
             "--net=/run/netns/kata-containerd",
             "/bin/busybox",
@@ -1216,5 +1221,78 @@ async fn pod_sysctls_reach_the_containers() {
     )
     .await;
     assert_eq!((out.as_str(), code), ("1000\n1\n", 0));
+    remove_pod(&mut c, &pod).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, containerd, QEMU and make install (make test runs it)"]
+async fn iptables_in_the_guest_filter_the_pods_traffic() {
+    let mut c = client().await;
+    let _lock = config_lock().await;
+    let (pod, ip) = web_pod(&mut c, "kata-iptables", &[]).await;
+    let ip6 = pod_status(&mut c, &pod)
+        .await
+        .network
+        .and_then(|n| n.additional_ips.first().map(|i| i.ip.clone()))
+        .unwrap_or_default();
+    let dir = tempfile::tempdir().expect("tmp");
+    for (v6, url) in [
+        (false, format!("http://{ip}:8080/index.html")),
+        (true, format!("http://[{ip6}]:8080/index.html")),
+    ] {
+        let tool = if v6 { "ip6tables" } else { "iptables" };
+        let flag: &[&str] = if v6 { &["--v6"] } else { &[] };
+        fetch_when_up(&url);
+        let set = |name: &str, text: &str| {
+            let f = dir.path().join(name);
+            std::fs::write(&f, text).expect("rules");
+            let mut args = vec!["iptables", "set", "--sandbox-id", &pod];
+            args.extend(flag);
+            let f = f.display().to_string();
+            args.push(&f);
+            common::kata_runtime(&args)
+        };
+        let get = || {
+            let mut args = vec!["iptables", "get", "--sandbox-id", &pod];
+            args.extend(flag);
+            let (out, err, code) = common::kata_runtime(&args);
+            assert_eq!(code, 0, "{tool} get: {err}");
+            out
+        };
+        let open =
+            "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n";
+        let (_, err, code) = set("open", open);
+        assert_eq!(code, 0, "{tool} set: {err}");
+        let saved = get();
+        assert!(
+            saved.contains("*filter") && !saved.contains("DROP"),
+            "{saved}"
+        );
+        // A rule dropping the server's port: the host-side connection fails.
+        let drop = open.replace(
+            "COMMIT",
+            "-A INPUT -p tcp -m tcp --dport 8080 -j DROP\nCOMMIT",
+        );
+        let (_, err, code) = set("drop", &drop);
+        assert_eq!(code, 0, "{tool} set: {err}");
+        assert!(get().contains("-A INPUT -p tcp -m tcp --dport 8080 -j DROP"));
+        assert!(
+            fetch_within(&url, 5).is_err(),
+            "{tool}: the DROP rule stops {url}"
+        );
+        // A bad file: the restore's error, and the rules stay as they were.
+        let (_, err, code) = set("bad", "*filter\n-A INPUT --no-such-option\nCOMMIT\n");
+        assert_ne!(code, 0);
+        assert!(err.contains(&format!("{tool}-restore")), "{err}");
+        assert!(get().contains("--dport 8080 -j DROP"), "unchanged");
+        // The saved rules back: the server answers again.
+        let (_, err, code) = set("saved", &saved);
+        assert_eq!(code, 0, "{tool} set: {err}");
+        fetch_when_up(&url);
+    }
+    // Unknown sandbox: a clear error.
+    let (_, err, code) = common::kata_runtime(&["iptables", "get", "--sandbox-id", "no-such-pod"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("sandbox no-such-pod not found"), "{err}");
     remove_pod(&mut c, &pod).await;
 }

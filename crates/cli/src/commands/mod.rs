@@ -2,6 +2,7 @@
 
 pub mod check;
 pub mod env;
+pub mod iptables;
 pub mod metrics;
 pub mod overhead;
 pub mod shim_client;
