@@ -7,10 +7,8 @@
 //! shared filesystem, with the root filesystem at `<bundle>/rootfs`), its own path as argv[0] and
 //! the hook kind as argv[1], and 10 seconds.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How long a guest hook may run.
 pub const TIMEOUT: Duration = Duration::from_secs(10);
@@ -34,8 +32,7 @@ pub fn scan(dir: &Path, kind: &str) -> Vec<PathBuf> {
 }
 
 /// Runs the `kind` hooks of `dir` with `state` (JSON) on stdin; the first failure stops them.
-/// `reaper`: the agent's (as PID 1 it reaps every child, so the exit comes from it); `None`
-/// waits directly (tests).
+/// `reaper`: the agent's; `None` waits directly (tests).
 pub fn run(
     dir: &Path,
     kind: &str,
@@ -45,49 +42,13 @@ pub fn run(
     let json = serde_json::to_vec(state).map_err(|e| e.to_string())?;
     for hook in scan(dir, kind) {
         let what = format!("guest {kind} hook {}", hook.display());
-        let mut child = Command::new(&hook)
-            .arg(kind)
-            .env_clear()
-            .env(
-                "PATH",
-                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            )
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
+        let o = crate::tools::run(reaper, &hook, &[kind], &json, TIMEOUT)
             .map_err(|e| format!("{what}: {e}"))?;
-        let exit = reaper.map(|r| r.register(child.id() as i32));
-        if let Some(mut stdin) = child.stdin.take() {
-            let _ = stdin.write_all(&json);
-        }
-        let deadline = Instant::now() + TIMEOUT;
-        let status: i32 = loop {
-            let done = match &exit {
-                Some(rx) => rx.borrow().map(|e| e.status()),
-                None => child
-                    .try_wait()
-                    .map_err(|e| format!("{what}: {e}"))?
-                    .map(|s| s.code().unwrap_or(128)),
-            };
-            match done {
-                Some(s) => break s,
-                None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
-                None => {
-                    let _ = child.kill();
-                    return Err(format!("{what} timed out after {} s", TIMEOUT.as_secs()));
-                }
-            }
-        };
-        if status != 0 {
-            let mut err = String::new();
-            if let Some(mut e) = child.stderr.take() {
-                use std::io::Read;
-                let _ = e.read_to_string(&mut err);
-            }
+        if o.status != 0 {
             return Err(format!(
-                "{what} failed (exit status {status}): {}",
-                err.trim()
+                "{what} failed (exit status {}): {}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr).trim()
             ));
         }
     }

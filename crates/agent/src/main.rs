@@ -5,7 +5,10 @@
 //! - [`channel`]: virtio-serial or vsock transport for ttrpc;
 //! - [`rpc`]: the agent API;
 //! - [`container`], [`helper`], [`mounts`]: running OCI containers;
-//! - [`stream`]: stdout/stderr buffers; [`metrics`]: guest metrics.
+//! - [`stream`]: stdout/stderr buffers; [`metrics`]: guest metrics;
+//! - [`iptables`]: the guest's packet filter; [`guest_hooks`]: OCI hooks from the guest image;
+//!   [`tools`]: the short-lived programs they run;
+//! - in the library: [`seccomp`] (the container's filter) and [`devcg`] (its device cgroup).
 
 mod channel;
 mod container;
@@ -21,6 +24,7 @@ mod rpc;
 use kata_agent::{devcg, seccomp};
 mod spare;
 mod stream;
+mod tools;
 
 use std::sync::Arc;
 
