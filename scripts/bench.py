@@ -411,7 +411,7 @@ s=$(t); i=0; while [ $i -lt $2 ]; do echo x > f$i; i=$((i+1)); done; ls -l > /de
 """
 
 
-def bench_fs(sock, mib, files):
+def bench_fs(sock, mib, files, repeats=3):
     """Sequential write/read of a file and create+stat+delete of small files in the rootfs.
     The container is privileged so it can drop the (guest's, for kata) page cache before reading."""
     work = tempfile.mkdtemp(prefix="kata-bench-fs-")
@@ -437,34 +437,46 @@ def bench_fs(sock, mib, files):
              ("kata virtio-fs, virtiofsd unconfined", RUNTIMES["kata"], ["--runtime-config-path", cfg_open]),
              ("kata virtio-9p", RUNTIMES["kata"], ["--runtime-config-path", cfg9p])]
     sig = os.path.join(work, "sig")
-    res = {}
+    runs = {name: [] for name, _, _ in cases}
     try:
-        for name, rt, extra in cases:
-            shutil.rmtree(sig, ignore_errors=True)
-            os.makedirs(sig)
-            run = subprocess.Popen(["ctr", "-a", sock, "run", "--rm", "--privileged", "--runtime", rt, *extra,
-                                    "--mount", f"type=bind,src={script},dst=/fs.sh,options=rbind:ro",
-                                    "--mount", f"type=bind,src={sig},dst=/sig,options=rbind:rw",
-                                    IMAGE, "bench-fs", "sh", "/fs.sh", str(mib), str(files)],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            deadline = time.time() + 120
-            while not os.path.exists(os.path.join(sig, "guest-dropped")) and run.poll() is None and time.time() < deadline:
-                time.sleep(0.05)
-            subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=True)
-            open(os.path.join(sig, "host-dropped"), "w").close()
-            out, err = run.communicate(timeout=600)
-            if run.returncode != 0:
-                raise RuntimeError(f"shared-fs run of {name} failed ({run.returncode}): {err.strip()}")
-            r = {}
-            for line in out.splitlines():
-                k, s, e = line.split()
-                r[k + "_ms"] = round((float(e) - float(s)) * 1000)
-            r["write_mib_s"] = round(mib / max(r["write_ms"], 10) * 1000, 1)
-            r["read_mib_s"] = round(mib / max(r["read_ms"], 10) * 1000, 1)
-            res[name] = r
+        # Round-robin over the cases, `repeats` times: drift on the host spreads over all of
+        # them; each figure is the median of its runs.
+        for _ in range(repeats):
+            for name, rt, extra in cases:
+                runs[name].append(fs_run(sock, name, rt, extra, script, sig, mib, files))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return {"file_mib": mib, "small_files": files, "results": res}
+    res = {}
+    for name, rs in runs.items():
+        res[name] = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+        res[name]["runs"] = rs
+    return {"file_mib": mib, "small_files": files, "repeats": repeats, "results": res}
+
+
+def fs_run(sock, name, rt, extra, script, sig, mib, files):
+    """One run of FS_SCRIPT in a privileged container; its figures."""
+    shutil.rmtree(sig, ignore_errors=True)
+    os.makedirs(sig)
+    run = subprocess.Popen(["ctr", "-a", sock, "run", "--rm", "--privileged", "--runtime", rt, *extra,
+                            "--mount", f"type=bind,src={script},dst=/fs.sh,options=rbind:ro",
+                            "--mount", f"type=bind,src={sig},dst=/sig,options=rbind:rw",
+                            IMAGE, "bench-fs", "sh", "/fs.sh", str(mib), str(files)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not os.path.exists(os.path.join(sig, "guest-dropped")) and run.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=True)
+    open(os.path.join(sig, "host-dropped"), "w").close()
+    out, err = run.communicate(timeout=600)
+    if run.returncode != 0:
+        raise RuntimeError(f"shared-fs run of {name} failed ({run.returncode}): {err.strip()}")
+    r = {}
+    for line in out.splitlines():
+        k, s, e = line.split()
+        r[k + "_ms"] = round((float(e) - float(s)) * 1000)
+    r["write_mib_s"] = round(mib / max(r["write_ms"], 10) * 1000, 1)
+    r["read_mib_s"] = round(mib / max(r["read_ms"], 10) * 1000, 1)
+    return r
 
 
 def kernel_release(path):
@@ -666,7 +678,7 @@ def generated(r):
     fs = r["fs"]
     lines += [
         "",
-        f"## Shared filesystem ({fs['file_mib']} MiB file, {fs['small_files']} small files, in the container's rootfs)",
+        f"## Shared filesystem ({fs['file_mib']} MiB file, {fs['small_files']} small files, in the container's rootfs; median of {fs.get('repeats', 1)} runs)",
         "",
         "| runtime | write MiB/s | read MiB/s (page cache dropped in the container's kernel and on the host) | create+stat+delete (ms) |",
         "|---|---|---|---|",
