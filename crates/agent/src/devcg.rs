@@ -84,7 +84,7 @@ pub fn rules(list: &[LinuxDeviceCgroup]) -> Result<Vec<Rule>, String> {
             LinuxDeviceType::C | LinuxDeviceType::U => Some(DEV_CHAR),
             LinuxDeviceType::P => {
                 return Err(format!(
-                "linux.resources.devices[{i}]: type p (FIFO) is not a device the cgroup controls"
+                "linux.resources.devices[{i}]: type p (FIFO) is not a device the cgroup controls; remove the rule"
             ))
             }
         };
@@ -96,7 +96,7 @@ pub fn rules(list: &[LinuxDeviceCgroup]) -> Result<Vec<Rule>, String> {
                 'm' => ACC_MKNOD,
                 other => {
                     return Err(format!(
-                        "linux.resources.devices[{i}]: access {other:?} is not r, w or m"
+                        "linux.resources.devices[{i}]: access {other:?} is not r, w or m; use only those letters"
                     ))
                 }
             };

@@ -37,17 +37,11 @@ pub fn mount_in(
         (fstype, opts)
     };
     kata_mount::mount_fs(source, fstype, &target, &opts).map_err(what)?;
-    if !opts.propagation.is_empty() {
-        // The new mount, found again inside the root.
+    if !opts.all.is_empty() || !opts.propagation.is_empty() {
+        // The new mount, found again inside the root: `rro` and the other recursive
+        // attributes, and the propagation, which mount(2) cannot set with the filesystem.
         let mounted = kata_mount::open_in_root(root, dest).map_err(|e| what(e.to_string()))?;
-        nix::mount::mount(
-            None::<&str>,
-            &kata_mount::safe::proc_path(&mounted),
-            None::<&str>,
-            opts.propagation,
-            None::<&str>,
-        )
-        .map_err(|e| what(format!("set its propagation: {e}")))?;
+        kata_mount::finish_fs_mount(mounted.as_fd(), &opts).map_err(what)?;
     }
     Ok(())
 }

@@ -123,7 +123,25 @@ pub fn bind(source: &Path, target: BorrowedFd<'_>, o: &MountOptions) -> Result<(
     Ok(())
 }
 
-/// Mounts a new filesystem (`fstype`, e.g. tmpfs) on the mount point `target`.
+/// What `mount(2)` cannot set on a new filesystem's mount, applied once it is mounted
+/// (`mounted`: its root, found again): the recursive attributes (`rro`, `rnosuid`...) and the
+/// propagation.
+pub fn finish_fs_mount(mounted: BorrowedFd<'_>, o: &MountOptions) -> Result<(), String> {
+    if !o.all.is_empty() {
+        setattr(mounted, true, o.all, 0)
+            .map_err(|e| format!("set the attributes of it and its submounts: {e}"))?;
+    }
+    if !o.propagation.is_empty() {
+        let rec = o.propagation.contains(MsFlags::MS_REC);
+        let p = (o.propagation & !MsFlags::MS_REC).bits();
+        setattr(mounted, rec, Attr::default(), p)
+            .map_err(|e| format!("set its propagation: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Mounts a new filesystem (`fstype`, e.g. tmpfs) on the mount point `target`; what
+/// `mount(2)` cannot set is then [`finish_fs_mount`]'s.
 pub fn mount_fs(
     source: &str,
     fstype: &str,
@@ -284,6 +302,41 @@ mod tests {
             }
             if Path::new("/etc/y").exists() {
                 return Err("made /etc/y on the host".into());
+            }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn rro_on_a_new_filesystem_reaches_its_submounts() {
+        if !root() {
+            eprintln!("skipped: needs root (make test runs it as root)");
+            return;
+        }
+        let t = tempfile::tempdir().expect("tmp");
+        let base = t.path().to_path_buf();
+        in_private_ns(move || {
+            let r = open_dir(&base).map_err(|e| e.to_string())?;
+            let fd = create_in_root(r.as_fd(), Path::new("/fs"), Kind::Dir)?;
+            let o = crate::options::parse(&["rro".to_string(), "size=1m".to_string()], false)?;
+            mount_fs("tmpfs", "tmpfs", &fd, &o)?;
+            // A submount made before the attributes are applied (as a later mount of the spec
+            // would not be, but a recursive attribute must reach whatever is there).
+            let sub = base.join("fs/sub");
+            std::fs::create_dir(&sub).map_err(|e| e.to_string())?;
+            nix::mount::mount(
+                Some("tmpfs"),
+                &sub,
+                Some("tmpfs"),
+                MsFlags::empty(),
+                None::<&str>,
+            )
+            .map_err(|e| e.to_string())?;
+            let mounted = crate::safe::open_in_root(r.as_fd(), Path::new("/fs"))
+                .map_err(|e| e.to_string())?;
+            finish_fs_mount(mounted.as_fd(), &o)?;
+            if writable(&base.join("fs")) || writable(&sub) {
+                return Err("rro on a tmpfs left it or its submount writable".into());
             }
             Ok(())
         });

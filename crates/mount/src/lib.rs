@@ -11,6 +11,6 @@ pub mod bind;
 pub mod options;
 pub mod safe;
 
-pub use bind::{bind, mount_fs};
+pub use bind::{bind, finish_fs_mount, mount_fs};
 pub use options::{parse, Attr, MountOptions};
 pub use safe::{create_in_root, open_dir, open_in_root, Kind};

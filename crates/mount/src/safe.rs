@@ -97,6 +97,17 @@ pub fn open_in_root(root: BorrowedFd<'_>, rel: &Path) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// Why `path` could not be resolved, and what to do about the common case.
+fn resolve_error(path: &Path, e: &io::Error) -> String {
+    let hint = if e.raw_os_error() == Some(libc::ELOOP) {
+        " (a symlink on the way leads through a /proc magic link such as /proc/self/root, or \
+         loops; change the image or the mount's destination)"
+    } else {
+        ""
+    };
+    format!("resolve {} in the root: {e}{hint}", path.display())
+}
+
 fn is_symlink(fd: BorrowedFd<'_>) -> io::Result<bool> {
     // SAFETY: fstat(2) fills a zeroed stat struct for a valid descriptor.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
@@ -128,7 +139,7 @@ fn create_inner(
     match open_in_root(root, &rel) {
         Ok(fd) => return Ok(fd),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-        Err(e) => return Err(format!("resolve {} in the root: {e}", shown.display())),
+        Err(e) => return Err(resolve_error(&shown, &e)),
     }
     let comps: Vec<&std::ffi::OsStr> = rel.iter().collect();
     // The deepest part that exists.
@@ -138,12 +149,7 @@ fn create_inner(
         match open_in_root(root, &prefix) {
             Ok(fd) => break fd,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) && have > 0 => have -= 1,
-            Err(e) => {
-                return Err(format!(
-                    "resolve {} in the root: {e}",
-                    Path::new("/").join(prefix).display()
-                ))
-            }
+            Err(e) => return Err(resolve_error(&Path::new("/").join(prefix), &e)),
         }
     };
     for (i, name) in comps.iter().enumerate().skip(have) {
