@@ -189,6 +189,132 @@ fn release_lookup_without_network_is_explained() {
     );
 }
 
+/// Serves `body` with `status` over HTTP on a loopback port, for `requests` requests; returns
+/// the URL and the request lines seen.
+fn serve(
+    status: &'static str,
+    body: &'static str,
+    requests: usize,
+) -> (String, std::thread::JoinHandle<Vec<String>>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!(
+        "http://{}/repos/kata-containers/kata-containers/releases",
+        listener.local_addr().expect("addr")
+    );
+    let handle = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        for _ in 0..requests {
+            let (mut conn, _) = listener.accept().expect("accept");
+            let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+            let mut line = String::new();
+            reader.read_line(&mut line).expect("request line");
+            seen.push(line.trim().to_string());
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h).expect("header") == 0 || h == "\r\n" {
+                    break;
+                }
+            }
+            write!(
+                conn,
+                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .expect("reply");
+        }
+        seen
+    });
+    (url, handle)
+}
+
+const RELEASES: &str = r#"[
+  {"tag_name":"99.1.0-rc0","prerelease":true,"published_at":"2030-02-01T00:00:00Z","html_url":"https://example.org/99.1.0-rc0"},
+  {"tag_name":"99.0.1","prerelease":false,"published_at":"2030-01-01T00:00:00Z","html_url":"https://example.org/99.0.1",
+   "assets":[{"browser_download_url":"https://example.org/dl/99.0.1.tar.zst","created_at":"2029-12-31T00:00:00Z"}]},
+  {"tag_name":"0.0.1","published_at":"2020-01-01T00:00:00Z","html_url":"https://example.org/0.0.1"}
+]"#;
+
+#[test]
+fn release_lookup_reads_the_release_url() {
+    let (url, server) = serve("200 OK", RELEASES, 3);
+    let (out, stdout, stderr) = run(bin()
+        .args(["check", "--check-version-only"])
+        .env("KATA_RELEASE_URL", &url)
+        .env_remove("KATA_CHECK_NO_NETWORK"));
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(
+        stdout.trim(),
+        "Newer major release available: 99.0.1 (url: https://example.org/dl/99.0.1.tar.zst, date: 2030-01-01T00:00:00Z)"
+    );
+    let (out, stdout, stderr) = run(bin()
+        .args(["check", "--only-list-releases"])
+        .env("KATA_RELEASE_URL", &url));
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        [
+            "0.0.1;2020-01-01T00:00:00Z;https://example.org/0.0.1",
+            "99.0.1;2030-01-01T00:00:00Z;https://example.org/dl/99.0.1.tar.zst"
+        ]
+    );
+    let (out, stdout, stderr) = run(bin()
+        .args(["check", "--only-list-releases", "--include-all-releases"])
+        .env("KATA_RELEASE_URL", &url));
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(
+        stdout.lines().last(),
+        Some("99.1.0-rc0;2030-02-01T00:00:00Z;https://example.org/99.1.0-rc0")
+    );
+    let seen = server.join().expect("server");
+    assert!(
+        seen.iter()
+            .all(|l| l == "GET /repos/kata-containers/kata-containers/releases HTTP/1.1"),
+        "{seen:?}"
+    );
+}
+
+#[test]
+fn release_lookup_failures_are_explained() {
+    // Nothing listens: the error names the URL and the variable to set.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dead = format!("http://{}/releases", closed.local_addr().expect("addr"));
+    drop(closed);
+    let (out, stdout, stderr) = run(bin()
+        .args(["check", "--check-version-only"])
+        .env("KATA_RELEASE_URL", &dead));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stdout.is_empty(), "{stdout}");
+    assert!(stderr.contains(&format!("cannot reach {dead}")), "{stderr}");
+    assert!(stderr.contains("KATA_RELEASE_URL"), "{stderr}");
+    // A server that answers with something other than a releases array.
+    let (url, server) = serve("200 OK", r#"{"message":"Not Found"}"#, 1);
+    let (out, _, stderr) = run(bin()
+        .args(["check", "--check-version-only"])
+        .env("KATA_RELEASE_URL", &url));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr.contains("expected a JSON array of releases, got an object"),
+        "{stderr}"
+    );
+    server.join().expect("server");
+    // GitHub's rate limit.
+    let (url, server) = serve(
+        "403 Forbidden",
+        r#"{"message":"API rate limit exceeded for 192.0.2.1."}"#,
+        1,
+    );
+    let (out, _, stderr) = run(bin()
+        .args(["check", "--check-version-only"])
+        .env("KATA_RELEASE_URL", &url));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr.contains("API rate limit exceeded (HTTP 403)"),
+        "{stderr}"
+    );
+    server.join().expect("server");
+}
+
 /// A config pointing at the real QEMU and the guest kernel built by scripts/guest-kernel.sh.
 fn probe_config(dir: &Path, kernel: &Path) -> PathBuf {
     let initrd = dir.join("initrd.img");

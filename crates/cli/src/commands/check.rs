@@ -11,6 +11,8 @@ use kata_config::hypervisor::{Accelerator, SharedFs};
 use kata_hypervisor::host::{self, CpuInfo, KvmDevice, ModuleState};
 use kata_hypervisor::probe::{self, Accel, BootOutcome};
 
+use super::release;
+
 /// Exit status: the host can run sandboxes with KVM.
 pub const EXIT_KVM: u8 = 0;
 /// Exit status: the host cannot run sandboxes.
@@ -32,13 +34,14 @@ pub struct CheckArgs {
     /// Do not run checks that need the network (same as KATA_CHECK_NO_NETWORK=1).
     #[arg(short = 'n', long)]
     pub no_network_checks: bool,
-    /// Only compare the installed version with the newest release (needs the network).
+    /// Only compare the installed version with the newest release (needs the network; the
+    /// releases document is read from KATA_RELEASE_URL, default Kata's GitHub releases).
     #[arg(long)]
     pub check_version_only: bool,
     /// Include pre-releases in the release lookup.
     #[arg(long)]
     pub include_all_releases: bool,
-    /// Only list newer releases (needs the network).
+    /// Only list the available releases, `version;date;url` per line (needs the network).
     #[arg(long)]
     pub only_list_releases: bool,
     /// Skip the boot probe (then KVM is judged by /dev/kvm alone).
@@ -88,7 +91,11 @@ pub fn run(config: Option<PathBuf>, args: CheckArgs) -> anyhow::Result<ExitCode>
     let no_network =
         args.no_network_checks || std::env::var_os(NO_NETWORK_ENV).is_some_and(|v| !v.is_empty());
     if args.check_version_only || args.only_list_releases {
-        return Ok(release_lookup(no_network, args.include_all_releases));
+        return Ok(release_lookup(
+            no_network,
+            args.only_list_releases,
+            args.include_all_releases,
+        ));
     }
     let mut r = Report {
         verbose: args.verbose,
@@ -469,22 +476,37 @@ fn finish(r: &Report, accel: Option<Accel>, strict: bool) -> ExitCode {
     }
 }
 
-fn release_lookup(no_network: bool, _include_all: bool) -> ExitCode {
+fn release_lookup(no_network: bool, list: bool, include_all: bool) -> ExitCode {
     if no_network {
         eprintln!("kata-runtime: release lookup needs the network, and network checks are disabled (--no-network-checks or {NO_NETWORK_ENV})");
         return ExitCode::from(EXIT_CANNOT_RUN);
     }
-    use std::net::ToSocketAddrs;
-    let reachable = ("api.github.com", 443)
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut a| a.next())
-        .and_then(|addr| std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)).ok())
-        .is_some();
-    if !reachable {
-        eprintln!("kata-runtime: cannot reach api.github.com:443 to look up releases: this host has no network access to it; installed version {}", crate::VERSION);
-    } else {
-        eprintln!("kata-runtime: this build does not include an HTTPS client for the release lookup; installed version {}; compare with the project's release page", crate::VERSION);
+    let current = match semver::Version::parse(crate::VERSION) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!(
+                "kata-runtime: this build's version {:?} is not a semantic version: {e}",
+                crate::VERSION
+            );
+            return ExitCode::from(EXIT_CANNOT_RUN);
+        }
+    };
+    let url = release::release_url();
+    tracing::info!(url, "looking for releases");
+    match release::fetch(&url, include_all) {
+        Ok(releases) => {
+            if list {
+                for line in release::list_lines(&releases) {
+                    println!("{line}");
+                }
+            } else {
+                println!("{}", release::check_line(&current, &releases));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("kata-runtime: {}", crate::chain(&e));
+            ExitCode::from(EXIT_CANNOT_RUN)
+        }
     }
-    ExitCode::from(EXIT_CANNOT_RUN)
 }

@@ -5,6 +5,7 @@ pub mod env;
 pub mod iptables;
 pub mod metrics;
 pub mod overhead;
+pub mod release;
 pub mod shim_client;
 pub mod version;
 
