@@ -17,6 +17,8 @@ packages=(
   prometheus        # promtool for metrics tests
   python3-matplotlib          # the benchmark chart
   containernetworking-plugins # pod networks (bridge, host-local, loopback) for CRI tests
+  tmux              # drives kata-runtime exec in a real terminal in tests
+  e2fsprogs xfsprogs          # direct-volume tests (ext4 and xfs on loop devices)
   jq curl
 )
 missing=()

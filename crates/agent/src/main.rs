@@ -6,11 +6,13 @@
 //! - [`rpc`]: the agent API;
 //! - [`container`], [`helper`], [`mounts`]: running OCI containers;
 //! - [`stream`]: stdout/stderr buffers; [`metrics`]: guest metrics;
+//! - [`console`]: the debug console (`kata-runtime exec`);
 //! - [`iptables`]: the guest's packet filter; [`guest_hooks`]: OCI hooks from the guest image;
 //!   [`tools`]: the short-lived programs they run;
 //! - in the library: [`seccomp`] (the container's filter) and [`devcg`] (its device cgroup).
 
 mod channel;
+mod console;
 mod container;
 mod guest_hooks;
 mod helper;
@@ -84,6 +86,7 @@ fn main() {
 
 async fn serve() -> std::io::Result<()> {
     let reaper = reaper::Reaper::start()?;
+    console::start(reaper.clone(), tokio::runtime::Handle::current());
     let agent = Arc::new(rpc::Agent::new(reaper, uptime_us()));
     let (listener, desc) = channel::listener()?;
     let mut server = ttrpc::asynchronous::Server::new()

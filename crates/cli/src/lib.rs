@@ -54,6 +54,9 @@ pub enum Command {
     /// Show the effective configuration and host facts.
     #[command(visible_alias = "kata-env")]
     Env(commands::env::EnvArgs),
+    /// Open a shell in a sandbox's VM through the agent's debug console
+    /// (`[agent.kata] debug_console_enabled = true`).
+    Exec(commands::exec::ExecArgs),
     /// Print a sandbox's metrics (Prometheus text) from its shim's monitor socket.
     Metrics(commands::metrics::MetricsArgs),
     /// Get or set the packet filter (iptables, ip6tables) inside a sandbox's VM.
@@ -99,6 +102,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Some(Command::Env(args)) => commands::env::run(cli.config, args),
         Some(Command::Overhead(args)) => commands::overhead::run(cli.config, args),
         Some(Command::Metrics(args)) => commands::metrics::run(args),
+        Some(Command::Exec(args)) => commands::exec::run(args),
         Some(Command::Iptables(args)) => commands::iptables::run(args),
         Some(Command::Version) => {
             print!("{}", commands::version::text());

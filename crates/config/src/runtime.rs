@@ -131,7 +131,7 @@ config_section! {
         /// `"e1000e InterruptThrottleRate=3000"`. As an annotation: `;`-separated.
         kernel_modules: Vec<String> = Vec::new(), Y, OK, ALL;
         /// Start a debug console in the guest, reachable with `kata-runtime exec`.
-        debug_console_enabled: bool = false, N, NY, ALL;
+        debug_console_enabled: bool = false, N, OK, ALL;
         /// Seconds to wait for the agent to answer after the VM starts.
         dial_timeout: u32 = DEFAULT_DIAL_TIMEOUT_SECS, N, OK, ALL;
         /// Transport of the agent API: `auto` (kernel vsock where /dev/vhost-vsock exists,

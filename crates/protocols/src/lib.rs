@@ -26,6 +26,8 @@ mod generated {
 
 pub use generated::{agent, agent_ttrpc};
 
+pub mod console;
+
 /// Virtio-serial port name of the agent channel.
 pub const SERIAL_PORT_NAME: &str = "agent.channel.0";
 /// vsock port the agent listens on (Kata's).

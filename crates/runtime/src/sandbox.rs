@@ -30,6 +30,9 @@ pub const VM_STATE_ROOT: &str = "/run/vc/vm";
 pub const SHARED_ROOT: &str = "/run/kata-containers/shared/sandboxes";
 /// Memory hot-plug granularity (x86 memory block size).
 pub const MEMORY_BLOCK_MIB: u32 = 128;
+/// The debug console's socket in a sandbox's VM directory (beside the agent's `agent.sock`),
+/// with the virtio-serial agent channel.
+pub const DEBUG_CONSOLE_SOCKET: &str = "debug-console.sock";
 
 /// A sandbox's host directories.
 #[derive(Debug, Clone)]
@@ -356,6 +359,25 @@ impl Sandbox {
         if config.agent.enable_debug {
             extra.push("agent.log=debug".to_string());
         }
+        // The debug console: `debug_console_enabled`, or Kata's kernel parameter set by hand.
+        let debug_console = config.agent.debug_console_enabled
+            || h.kernel_params
+                .split_whitespace()
+                .any(|w| w == "agent.debug_console");
+        if config.agent.debug_console_enabled {
+            extra.push("agent.debug_console".to_string());
+            extra.push(format!(
+                "agent.debug_console_vport={}",
+                kata_protocols::console::DEBUG_CONSOLE_VPORT
+            ));
+        }
+        if debug_console {
+            tracing::info!("debug console enabled (kata-runtime exec {id})");
+        }
+        let debug_console_socket = match (&channel, debug_console) {
+            (AgentChannel::Serial { .. }, true) => Some(paths.vm_dir.join(DEBUG_CONSOLE_SOCKET)),
+            _ => None,
+        };
         let network = match &placement.netns {
             Some(ns) if !config.runtime.disable_new_netns => {
                 let (ns, model) = (ns.to_path_buf(), config.runtime.internetworking_model);
@@ -403,6 +425,7 @@ impl Sandbox {
             vcpus: h.default_vcpus,
             memory_mib: h.default_memory,
             extra_kernel_params: extra,
+            debug_console: debug_console_socket,
             netns: network.as_ref().map(|n| n.netns.clone()),
             nics,
         };

@@ -1541,3 +1541,178 @@ fn guest_hooks_run_in_the_guest() {
     );
     assert_no_leftovers("guest-hooks");
 }
+
+/// A tmux session running a plain shell in a 100×30 terminal.
+struct Tmux {
+    name: String,
+}
+
+impl Tmux {
+    fn start(name: &str) -> Tmux {
+        let _ = Command::new("tmux")
+            .args(["kill-session", "-t", name])
+            .status();
+        let st = Command::new("tmux")
+            .args(["new-session", "-d", "-s", name, "-x", "100", "-y", "30"])
+            .args(["env", "PS1=host$ ", "bash", "--norc", "--noprofile"])
+            .status()
+            .expect("tmux");
+        assert!(st.success(), "tmux new-session");
+        Tmux { name: name.into() }
+    }
+
+    fn send(&self, line: &str) {
+        let st = Command::new("tmux")
+            .args(["send-keys", "-t", &self.name, "-l", line])
+            .status()
+            .expect("tmux send-keys");
+        assert!(st.success());
+        let st = Command::new("tmux")
+            .args(["send-keys", "-t", &self.name, "Enter"])
+            .status()
+            .expect("tmux send-keys");
+        assert!(st.success());
+    }
+
+    fn screen(&self) -> String {
+        let out = Command::new("tmux")
+            .args(["capture-pane", "-p", "-J", "-S", "-200", "-t", &self.name])
+            .output()
+            .expect("tmux capture-pane");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
+    /// Waits until the screen shows `needle` `times` times.
+    fn wait_for(&self, needle: &str, times: usize) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let s = self.screen();
+            if s.matches(needle).count() >= times {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "{needle:?} never showed:\n{s}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .args(["kill-session", "-t", &self.name])
+            .status();
+    }
+}
+
+#[test]
+#[ignore = "needs root, containerd, QEMU and make install"]
+fn debug_console_serves_a_shell_in_the_guest() {
+    let _ = socket();
+    let dir = tempfile::tempdir().expect("tmp");
+    let shipped =
+        std::fs::read_to_string("/opt/kata/share/defaults/kata-containers/configuration-qemu.toml")
+            .expect("shipped configuration");
+    assert!(shipped.contains("\ndebug_console_enabled = false\n"));
+    let cfg = dir.path().join("configuration-console.toml");
+    std::fs::write(
+        &cfg,
+        shipped.replace(
+            "\ndebug_console_enabled = false\n",
+            "\ndebug_console_enabled = true\n",
+        ),
+    )
+    .expect("config");
+    let (id, plain) = ("debug-console", "no-debug-console");
+    force_remove(id);
+    force_remove(plain);
+    let cfg = cfg.display().to_string();
+    run_detached(
+        KATA,
+        id,
+        &["--runtime-config-path", &cfg],
+        &["sleep", "1000"],
+    );
+    run_detached(KATA, plain, &[], &["sleep", "1000"]);
+
+    // Without the option there is no console, and the error says which option.
+    let (_, err, code) = common::kata_runtime(&["exec", plain]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("debug_console_enabled = true"), "{err}");
+    assert!(!std::path::Path::new("/run/vc/vm/no-debug-console/debug-console.sock").exists());
+    let (_, err, code) = common::kata_runtime(&["exec", "no-such-sandbox"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("sandbox no-such-sandbox not found"), "{err}");
+
+    // In a real terminal: the guest's kernel and PID 1, the terminal's size, the exit status,
+    // and the host terminal as it was.
+    let t = Tmux::start("kata-debug-console");
+    t.wait_for("host$", 1);
+    t.send(&format!("cd {}", dir.path().display()));
+    t.send("stty -g > before.stty; /opt/kata/bin/kata-runtime exec debug-console; echo EXIT=$?");
+    t.wait_for("[kata-guest /]#", 1);
+    t.send("uname -r");
+    let release = common::guest_kernel_release();
+    t.wait_for(&release, 1);
+    t.send("cat /proc/1/cmdline; echo; stty size; grep -c kata-agent /proc/1/exe");
+    let s = t.wait_for("[kata-guest /]#", 3);
+    let after: Vec<&str> = s
+        .split("grep -c kata-agent /proc/1/exe")
+        .nth(1)
+        .expect("the command echoed")
+        .lines()
+        .skip(1)
+        .take(3)
+        .collect();
+    assert_eq!(after[0], "/init", "{s}");
+    assert_eq!(after[1], "30 100", "{s}");
+    assert!(after[2].parse::<u32>().is_ok_and(|n| n > 0), "{s}");
+    t.send("exit 3");
+    t.wait_for("EXIT=3", 1);
+    t.send("stty -g > after.stty; cmp before.stty after.stty && echo TERMINAL-RESTORED");
+    t.wait_for("TERMINAL-RESTORED", 1);
+
+    // The host side vanishing hangs the shell up (SIGHUP: 129), and the console serves the
+    // next session.
+    t.send("/opt/kata/bin/kata-runtime exec debug-console; echo EXIT=$?");
+    t.wait_for("[kata-guest /]#", 2);
+    let exec = common::pid_with("kata-runtime exec debug-console").expect("exec running");
+    // SAFETY: kill(2) on the pid just found.
+    unsafe { libc::kill(exec as i32, libc::SIGKILL) };
+    let log = "/run/vc/vm/debug-console/console.log";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .contains("ended with status 129")
+    {
+        assert!(Instant::now() < deadline, "the shell was not hung up");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (out, err, code) = {
+        let mut child = Command::new("/opt/kata/bin/kata-runtime")
+            .args(["exec", id])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kata-runtime exec");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(b"echo piped-$((6*7)); exit 7\n")
+            .expect("write");
+        let o = child.wait_with_output().expect("wait");
+        (
+            String::from_utf8_lossy(&o.stdout).to_string(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+            o.status.code(),
+        )
+    };
+    assert_eq!(code, Some(7), "{out}{err}");
+    assert!(out.contains("piped-42"), "{out}");
+    drop(t);
+    kill_and_remove(id);
+    kill_and_remove(plain);
+    assert_no_leftovers(id);
+    assert_no_leftovers(plain);
+}

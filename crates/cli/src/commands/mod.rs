@@ -2,6 +2,7 @@
 
 pub mod check;
 pub mod env;
+pub mod exec;
 pub mod iptables;
 pub mod metrics;
 pub mod overhead;

@@ -62,6 +62,10 @@ pub struct LaunchSpec {
     pub memory_mib: u32,
     /// Kernel parameters added by the runtime (agent options and the like).
     pub extra_kernel_params: Vec<String>,
+    /// The debug console's unix socket, for a virtio-serial port named
+    /// [`kata_protocols::console::DEBUG_CONSOLE_PORT_NAME`] (with the serial agent channel
+    /// only; over vsock the agent listens on its vsock port).
+    pub debug_console: Option<PathBuf>,
     /// Network namespace QEMU starts in (the pod's, holding the taps).
     pub netns: Option<PathBuf>,
     /// virtio-net NICs.
@@ -286,6 +290,24 @@ pub fn build(h: &HypervisorConfig, s: &LaunchSpec) -> Vec<String> {
                     kata_protocols::SERIAL_PORT_NAME
                 ),
             );
+            if let Some(console) = &s.debug_console {
+                push(
+                    &mut a,
+                    "-chardev",
+                    format!(
+                        "socket,id=debugconsole,path={},server=on,wait=off",
+                        console.display()
+                    ),
+                );
+                push(
+                    &mut a,
+                    "-device",
+                    format!(
+                        "virtserialport,bus=serial0.0,chardev=debugconsole,name={}",
+                        kata_protocols::console::DEBUG_CONSOLE_PORT_NAME
+                    ),
+                );
+            }
         }
     }
     if !h.entropy_source.is_empty() {
@@ -383,6 +405,7 @@ mod tests {
             vcpus: 1,
             memory_mib: 2048,
             extra_kernel_params: vec!["agent.x=1".into()],
+            debug_console: None,
             netns: None,
             nics: Vec::new(),
         }
@@ -458,6 +481,25 @@ mod tests {
         assert!(!a.contains("-accel tcg"), "no TCG cache option under KVM");
         assert!(!a.contains("pci-bridge"));
         assert!(!a.contains(" quiet"));
+    }
+
+    #[test]
+    fn debug_console_port_beside_the_agent_channel() {
+        let mut sp = spec(Accel::Tcg);
+        sp.debug_console = Some("/run/s/debug-console.sock".into());
+        let a = joined(&build(&cfg(), &sp));
+        assert!(
+            a.contains(
+                "-device virtserialport,bus=serial0.0,chardev=agent,name=agent.channel.0 \
+-chardev socket,id=debugconsole,path=/run/s/debug-console.sock,server=on,wait=off \
+-device virtserialport,bus=serial0.0,chardev=debugconsole,name=agent.debug_console.0 "
+            ),
+            "{a}"
+        );
+        // Over vsock the agent listens on its vsock port: no serial device.
+        sp.channel = AgentChannel::Vsock { cid: 9 };
+        let a = joined(&build(&cfg(), &sp));
+        assert!(!a.contains("debugconsole"), "{a}");
     }
 
     #[test]
