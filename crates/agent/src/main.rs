@@ -8,7 +8,7 @@
 //! - [`stream`]: stdout/stderr buffers; [`metrics`]: guest metrics;
 //! - [`console`]: the debug console (`kata-runtime exec`);
 //! - [`iptables`]: the guest's packet filter; [`guest_hooks`]: OCI hooks from the guest image;
-//!   [`tools`]: the short-lived programs they run;
+//!   [`tools`]: the short-lived programs they run; [`volumes`]: hot-plugged block volumes;
 //! - in the library: [`seccomp`] (the container's filter) and [`devcg`] (its device cgroup).
 
 mod channel;
@@ -27,6 +27,7 @@ use kata_agent::{devcg, seccomp};
 mod spare;
 mod stream;
 mod tools;
+mod volumes;
 
 use std::sync::Arc;
 

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -228,11 +228,29 @@ impl AgentService for Agent {
         let hooks = self.guest_hooks();
         let hook_reaper = self.reaper.clone();
         let c = blocking(move || {
-            let mounts = mount_storages(&storages)?;
+            let (blocks, shared): (Vec<Storage>, Vec<Storage>) = storages
+                .into_iter()
+                .partition(|s| crate::volumes::is_block(&s.driver));
+            for b in &blocks {
+                crate::volumes::acquire(
+                    &cid,
+                    &b.driver,
+                    &b.source,
+                    &b.fstype,
+                    &b.options,
+                    Path::new(&b.mount_point),
+                )
+                .map_err(|e| {
+                    crate::volumes::release(&cid);
+                    AgentError::Failed(e)
+                })?;
+            }
+            let mounts = mount_storages(&shared).inspect_err(|_| crate::volumes::release(&cid))?;
             let c = container::create(&reaper, &cid, spec, mounts.clone()).inspect_err(|_| {
                 for m in mounts.iter().rev() {
                     let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
                 }
+                crate::volumes::release(&cid);
             })?;
             if let Some(dir) = hooks {
                 let state = c.hook_state("created", c.init()?.pid);
@@ -240,6 +258,7 @@ impl AgentService for Agent {
                     crate::guest_hooks::run(&dir, "prestart", &state, Some(&hook_reaper))
                 {
                     container::discard(&c);
+                    crate::volumes::release(&cid);
                     return Err(AgentError::Failed(e));
                 }
             }
@@ -322,6 +341,12 @@ impl AgentService for Agent {
         for m in c.mounts.iter().rev() {
             let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
         }
+        let id = c.id.clone();
+        blocking(move || {
+            crate::volumes::release(&id);
+            Ok(())
+        })
+        .await?;
         self.containers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -671,6 +696,42 @@ impl AgentService for Agent {
             data,
             ..Default::default()
         })
+    }
+
+    async fn get_volume_stats(
+        &self,
+        _: &TtrpcContext,
+        req: VolumeStatsRequest,
+    ) -> R<VolumeStatsResponse> {
+        let path = PathBuf::from(&req.volume_guest_path);
+        let (bytes, inodes) =
+            blocking(move || crate::volumes::stats(&path).map_err(AgentError::Failed)).await?;
+        let usage = |v: [u64; 3], unit: volume_usage::Unit| VolumeUsage {
+            available: v[0],
+            total: v[1],
+            used: v[2],
+            unit: unit.into(),
+            ..Default::default()
+        };
+        Ok(VolumeStatsResponse {
+            usage: vec![
+                usage(bytes, volume_usage::Unit::BYTES),
+                usage(inodes, volume_usage::Unit::INODES),
+            ],
+            volume_condition: protobuf::MessageField::some(VolumeCondition {
+                abnormal: false,
+                message: "OK".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    }
+
+    async fn resize_volume(&self, _: &TtrpcContext, req: ResizeVolumeRequest) -> R<Empty> {
+        let path = PathBuf::from(&req.volume_guest_path);
+        let size = req.size;
+        blocking(move || crate::volumes::resize(&path, size).map_err(AgentError::Failed)).await?;
+        Ok(Empty::new())
     }
 
     async fn get_metrics(&self, _: &TtrpcContext, _: GetMetricsRequest) -> R<Metrics> {

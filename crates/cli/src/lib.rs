@@ -59,6 +59,8 @@ pub enum Command {
     Exec(commands::exec::ExecArgs),
     /// Print a sandbox's metrics (Prometheus text) from its shim's monitor socket.
     Metrics(commands::metrics::MetricsArgs),
+    /// Manage direct volumes: block devices given to containers instead of shared directories.
+    DirectVolume(commands::direct_volume::DirectVolumeArgs),
     /// Get or set the packet filter (iptables, ip6tables) inside a sandbox's VM.
     Iptables(commands::iptables::IptablesArgs),
     /// Measure this host's per-pod overhead (a real sandbox, idle) and print a RuntimeClass
@@ -103,6 +105,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Some(Command::Overhead(args)) => commands::overhead::run(cli.config, args),
         Some(Command::Metrics(args)) => commands::metrics::run(args),
         Some(Command::Exec(args)) => commands::exec::run(args),
+        Some(Command::DirectVolume(args)) => commands::direct_volume::run(args),
         Some(Command::Iptables(args)) => commands::iptables::run(args),
         Some(Command::Version) => {
             print!("{}", commands::version::text());

@@ -231,16 +231,18 @@ config_section! {
         virtio_fs_extra_args: Vec<String> = list(&["--thread-pool-size=1", "-o", "announce_submounts"]), Y, OK, QEMU_CLH_FC;
         /// virtio-fs cache mode: `auto`, `always` or `none` (alias `never`), or `metadata`.
         virtio_fs_cache: VirtioFsCache = VirtioFsCache::Auto, Y, OK, QEMU_CLH_FC;
-        /// Block device driver: `virtio-scsi`, `virtio-blk`, `virtio-mmio`, `virtio-blk-ccw` or `nvdimm`.
-        block_device_driver: BlockDeviceDriver = BlockDeviceDriver::VirtioScsi, Y, NY, ALL;
+        /// Block device driver for direct volumes: `virtio-scsi` (a controller is hot-plugged
+        /// with the first volume) or `virtio-blk` (one PCI device per volume, on the PCI
+        /// bridge); `virtio-mmio`, `virtio-blk-ccw` and `nvdimm` cannot be hot-plugged on q35.
+        block_device_driver: BlockDeviceDriver = BlockDeviceDriver::VirtioScsi, Y, OK, ALL;
         /// QEMU block I/O mechanism: `io_uring`, `threads` or `native`.
-        block_device_aio: BlockDeviceAio = BlockDeviceAio::IoUring, Y, NY, QEMU;
+        block_device_aio: BlockDeviceAio = BlockDeviceAio::IoUring, Y, OK, QEMU;
         /// Set the cache options below on block devices.
-        block_device_cache_set: bool = false, Y, NY, QEMU_FC;
+        block_device_cache_set: bool = false, Y, OK, QEMU_FC;
         /// Open block devices with O_DIRECT (needs `block_device_cache_set`).
-        block_device_cache_direct: bool = false, Y, NY, QEMU_FC;
+        block_device_cache_direct: bool = false, Y, OK, QEMU_FC;
         /// Ignore flush requests of block devices (needs `block_device_cache_set`).
-        block_device_cache_noflush: bool = false, Y, NY, QEMU_FC;
+        block_device_cache_noflush: bool = false, Y, OK, QEMU_FC;
         /// Handle block I/O in a separate I/O thread.
         enable_iothreads: bool = false, Y, NY, QEMU;
         /// Pre-allocate all guest memory at boot.

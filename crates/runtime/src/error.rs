@@ -94,4 +94,7 @@ pub enum SandboxError {
     /// Unknown container or process.
     #[error("{0} not found")]
     NotFound(String),
+    /// A direct volume cannot be used.
+    #[error("direct volume")]
+    Volume(#[from] crate::direct_volume::VolumeError),
 }

@@ -12,11 +12,13 @@
 pub mod accel;
 pub mod agent;
 pub mod cgroups;
+pub mod direct_volume;
 pub mod error;
 pub mod ids;
 pub mod monitor_client;
 pub mod network;
 pub mod sandbox;
+pub mod volumes;
 
 pub use error::SandboxError;
 pub use sandbox::{Placement, Sandbox, SandboxPaths};

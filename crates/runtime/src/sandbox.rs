@@ -150,6 +150,8 @@ pub struct Sandbox {
     memory_mib: AtomicU32,
     /// Boot timings.
     pub timings: BootTimings,
+    /// Direct volumes hot-plugged into the VM (see [`crate::volumes`]).
+    pub(crate) volumes: tokio::sync::Mutex<crate::volumes::Attached>,
 }
 
 fn ms(since: Instant) -> u64 {
@@ -546,6 +548,7 @@ impl Sandbox {
             vcpus: AtomicU32::new(h.default_vcpus),
             memory_mib: AtomicU32::new(h.default_memory),
             timings,
+            volumes: tokio::sync::Mutex::new(crate::volumes::Attached::default()),
         })
     }
 
@@ -714,6 +717,7 @@ impl Sandbox {
         container_id: &str,
         mut spec: Spec,
         host_rootfs: &Path,
+        storages: Vec<Storage>,
     ) -> Result<u32, SandboxError> {
         let guest_root = self.share_rootfs(container_id, host_rootfs)?;
         let mut root = spec.root().clone().unwrap_or_default();
@@ -724,6 +728,7 @@ impl Sandbox {
         let req = CreateContainerRequest {
             container_id: container_id.to_string(),
             oci_spec_json: json,
+            storages,
             ..Default::default()
         };
         match self
@@ -735,6 +740,7 @@ impl Sandbox {
             Ok(r) => Ok(r.pid),
             Err(e) => {
                 self.unshare(container_id);
+                self.release_volumes(container_id).await;
                 Err(agent_err("CreateContainer")(e))
             }
         }
@@ -987,6 +993,8 @@ impl Sandbox {
             .await
             .map_err(agent_err("RemoveContainer"));
         self.unshare(container_id);
+        // The guest has unmounted the container's volumes: unplug those nobody uses.
+        self.release_volumes(container_id).await;
         r.map(|_| ())
     }
 

@@ -141,6 +141,7 @@ async fn sandbox_runs_containers_end_to_end() {
             "c1",
             spec(&["sh", "-c", "echo out; echo err >&2; exit 3"]),
             &rootfs,
+            Vec::new(),
         )
         .await
         .expect("create");
@@ -154,7 +155,7 @@ async fn sandbox_runs_containers_end_to_end() {
     sb.remove_container("c1").await.expect("remove");
 
     // A long-running container: hostname, exec, signals.
-    sb.create_container("c2", spec(&["sleep", "1000"]), &rootfs)
+    sb.create_container("c2", spec(&["sleep", "1000"]), &rootfs, Vec::new())
         .await
         .expect("create c2");
     sb.start_container("c2").await.expect("start c2");
@@ -380,7 +381,9 @@ async fn run_container(
 ) -> (String, i32) {
     let mut s = spec(&["sh", "-c", script]);
     edit(&mut s);
-    sb.create_container(id, s, rootfs).await.expect("create");
+    sb.create_container(id, s, rootfs, Vec::new())
+        .await
+        .expect("create");
     sb.close_stdin(id, "").await.expect("close stdin");
     sb.start_container(id).await.expect("start");
     let out = sb.read_all(id, "", false).await.expect("stdout");
@@ -489,7 +492,7 @@ async fn oci_process_and_filesystem_semantics() {
     // A terminal: the process sees a pty, with the size the host sets.
     let mut s = spec(&["sleep", "1000"]);
     s.set_hostname(None);
-    sb.create_container("oci3", s, &rootfs)
+    sb.create_container("oci3", s, &rootfs, Vec::new())
         .await
         .expect("create");
     sb.start_container("oci3").await.expect("start");

@@ -31,6 +31,10 @@ pub enum Route {
     AgentUrl,
     /// `/iptables` (false) and `/ip6tables` (true): GET the rules, PUT new ones.
     IpTables(bool),
+    /// `/direct-volume/stats?path=<device>`: a direct volume's statfs in the guest (JSON).
+    VolumeStats,
+    /// `/direct-volume/resize` with `{"VolumePath": <device>, "Size": <bytes>}`.
+    VolumeResize,
 }
 
 /// The route table: path, route, allowed methods.
@@ -47,7 +51,68 @@ pub const ROUTES: &[(&str, Route, &[Method])] = &[
         Route::IpTables(true),
         &[Method::GET, Method::PUT],
     ),
+    // Kata's Go client sends GET, runtime-rs POST.
+    (
+        "/direct-volume/stats",
+        Route::VolumeStats,
+        &[Method::GET, Method::POST],
+    ),
+    (
+        "/direct-volume/resize",
+        Route::VolumeResize,
+        &[Method::POST, Method::PUT],
+    ),
 ];
+
+/// Decodes `%XX` escapes (and `+` as a space) of a query value.
+pub fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The value of `key` in a query string.
+pub fn query_value(query: Option<&str>, key: &str) -> Option<String> {
+    query?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, v)| percent_decode(v))
+}
+
+/// A resize request in either client's shape: Kata's Go `{"VolumePath","Size"}` or
+/// runtime-rs' `{"volume_guest_path","size"}`.
+pub fn parse_resize(body: &[u8]) -> Result<(String, u64), String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("the resize request is not JSON: {e}"))?;
+    let path = ["VolumePath", "volume_path", "volume_guest_path"]
+        .iter()
+        .find_map(|k| v.get(k).and_then(|p| p.as_str()))
+        .ok_or("the resize request has no \"VolumePath\"")?;
+    let size = ["Size", "size"]
+        .iter()
+        .find_map(|k| v.get(k).and_then(|s| s.as_u64()))
+        .ok_or("the resize request has no \"Size\" (bytes, a positive integer)")?;
+    Ok((path.to_string(), size))
+}
 
 /// Largest rules file a PUT may carry.
 pub const MAX_RULES: usize = 4 << 20;
@@ -178,6 +243,54 @@ async fn handle(req: Request<Incoming>, service: &Service) -> Response<Full<Byte
                 ),
             }
         }
+        Routed::To(Route::VolumeStats) => {
+            let Some(path) = query_value(req.uri().query(), "path") else {
+                return text(StatusCode::BAD_REQUEST, "Required parameter path not found");
+            };
+            let Some(sb) = service.current_sandbox().await else {
+                return text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the sandbox's VM is not running",
+                );
+            };
+            match sb.volume_stats(&path).await {
+                Ok(stats) => match serde_json::to_string(&stats) {
+                    Ok(json) => text(StatusCode::OK, json),
+                    Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+                },
+                Err(e) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    kata_config::error_chain(&e),
+                ),
+            }
+        }
+        Routed::To(Route::VolumeResize) => {
+            use http_body_util::BodyExt;
+            let body = match http_body_util::Limited::new(req.into_body(), 64 << 10)
+                .collect()
+                .await
+            {
+                Ok(b) => b.to_bytes(),
+                Err(e) => return text(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
+            };
+            let (path, size) = match parse_resize(&body) {
+                Ok(x) => x,
+                Err(e) => return text(StatusCode::BAD_REQUEST, e),
+            };
+            let Some(sb) = service.current_sandbox().await else {
+                return text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the sandbox's VM is not running",
+                );
+            };
+            match sb.resize_volume(&path, size).await {
+                Ok(()) => text(StatusCode::OK, ""),
+                Err(e) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    kata_config::error_chain(&e),
+                ),
+            }
+        }
         Routed::To(Route::AgentUrl) => match service.current_sandbox().await {
             Some(sb) => text(StatusCode::OK, sb.agent_url()),
             None => text(
@@ -191,6 +304,34 @@ async fn handle(req: Request<Incoming>, service: &Service) -> Response<Full<Byte
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn query_values_are_decoded() {
+        assert_eq!(
+            query_value(Some("path=%2Fdev%2Floop3&x=1"), "path").as_deref(),
+            Some("/dev/loop3")
+        );
+        assert_eq!(query_value(Some("x=1"), "path"), None);
+        assert_eq!(query_value(None, "path"), None);
+        assert_eq!(percent_decode("%zz"), None);
+        assert_eq!(percent_decode("a+b%20c").as_deref(), Some("a b c"));
+    }
+
+    #[test]
+    fn resize_requests_of_both_clients() {
+        assert_eq!(
+            parse_resize(br#"{"VolumePath":"/dev/loop3","Size":2048}"#),
+            Ok(("/dev/loop3".into(), 2048))
+        );
+        assert_eq!(
+            parse_resize(br#"{"volume_guest_path":"/dev/sdb","size":1}"#),
+            Ok(("/dev/sdb".into(), 1))
+        );
+        assert!(parse_resize(br#"{"VolumePath":"/x"}"#)
+            .expect_err("size")
+            .contains("Size"));
+        assert!(parse_resize(b"nope").is_err());
+    }
 
     #[test]
     fn routes_by_path_then_method() {
@@ -213,6 +354,14 @@ mod tests {
             Routed::MethodNotAllowed(&[Method::GET, Method::PUT])
         );
         assert_eq!(route(&Method::GET, "/metrics/"), Routed::NotFound);
+        assert_eq!(
+            route(&Method::GET, "/direct-volume/stats"),
+            Routed::To(Route::VolumeStats)
+        );
+        assert_eq!(
+            route(&Method::PUT, "/direct-volume/resize"),
+            Routed::To(Route::VolumeResize)
+        );
         assert_eq!(
             socket_path("abc"),
             PathBuf::from("/run/vc/sbs/abc/shim-monitor.sock")

@@ -14,6 +14,7 @@ use containerd_shim_protos::events::task::{
 use containerd_shim_protos::shim_async::Task;
 use kata_config::load::{FoundBy, SearchInputs};
 use kata_config::HostLimits;
+use kata_protocols::agent::Storage;
 use kata_sandbox::cgroups::CpuLimit;
 use kata_sandbox::{Placement, Sandbox};
 use oci_spec::runtime::{LinuxResources, Process, Spec};
@@ -245,7 +246,15 @@ impl Service {
     /// Rewrites the spec's bind mounts to guest paths of shared copies; a Kubernetes emptyDir
     /// becomes a directory in guest memory shared by the pod's containers (unless
     /// `disable_guest_empty_dir`).
-    fn share_mounts(sb: &Sandbox, cid: &str, spec: &mut Spec) -> Result<(), ttrpc::Error> {
+    /// Shares the spec's bind mounts with the guest; a bind of a direct volume becomes its
+    /// block device instead (the returned storages, for the agent to mount).
+    async fn share_mounts(
+        sb: &Sandbox,
+        cid: &str,
+        spec: &mut Spec,
+    ) -> Result<Vec<Storage>, ttrpc::Error> {
+        let mut storages = Vec::new();
+        let volumes = kata_sandbox::direct_volume::Store::default();
         let mut mounts = spec.mounts().clone().unwrap_or_default();
         for (i, m) in mounts.iter_mut().enumerate() {
             if !is_bind(m) {
@@ -265,6 +274,28 @@ impl Service {
                 continue;
             };
             let options = m.options().clone().unwrap_or_default();
+            let volume = source.display().to_string();
+            match volumes.get(&volume) {
+                Ok(Some(info)) => {
+                    let (storage, guest) = sb
+                        .attach_volume(cid, &volume, &info, &options)
+                        .await
+                        .map_err(|e| {
+                            err(ttrpc::Code::INVALID_ARGUMENT, kata_config::error_chain(&e))
+                        })?;
+                    storages.push(storage);
+                    m.set_source(Some(guest));
+                    m.set_typ(Some("bind".into()));
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(err(
+                        ttrpc::Code::INVALID_ARGUMENT,
+                        kata_config::error_chain(&e),
+                    ))
+                }
+            }
             let guest = sb
                 .share_mount(cid, i, &source, &options)
                 .map_err(|e| err(ttrpc::Code::INVALID_ARGUMENT, kata_config::error_chain(&e)))?;
@@ -272,7 +303,7 @@ impl Service {
             m.set_typ(Some("bind".into()));
         }
         spec.set_mounts(Some(mounts));
-        Ok(())
+        Ok(storages)
     }
 
     async fn do_create(&self, req: &CreateTaskRequest) -> Result<u32, ttrpc::Error> {
@@ -424,8 +455,8 @@ impl Service {
                         .map_err(|e| err(ttrpc::Code::FAILED_PRECONDITION, e))?;
                 }
             }
-            Self::share_mounts(&sb, &req.id, &mut spec)?;
-            sb.create_container(&req.id, spec, &rootfs)
+            let storages = Self::share_mounts(&sb, &req.id, &mut spec).await?;
+            sb.create_container(&req.id, spec, &rootfs, storages)
                 .await
                 .map_err(internal)
         }
@@ -435,6 +466,7 @@ impl Service {
             Ok(pid) => pid,
             Err(e) => {
                 sb.unshare(&req.id);
+                sb.release_volumes(&req.id).await;
                 undo(&mounted);
                 if req.id == self.id {
                     sb.stop().await;

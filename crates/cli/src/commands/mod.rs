@@ -1,6 +1,7 @@
 //! Subcommands.
 
 pub mod check;
+pub mod direct_volume;
 pub mod env;
 pub mod exec;
 pub mod iptables;

@@ -10,6 +10,7 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use super::argv::{self, LaunchSpec};
+use super::block::{self, BlockDevice, GuestBlockAddr};
 use super::qmp::{self, Qmp, QmpError};
 
 /// Errors of the QEMU driver. Each names the file or key involved.
@@ -75,6 +76,7 @@ pub struct Vm {
     exit: watch::Receiver<Option<String>>,
     hypervisor: HypervisorConfig,
     next_dimm: std::sync::atomic::AtomicU32,
+    next_scsi_target: std::sync::atomic::AtomicU32,
 }
 
 /// The `thread-id`s of a `query-cpus-fast` answer.
@@ -235,6 +237,7 @@ impl Vm {
             exit,
             hypervisor: h.clone(),
             next_dimm: std::sync::atomic::AtomicU32::new(0),
+            next_scsi_target: std::sync::atomic::AtomicU32::new(0),
         })
     }
 
@@ -347,6 +350,127 @@ impl Vm {
             let _ = self.qmp("object-del", Some(json!({ "id": id }))).await;
             return Err(e);
         }
+        Ok(())
+    }
+
+    /// Hot-plugs a host block device or disk image (`blockdev-add` + `device_add`) with the
+    /// configured driver; returns where the guest finds it. Nothing stays behind on failure.
+    pub async fn add_block(&self, dev: &BlockDevice) -> Result<GuestBlockAddr, VmError> {
+        let h = &self.hypervisor;
+        block::check_driver(h.block_device_driver).map_err(VmError::Hotplug)?;
+        self.qmp("blockdev-add", Some(block::blockdev_add_args(h, dev)))
+            .await?;
+        let plugged = async {
+            let dev_id = block::device_id(&dev.id);
+            match h.block_device_driver {
+                kata_config::hypervisor::BlockDeviceDriver::VirtioScsi => {
+                    self.ensure_scsi_controller().await?;
+                    let target = self
+                        .next_scsi_target
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if target > 255 {
+                        return Err(VmError::Hotplug(
+                            "the virtio-scsi controller has no free target id left".into(),
+                        ));
+                    }
+                    self.qmp("device_add", Some(block::scsi_hd_args(dev, target, 0)))
+                        .await?;
+                    Ok(GuestBlockAddr::Scsi { id: target, lun: 0 })
+                }
+                _ => {
+                    let pci = self.qmp("query-pci", None).await?;
+                    let bus = block::hotplug_bus(h, &pci).map_err(VmError::Hotplug)?;
+                    self.qmp("device_add", Some(block::virtio_blk_args(h, dev, &bus)))
+                        .await?;
+                    let pci = self.qmp("query-pci", None).await?;
+                    match block::pci_path(&pci, &dev_id) {
+                        Some(p) => Ok(GuestBlockAddr::Pci(p)),
+                        None => {
+                            let _ = self.remove_device(&dev_id).await;
+                            Err(VmError::Hotplug(format!(
+                                "{dev_id} was added but is not on the PCI buses"
+                            )))
+                        }
+                    }
+                }
+            }
+        }
+        .await;
+        if plugged.is_err() {
+            let _ = self
+                .qmp(
+                    "blockdev-del",
+                    Some(json!({ "node-name": block::node_name(&dev.id) })),
+                )
+                .await;
+        }
+        plugged
+    }
+
+    /// The virtio-scsi controller, hot-plugged on first use (no cost to VMs without SCSI
+    /// volumes).
+    async fn ensure_scsi_controller(&self) -> Result<(), VmError> {
+        let pci = self.qmp("query-pci", None).await?;
+        if block::has_device(&pci, block::SCSI_CONTROLLER) {
+            return Ok(());
+        }
+        let bus = block::hotplug_bus(&self.hypervisor, &pci).map_err(VmError::Hotplug)?;
+        let mut args =
+            json!({ "driver": "virtio-scsi-pci", "id": block::SCSI_CONTROLLER, "bus": bus });
+        if self.hypervisor.enable_iommu_platform {
+            args["iommu_platform"] = json!(true);
+        }
+        self.qmp("device_add", Some(args)).await?;
+        Ok(())
+    }
+
+    /// Whether QEMU still has device `id`.
+    async fn has_device(&self, id: &str) -> bool {
+        self.qmp(
+            "qom-get",
+            Some(json!({ "path": format!("/machine/peripheral/{id}"), "property": "type" })),
+        )
+        .await
+        .is_ok()
+    }
+
+    /// `device_del`, then waits until the guest has let the device go.
+    async fn remove_device(&self, id: &str) -> Result<(), VmError> {
+        self.qmp("device_del", Some(json!({ "id": id }))).await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.has_device(id).await {
+            if Instant::now() >= deadline {
+                return Err(VmError::Hotplug(format!(
+                    "the guest did not release {id} within 30 s"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
+
+    /// Unplugs a block device added by [`Vm::add_block`] and drops its drive.
+    pub async fn remove_block(&self, id: &str) -> Result<(), VmError> {
+        let dev_id = block::device_id(id);
+        if self.has_device(&dev_id).await {
+            self.remove_device(&dev_id).await?;
+        }
+        self.qmp(
+            "blockdev-del",
+            Some(json!({ "node-name": block::node_name(id) })),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Tells QEMU a block device now has `bytes` (`block_resize`; a host block device must
+    /// already have grown, a disk image file is grown).
+    pub async fn resize_block(&self, id: &str, bytes: u64) -> Result<(), VmError> {
+        self.qmp(
+            "block_resize",
+            Some(json!({ "node-name": block::node_name(id), "size": bytes })),
+        )
+        .await?;
         Ok(())
     }
 

@@ -1,0 +1,401 @@
+//! Block volumes hot-plugged by the runtime (direct volumes): find the device by its address
+//! (a virtio-blk device's PCI path, a SCSI target and LUN; never by guessing `/dev/vdX`
+//! order), mount it once per mount point and count the containers using it, report statfs,
+//! and grow its filesystem online (ext4, xfs).
+
+use std::collections::HashMap;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// How long a hot-plugged device may take to appear (TCG guests are slow to probe).
+const APPEAR_TIMEOUT: Duration = Duration::from_secs(20);
+
+#[derive(Default)]
+struct Table {
+    /// Mount point → containers using it.
+    users: HashMap<PathBuf, usize>,
+    /// Container → the mount points it holds.
+    by_container: HashMap<String, Vec<PathBuf>>,
+}
+
+static TABLE: Mutex<Option<Table>> = Mutex::new(None);
+
+fn with_table<T>(f: impl FnOnce(&mut Table) -> T) -> T {
+    let mut g = TABLE.lock().unwrap_or_else(|e| e.into_inner());
+    f(g.get_or_insert_with(Table::default))
+}
+
+/// Whether a storage driver is a block volume's.
+pub fn is_block(driver: &str) -> bool {
+    matches!(driver, "blk" | "scsi")
+}
+
+/// Mounts the block volume for `container` (or counts one more user of it).
+pub fn acquire(
+    container: &str,
+    driver: &str,
+    address: &str,
+    fstype: &str,
+    options: &[String],
+    mount_point: &Path,
+) -> Result<(), String> {
+    let already = with_table(|t| t.users.get(mount_point).copied().unwrap_or(0) > 0);
+    if !already {
+        let dev = find_device(driver, address, APPEAR_TIMEOUT)?;
+        crate::init::debug(|| format!("volume {driver} {address} is {}", dev.display()));
+        std::fs::create_dir_all(mount_point)
+            .map_err(|e| format!("create {}: {e}", mount_point.display()))?;
+        crate::mounts::mount_one(&dev.display().to_string(), mount_point, fstype, options)
+            .map_err(|e| format!("mount {} ({driver} {address}): {e}", dev.display()))?;
+    }
+    with_table(|t| {
+        *t.users.entry(mount_point.to_path_buf()).or_insert(0) += 1;
+        t.by_container
+            .entry(container.to_string())
+            .or_default()
+            .push(mount_point.to_path_buf());
+    });
+    Ok(())
+}
+
+/// Drops `container`'s uses; unmounts the volumes nobody uses any more (so that the runtime
+/// can unplug them).
+pub fn release(container: &str) {
+    let unused: Vec<PathBuf> = with_table(|t| {
+        let mine = t.by_container.remove(container).unwrap_or_default();
+        let mut unused = Vec::new();
+        for m in mine {
+            if let Some(n) = t.users.get_mut(&m) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    t.users.remove(&m);
+                    unused.push(m);
+                }
+            }
+        }
+        unused
+    });
+    for m in unused {
+        // Written data reaches the device before it is unplugged.
+        if let Err(e) = nix::mount::umount2(&m, nix::mount::MntFlags::empty()) {
+            crate::init::log(&format!(
+                "volume {}: unmount: {e}; detaching it",
+                m.display()
+            ));
+            let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+        }
+        let _ = std::fs::remove_dir(&m);
+    }
+}
+
+/// The block device for an address, waiting for it to appear.
+pub fn find_device(driver: &str, address: &str, timeout: Duration) -> Result<PathBuf, String> {
+    let deadline = Instant::now() + timeout;
+    let mut rescanned = false;
+    loop {
+        let found = match driver {
+            "blk" => pci_block_device(Path::new("/sys/devices/pci0000:00"), address)?,
+            "scsi" => scsi_block_device(Path::new("/sys/bus/scsi/devices"), address)?,
+            other => return Err(format!("unknown block volume driver {other:?}")),
+        };
+        if let Some(name) = found {
+            let dev = PathBuf::from("/dev").join(&name);
+            if dev.exists() {
+                return Ok(dev);
+            }
+            // devtmpfs makes the node with the device; make it if it is not there.
+            make_node(&name, &dev)?;
+            return Ok(dev);
+        }
+        if driver == "scsi" && !rescanned && Instant::now() + timeout / 2 > deadline {
+            scan_scsi(address);
+            rescanned = true;
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "{driver} device {address} did not appear in the guest within {} s",
+                timeout.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn make_node(name: &str, dev: &Path) -> Result<(), String> {
+    let nums = std::fs::read_to_string(format!("/sys/class/block/{name}/dev"))
+        .map_err(|e| format!("{name}: {e}"))?;
+    let (maj, min) = nums
+        .trim()
+        .split_once(':')
+        .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)))
+        .ok_or_else(|| format!("{name}: bad device numbers {nums:?}"))?;
+    nix::sys::stat::mknod(
+        dev,
+        nix::sys::stat::SFlag::S_IFBLK,
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+        nix::sys::stat::makedev(maj, min),
+    )
+    .map_err(|e| format!("mknod {}: {e}", dev.display()))
+}
+
+/// Parses a PCI path: slots from the root bus down, two hex digits each (`02/01`).
+pub fn parse_pci_path(path: &str) -> Result<Vec<u8>, String> {
+    let slots: Result<Vec<u8>, _> = path
+        .split('/')
+        .map(|s| {
+            if s.len() == 2 {
+                u8::from_str_radix(s, 16).ok().filter(|v| *v < 32)
+            } else {
+                None
+            }
+            .ok_or(())
+        })
+        .collect();
+    match slots {
+        Ok(v) if !v.is_empty() => Ok(v),
+        _ => Err(format!(
+            "bad PCI path {path:?} (expected slots like \"02/01\")"
+        )),
+    }
+}
+
+/// Walks the PCI path from `root` (`/sys/devices/pci0000:00`); the virtio-blk disk's name.
+fn pci_block_device(root: &Path, address: &str) -> Result<Option<String>, String> {
+    let slots = parse_pci_path(address)?;
+    let mut dir = root.to_path_buf();
+    for slot in slots {
+        let suffix = format!(":{slot:02x}.0");
+        let Some(next) = std::fs::read_dir(&dir)
+            .ok()
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.len() == 12 && n.ends_with(&suffix))
+            })
+        else {
+            return Ok(None);
+        };
+        dir = next;
+    }
+    // <device>/virtioN/block/<name>
+    for e in std::fs::read_dir(&dir).ok().into_iter().flatten().flatten() {
+        let name = e.file_name();
+        if name.to_string_lossy().starts_with("virtio") {
+            if let Some(b) = first_entry(&e.path().join("block")) {
+                return Ok(Some(b));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// `<host>:0:<id>:<lun>/block/<name>` under `/sys/bus/scsi/devices`.
+fn scsi_block_device(root: &Path, address: &str) -> Result<Option<String>, String> {
+    let (id, lun) = parse_scsi_address(address)?;
+    let want = ["0".to_string(), id.to_string(), lun.to_string()];
+    for e in std::fs::read_dir(root).ok().into_iter().flatten().flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        let f: Vec<&str> = n.split(':').collect();
+        if f.len() == 4 && f[1..] == want {
+            if let Some(b) = first_entry(&e.path().join("block")) {
+                return Ok(Some(b));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Parses `<scsi-id>:<lun>`.
+pub fn parse_scsi_address(address: &str) -> Result<(u32, u32), String> {
+    address
+        .split_once(':')
+        .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
+        .ok_or_else(|| format!("bad SCSI address {address:?} (expected \"<scsi-id>:<lun>\")"))
+}
+
+fn scan_scsi(address: &str) {
+    let Ok((id, lun)) = parse_scsi_address(address) else {
+        return;
+    };
+    for e in std::fs::read_dir("/sys/class/scsi_host")
+        .ok()
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let _ = std::fs::write(e.path().join("scan"), format!("0 {id} {lun}"));
+    }
+}
+
+fn first_entry(dir: &Path) -> Option<String> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .next()
+}
+
+/// statfs of a guest mount: (bytes available, total, used), (inodes free, total, used).
+pub fn stats(path: &Path) -> Result<([u64; 3], [u64; 3]), String> {
+    let st =
+        nix::sys::statvfs::statvfs(path).map_err(|e| format!("statfs {}: {e}", path.display()))?;
+    let f = st.fragment_size();
+    let total = st.blocks() * f;
+    let avail = st.blocks_available() * f;
+    let used = total.saturating_sub(st.blocks_free() * f);
+    let itotal = st.files();
+    let ifree = st.files_free();
+    Ok((
+        [avail, total, used],
+        [ifree, itotal, itotal.saturating_sub(ifree)],
+    ))
+}
+
+/// The block device a guest path is mounted from (from /proc/self/mountinfo), and its
+/// filesystem type.
+fn mounted_device(path: &Path) -> Result<(PathBuf, String), String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| format!("read mountinfo: {e}"))?;
+    let want = path.display().to_string();
+    let mut found = None;
+    for line in info.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        let Some(dash) = f.iter().position(|x| *x == "-") else {
+            continue;
+        };
+        if f.get(4) == Some(&want.as_str()) && f.len() > dash + 2 {
+            found = Some((PathBuf::from(f[dash + 2]), f[dash + 1].to_string()));
+        }
+    }
+    found.ok_or_else(|| format!("{want} is not a mount point in the guest"))
+}
+
+/// Grows the filesystem mounted at `path` to `size` bytes (or to the device's size, if
+/// smaller), online. The device must already have the new size (the runtime resized it).
+pub fn resize(path: &Path, size: u64) -> Result<(), String> {
+    let (dev, fstype) = mounted_device(path)?;
+    let name = dev
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    // A SCSI disk learns its new capacity on a rescan; virtio-blk from the config interrupt.
+    let _ = std::fs::write(format!("/sys/class/block/{name}/device/rescan"), "1");
+    let sectors = |n: &str| {
+        std::fs::read_to_string(format!("/sys/class/block/{n}/size"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // The new capacity may take a moment to show.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut dev_bytes = sectors(&name) * 512;
+    while dev_bytes < size && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        dev_bytes = sectors(&name) * 512;
+    }
+    if dev_bytes < size {
+        return Err(format!(
+            "{} has {dev_bytes} bytes in the guest, fewer than the {size} requested (was the host device grown first?)",
+            dev.display()
+        ));
+    }
+    let dir = std::fs::File::open(path).map_err(|e| format!("open {}: {e}", path.display()))?;
+    let fd = dir.as_raw_fd();
+    match fstype.as_str() {
+        "ext4" | "ext3" => {
+            let st = nix::sys::statvfs::statvfs(path).map_err(|e| format!("statfs: {e}"))?;
+            let blocks: u64 = size / st.block_size().max(1);
+            nix::ioctl_write_ptr!(ext4_resize_fs, b'f', 16, u64);
+            // SAFETY: EXT4_IOC_RESIZE_FS takes a pointer to the new block count.
+            unsafe { ext4_resize_fs(fd, &blocks) }
+                .map_err(|e| format!("EXT4_IOC_RESIZE_FS to {blocks} blocks: {e}"))?;
+        }
+        "xfs" => {
+            let mut geom = [0u8; 256];
+            nix::ioctl_read!(xfs_fsgeometry, b'X', 126, [u8; 256]);
+            // SAFETY: XFS_IOC_FSGEOMETRY fills the 256-byte struct xfs_fsop_geom.
+            unsafe { xfs_fsgeometry(fd, &mut geom) }
+                .map_err(|e| format!("XFS_IOC_FSGEOMETRY: {e}"))?;
+            let blocksize = u32::from_ne_bytes([geom[0], geom[1], geom[2], geom[3]]);
+            let imaxpct = u32::from_ne_bytes([geom[28], geom[29], geom[30], geom[31]]);
+            #[repr(C)]
+            struct GrowData {
+                newblocks: u64,
+                imaxpct: u32,
+            }
+            let req = GrowData {
+                newblocks: size / u64::from(blocksize.max(1)),
+                imaxpct,
+            };
+            nix::ioctl_write_ptr!(xfs_growfs_data, b'X', 110, GrowData);
+            // SAFETY: XFS_IOC_FSGROWFSDATA takes a struct xfs_growfs_data.
+            unsafe { xfs_growfs_data(fd, &req) }
+                .map_err(|e| format!("XFS_IOC_FSGROWFSDATA to {} blocks: {e}", req.newblocks))?;
+        }
+        other => {
+            return Err(format!(
+                "cannot grow a {other} filesystem online (ext4 and xfs can be)"
+            ))
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pci_paths() {
+        assert_eq!(parse_pci_path("02/01"), Ok(vec![2, 1]));
+        assert_eq!(parse_pci_path("1f"), Ok(vec![31]));
+        for bad in ["", "2/1", "02/", "20", "zz", "02//01"] {
+            assert!(parse_pci_path(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn scsi_addresses() {
+        assert_eq!(parse_scsi_address("3:0"), Ok((3, 0)));
+        assert!(parse_scsi_address("3").is_err());
+        assert!(parse_scsi_address("a:b").is_err());
+    }
+
+    #[test]
+    fn a_pci_path_is_walked_in_sysfs() {
+        let d = tempfile::tempdir().expect("tmp");
+        let root = d.path().join("pci0000:00");
+        let disk = root.join("0000:00:02.0/0000:01:01.0/virtio3/block/vdb");
+        std::fs::create_dir_all(&disk).expect("mkdir");
+        std::fs::create_dir_all(root.join("0000:00:01.0/0000:02:01.0/virtio1/block/vda"))
+            .expect("mkdir");
+        assert_eq!(
+            pci_block_device(&root, "02/01").expect("walk"),
+            Some("vdb".to_string())
+        );
+        assert_eq!(pci_block_device(&root, "02/02").expect("walk"), None);
+        assert_eq!(
+            pci_block_device(&root, "01/01").expect("walk"),
+            Some("vda".to_string())
+        );
+    }
+
+    #[test]
+    fn a_scsi_address_is_found_in_sysfs() {
+        let d = tempfile::tempdir().expect("tmp");
+        std::fs::create_dir_all(d.path().join("0:0:3:0/block/sdb")).expect("mkdir");
+        std::fs::create_dir_all(d.path().join("0:0:13:0/block/sdc")).expect("mkdir");
+        std::fs::create_dir_all(d.path().join("host0")).expect("mkdir");
+        assert_eq!(
+            scsi_block_device(d.path(), "3:0").expect("find"),
+            Some("sdb".to_string())
+        );
+        assert_eq!(scsi_block_device(d.path(), "4:0").expect("find"), None);
+    }
+}
