@@ -278,6 +278,31 @@ impl Store {
             .map_err(io("write", &f))
     }
 
+    /// Removes the record that `sandbox_id` uses the volume (when it unplugs it).
+    pub fn forget_sandbox(&self, volume_path: &str, sandbox_id: &str) {
+        if let Ok(dir) = self.dir(volume_path) {
+            if crate::ids::is_valid(sandbox_id) {
+                let _ = std::fs::remove_file(dir.join(sandbox_id));
+            }
+        }
+    }
+
+    /// The sandboxes recorded as using the volume, sorted.
+    pub fn sandboxes_of(&self, volume_path: &str) -> Result<Vec<String>, VolumeError> {
+        let dir = self.dir(volume_path)?;
+        if !dir.join(MOUNT_INFO).exists() {
+            return Err(VolumeError::Unknown(volume_path.to_string()));
+        }
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .map_err(io("read", &dir))?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n != MOUNT_INFO && !n.starts_with('.'))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
     /// The sandbox using the volume: the first entry that is not mountInfo.json (Kata's rule).
     pub fn sandbox_of(&self, volume_path: &str) -> Result<String, VolumeError> {
         let dir = self.dir(volume_path)?;

@@ -196,6 +196,7 @@ impl Sandbox {
             .collect();
         for path in unused {
             if let Some(v) = table.remove(&path) {
+                Store::default().forget_sandbox(&path, &self.id);
                 match self.vm.remove_block(&v.block_id).await {
                     Ok(()) => tracing::info!(volume = %path, "direct volume unplugged"),
                     Err(e) => {

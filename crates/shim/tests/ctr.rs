@@ -1716,3 +1716,228 @@ fn debug_console_serves_a_shell_in_the_guest() {
     assert_no_leftovers(id);
     assert_no_leftovers(plain);
 }
+
+fn exec_in(id: &str, exec_id: &str, script: &str) -> (String, String, i32) {
+    let out = ctr(&["task", "exec", "--exec-id", exec_id, id, "sh", "-c", script]);
+    (
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+        out.status.code().unwrap_or(-1),
+    )
+}
+
+/// (blocks × block size, inodes) of a path in the container, from `stat -f`.
+fn statfs_in(id: &str, exec_id: &str, path: &str) -> (u64, u64) {
+    let (out, err, code) = exec_in(id, exec_id, &format!("stat -f -c '%b %S %c' {path}"));
+    assert_eq!(code, 0, "{err}");
+    let v: Vec<u64> = out
+        .split_whitespace()
+        .map(|x| x.parse().expect("number"))
+        .collect();
+    (v[0] * v[1], v[2])
+}
+
+fn volume_stats(volume: &str) -> serde_json::Value {
+    let (out, err, code) =
+        common::kata_runtime(&["direct-volume", "stats", "--volume-path", volume]);
+    assert_eq!(code, 0, "{err}");
+    serde_json::from_str(&out).expect("stats JSON")
+}
+
+#[test]
+#[ignore = "needs root, containerd, QEMU and make install"]
+fn direct_volumes_are_hot_plugged_block_devices() {
+    let _ = socket();
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path();
+    let ext4 = common::LoopImage::new(d, "ext4.img", 64, "ext4");
+    let xfs = common::LoopImage::new(d, "xfs.img", 320, "xfs");
+    let ro = common::LoopImage::new(d, "ro.img", 32, "ext4");
+    let vol = |n: &str| {
+        let p = d.join("vols").join(n);
+        std::fs::create_dir_all(&p).expect("mkdir");
+        p.display().to_string()
+    };
+    let (ve, vx, vr) = (vol("e"), vol("x"), vol("r"));
+    for (v, info) in [
+        (
+            &ve,
+            format!(
+                r#"{{"volume-type":"block","device":"{}","fstype":"ext4"}}"#,
+                ext4.dev
+            ),
+        ),
+        (
+            &vx,
+            format!(
+                r#"{{"volume-type":"block","device":"{}","fstype":"xfs"}}"#,
+                xfs.dev
+            ),
+        ),
+        (
+            &vr,
+            format!(
+                r#"{{"Device":"{}","FsType":"ext4","options":["ro"]}}"#,
+                ro.dev
+            ),
+        ),
+    ] {
+        let (_, err, code) = common::kata_runtime(&[
+            "direct-volume",
+            "add",
+            "--volume-path",
+            v,
+            "--mount-info",
+            &info,
+        ]);
+        assert_eq!(code, 0, "{err}");
+    }
+    let id = "direct-volumes";
+    force_remove(id);
+    let m = |src: &str, dst: &str| format!("type=bind,src={src},dst={dst},options=rbind:rw");
+    let (me, mx, mr) = (m(&ve, "/e"), m(&vx, "/x"), m(&vr, "/r"));
+    run_detached(
+        KATA,
+        id,
+        &["--mount", &me, "--mount", &mx, "--mount", &mr],
+        &["sleep", "1000"],
+    );
+    // The default driver is virtio-scsi: SCSI disks, each with its filesystem.
+    let (out, err, code) = exec_in(
+        id,
+        "w",
+        "mount | grep -E ' /(e|x|r) '; echo hello > /e/f; echo hi > /x/f; touch /r/f 2>&1 || echo RO-REFUSED; sync",
+    );
+    assert_eq!(code, 0, "{err}");
+    for want in [
+        "on /e type ext4 (rw",
+        "on /x type xfs (rw",
+        "on /r type ext4 (ro",
+        "Read-only file system",
+        "RO-REFUSED",
+    ] {
+        assert!(out.contains(want), "{want:?} in {out}");
+    }
+    assert_eq!(out.matches("/dev/sd").count(), 3, "{out}");
+    // The sandbox is recorded beside the mount info, as Kata's Go runtime does.
+    let record = format!(
+        "/run/kata-containers/shared/direct-volumes/{}",
+        kata_sandbox::direct_volume::encode(&ve)
+    );
+    assert!(std::path::Path::new(&record).join(id).exists());
+
+    // stats: statfs in the guest, as df sees it in the container.
+    for (v, path) in [(&ve, "/e"), (&vx, "/x")] {
+        let (bytes, inodes) = statfs_in(id, "s", path);
+        let s = volume_stats(v);
+        assert_eq!(s["usage"][0]["unit"], 1, "{s}");
+        assert_eq!(s["usage"][0]["total"].as_u64(), Some(bytes), "{s}");
+        assert_eq!(s["usage"][1]["unit"], 2, "{s}");
+        assert_eq!(s["usage"][1]["total"].as_u64(), Some(inodes), "{s}");
+        assert_eq!(s["volume_condition"]["message"], "OK", "{s}");
+    }
+
+    // resize: the host device grows, then the volume and its filesystem, online.
+    for (img, v, path, mib) in [(&ext4, &ve, "/e", 128u64), (&xfs, &vx, "/x", 640)] {
+        let (before, _) = statfs_in(id, "b", path);
+        img.grow(mib);
+        let size = (mib << 20).to_string();
+        let (_, err, code) = common::kata_runtime(&[
+            "direct-volume",
+            "resize",
+            "--volume-path",
+            v,
+            "--size",
+            &size,
+        ]);
+        assert_eq!(code, 0, "{err}");
+        let (after, _) = statfs_in(id, "a", path);
+        assert!(after > before * 18 / 10, "{path}: {before} -> {after}");
+    }
+    let (_, err, code) = common::kata_runtime(&[
+        "direct-volume",
+        "resize",
+        "--volume-path",
+        &ve,
+        "--size",
+        "4096",
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("shrinking is not supported"), "{err}");
+    let (out, _, _) = exec_in(id, "c", "cat /e/f /x/f");
+    assert_eq!(out, "hello\nhi\n");
+    kill_and_remove(id);
+    assert_no_leftovers(id);
+    // Nothing lost: the files are on the devices.
+    assert_eq!(ext4.read(d, "f"), "hello\n");
+    assert_eq!(xfs.read(d, "f"), "hi\n");
+
+    // virtio-blk: a PCI disk found by its PCI path.
+    let shipped =
+        std::fs::read_to_string("/opt/kata/share/defaults/kata-containers/configuration-qemu.toml")
+            .expect("shipped configuration");
+    assert!(shipped.contains("\nblock_device_driver = \"virtio-scsi\"\n"));
+    let blk = d.join("configuration-blk.toml");
+    std::fs::write(
+        &blk,
+        shipped.replace(
+            "\nblock_device_driver = \"virtio-scsi\"\n",
+            "\nblock_device_driver = \"virtio-blk\"\n",
+        ),
+    )
+    .expect("config");
+    let blk = blk.display().to_string();
+    let (out, err, code) = run(
+        KATA,
+        "direct-volume-blk",
+        &["--runtime-config-path", &blk, "--mount", &me],
+        "mount | grep ' /e '; cat /e/f; echo again >> /e/f",
+        "",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("/dev/vda on /e type ext4 (rw"), "{out}");
+    assert!(out.contains("hello"), "{out}");
+    assert_no_leftovers("direct-volume-blk");
+    assert_eq!(ext4.read(d, "f"), "hello\nagain\n");
+
+    // Errors: a malformed mountInfo.json names the key; a missing device names the device.
+    let bad = vol("bad");
+    let bad_dir = format!(
+        "/run/kata-containers/shared/direct-volumes/{}",
+        kata_sandbox::direct_volume::encode(&bad)
+    );
+    std::fs::create_dir_all(&bad_dir).expect("mkdir");
+    std::fs::write(
+        format!("{bad_dir}/mountInfo.json"),
+        r#"{"device":"/dev/loop0"}"#,
+    )
+    .expect("write");
+    let mb = m(&bad, "/b");
+    let (_, err, code) = run(KATA, "direct-volume-bad", &["--mount", &mb], "true", "");
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("key \\\"fstype\\\" is missing") || err.contains("key \"fstype\" is missing"),
+        "{err}"
+    );
+    assert_no_leftovers("direct-volume-bad");
+    let (_, err, code) = common::kata_runtime(&[
+        "direct-volume",
+        "add",
+        "--volume-path",
+        &bad,
+        "--mount-info",
+        r#"{"device":"/dev/no-such-kata-test-device","fstype":"ext4"}"#,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (_, err, code) = run(KATA, "direct-volume-bad", &["--mount", &mb], "true", "");
+    assert_ne!(code, 0);
+    assert!(err.contains("/dev/no-such-kata-test-device"), "{err}");
+    assert_no_leftovers("direct-volume-bad");
+    for v in [&ve, &vx, &vr, &bad] {
+        let (_, err, code) = common::kata_runtime(&["direct-volume", "remove", "--volume-path", v]);
+        assert_eq!(code, 0, "{err}");
+    }
+    let (_, err, code) = common::kata_runtime(&["direct-volume", "stats", "--volume-path", &ve]);
+    assert_eq!(code, 1);
+    assert!(err.contains("is not a direct volume"), "{err}");
+}

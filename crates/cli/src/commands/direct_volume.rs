@@ -71,7 +71,16 @@ fn escape(s: &str) -> String {
 /// The sandbox using the volume and the volume's device.
 fn sandbox_and_device(store: &Store, volume_path: &str) -> Result<(String, String)> {
     let info = store.require(volume_path)?;
-    let sandbox = store.sandbox_of(volume_path)?;
+    // A sandbox that is running, else Kata's rule (the first recorded) for the error.
+    let recorded = store.sandboxes_of(volume_path)?;
+    let sandbox = match recorded
+        .iter()
+        .find(|s| shim_client::socket(s).is_ok())
+        .or(recorded.first())
+    {
+        Some(s) => s.clone(),
+        None => store.sandbox_of(volume_path)?,
+    };
     shim_client::socket(&sandbox).with_context(|| {
         format!("volume {volume_path} was used by sandbox {sandbox}, which is not running")
     })?;

@@ -238,12 +238,14 @@ pub fn build(h: &HypervisorConfig, s: &LaunchSpec) -> Vec<String> {
             "intel-iommu,intremap=on,caching-mode=on,device-iotlb=on",
         );
     }
+    // Hot-plug (ACPI) happens on the bridges: the firmware reserves address windows behind
+    // them only when asked, and a device plugged into a bridge without windows gets no BARs.
     for i in 0..h.default_bridges {
         push(
             &mut a,
             "-device",
             format!(
-                "pci-bridge,bus=pcie.0,id=pci-bridge-{i},chassis_nr={},shpc=off",
+                "pci-bridge,bus=pcie.0,id=pci-bridge-{i},chassis_nr={},shpc=off,io-reserve=4k,mem-reserve=1m,pref64-reserve=1m",
                 i + 1
             ),
         );
@@ -433,7 +435,7 @@ mod tests {
 -nodefaults -no-user-config -nographic -no-reboot -display none -vga none -serial file:/run/s/console.log \
 -qmp unix:/run/s/qmp.sock,server=on,wait=off -pidfile /run/s/pid -kernel /k -initrd /i \
 -append console=ttyS0 panic=1 reboot=k tsc=reliable no_timer_check noreplace-smp rcupdate.rcu_expedited=1 cryptomgr.notests i8042.direct=1 i8042.dumbkbd=1 i8042.nopnp=1 i8042.noaux=1 net.ifnames=0 iommu=off memhp_default_state=online quiet agent.x=1 \
--device pci-bridge,bus=pcie.0,id=pci-bridge-0,chassis_nr=1,shpc=off \
+-device pci-bridge,bus=pcie.0,id=pci-bridge-0,chassis_nr=1,shpc=off,io-reserve=4k,mem-reserve=1m,pref64-reserve=1m \
 -device virtio-serial-pci,id=serial0 -chardev socket,id=agent,path=/run/s/agent.sock,server=on,wait=off \
 -device virtserialport,bus=serial0.0,chardev=agent,name=agent.channel.0 \
 -object rng-random,id=rng0,filename=/dev/urandom -device virtio-rng-pci,rng=rng0 \

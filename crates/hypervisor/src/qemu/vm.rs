@@ -455,12 +455,26 @@ impl Vm {
         if self.has_device(&dev_id).await {
             self.remove_device(&dev_id).await?;
         }
-        self.qmp(
-            "blockdev-del",
-            Some(json!({ "node-name": block::node_name(id) })),
-        )
-        .await?;
-        Ok(())
+        // The device lets go of its drive when it is finalized, which may come a moment after
+        // it disappears from the device tree ("Node ... is in use" until then).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self
+                .qmp(
+                    "blockdev-del",
+                    Some(json!({ "node-name": block::node_name(id) })),
+                )
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(VmError::Qmp(e))
+                    if e.to_string().contains("in use") && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Tells QEMU a block device now has `bytes` (`block_resize`; a host block device must

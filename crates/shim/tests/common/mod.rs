@@ -310,3 +310,85 @@ pub fn pid_with(needle: &str) -> Option<u32> {
                 .contains(needle)
         })
 }
+
+/// A filesystem image on a loop device, detached and removed on drop.
+pub struct LoopImage {
+    /// The image file.
+    pub file: PathBuf,
+    /// The loop device.
+    pub dev: String,
+}
+
+impl LoopImage {
+    /// Makes a `mib` MiB image with a `fstype` filesystem and attaches it.
+    pub fn new(dir: &Path, name: &str, mib: u64, fstype: &str) -> LoopImage {
+        let file = dir.join(name);
+        let f = std::fs::File::create(&file).expect("image");
+        f.set_len(mib << 20).expect("size");
+        drop(f);
+        let mkfs = Command::new(format!("mkfs.{fstype}"))
+            .args(if fstype == "xfs" {
+                &["-q", "-f"][..]
+            } else {
+                &["-q", "-F"][..]
+            })
+            .arg(&file)
+            .output()
+            .expect("mkfs");
+        assert!(
+            mkfs.status.success(),
+            "{}",
+            String::from_utf8_lossy(&mkfs.stderr)
+        );
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(&file)
+            .output()
+            .expect("losetup");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        LoopImage {
+            file,
+            dev: String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        }
+    }
+
+    /// Grows the image and tells the loop device.
+    pub fn grow(&self, mib: u64) {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&self.file)
+            .expect("image");
+        f.set_len(mib << 20).expect("grow");
+        let st = Command::new("losetup")
+            .args(["-c", &self.dev])
+            .status()
+            .expect("losetup -c");
+        assert!(st.success());
+    }
+
+    /// Reads a file from the image, mounted read-only on the host.
+    pub fn read(&self, dir: &Path, name: &str) -> String {
+        let m = dir.join(format!("mnt-{}", self.dev.replace('/', "_")));
+        std::fs::create_dir_all(&m).expect("mkdir");
+        let st = Command::new("mount")
+            .args(["-o", "ro", &self.dev])
+            .arg(&m)
+            .status()
+            .expect("mount");
+        assert!(st.success(), "mount {}", self.dev);
+        let text = std::fs::read_to_string(m.join(name)).unwrap_or_default();
+        let _ = Command::new("umount").arg(&m).status();
+        text
+    }
+}
+
+impl Drop for LoopImage {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
+        let _ = std::fs::remove_file(&self.file);
+    }
+}
