@@ -785,6 +785,7 @@ fn sample(text: &str, series: &str) -> Option<f64> {
 fn the_monitor_socket_serves_metrics_that_promtool_accepts() {
     use std::os::unix::fs::PermissionsExt;
     let id = "monitor-kata";
+    force_remove(id);
     run_detached(KATA, id, &[], &["sleep", "1000"]);
     let sock = std::path::PathBuf::from(format!("/run/vc/sbs/{id}/shim-monitor.sock"));
     let mode =
