@@ -32,7 +32,8 @@ pub fn is_block(driver: &str) -> bool {
     matches!(driver, "blk" | "scsi")
 }
 
-/// Mounts the block volume for `container` (or counts one more user of it).
+/// Mounts the block volume for `container` (or counts one more user of it). The table stays
+/// locked meanwhile: two containers created at once never mount the same volume twice.
 pub fn acquire(
     container: &str,
     driver: &str,
@@ -41,8 +42,9 @@ pub fn acquire(
     options: &[String],
     mount_point: &Path,
 ) -> Result<(), String> {
-    let already = with_table(|t| t.users.get(mount_point).copied().unwrap_or(0) > 0);
-    if !already {
+    let mut guard = TABLE.lock().unwrap_or_else(|e| e.into_inner());
+    let t = guard.get_or_insert_with(Table::default);
+    if t.users.get(mount_point).copied().unwrap_or(0) == 0 {
         let dev = find_device(driver, address, APPEAR_TIMEOUT)?;
         crate::init::debug(|| format!("volume {driver} {address} is {}", dev.display()));
         std::fs::create_dir_all(mount_point)
@@ -50,13 +52,11 @@ pub fn acquire(
         crate::mounts::mount_one(&dev.display().to_string(), mount_point, fstype, options)
             .map_err(|e| format!("mount {} ({driver} {address}): {e}", dev.display()))?;
     }
-    with_table(|t| {
-        *t.users.entry(mount_point.to_path_buf()).or_insert(0) += 1;
-        t.by_container
-            .entry(container.to_string())
-            .or_default()
-            .push(mount_point.to_path_buf());
-    });
+    *t.users.entry(mount_point.to_path_buf()).or_insert(0) += 1;
+    t.by_container
+        .entry(container.to_string())
+        .or_default()
+        .push(mount_point.to_path_buf());
     Ok(())
 }
 

@@ -59,7 +59,7 @@ pub enum BuildError {
 }
 
 /// Inputs of an initrd.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct InitrdSpec {
     /// The static kata-agent binary.
     pub agent: PathBuf,
@@ -351,9 +351,7 @@ mod tests {
             agent: agent.clone(),
             modules_dir: Some(modules.clone()),
             modules: vec!["a".into()],
-            busybox: None,
-            trees: Vec::new(),
-            iptables: None,
+            ..Default::default()
         };
         let one = build_initrd(&spec).expect("build");
         // Touch the inputs: timestamps must not matter.
@@ -386,11 +384,8 @@ mod tests {
         std::fs::write(&agent, b"\x7fELF agent").expect("agent");
         let spec = InitrdSpec {
             agent,
-            modules_dir: None,
             modules: DEFAULT_MODULES.iter().map(|s| s.to_string()).collect(),
-            busybox: None,
-            trees: Vec::new(),
-            iptables: None,
+            ..Default::default()
         };
         let bytes = build_initrd(&spec).expect("build");
         let text = String::from_utf8_lossy(&bytes);
@@ -417,11 +412,8 @@ mod tests {
         std::fs::write(&agent, b"\x7fELF agent").expect("agent");
         let spec = InitrdSpec {
             agent,
-            modules_dir: None,
-            modules: vec![],
-            busybox: None,
             trees: vec![(hooks, "/usr/share/oci/hooks".into())],
-            iptables: None,
+            ..Default::default()
         };
         let bytes = build_initrd(&spec).expect("build");
         let text = String::from_utf8_lossy(&bytes);
@@ -452,11 +444,8 @@ mod tests {
         std::fs::write(&agent, b"\x7fELF agent").expect("agent");
         let spec = InitrdSpec {
             agent,
-            modules_dir: None,
-            modules: vec![],
-            busybox: None,
-            trees: vec![],
             iptables: Some(multi.to_path_buf()),
+            ..Default::default()
         };
         let bytes = build_initrd(&spec).expect("build");
         let text = String::from_utf8_lossy(&bytes);

@@ -21,6 +21,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 
 use crate::scrape::Monitor;
+use kata_sandbox::monitor_client::query_param;
 
 const INDEX: &str = "kata-monitor: metrics of the Kata Containers sandboxes on this host\n\n\
 /metrics                      every sandbox's metrics, labelled with sandbox_id, cri_uid, cri_name, cri_namespace\n\
@@ -28,49 +29,6 @@ const INDEX: &str = "kata-monitor: metrics of the Kata Containers sandboxes on t
 /metrics?filter_family=a,b    only the families whose names start with a or b\n\
 /sandboxes                    the sandboxes, one id per line\n\
 /agent-url?sandbox=ID         the agent URL of a sandbox\n";
-
-/// The value of query parameter `key`.
-pub fn query_param(query: Option<&str>, key: &str) -> Option<String> {
-    query?.split('&').find_map(|kv| {
-        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-        (k == key).then(|| percent_decode(v))
-    })
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' if i + 2 < b.len() => {
-                match std::str::from_utf8(&b[i + 1..i + 3])
-                    .ok()
-                    .and_then(|h| u8::from_str_radix(h, 16).ok())
-                    .ok_or(())
-                {
-                    Ok(v) => {
-                        out.push(v);
-                        i += 3;
-                    }
-                    Err(_) => {
-                        out.push(b'%');
-                        i += 1;
-                    }
-                }
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            c => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).to_string()
-}
 
 fn reply(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));
@@ -202,31 +160,5 @@ pub async fn serve(listener: tokio::net::TcpListener, m: Arc<Monitor>) {
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn query_parameters_are_found_and_decoded() {
-        assert_eq!(
-            query_param(Some("sandbox=abc"), "sandbox").as_deref(),
-            Some("abc")
-        );
-        assert_eq!(
-            query_param(
-                Some("x=1&filter_family=kata_guest%2Ckata_hyp"),
-                "filter_family"
-            )
-            .as_deref(),
-            Some("kata_guest,kata_hyp")
-        );
-        assert_eq!(query_param(Some("x=1"), "sandbox"), None);
-        assert_eq!(query_param(None, "sandbox"), None);
-        assert_eq!(percent_decode("a%2"), "a%2");
-        assert_eq!(percent_decode("%zz"), "%zz");
-        assert_eq!(percent_decode("%"), "%");
     }
 }

@@ -166,13 +166,16 @@ mod tests {
     use crate::safe::{create_in_root, open_dir, Kind};
     use std::os::fd::AsFd;
 
-    fn root() -> bool {
+    /// Runs `f` as root in a private mount namespace (a child process), so the host's mounts
+    /// are untouched, with a fresh temporary directory; skipped when not root.
+    fn in_private_ns(f: impl FnOnce(&Path) -> Result<(), String>) {
         // SAFETY: geteuid has no preconditions.
-        unsafe { libc::geteuid() == 0 }
-    }
-
-    /// In a private mount namespace (a child process), so the host's mounts are untouched.
-    fn in_private_ns(f: impl FnOnce() -> Result<(), String>) {
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root (make test runs it as root)");
+            return;
+        }
+        let t = tempfile::tempdir().expect("tmp");
+        let base = t.path();
         // SAFETY: the child only runs `f` and exits.
         match unsafe { nix::unistd::fork() }.expect("fork") {
             nix::unistd::ForkResult::Child => {
@@ -188,7 +191,7 @@ mod tests {
                         )
                         .map_err(|e| e.to_string())
                     })
-                    .and_then(|_| f())
+                    .and_then(|_| f(base))
                 {
                     Ok(()) => 0,
                     Err(e) => {
@@ -211,13 +214,7 @@ mod tests {
 
     #[test]
     fn ro_stops_at_the_top_and_rro_reaches_submounts() {
-        if !root() {
-            eprintln!("skipped: needs root (make test runs it as root)");
-            return;
-        }
-        let t = tempfile::tempdir().expect("tmp");
-        let base = t.path().to_path_buf();
-        in_private_ns(move || {
+        in_private_ns(|base| {
             let src = base.join("src");
             let sub = src.join("sub");
             std::fs::create_dir_all(&sub).map_err(|e| e.to_string())?;
@@ -230,7 +227,7 @@ mod tests {
                 None::<&str>,
             )
             .map_err(|e| e.to_string())?;
-            let r = open_dir(&base).map_err(|e| e.to_string())?;
+            let r = open_dir(base).map_err(|e| e.to_string())?;
             for (name, opts, top_rw, sub_rw) in [
                 ("ro", &["rbind", "ro"][..], false, true),
                 ("rro", &["rbind", "rro"][..], false, false),
@@ -258,13 +255,7 @@ mod tests {
 
     #[test]
     fn a_mount_through_an_image_symlink_lands_inside_the_root() {
-        if !root() {
-            eprintln!("skipped: needs root (make test runs it as root)");
-            return;
-        }
-        let t = tempfile::tempdir().expect("tmp");
-        let base = t.path().to_path_buf();
-        in_private_ns(move || {
+        in_private_ns(|base| {
             let rootfs = base.join("rootfs");
             let vol = base.join("vol");
             std::fs::create_dir_all(&rootfs).map_err(|e| e.to_string())?;
@@ -309,14 +300,8 @@ mod tests {
 
     #[test]
     fn rro_on_a_new_filesystem_reaches_its_submounts() {
-        if !root() {
-            eprintln!("skipped: needs root (make test runs it as root)");
-            return;
-        }
-        let t = tempfile::tempdir().expect("tmp");
-        let base = t.path().to_path_buf();
-        in_private_ns(move || {
-            let r = open_dir(&base).map_err(|e| e.to_string())?;
+        in_private_ns(|base| {
+            let r = open_dir(base).map_err(|e| e.to_string())?;
             let fd = create_in_root(r.as_fd(), Path::new("/fs"), Kind::Dir)?;
             let o = crate::options::parse(&["rro".to_string(), "size=1m".to_string()], false)?;
             mount_fs("tmpfs", "tmpfs", &fd, &o)?;

@@ -305,18 +305,7 @@ impl Store {
 
     /// The sandbox using the volume: the first entry that is not mountInfo.json (Kata's rule).
     pub fn sandbox_of(&self, volume_path: &str) -> Result<String, VolumeError> {
-        let dir = self.dir(volume_path)?;
-        if !dir.join(MOUNT_INFO).exists() {
-            return Err(VolumeError::Unknown(volume_path.to_string()));
-        }
-        let mut names: Vec<String> = std::fs::read_dir(&dir)
-            .map_err(io("read", &dir))?
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n != MOUNT_INFO && !n.starts_with('.'))
-            .collect();
-        names.sort();
-        names
+        self.sandboxes_of(volume_path)?
             .into_iter()
             .next()
             .ok_or_else(|| VolumeError::NoSandbox(volume_path.to_string()))

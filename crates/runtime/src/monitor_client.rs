@@ -76,3 +76,95 @@ pub async fn request(
         .to_bytes();
     Ok((status, bytes.to_vec()))
 }
+
+/// The value of query parameter `key`, percent-decoded.
+pub fn query_param(query: Option<&str>, key: &str) -> Option<String> {
+    query?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == key).then(|| percent_decode(v))
+    })
+}
+
+/// Decodes `%XX` escapes and `+` (a space); a malformed escape stays as it is.
+pub fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let escaped = (b[i] == b'%')
+            .then(|| b.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (escaped, b[i]) {
+            (Some(v), _) => {
+                out.push(v);
+                i += 3;
+            }
+            (None, b'+') => {
+                out.push(b' ');
+                i += 1;
+            }
+            (None, c) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).to_string()
+}
+
+/// Percent-encodes a query value (all but unreserved characters and `/`).
+pub fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_parameters_are_found_and_decoded() {
+        assert_eq!(
+            query_param(Some("sandbox=abc"), "sandbox").as_deref(),
+            Some("abc")
+        );
+        assert_eq!(
+            query_param(
+                Some("x=1&filter_family=kata_guest%2Ckata_hyp"),
+                "filter_family"
+            )
+            .as_deref(),
+            Some("kata_guest,kata_hyp")
+        );
+        assert_eq!(
+            query_param(Some("path=%2Fdev%2Floop3&x=1"), "path").as_deref(),
+            Some("/dev/loop3")
+        );
+        assert_eq!(query_param(Some("x=1"), "sandbox"), None);
+        assert_eq!(query_param(None, "sandbox"), None);
+        assert_eq!(percent_decode("a%2"), "a%2");
+        assert_eq!(percent_decode("%zz"), "%zz");
+        assert_eq!(percent_decode("%"), "%");
+        assert_eq!(percent_decode("a+b%20c"), "a b c");
+    }
+
+    #[test]
+    fn encoding_round_trips() {
+        assert_eq!(percent_encode("/dev/loop3"), "/dev/loop3");
+        assert_eq!(
+            percent_encode("/dev/disk/by-id/a b&c"),
+            "/dev/disk/by-id/a%20b%26c"
+        );
+        for s in ["/dev/disk/by-id/a b&c+d%e", "ünï"] {
+            assert_eq!(percent_decode(&percent_encode(s)), s);
+        }
+    }
+}

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
 
-use kata_hypervisor::qemu::block::{BlockDevice, GuestBlockAddr};
+use kata_hypervisor::qemu::block::BlockDevice;
 use kata_protocols::agent::{
     ResizeVolumeRequest, Storage, VolumeStatsRequest, VolumeStatsResponse,
 };
@@ -32,14 +32,10 @@ pub struct Volume {
     pub block_id: String,
     /// The host device.
     pub device: String,
-    /// Where the guest finds it.
-    pub addr: GuestBlockAddr,
     /// The agent's storage for it.
     pub storage: Storage,
     /// Containers using it.
     pub users: BTreeSet<String>,
-    /// How long the hot-plug took (QMP, until QEMU placed the device).
-    pub hotplug_ms: u64,
 }
 
 /// The sandbox's hot-plugged volumes, by volume path.
@@ -175,10 +171,8 @@ impl Sandbox {
             Volume {
                 block_id,
                 device: info.device.clone(),
-                addr,
                 storage: storage.clone(),
                 users: BTreeSet::from([cid.to_string()]),
-                hotplug_ms,
             },
         );
         Ok((storage, guest))
@@ -205,11 +199,6 @@ impl Sandbox {
                 }
             }
         }
-    }
-
-    /// The hot-plugged volumes (volume path → volume).
-    pub async fn attached_volumes(&self) -> Attached {
-        self.volumes.lock().await.clone()
     }
 
     /// The volume whose host device (or volume path) is `key`: Kata's clients name the device.

@@ -3,7 +3,8 @@
 //! 0700), which `kata-runtime metrics` and `kata-monitor` read.
 //!
 //! Routes (see docs/monitoring.md): `GET /metrics` (Prometheus text), `GET /agent-url` (how
-//! the host reaches the agent). An unknown path answers 404, a known path with another method
+//! the host reaches the agent), `/iptables` and `/ip6tables` (GET, PUT), `/direct-volume/stats`
+//! and `/direct-volume/resize`. An unknown path answers 404, a known path with another method
 //! 405 with an `Allow` header. The route table is [`ROUTES`]; a handler never fails the pod.
 
 use std::convert::Infallible;
@@ -20,6 +21,7 @@ use hyper_util::rt::TokioIo;
 
 use crate::service::Service;
 
+use kata_sandbox::monitor_client::query_param;
 pub use kata_sandbox::sandbox::{monitor_socket as socket_path, MONITOR_DIR as SANDBOXES_DIR};
 
 /// A route: its path and the methods it answers.
@@ -63,40 +65,6 @@ pub const ROUTES: &[(&str, Route, &[Method])] = &[
         &[Method::POST, Method::PUT],
     ),
 ];
-
-/// Decodes `%XX` escapes (and `+` as a space) of a query value.
-pub fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' => {
-                let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            c => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
-/// The value of `key` in a query string.
-pub fn query_value(query: Option<&str>, key: &str) -> Option<String> {
-    query?
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| *k == key)
-        .and_then(|(_, v)| percent_decode(v))
-}
 
 /// A resize request in either client's shape: Kata's Go `{"VolumePath","Size"}` or
 /// runtime-rs' `{"volume_guest_path","size"}`.
@@ -244,7 +212,7 @@ async fn handle(req: Request<Incoming>, service: &Service) -> Response<Full<Byte
             }
         }
         Routed::To(Route::VolumeStats) => {
-            let Some(path) = query_value(req.uri().query(), "path") else {
+            let Some(path) = query_param(req.uri().query(), "path") else {
                 return text(StatusCode::BAD_REQUEST, "Required parameter path not found");
             };
             let Some(sb) = service.current_sandbox().await else {
@@ -304,18 +272,6 @@ async fn handle(req: Request<Incoming>, service: &Service) -> Response<Full<Byte
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn query_values_are_decoded() {
-        assert_eq!(
-            query_value(Some("path=%2Fdev%2Floop3&x=1"), "path").as_deref(),
-            Some("/dev/loop3")
-        );
-        assert_eq!(query_value(Some("x=1"), "path"), None);
-        assert_eq!(query_value(None, "path"), None);
-        assert_eq!(percent_decode("%zz"), None);
-        assert_eq!(percent_decode("a+b%20c").as_deref(), Some("a b c"));
-    }
 
     #[test]
     fn resize_requests_of_both_clients() {

@@ -198,6 +198,21 @@ async fn remove_pod(c: &mut RuntimeServiceClient<Channel>, pod: &str) {
     assert_pod_gone(pod);
 }
 
+/// StopContainer (2 s) then RemoveContainer.
+async fn stop_and_remove(c: &mut RuntimeServiceClient<Channel>, id: &str) {
+    c.stop_container(StopContainerRequest {
+        container_id: id.to_string(),
+        timeout: 2,
+    })
+    .await
+    .expect("StopContainer");
+    c.remove_container(RemoveContainerRequest {
+        container_id: id.to_string(),
+    })
+    .await
+    .expect("RemoveContainer");
+}
+
 fn logs_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("kata-cri-logs-{name}"));
     std::fs::create_dir_all(&d).expect("log dir");
@@ -342,17 +357,7 @@ async fn a_pod_runs_its_containers_in_one_vm() {
 
     // Stop and remove the containers, then the pod.
     for id in [&c1, &c2] {
-        c.stop_container(StopContainerRequest {
-            container_id: id.to_string(),
-            timeout: 2,
-        })
-        .await
-        .expect("StopContainer");
-        c.remove_container(RemoveContainerRequest {
-            container_id: id.to_string(),
-        })
-        .await
-        .expect("RemoveContainer");
+        stop_and_remove(&mut c, id).await;
     }
     assert_eq!(
         common::processes_with(&format!("sandbox-{pod} ")).len(),
@@ -1304,20 +1309,6 @@ fn qemu_holds(pid: u32, dev: &str) -> bool {
         .flatten()
         .flatten()
         .any(|e| std::fs::read_link(e.path()).is_ok_and(|t| t == Path::new(dev)))
-}
-
-async fn stop_and_remove(c: &mut RuntimeServiceClient<Channel>, id: &str) {
-    c.stop_container(StopContainerRequest {
-        container_id: id.to_string(),
-        timeout: 2,
-    })
-    .await
-    .expect("StopContainer");
-    c.remove_container(RemoveContainerRequest {
-        container_id: id.to_string(),
-    })
-    .await
-    .expect("RemoveContainer");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

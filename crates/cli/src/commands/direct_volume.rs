@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use kata_sandbox::direct_volume::Store;
+use kata_sandbox::direct_volume::{Store, VolumeError};
 
 use super::shim_client;
 
@@ -56,31 +56,17 @@ pub enum Op {
     },
 }
 
-/// Percent-encodes a query value (everything but unreserved characters).
-fn escape(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 /// The sandbox using the volume and the volume's device.
 fn sandbox_and_device(store: &Store, volume_path: &str) -> Result<(String, String)> {
     let info = store.require(volume_path)?;
     // A sandbox that is running, else Kata's rule (the first recorded) for the error.
     let recorded = store.sandboxes_of(volume_path)?;
-    let sandbox = match recorded
+    let sandbox = recorded
         .iter()
         .find(|s| shim_client::socket(s).is_ok())
         .or(recorded.first())
-    {
-        Some(s) => s.clone(),
-        None => store.sandbox_of(volume_path)?,
-    };
+        .cloned()
+        .ok_or_else(|| VolumeError::NoSandbox(volume_path.to_string()))?;
     shim_client::socket(&sandbox).with_context(|| {
         format!("volume {volume_path} was used by sandbox {sandbox}, which is not running")
     })?;
@@ -110,7 +96,10 @@ pub fn run_in(store: &Store, args: DirectVolumeArgs) -> Result<ExitCode> {
         Op::Remove { volume_path } => store.remove(&volume_path)?,
         Op::Stats { volume_path } => {
             let (sandbox, device) = sandbox_and_device(store, &volume_path)?;
-            let path = format!("/direct-volume/stats?path={}", escape(&device));
+            let path = format!(
+                "/direct-volume/stats?path={}",
+                kata_sandbox::monitor_client::percent_encode(&device)
+            );
             let (status, body) =
                 shim_client::request(&sandbox, hyper::Method::GET, &path, Vec::new())?;
             if status != 200 {
@@ -149,12 +138,6 @@ pub fn run_in(store: &Store, args: DirectVolumeArgs) -> Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn device_paths_are_escaped_for_the_query() {
-        assert_eq!(escape("/dev/loop3"), "/dev/loop3");
-        assert_eq!(escape("/dev/disk/by-id/a b&c"), "/dev/disk/by-id/a%20b%26c");
-    }
 
     #[test]
     fn stats_of_an_unknown_or_unused_volume_are_clear_errors() {
