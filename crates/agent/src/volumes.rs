@@ -45,12 +45,30 @@ pub fn acquire(
     let mut guard = TABLE.lock().unwrap_or_else(|e| e.into_inner());
     let t = guard.get_or_insert_with(Table::default);
     if t.users.get(mount_point).copied().unwrap_or(0) == 0 {
-        let dev = find_device(driver, address, APPEAR_TIMEOUT)?;
-        crate::init::debug(|| format!("volume {driver} {address} is {}", dev.display()));
         std::fs::create_dir_all(mount_point)
             .map_err(|e| format!("create {}: {e}", mount_point.display()))?;
-        crate::mounts::mount_one(&dev.display().to_string(), mount_point, fstype, options)
-            .map_err(|e| format!("mount {} ({driver} {address}): {e}", dev.display()))?;
+        // A disk can show in sysfs while its driver is still setting it up (or, when the
+        // virtio-scsi controller arrives with it, while the controller's own scan and the
+        // hot-plug event race over the same target): opening it then fails with ENXIO or
+        // ENODEV. Find it again and retry until the deadline.
+        let deadline = Instant::now() + APPEAR_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let dev = find_device(driver, address, left.max(Duration::from_secs(1)))?;
+            crate::init::debug(|| format!("volume {driver} {address} is {}", dev.display()));
+            match crate::mounts::mount_one(&dev.display().to_string(), mount_point, fstype, options)
+            {
+                Ok(()) => break,
+                Err(e)
+                    if (e.contains("ENXIO") || e.contains("ENODEV"))
+                        && Instant::now() < deadline =>
+                {
+                    crate::init::debug(|| format!("volume {driver} {address}: {e}; retrying"));
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => return Err(format!("mount {} ({driver} {address}): {e}", dev.display())),
+            }
+        }
     }
     *t.users.entry(mount_point.to_path_buf()).or_insert(0) += 1;
     t.by_container
@@ -100,6 +118,13 @@ pub fn find_device(driver: &str, address: &str, timeout: Duration) -> Result<Pat
             "scsi" => scsi_block_device(Path::new("/sys/bus/scsi/devices"), address)?,
             other => return Err(format!("unknown block volume driver {other:?}")),
         };
+        // A disk whose capacity is not known yet is not ready.
+        let found = found.filter(|name| {
+            std::fs::read_to_string(format!("/sys/class/block/{name}/size"))
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .is_some_and(|sectors| sectors > 0)
+        });
         if let Some(name) = found {
             let dev = PathBuf::from("/dev").join(&name);
             if dev.exists() {
