@@ -40,7 +40,14 @@ def check(r, png):
     for case in ("runc", "kata virtio-fs", "kata virtio-fs, virtiofsd unconfined", "kata virtio-9p"):
         d = r["fs"]["results"].get(case, {})
         need(all(d.get(x, 0) > 0 for x in ("write_mib_s", "read_mib_s", "meta_ms")), f"shared-fs figures of {case}")
-    need(len(r["targets"]) == 10, "the ten targets")
+    dv = r.get("direct_volume", {})
+    for case, d in dv.get("results", {}).items():
+        need(d.get("write_mib_s", 0) > 0 and d.get("read_mib_s", 0) > 0, f"direct-volume figures of {case}")
+    need(len(dv.get("results", {})) == 2, "direct volume and host figures")
+    need(dv.get("hotplug_qmp_ms", {}).get("max", 0) > 0, "the direct volume's hot-plug time")
+    need(dv.get("start_with_volume_ms", {}).get("median", 0) > 0 and dv.get("start_without_ms", {}).get("median", 0) > 0,
+         "starts with and without a direct volume")
+    need(len(r["targets"]) == 11, "the eleven targets")
     for rt in ("runc", "kata"):
         for mode in ("off", "on"):
             d = r.get("seccomp", {}).get(rt, {}).get(mode, {})

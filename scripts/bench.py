@@ -401,12 +401,13 @@ def containerd_log_since(offset):
 # for kata) and, through a handshake over a bind-mounted directory, on the host (virtiofsd and 9p
 # read through the host's cache): the read is cold on both sides for every runtime.
 FS_SCRIPT = """t() { cut -d' ' -f1 /proc/uptime; }
-s=$(t); dd if=/dev/zero of=/bench.file bs=1M count=$1 conv=fsync 2>/dev/null || exit 1; e=$(t); echo "write $s $e"
+d=${3:-}
+s=$(t); dd if=/dev/zero of=$d/bench.file bs=1M count=$1 conv=fsync 2>/dev/null || exit 1; e=$(t); echo "write $s $e"
 sync; echo 3 > /proc/sys/vm/drop_caches || exit 1
 touch /sig/guest-dropped; i=0
 while [ ! -e /sig/host-dropped ]; do i=$((i+1)); [ $i -lt 600 ] || exit 1; sleep 0.1; done
-s=$(t); dd if=/bench.file of=/dev/null bs=1M 2>/dev/null || exit 1; e=$(t); echo "read $s $e"
-rm -f /bench.file; mkdir -p /bench.dir; cd /bench.dir
+s=$(t); dd if=$d/bench.file of=/dev/null bs=1M 2>/dev/null || exit 1; e=$(t); echo "read $s $e"
+rm -f $d/bench.file; mkdir -p $d/bench.dir; cd $d/bench.dir
 s=$(t); i=0; while [ $i -lt $2 ]; do echo x > f$i; i=$((i+1)); done; ls -l > /dev/null; rm -f f*; e=$(t); echo "meta $s $e"
 """
 
@@ -453,14 +454,15 @@ def bench_fs(sock, mib, files, repeats=3):
     return {"file_mib": mib, "small_files": files, "repeats": repeats, "results": res}
 
 
-def fs_run(sock, name, rt, extra, script, sig, mib, files):
-    """One run of FS_SCRIPT in a privileged container; its figures."""
+def fs_run(sock, name, rt, extra, script, sig, mib, files, directory=""):
+    """One run of FS_SCRIPT in a privileged container (on `directory`, default the rootfs); its
+    figures."""
     shutil.rmtree(sig, ignore_errors=True)
     os.makedirs(sig)
     run = subprocess.Popen(["ctr", "-a", sock, "run", "--rm", "--privileged", "--runtime", rt, *extra,
                             "--mount", f"type=bind,src={script},dst=/fs.sh,options=rbind:ro",
                             "--mount", f"type=bind,src={sig},dst=/sig,options=rbind:rw",
-                            IMAGE, "bench-fs", "sh", "/fs.sh", str(mib), str(files)],
+                            IMAGE, "bench-fs", "sh", "/fs.sh", str(mib), str(files), directory],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not os.path.exists(os.path.join(sig, "guest-dropped")) and run.poll() is None and time.time() < deadline:
@@ -477,6 +479,65 @@ def fs_run(sock, name, rt, extra, script, sig, mib, files):
     r["write_mib_s"] = round(mib / max(r["write_ms"], 10) * 1000, 1)
     r["read_mib_s"] = round(mib / max(r["read_ms"], 10) * 1000, 1)
     return r
+
+
+def bench_direct_volume(sock, mib, n, repeats=3):
+    """A direct volume (an ext4 loop device hot-plugged into the VM) against the same loop device
+    mounted on the host and used by a runc container: sequential write and cold read
+    (FS_SCRIPT), the QMP hot-plug time from the shim's log, and what the volume adds to
+    `ctr run --rm true`."""
+    work = tempfile.mkdtemp(prefix="kata-bench-dv-")
+    script = os.path.join(work, "fs.sh")
+    with open(script, "w") as f:
+        f.write(FS_SCRIPT)
+    image = os.path.join(work, "vol.img")
+    with open(image, "wb") as f:
+        f.truncate((2 * mib + 64) << 20)
+    sh("mkfs.ext4", "-q", "-F", image)
+    dev = sh("losetup", "-f", "--show", image).stdout.strip()
+    vol, host_mnt, sig = (os.path.join(work, x) for x in ("vol", "host", "sig"))
+    os.makedirs(vol)
+    os.makedirs(host_mnt)
+    kata_runtime = "/opt/kata/bin/kata-runtime"
+    sh(kata_runtime, "direct-volume", "add", "--volume-path", vol, "--mount-info",
+       json.dumps({"volume-type": "block", "device": dev, "fstype": "ext4"}))
+    host_case, kata_case = DV_HOST, DV_KATA
+    runs = {host_case: [], kata_case: []}
+    try:
+        log_before = log_size()
+        for _ in range(repeats):
+            sh("mount", dev, host_mnt)
+            try:
+                runs[host_case].append(fs_run(sock, host_case, RUNTIMES["runc"],
+                                              ["--mount", f"type=bind,src={host_mnt},dst=/vol,options=rbind:rw"],
+                                              script, sig, mib, 1, "/vol"))
+            finally:
+                sh("umount", host_mnt)
+            runs[kata_case].append(fs_run(sock, kata_case, RUNTIMES["kata"],
+                                          ["--mount", f"type=bind,src={vol},dst=/vol,options=rbind:rw"],
+                                          script, sig, mib, 1, "/vol"))
+        with_volume = summary([timed(lambda i=i: ctr(
+            sock, "run", "--runtime", RUNTIMES["kata"], "--rm",
+            "--mount", f"type=bind,src={vol},dst=/vol,options=rbind:rw",
+            IMAGE, f"bench-dv-start-{i}", "true")) for i in range(n)])
+        without = summary([timed(lambda i=i: ctr(
+            sock, "run", "--runtime", RUNTIMES["kata"], "--rm", IMAGE, f"bench-dv-plain-{i}", "true"))
+            for i in range(n)])
+        hotplug = [int(x) for x in re.findall(r"direct volume hot-plugged.*?hotplug_ms=(\d+)",
+                                               containerd_log_since(log_before))]
+    finally:
+        sh(kata_runtime, "direct-volume", "remove", "--volume-path", vol, check=False)
+        sh("umount", host_mnt, check=False)
+        sh("losetup", "-d", dev, check=False)
+        shutil.rmtree(work, ignore_errors=True)
+    if len(hotplug) != repeats + n:
+        raise RuntimeError(f"expected {repeats + n} hot-plug lines in the shim log, found {len(hotplug)}")
+    res = {}
+    for name, rs in runs.items():
+        res[name] = {k: statistics.median(r[k] for r in rs) for k in ("write_mib_s", "read_mib_s")}
+        res[name]["runs"] = rs
+    return {"file_mib": mib, "repeats": repeats, "results": res, "hotplug_qmp_ms": summary(hotplug),
+            "start_with_volume_ms": with_volume, "start_without_ms": without}
 
 
 def kernel_release(path):
@@ -514,6 +575,7 @@ def med(xs):
 
 
 UNCONFINED = "kata virtio-fs, virtiofsd unconfined"
+DV_HOST, DV_KATA = "runc, the loop device mounted on the host", "kata, direct volume (virtio-scsi)"
 
 
 # --- seccomp's cost ----------------------------------------------------------------------------
@@ -549,6 +611,8 @@ def targets(r):
     deb_floor = k["debian"]["floor"]["ms"]["median"]
     one = r["memory"]["kata"]["1"]["mean"]
     fs = r["fs"]["results"]
+    dv = r["direct_volume"]["results"]
+    dv_host, dv_kata = dv[DV_HOST], dv[DV_KATA]
     mem = r["guest_memory_mib"]
     return [
         ("floor with the built kernel <= 60% of the floor with Debian's", f"{floor:.0f} ms vs {deb_floor:.0f} ms ({floor / deb_floor:.0%})",
@@ -569,6 +633,9 @@ def targets(r):
          f"read {fs['kata virtio-fs']['read_mib_s']} vs {fs[UNCONFINED]['read_mib_s']}, write {fs['kata virtio-fs']['write_mib_s']} vs {fs[UNCONFINED]['write_mib_s']} MiB/s",
          fs["kata virtio-fs"]["read_mib_s"] >= 0.9 * fs[UNCONFINED]["read_mib_s"]
          and fs["kata virtio-fs"]["write_mib_s"] >= 0.9 * fs[UNCONFINED]["write_mib_s"]),
+        ("direct volume >= 50% of the host's loop device (sequential read and write)",
+         f"read {dv_kata['read_mib_s']} vs {dv_host['read_mib_s']}, write {dv_kata['write_mib_s']} vs {dv_host['write_mib_s']} MiB/s",
+         dv_kata["read_mib_s"] >= 0.5 * dv_host["read_mib_s"] and dv_kata["write_mib_s"] >= 0.5 * dv_host["write_mib_s"]),
     ]
 
 
@@ -685,6 +752,24 @@ def generated(r):
     ]
     for name, d in fs["results"].items():
         lines.append(f"| {name} | {d['write_mib_s']} | {d['read_mib_s']} | {d['meta_ms']} |")
+    dv = r["direct_volume"]
+    lines += [
+        "",
+        f"## Direct volume ({dv['file_mib']} MiB file on an ext4 loop device; median of {dv['repeats']} runs)",
+        "",
+        "| where | write MiB/s | read MiB/s (page cache dropped in the container's kernel and on the host) |",
+        "|---|---|---|",
+    ]
+    for name, d in dv["results"].items():
+        lines.append(f"| {name} | {d['write_mib_s']} | {d['read_mib_s']} |")
+    lines += [
+        "",
+        f"Hot-plug (QMP `blockdev-add` + `device_add`, in the shim): median {dv['hotplug_qmp_ms']['median']} ms "
+        f"(max {dv['hotplug_qmp_ms']['max']} ms). `ctr run --rm true` with the volume: median "
+        f"{dv['start_with_volume_ms']['median']:.0f} ms, without: {dv['start_without_ms']['median']:.0f} ms "
+        f"(the volume adds {dv['start_with_volume_ms']['median'] - dv['start_without_ms']['median']:.0f} ms: "
+        "hot-plug, the guest finding the disk, mount, unmount and unplug).",
+    ]
     sc = r["seccomp"]
     lines += [
         "",
@@ -803,6 +888,7 @@ def main():
     r["memory"] = bench_memory(sock, counts, [("runc", RUNTIMES["runc"], None)])
     r["memory"]["kata"] = default["memory"]
     r["fs"] = bench_fs(sock, a.fs_mib, a.files)
+    r["direct_volume"] = bench_direct_volume(sock, a.fs_mib, a.iterations)
     r["seccomp"] = bench_seccomp(sock, a.iterations)
     r["scrape"] = bench_scrape(sock, counts)
     r["targets"] = [{"target": t, "measured": m, "met": ok} for t, m, ok in targets(r)]
