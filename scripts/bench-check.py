@@ -43,7 +43,7 @@ def check(r, png):
     dv = r.get("direct_volume", {})
     for case, d in dv.get("results", {}).items():
         need(d.get("write_mib_s", 0) > 0 and d.get("read_mib_s", 0) > 0, f"direct-volume figures of {case}")
-    need(len(dv.get("results", {})) == 2, "direct volume and host figures")
+    need(len(dv.get("results", {})) == 3, "direct volume (virtio-scsi, virtio-blk) and host figures")
     need(dv.get("hotplug_qmp_ms", {}).get("max", 0) > 0, "the direct volume's hot-plug time")
     need(dv.get("start_with_volume_ms", {}).get("median", 0) > 0 and dv.get("start_without_ms", {}).get("median", 0) > 0,
          "starts with and without a direct volume")
