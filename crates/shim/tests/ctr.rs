@@ -1674,8 +1674,10 @@ fn debug_console_serves_a_shell_in_the_guest() {
 
     // The host side vanishing hangs the shell up (SIGHUP: 129), and the console serves the
     // next session.
+    // The first session's prompts are still on the screen: wait for one more.
+    let prompts = t.screen().matches("[kata-guest /]#").count();
     t.send("/opt/kata/bin/kata-runtime exec debug-console; echo EXIT=$?");
-    t.wait_for("[kata-guest /]#", 2);
+    t.wait_for("[kata-guest /]#", prompts + 1);
     let exec = common::pid_with("kata-runtime exec debug-console").expect("exec running");
     // SAFETY: kill(2) on the pid just found.
     unsafe { libc::kill(exec as i32, libc::SIGKILL) };
