@@ -1305,9 +1305,18 @@ fn spec_file(
     p.display().to_string()
 }
 
-/// `ctr run --rm --config SPEC ID`; returns (stdout, stderr, exit code).
+/// `ctr run --rm --config SPEC ID`; returns (stdout, stderr, exit code). The spec gets the
+/// cgroupsPath `ctr run` gives without `--config`, `/default/ID`: `ctr oci spec` says
+/// `/default`, the namespace's own cgroup, which runc removes with everything empty below it
+/// when the container goes (a kata sandbox's just-made cgroup among them).
 fn run_config(runtime: &str, id: &str, spec: &str) -> (String, String, i32) {
-    let out = ctr(&["run", "--runtime", runtime, "--rm", "--config", spec, id]);
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(spec).expect("read spec")).expect("spec json");
+    v["linux"]["cgroupsPath"] = serde_json::json!(format!("/default/{id}"));
+    let spec = std::path::Path::new(spec).with_file_name(format!("config-{id}.json"));
+    std::fs::write(&spec, serde_json::to_vec(&v).expect("json")).expect("write spec");
+    let spec = spec.display().to_string();
+    let out = ctr(&["run", "--runtime", runtime, "--rm", "--config", &spec, id]);
     (
         String::from_utf8_lossy(&out.stdout).to_string(),
         String::from_utf8_lossy(&out.stderr).to_string(),
@@ -1512,7 +1521,7 @@ fn guest_hooks_run_in_the_guest() {
     let spec = spec_file(
         dir.path(),
         &["/bin/sh", "-c", "head -n 1 /hooks.log"],
-        |_| {},
+        |s| s["linux"]["cgroupsPath"] = serde_json::json!("/default/guest-hooks"),
     );
     let cfg = cfg.display().to_string();
     let out = ctr(&[
