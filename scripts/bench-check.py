@@ -24,15 +24,17 @@ def check(r, png):
     need(len(r["memory"]["kata"]) >= 2, "memory of concurrent sandboxes")
     need(r["floor"]["ms"]["median"] > 0 and r["floor"]["qemu_idle_pss_kib"] > 0, "the raw-QEMU floor")
     # The floor (QEMU spawn to the agent's first line) is a part of kata's cold start: a floor
-    # above kata's start is a broken measurement, for either kernel.
-    for name in ("kata-rs", "debian"):
-        k = r["kernels"].get(name)
+    # above kata's start is a broken measurement, for every guest.
+    need(r.get("default_guest") in r.get("guests", {}), "the default guest's figures")
+    for name in ("kata-rs image", "kata-rs initrd", "debian initrd"):
+        k = r["guests"].get(name)
         need(k is not None, f"the {name} kernel's figures")
         if k is None:
             continue
         need(k["floor"]["ms"]["median"] > 0, f"the raw-QEMU floor of the {name} kernel")
         need(k["floor"]["ms"]["median"] <= k["cold_start_ms"]["median"], f"the {name} kernel's floor at most its cold start")
         need(k["memory"]["1"]["mean"]["qemu_pss_kib"] > 0, f"QEMU PSS with the {name} kernel")
+        need(len(k["memory"]) >= 2, f"memory of concurrent sandboxes with the {name} guest")
         need(k["meminfo"]["memtotal_kib"] > 0 and k["meminfo"]["memavailable_kib"] > 0, f"guest meminfo with the {name} kernel")
         need(k["kernel_file_bytes"] > 0, f"the {name} kernel's file size")
     for phase in ("config_load", "vm_boot", "agent_connect", "container_create", "process_start", "teardown"):
@@ -47,7 +49,7 @@ def check(r, png):
     need(dv.get("hotplug_qmp_ms", {}).get("max", 0) > 0, "the direct volume's hot-plug time")
     need(dv.get("start_with_volume_ms", {}).get("median", 0) > 0 and dv.get("start_without_ms", {}).get("median", 0) > 0,
          "starts with and without a direct volume")
-    need(len(r["targets"]) == 11, "the eleven targets")
+    need(len(r["targets"]) == 12, "the twelve targets")
     for rt in ("runc", "kata"):
         for mode in ("off", "on"):
             d = r.get("seccomp", {}).get(rt, {}).get(mode, {})

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Builds the static kata-agent and the guest initrds into build/:
+# Builds the static kata-agent and the guest initrds and rootfs image into build/:
 #   kata-containers-initrd-<release>.img for the project's kernel (build/kernel): no modules;
+#   kata-containers-<release>.img, the same tree as an ext4 disk image with an NVDIMM/DAX header
+#     (Kata's `image =`), for the project's kernel, which has NVDIMM, DAX and ext4 built in;
 #   kata-containers-initrd-<abi>-amd64.img for Debian's kernel (build/kernel-debian), with the
 #   modules the runtime needs, when that kernel has been fetched (KERNEL=debian or all).
 set -euo pipefail
@@ -25,6 +27,8 @@ if [ -f build/kernel/release ]; then
   release=$(cat build/kernel/release)
   target/release/kata-guest-image --agent build/kata-agent "${busybox_args[@]}" \
     --output "build/kata-containers-initrd-$release.img"
+  target/release/kata-guest-image --agent build/kata-agent "${busybox_args[@]}" \
+    --format image --output "build/kata-containers-$release.img"
   built=1
 fi
 debian="$(cat guest/kernel/debian-version)-amd64"

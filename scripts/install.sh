@@ -26,10 +26,11 @@ done
 ln -sfn configuration-qemu.toml "$defaults/configuration.toml"
 
 # The default guest: the project's kernel (vmlinux.container) and its initrd, which carries no
-# modules. Debian's generic kernel and its initrd (with modules) are installed beside them, for
+# modules, and the same tree as Kata's rootfs image (kata-containers.img). Debian's generic kernel and its initrd (with modules) are installed beside them, for
 # comparison (see docs/architecture.md), never as the default.
 assets="$PREFIX/share/kata-containers"
-rm -f "$assets"/vmlinux.container "$assets"/vmlinuz.container "$assets"/kata-containers-initrd.img
+rm -f "$assets"/vmlinux.container "$assets"/vmlinuz.container "$assets"/kata-containers-initrd.img \
+  "$assets"/kata-containers.img
 if [ -f "$kernel_dir/release" ]; then
   release=$(cat "$kernel_dir/release")
   install -p -m 0644 "$kernel_dir/vmlinux-$release" "$assets/vmlinux-$release"
@@ -41,6 +42,14 @@ if [ -f "$kernel_dir/release" ]; then
   if [ -f "$initrd" ]; then
     install -m 0644 "$initrd" "$assets/kata-containers-initrd-$release.img"
     ln -sfn "kata-containers-initrd-$release.img" "$assets/kata-containers-initrd.img"
+  fi
+  image="$here/build/kata-containers-$release.img"
+  if [ -f "$image" ]; then
+    # Running sandboxes map the installed image: never rewrite it in place. A new file is
+    # renamed over it, and they keep the one they booted from.
+    install -m 0644 "$image" "$assets/.kata-containers-$release.img.new"
+    mv -f "$assets/.kata-containers-$release.img.new" "$assets/kata-containers-$release.img"
+    ln -sfn "kata-containers-$release.img" "$assets/kata-containers.img"
   fi
 fi
 if [ -f "$debian_dir/vmlinux-$debian" ]; then

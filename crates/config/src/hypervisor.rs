@@ -152,8 +152,12 @@ config_section! {
         kernel: String = s("/opt/kata/share/kata-containers/vmlinux.container"), Dynamic::Path("valid_kernel_paths"), OK, ALL;
         /// Glob(3) patterns a `kernel` annotation must match (empty: the annotation is refused).
         valid_kernel_paths: Vec<String> = Vec::new(), N, OK, ALL;
-        /// Guest root filesystem disk image. Exactly one of `image` and `initrd` must be set.
-        image: String = String::new(), Dynamic::Path("valid_image_paths"), NY, ALL;
+        /// Guest root filesystem disk image (`make install` puts one at
+        /// /opt/kata/share/kata-containers/kata-containers.img). QEMU maps it read-only into the
+        /// guest as an NVDIMM and the guest runs from it with DAX (`root=/dev/pmem0p1`), so
+        /// every sandbox shares one copy in the host's page cache. Exactly one of `image` and
+        /// `initrd` must be set.
+        image: String = String::new(), Dynamic::Path("valid_image_paths"), OK, ALL;
         /// Glob(3) patterns an `image` annotation must match (empty: the annotation is refused).
         valid_image_paths: Vec<String> = Vec::new(), N, OK, ALL;
         /// Guest initrd holding kata-agent as /init. Exactly one of `image` and `initrd` must be set.
@@ -204,8 +208,9 @@ config_section! {
         memory_slots: u32 = 10, Y, OK, QEMU_CLH_FC;
         /// Most memory in MiB a VM can grow to; 0 means the host's memory.
         default_maxmemory: u32 = 0, Y, OK, ALL;
-        /// Memory offset in MiB added to `default_maxmemory` for NVDIMM devices.
-        memory_offset: u64 = 0, Y, NY, QEMU_FC;
+        /// Memory offset in MiB added to `default_maxmemory` for NVDIMM devices (the rootfs
+        /// image's NVDIMM is added on top of it by the runtime).
+        memory_offset: u64 = 0, Y, OK, QEMU_FC;
         /// Hot-plug memory with virtio-mem instead of DIMMs.
         enable_virtio_mem: bool = false, Y, NY, QEMU;
         /// Give memory the guest frees back to the host (virtio-balloon free page reporting):
@@ -274,8 +279,9 @@ config_section! {
         disable_nesting_checks: bool = false, N, NY, ALL;
         /// 9p message size in bytes (4096 to 1048576).
         msize_9p: u32 = DEFAULT_MSIZE_9P, Y, OK, QEMU_FC;
-        /// Do not use NVDIMM for the guest image; use virtio-blk.
-        disable_image_nvdimm: bool = false, Y, NY, QEMU;
+        /// Attach the guest `image` as a read-only virtio-blk disk (`root=/dev/vda1`) instead of
+        /// an NVDIMM: no DAX, so each guest caches the files it reads in its own memory.
+        disable_image_nvdimm: bool = false, Y, OK, QEMU;
         /// Hot-plug VFIO devices on the root bus instead of a bridge.
         hotplug_vfio_on_root_bus: bool = false, Y, NY, QEMU_FC;
         /// PCIe root ports to add (q35 only), for hot-plugging large-BAR devices.

@@ -48,6 +48,32 @@ impl Entry {
     }
 }
 
+/// What an [`Entry`] is, for writers of other formats (the disk image).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind<'a> {
+    /// A directory with its permission bits.
+    Dir(u32),
+    /// A regular file: permission bits and contents.
+    File(u32, &'a [u8]),
+    /// A symbolic link and its target.
+    Symlink(&'a str),
+    /// A character device: permission bits, major, minor.
+    CharDevice(u32, u32, u32),
+}
+
+impl Entry {
+    /// The entry's type and contents.
+    pub fn kind(&self) -> Kind<'_> {
+        let perm = self.mode & 0o7777;
+        match self.mode & 0o170000 {
+            S_IFDIR => Kind::Dir(perm),
+            S_IFLNK => Kind::Symlink(std::str::from_utf8(&self.data).unwrap_or("")),
+            S_IFCHR => Kind::CharDevice(perm, self.rdev.0, self.rdev.1),
+            _ => Kind::File(perm, &self.data),
+        }
+    }
+}
+
 fn pad(out: &mut Vec<u8>) {
     while !out.len().is_multiple_of(4) {
         out.push(0);

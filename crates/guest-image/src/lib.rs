@@ -12,6 +12,7 @@
 //! than loading the larger file.
 
 pub mod cpio;
+pub mod disk;
 pub mod kernel;
 pub mod modules;
 
@@ -48,6 +49,14 @@ pub enum BuildError {
     /// A module is not in `modules.dep`.
     #[error("kernel module {0} is not in modules.dep (is it built in, or misspelt?)")]
     UnknownModule(String),
+    /// A tool (mke2fs, debugfs) failed.
+    #[error("{tool}: {detail}")]
+    Tool {
+        /// The tool.
+        tool: String,
+        /// What it said.
+        detail: String,
+    },
     /// The image is too large.
     #[error("the initrd would be {size} bytes, more than the {limit}-byte limit")]
     TooLarge {
@@ -196,9 +205,9 @@ fn read(path: &Path) -> Result<Vec<u8>, BuildError> {
     })
 }
 
-/// Builds the initrd bytes.
-pub fn build_initrd(spec: &InitrdSpec) -> Result<Vec<u8>, BuildError> {
-    // BTreeMap: entries sorted by path, so the archive is deterministic.
+/// The guest's root filesystem, by path (sorted, so every writer is deterministic): the same
+/// tree goes into the initrd and into the disk image.
+pub fn rootfs_files(spec: &InitrdSpec) -> Result<BTreeMap<String, cpio::Entry>, BuildError> {
     let mut files: BTreeMap<String, cpio::Entry> = BTreeMap::new();
     for dir in [
         "dev",
@@ -212,12 +221,20 @@ pub fn build_initrd(spec: &InitrdSpec) -> Result<Vec<u8>, BuildError> {
         "bin",
         "sbin",
         "mnt",
+        "root",
     ] {
         files.insert(dir.to_string(), cpio::Entry::dir(0o755));
     }
     files.insert("dev/console".into(), cpio::Entry::char_device(0o600, 5, 1));
     files.insert("dev/null".into(), cpio::Entry::char_device(0o666, 1, 3));
     files.insert("init".into(), cpio::Entry::file(0o755, read(&spec.agent)?));
+    // The kernel's default init when it mounts a disk root (the image has no initramfs).
+    files.insert("sbin/init".into(), cpio::Entry::symlink("/init"));
+    // The agent writes the pod's DNS here; /run is a tmpfs, so this works on a read-only root.
+    files.insert(
+        "etc/resolv.conf".into(),
+        cpio::Entry::symlink("/run/resolv.conf"),
+    );
     if let Some(modules_dir) = &spec.modules_dir {
         add_modules(&mut files, modules_dir, &spec.modules)?;
     }
@@ -231,6 +248,12 @@ pub fn build_initrd(spec: &InitrdSpec) -> Result<Vec<u8>, BuildError> {
     if let Some(multi) = &spec.iptables {
         add_iptables(&mut files, multi)?;
     }
+    Ok(files)
+}
+
+/// Builds the initrd bytes.
+pub fn build_initrd(spec: &InitrdSpec) -> Result<Vec<u8>, BuildError> {
+    let files = rootfs_files(spec)?;
     let bytes = cpio::write(files.iter().map(|(p, e)| (p.as_str(), e)));
     if bytes.len() > MAX_SIZE {
         return Err(BuildError::TooLarge {

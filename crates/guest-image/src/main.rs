@@ -3,7 +3,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-/// Builds the guest initrd (or, with --trim-kernel, trims a vmlinux).
+/// Builds the guest initrd or rootfs disk image (or, with --trim-kernel, trims a vmlinux).
 #[derive(Debug, Parser)]
 #[command(name = "kata-guest-image", version)]
 struct Args {
@@ -31,11 +31,22 @@ struct Args {
     /// Output file.
     #[arg(long, short, required_unless_present = "trim_kernel")]
     output: Option<PathBuf>,
+    /// What to build: `initrd` (a cpio archive the kernel unpacks into RAM) or `image` (Kata's
+    /// `kata-containers.img`: an ext4 disk image the guest maps as an NVDIMM with DAX, or
+    /// attaches over virtio-blk).
+    #[arg(long, value_enum, default_value = "initrd")]
+    format: Format,
     /// Instead of building an initrd: rewrite this ELF vmlinux in place so the VMM does not read
     /// the zero bytes its segments end with (.bss and scratch space); the guest sees the same
     /// memory.
     #[arg(long, conflicts_with_all = ["agent", "modules_dir", "output", "busybox"])]
     trim_kernel: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Format {
+    Initrd,
+    Image,
 }
 
 fn trim(path: &std::path::Path) -> ExitCode {
@@ -108,6 +119,26 @@ fn main() -> ExitCode {
         trees,
         iptables: args.iptables,
     };
+    if args.format == Format::Image {
+        let built = kata_guest_image::rootfs_files(&spec)
+            .and_then(|files| kata_guest_image::disk::build_image(&files, &output));
+        return match built {
+            Ok(info) => {
+                println!(
+                    "{}: {} bytes (ext4 {} bytes, {} bytes of files)",
+                    output.display(),
+                    info.size,
+                    info.fs_size,
+                    info.content
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("kata-guest-image: {}", chain(&e));
+                ExitCode::FAILURE
+            }
+        };
+    }
     let bytes = match kata_guest_image::build_initrd(&spec) {
         Ok(b) => b,
         Err(e) => {

@@ -430,6 +430,7 @@ impl Sandbox {
             debug_console: debug_console_socket,
             netns: network.as_ref().map(|n| n.netns.clone()),
             nics,
+            image_size: 0,
         };
         let t = Instant::now();
         let vm = Vm::start(&qemu, h, &spec, &paths.vm_dir.join("qemu.stderr"))

@@ -300,11 +300,19 @@ async fn missing_assets_are_named_and_nothing_is_left() {
     for (key, value, expect) in [
         ("kernel", "/opt/kata/share/kata-containers/no-such-vmlinux", "guest kernel /opt/kata/share/kata-containers/no-such-vmlinux does not exist ([hypervisor.qemu].kernel)"),
         ("initrd", "/opt/kata/share/kata-containers/no-such-initrd", "guest initrd /opt/kata/share/kata-containers/no-such-initrd does not exist ([hypervisor.qemu].initrd)"),
+        ("image", "/opt/kata/share/kata-containers/no-such-image", "guest rootfs image /opt/kata/share/kata-containers/no-such-image does not exist ([hypervisor.qemu].image)"),
     ] {
         let mut c = config(&[]);
         match key {
             "kernel" => c.hypervisor.kernel = value.into(),
-            _ => c.hypervisor.initrd = value.into(),
+            "initrd" => {
+                c.hypervisor.image = String::new();
+                c.hypervisor.initrd = value.into();
+            }
+            _ => {
+                c.hypervisor.initrd = String::new();
+                c.hypervisor.image = value.into();
+            }
         }
         let id = format!("it-missing-{key}");
         kata_sandbox::sandbox::cleanup_stale(&id);
@@ -589,7 +597,8 @@ async fn the_default_kernel_has_everything_built_in() {
     let tmp = tempfile::tempdir().expect("tmp");
     let rootfs = busybox_rootfs(tmp.path());
     let c = config(&[]);
-    let initrd = std::fs::read(&c.hypervisor.initrd).expect("installed initrd");
+    let initrd = std::fs::read("/opt/kata/share/kata-containers/kata-containers-initrd.img")
+        .expect("installed initrd");
     let names = cpio_names(&initrd);
     assert!(names.iter().any(|n| n == "init"), "{names:?}");
     let modules: Vec<&String> = names
@@ -648,6 +657,7 @@ async fn debians_generic_kernel_still_boots() {
     let assets = Path::new("/opt/kata/share/kata-containers");
     let mut c = config(&[]);
     c.hypervisor.kernel = assets.join(format!("vmlinux-{ver}")).display().to_string();
+    c.hypervisor.image = String::new();
     c.hypervisor.initrd = assets
         .join(format!("kata-containers-initrd-{ver}.img"))
         .display()

@@ -1485,36 +1485,38 @@ fn guest_hooks_run_in_the_guest() {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     }
-    let initrd = dir.path().join("initrd-with-hooks.img");
+    // The guest's root as shipped (the rootfs image or the initrd), with the hooks in it.
+    let root = shipped_root();
+    let (name, format) = match root {
+        Root::Initrd => ("initrd-with-hooks.img", "initrd"),
+        _ => ("image-with-hooks.img", "image"),
+    };
+    let file = dir.path().join(name);
     let st = Command::new(common::repo().join("target/release/kata-guest-image"))
         .arg("--agent")
         .arg(common::repo().join("build/kata-agent"))
-        .args(["--busybox", "/bin/busybox", "--add-tree"])
+        .args([
+            "--busybox",
+            "/bin/busybox",
+            "--format",
+            format,
+            "--add-tree",
+        ])
         .arg(format!("{}:/usr/share/oci/hooks", hooks.display()))
         .arg("--output")
-        .arg(&initrd)
+        .arg(&file)
         .stdout(Stdio::null())
         .status()
         .expect("kata-guest-image");
     assert!(st.success());
-    let shipped =
-        std::fs::read_to_string("/opt/kata/share/defaults/kata-containers/configuration-qemu.toml")
-            .expect("shipped configuration");
-    let re_initrd = shipped
-        .lines()
-        .find(|l| l.starts_with("initrd = "))
-        .expect("an initrd line")
-        .to_string();
-    assert!(shipped.contains("guest_hook_path = \"\""));
     let cfg = dir.path().join("configuration-hooks.toml");
     std::fs::write(
         &cfg,
-        shipped
-            .replace(&re_initrd, &format!("initrd = \"{}\"", initrd.display()))
-            .replace(
-                "guest_hook_path = \"\"",
-                "guest_hook_path = \"/usr/share/oci/hooks\"",
-            ),
+        configuration(
+            root,
+            Some(&file),
+            &[("guest_hook_path", "\"/usr/share/oci/hooks\"")],
+        ),
     )
     .expect("config");
     // The process starts after prestart; poststart may or may not have run by then.
@@ -1673,7 +1675,12 @@ fn debug_console_serves_a_shell_in_the_guest() {
         .skip(1)
         .take(3)
         .collect();
-    assert_eq!(after[0], "/init", "{s}");
+    // The kernel runs /init from an initrd, /sbin/init (a link to /init) from the image.
+    let init = match shipped_root() {
+        Root::Initrd => "/init",
+        _ => "/sbin/init",
+    };
+    assert_eq!(after[0], init, "{s}");
     assert_eq!(after[1], "30 100", "{s}");
     assert!(after[2].parse::<u32>().is_ok_and(|n| n > 0), "{s}");
     t.send("exit 3");
@@ -1952,4 +1959,291 @@ fn direct_volumes_are_hot_plugged_block_devices() {
     let (_, err, code) = common::kata_runtime(&["direct-volume", "stats", "--volume-path", &ve]);
     assert_eq!(code, 1);
     assert!(err.contains("is not a direct volume"), "{err}");
+}
+
+/// Where the guest's root filesystem comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Root {
+    /// The rootfs image, mapped read-only as an NVDIMM (DAX).
+    ImageNvdimm,
+    /// The rootfs image as a read-only virtio-blk disk (`disable_image_nvdimm = true`).
+    ImageBlock,
+    /// The initrd.
+    Initrd,
+}
+
+const ASSETS: &str = "/opt/kata/share/kata-containers";
+const SHIPPED: &str = "/opt/kata/share/defaults/kata-containers/configuration-qemu.toml";
+
+/// The root the shipped configuration boots.
+fn shipped_root() -> Root {
+    let text = std::fs::read_to_string(SHIPPED).expect("shipped configuration");
+    if text.lines().any(|l| l == "image = \"\"") {
+        Root::Initrd
+    } else {
+        Root::ImageNvdimm
+    }
+}
+
+/// The shipped configuration with the guest's root set to `root` (from `file` instead of the
+/// installed image or initrd, when given), and each `key = ` line of `replace` set to its value.
+fn configuration(root: Root, file: Option<&std::path::Path>, replace: &[(&str, &str)]) -> String {
+    let shipped = std::fs::read_to_string(SHIPPED).expect("shipped configuration");
+    let default_file = match root {
+        Root::Initrd => format!("{ASSETS}/kata-containers-initrd.img"),
+        _ => format!("{ASSETS}/kata-containers.img"),
+    };
+    let file = file
+        .map(|f| f.display().to_string())
+        .unwrap_or(default_file);
+    let (image, initrd) = match root {
+        Root::Initrd => (String::new(), file),
+        _ => (file, String::new()),
+    };
+    let mut keys: Vec<(String, String)> = vec![
+        ("image".into(), format!("{image:?}")),
+        ("initrd".into(), format!("{initrd:?}")),
+        (
+            "disable_image_nvdimm".into(),
+            (root == Root::ImageBlock).to_string(),
+        ),
+    ];
+    keys.extend(replace.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let mut seen = std::collections::HashSet::new();
+    let mut out = String::new();
+    for line in shipped.lines() {
+        let key = line.split(" = ").next().unwrap_or("");
+        match keys.iter().find(|(k, _)| k == key) {
+            Some((k, v)) if seen.insert(k.clone()) => out.push_str(&format!("{k} = {v}\n")),
+            _ => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    for (k, _) in &keys {
+        assert!(
+            seen.contains(k),
+            "the shipped configuration has no {k} line"
+        );
+    }
+    out
+}
+
+/// Writes [`configuration`] into `dir` and returns its path.
+fn configuration_file(
+    dir: &std::path::Path,
+    root: Root,
+    file: Option<&std::path::Path>,
+    replace: &[(&str, &str)],
+) -> String {
+    let path = dir.join(format!("configuration-{root:?}.toml"));
+    std::fs::write(&path, configuration(root, file, replace)).expect("configuration");
+    path.display().to_string()
+}
+
+fn sha256(path: &str) -> String {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+#[test]
+#[ignore = "needs root, containerd, QEMU and make install (make test runs it)"]
+fn the_guest_boots_from_the_image_or_the_initrd_alike() {
+    let dir = tempfile::tempdir().expect("tmp");
+    for (root, tag, param) in [
+        (Root::ImageNvdimm, "nvdimm", "root=/dev/pmem0p1"),
+        (Root::ImageBlock, "blk", "root=/dev/vda1"),
+        (Root::Initrd, "initrd", ""),
+    ] {
+        let cfg = configuration_file(dir.path(), root, None, &[]);
+        let rc = ["--runtime-config-path", cfg.as_str()];
+        // Output, stderr and the exit code; the kernel's root.
+        let script =
+            "cat /proc/cmdline; grep MemTotal /proc/meminfo; echo out; echo err >&2; exit 3";
+        let (out, err, code) = run(KATA, &format!("root-{tag}"), &rc, script, "");
+        assert_eq!(code, 3, "{root:?}: {err}");
+        assert!(
+            out.ends_with("out\n") && err.contains("err"),
+            "{root:?}: {out} {err}"
+        );
+        let cmdline = out.lines().next().unwrap_or("");
+        if param.is_empty() {
+            assert!(!cmdline.contains("root="), "{root:?}: {cmdline}");
+        } else {
+            assert!(
+                cmdline.contains(param) && cmdline.contains(" ro "),
+                "{root:?}: {cmdline}"
+            );
+        }
+        assert_no_leftovers(&format!("root-{tag}"));
+        // --memory-limit grows the VM by the limit.
+        let limited = [
+            "--runtime-config-path",
+            cfg.as_str(),
+            "--memory-limit",
+            "536870912",
+        ];
+        let (more, err, code) = run(KATA, &format!("root-{tag}-mem"), &limited, script, "");
+        assert_eq!(code, 3, "{root:?}: {err}");
+        let (a, b) = (mem_total_mib(&out), mem_total_mib(&more));
+        assert!(
+            b >= a + 500 && b <= a + 520,
+            "{root:?}: VM memory {a} MiB -> {b} MiB with a 512 MiB limit"
+        );
+        assert_no_leftovers(&format!("root-{tag}-mem"));
+        // exec, with the QEMU devices of the mode.
+        let id = format!("root-{tag}-exec");
+        force_remove(&id);
+        run_detached(KATA, &id, &rc, &["sleep", "1000"]);
+        let qemu = common::pid_with(&format!("sandbox-{id} ")).expect("QEMU runs");
+        let argv = String::from_utf8_lossy(
+            &std::fs::read(format!("/proc/{qemu}/cmdline")).expect("cmdline"),
+        )
+        .replace('\0', " ");
+        match root {
+            Root::ImageNvdimm => assert!(
+                argv.contains("nvdimm,id=nv0,memdev=mem-nv0,unarmed=on")
+                    && argv.contains("readonly=on,share=on"),
+                "{argv}"
+            ),
+            Root::ImageBlock => assert!(
+                argv.contains("format=raw,readonly=on")
+                    && argv.contains("virtio-blk-pci,drive=image0"),
+                "{argv}"
+            ),
+            Root::Initrd => assert!(
+                argv.contains(" -initrd ") && !argv.contains("nvdimm"),
+                "{argv}"
+            ),
+        }
+        let e = ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "e1",
+            &id,
+            "sh",
+            "-c",
+            "echo exec-out; exit 5",
+        ]);
+        assert_eq!(String::from_utf8_lossy(&e.stdout), "exec-out\n", "{root:?}");
+        assert_eq!(e.status.code(), Some(5), "{root:?}");
+        kill_and_remove(&id);
+        assert_no_leftovers(&id);
+    }
+}
+
+#[test]
+#[ignore = "needs root, containerd, QEMU and make install (make test runs it)"]
+fn the_image_is_read_only_to_the_guest_and_unchanged_on_the_host() {
+    let _ = socket();
+    let dir = tempfile::tempdir().expect("tmp");
+    let image = std::fs::canonicalize(format!("{ASSETS}/kata-containers.img"))
+        .expect("make install installs the image")
+        .display()
+        .to_string();
+    let before = sha256(&image);
+    for (root, tag, dev, part) in [
+        (Root::ImageNvdimm, "nvdimm", "/dev/pmem0", "/dev/pmem0p1"),
+        (Root::ImageBlock, "blk", "/dev/vda", "/dev/vda1"),
+    ] {
+        let cfg = configuration_file(dir.path(), root, None, &[("debug_console_enabled", "true")]);
+        let id = format!("ro-image-{tag}");
+        force_remove(&id);
+        run_detached(
+            KATA,
+            &id,
+            &["--runtime-config-path", &cfg],
+            &["sleep", "1000"],
+        );
+        // A root shell in the guest (the debug console) tries every way to write the image.
+        let script = format!(
+            "grep ' / ' /proc/mounts\n\
+             touch /probe && echo WROTE-ROOT\n\
+             mount -o remount,rw / && echo REMOUNTED-RW\n\
+             blockdev --setrw {dev}; dd if=/dev/zero of={dev} bs=4096 count=8 seek=768 conv=fsync && echo WROTE-DEVICE\n\
+             blockdev --setrw {part}; dd if=/dev/zero of={part} bs=4096 count=8 conv=fsync && echo WROTE-PARTITION\n\
+             echo done-trying\n\
+             exit 0\n"
+        );
+        let mut child = Command::new("/opt/kata/bin/kata-runtime")
+            .args(["exec", &id])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kata-runtime exec");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(script.as_bytes())
+            .expect("script");
+        let out = child.wait_with_output().expect("exec ends");
+        let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+        assert!(text.contains("done-trying"), "{root:?}: {text}");
+        let mounts = text
+            .lines()
+            .find(|l| l.starts_with("/dev/root / ext4 "))
+            .unwrap_or_else(|| panic!("{root:?}: no root mount in {text}"));
+        assert!(
+            mounts.contains(" ro,") || mounts.contains(" ro "),
+            "{mounts}"
+        );
+        if root == Root::ImageNvdimm {
+            assert!(
+                mounts.contains("dax"),
+                "the guest runs from the image with DAX: {mounts}"
+            );
+        }
+        for marker in [
+            "WROTE-ROOT",
+            "REMOUNTED-RW",
+            "WROTE-DEVICE",
+            "WROTE-PARTITION",
+        ] {
+            assert!(
+                !text.lines().any(|l| l == marker),
+                "{root:?}: the guest could write ({marker}): {text}"
+            );
+        }
+        kill_and_remove(&id);
+        assert_no_leftovers(&id);
+        assert_eq!(
+            sha256(&image),
+            before,
+            "{root:?}: the image file on the host changed"
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs root, containerd, QEMU and make install (make test runs it)"]
+fn kata_3_0_configuration_runs_unchanged() {
+    // Kata 3.0.0's own configuration-qemu.toml, byte for byte: the rootfs image, Kata's paths.
+    let kata = common::repo().join("crates/config/tests/data/kata-3.0.0/configuration-qemu.toml");
+    let text = std::fs::read_to_string(&kata).expect("Kata's file");
+    assert!(text.contains("image = \"/opt/kata/share/kata-containers/kata-containers.img\""));
+    let cfg = kata.display().to_string();
+    let (out, err, code) = run(
+        KATA,
+        "kata-3-0-config",
+        &["--runtime-config-path", &cfg],
+        "free -h; grep -o 'root=[^ ]*' /proc/cmdline",
+        "",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("Mem:") && out.contains("root=/dev/pmem0p1"),
+        "{out}"
+    );
+    assert_no_leftovers("kata-3-0-config");
 }

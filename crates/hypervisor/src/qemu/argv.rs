@@ -70,6 +70,9 @@ pub struct LaunchSpec {
     pub netns: Option<PathBuf>,
     /// virtio-net NICs.
     pub nics: Vec<Nic>,
+    /// Size in bytes of the guest rootfs image (`image`), which the caller measured; 0 when
+    /// the guest boots from an initrd.
+    pub image_size: u64,
 }
 
 /// A virtio-net NIC on a tap.
@@ -90,6 +93,46 @@ pub struct Nic {
 pub const SHARED_FS_TAG: &str = "kataShared";
 /// Id of the guest RAM backend at boot.
 pub const BOOT_MEMORY_ID: &str = "ram0";
+/// Id of the rootfs image's NVDIMM (and of its memory backend, `mem-<id>`).
+pub const IMAGE_NVDIMM_ID: &str = "nv0";
+/// Id of the rootfs image's drive when it is a virtio-blk disk (`disable_image_nvdimm`).
+pub const IMAGE_DRIVE_ID: &str = "image0";
+/// The guest's root when it boots from the image through the NVDIMM: the image's first
+/// partition, mounted read-only with DAX (the guest executes from the host's page cache).
+pub const IMAGE_NVDIMM_ROOT: &[&str] = &[
+    "root=/dev/pmem0p1",
+    "rootflags=dax",
+    "ro",
+    "rootfstype=ext4",
+];
+/// The guest's root when the image is a virtio-blk disk.
+pub const IMAGE_BLK_ROOT: &[&str] = &["root=/dev/vda1", "ro", "rootfstype=ext4"];
+
+const MIB: u64 = 1024 * 1024;
+
+/// How the guest boots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Boot {
+    /// From `initrd` (unpacked into guest RAM).
+    Initrd,
+    /// From `image`, mapped read-only as an NVDIMM (DAX).
+    ImageNvdimm,
+    /// From `image` as a read-only virtio-blk disk (`disable_image_nvdimm = true`).
+    ImageBlock,
+}
+
+impl Boot {
+    /// How `h` boots.
+    pub fn of(h: &HypervisorConfig) -> Boot {
+        if h.image.is_empty() {
+            Boot::Initrd
+        } else if h.disable_image_nvdimm {
+            Boot::ImageBlock
+        } else {
+            Boot::ImageNvdimm
+        }
+    }
+}
 
 /// Kernel parameters the runtime always sets (boot speed and a quiet, panicking guest).
 pub const BASE_KERNEL_PARAMS: &[&str] = &[
@@ -141,6 +184,9 @@ pub fn build(h: &HypervisorConfig, s: &LaunchSpec) -> Vec<String> {
     let mut a = Vec::new();
     push(&mut a, "-name", format!("sandbox-{}", s.id));
     let mut machine = h.machine_type.clone();
+    if Boot::of(h) == Boot::ImageNvdimm && !h.machine_accelerators.contains("nvdimm") {
+        machine.push_str(",nvdimm=on");
+    }
     if h.enable_iommu {
         machine.push_str(",kernel-irqchip=split");
     }
@@ -170,15 +216,30 @@ pub fn build(h: &HypervisorConfig, s: &LaunchSpec) -> Vec<String> {
         "-smp",
         format!("{},maxcpus={}", s.vcpus, h.default_maxvcpus.max(s.vcpus)),
     );
-    let maxmem = h.default_maxmemory.max(s.memory_mib);
-    if h.memory_slots > 0 && maxmem > s.memory_mib {
+    let boot = Boot::of(h);
+    // The NVDIMM lives in the hot-plug memory area: it takes a slot and its size (in whole
+    // MiB) on top of the memory hot-plug may add; `memory_offset` is Kata's extra room.
+    let image_mib = if boot == Boot::ImageNvdimm {
+        u32::try_from(s.image_size.div_ceil(MIB)).unwrap_or(u32::MAX)
+    } else {
+        0
+    };
+    let offset_mib = u32::try_from(h.memory_offset).unwrap_or(u32::MAX);
+    let maxmem = h
+        .default_maxmemory
+        .max(s.memory_mib)
+        .saturating_add(image_mib)
+        .saturating_add(offset_mib);
+    let slots = if image_mib > 0 {
+        h.memory_slots.max(1)
+    } else {
+        h.memory_slots
+    };
+    if slots > 0 && maxmem > s.memory_mib {
         push(
             &mut a,
             "-m",
-            format!(
-                "{}M,slots={},maxmem={}M",
-                s.memory_mib, h.memory_slots, maxmem
-            ),
+            format!("{}M,slots={slots},maxmem={maxmem}M", s.memory_mib),
         );
     } else {
         push(&mut a, "-m", format!("{}M", s.memory_mib));
@@ -210,6 +271,11 @@ pub fn build(h: &HypervisorConfig, s: &LaunchSpec) -> Vec<String> {
         push(&mut a, "-initrd", h.initrd.clone());
     }
     let mut params: Vec<String> = BASE_KERNEL_PARAMS.iter().map(|p| p.to_string()).collect();
+    match boot {
+        Boot::Initrd => {}
+        Boot::ImageNvdimm => params.extend(IMAGE_NVDIMM_ROOT.iter().map(|p| p.to_string())),
+        Boot::ImageBlock => params.extend(IMAGE_BLK_ROOT.iter().map(|p| p.to_string())),
+    }
     params.push(if h.enable_debug {
         "debug".into()
     } else {
@@ -231,6 +297,49 @@ pub fn build(h: &HypervisorConfig, s: &LaunchSpec) -> Vec<String> {
     } else {
         ""
     };
+    match boot {
+        Boot::Initrd => {}
+        Boot::ImageNvdimm => {
+            // Read-only and shared: every sandbox maps the same page-cache pages of the file,
+            // and nothing the guest does can reach it (an unarmed NVDIMM is read-only to the
+            // guest kernel, and QEMU maps the file without write permission).
+            let align = if s.image_size.is_multiple_of(2 * MIB) {
+                ",align=2M"
+            } else {
+                ""
+            };
+            push(
+                &mut a,
+                "-object",
+                format!(
+                    "memory-backend-file,id=mem-{IMAGE_NVDIMM_ID},mem-path={},size={},readonly=on,share=on{align}",
+                    h.image, s.image_size
+                ),
+            );
+            push(
+                &mut a,
+                "-device",
+                format!("nvdimm,id={IMAGE_NVDIMM_ID},memdev=mem-{IMAGE_NVDIMM_ID},unarmed=on"),
+            );
+        }
+        Boot::ImageBlock => {
+            push(
+                &mut a,
+                "-drive",
+                format!(
+                    "id={IMAGE_DRIVE_ID},file={},if=none,format=raw,readonly=on",
+                    h.image
+                ),
+            );
+            push(
+                &mut a,
+                "-device",
+                format!(
+                    "virtio-blk-pci,drive={IMAGE_DRIVE_ID},id=vd-{IMAGE_DRIVE_ID}{iommu_platform}"
+                ),
+            );
+        }
+    }
     if h.enable_iommu {
         push(
             &mut a,
@@ -410,6 +519,7 @@ mod tests {
             debug_console: None,
             netns: None,
             nics: Vec::new(),
+            image_size: 0,
         }
     }
 

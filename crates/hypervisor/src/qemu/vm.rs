@@ -113,6 +113,24 @@ pub fn console_tail(path: &Path, lines: usize) -> String {
     }
 }
 
+/// The guest's memory block size on x86-64 (`/sys/devices/system/memory/block_size_bytes`).
+pub const MEMORY_BLOCK: u64 = 128 * 1024 * 1024;
+
+/// Where the next DIMM goes, from a `query-memory-devices` answer: the first memory block
+/// boundary after every plugged device, or `None` (QEMU's choice, the start of the hot-plug
+/// area) when there is none.
+fn next_dimm_addr(devices: &serde_json::Value) -> Option<u64> {
+    devices
+        .as_array()?
+        .iter()
+        .filter_map(|d| {
+            let data = d.get("data")?;
+            Some(data.get("addr")?.as_u64()? + data.get("size")?.as_u64()?)
+        })
+        .max()
+        .map(|end| end.div_ceil(MEMORY_BLOCK) * MEMORY_BLOCK)
+}
+
 impl Vm {
     /// Starts QEMU and connects to its QMP socket.
     pub async fn start(
@@ -142,13 +160,16 @@ impl Vm {
                 key: "initrd",
             });
         }
+        let mut spec = spec.clone();
         if !h.image.is_empty() {
-            return Err(VmError::Missing {
-                what: "image boot is not supported yet; guest image",
+            let meta = std::fs::metadata(&h.image).map_err(|_| VmError::Missing {
+                what: "guest rootfs image",
                 path: PathBuf::from(&h.image),
                 key: "image",
-            });
+            })?;
+            spec.image_size = meta.len();
         }
+        let spec = &spec;
         let args = argv::build(h, spec);
         tracing::debug!(?args, "starting QEMU");
         let stderr = std::fs::File::create(stderr_log).map_err(|source| VmError::Spawn {
@@ -343,9 +364,16 @@ impl Vm {
                 obj.insert(k.into(), value);
             }
         }
+        // The guest onlines memory in whole blocks (128 MiB on x86): a DIMM must start on a
+        // block boundary. QEMU packs devices end to end, so after the rootfs image's NVDIMM
+        // (any size) the next DIMM would straddle a block; place it explicitly.
+        let addr = next_dimm_addr(&self.qmp("query-memory-devices", None).await?);
         self.qmp("object-add", Some(serde_json::Value::Object(obj)))
             .await?;
-        let dev = json!({ "driver": "pc-dimm", "id": format!("dimm{n}"), "memdev": id });
+        let mut dev = json!({ "driver": "pc-dimm", "id": format!("dimm{n}"), "memdev": id });
+        if let Some(addr) = addr {
+            dev["addr"] = json!(addr);
+        }
         if let Err(e) = self.qmp("device_add", Some(dev)).await {
             let _ = self.qmp("object-del", Some(json!({ "id": id }))).await;
             return Err(e);
@@ -538,6 +566,18 @@ pub fn kill_pid(pid: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dimms_start_on_a_memory_block_after_the_image() {
+        assert_eq!(next_dimm_addr(&json!([])), None);
+        let nvdimm = json!([{"type": "nvdimm", "data": {"addr": 0x1_0000_0000u64, "size": 25165824u64, "slot": 0}}]);
+        assert_eq!(next_dimm_addr(&nvdimm), Some(0x1_0000_0000 + MEMORY_BLOCK));
+        let both = json!([
+            {"type": "nvdimm", "data": {"addr": 0x1_0000_0000u64, "size": 25165824u64}},
+            {"type": "dimm", "data": {"addr": 0x1_0800_0000u64, "size": 536870912u64}},
+        ]);
+        assert_eq!(next_dimm_addr(&both), Some(0x1_0800_0000 + 536870912));
+    }
 
     #[test]
     fn cpu_threads_from_query_cpus_fast() {
