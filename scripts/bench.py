@@ -116,6 +116,41 @@ def pss_kib(pid):
     return 0
 
 
+QEMU_PARTS = ("guest RAM", "anonymous (QEMU heap, TCG code cache)", "guest kernel file", "rootfs image file",
+              "initrd file", "QEMU binary and libraries", "other")
+
+
+def qemu_breakdown_kib(pid):
+    """QEMU's PSS by what is mapped: guest RAM, its anonymous memory, the files it maps."""
+    parts = dict.fromkeys(QEMU_PARTS, 0)
+    name = "other"
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            for line in f:
+                if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+                    fields = line.split(maxsplit=5)
+                    path = fields[5].strip() if len(fields) > 5 else ""
+                    if "memory-backend" in path or path.startswith("/dev/hugepages"):
+                        name = "guest RAM"
+                    elif path in ("", "[heap]", "[stack]") or path.startswith("[anon"):
+                        name = "anonymous (QEMU heap, TCG code cache)"
+                    elif "/vmlinu" in path:
+                        name = "guest kernel file"
+                    elif "initrd" in path:
+                        name = "initrd file"
+                    elif path.endswith(".img"):
+                        name = "rootfs image file"
+                    elif "qemu" in path or ".so" in path:
+                        name = "QEMU binary and libraries"
+                    else:
+                        name = "other"
+                elif line.startswith("Pss:"):
+                    parts[name] += int(line.split()[1])
+    except OSError:
+        pass
+    return parts
+
+
 def summary(samples):
     return {"min": min(samples), "median": statistics.median(samples), "max": max(samples), "samples": samples}
 
@@ -202,15 +237,22 @@ def bench_memory(sock, counts, variants):
             for cid in cids:
                 shim, qemu, vfsd = sandbox_pids(cid)
                 e = {"shim_pss_kib": sum(pss_kib(p) for p in shim), "shim_rss_kib": sum(rss_kib(p) for p in shim)}
+                parts = {}
                 if rt == RUNTIMES["kata"]:
                     e["qemu_pss_kib"] = sum(pss_kib(p) for p in qemu)
                     e["virtiofsd_pss_kib"] = sum(pss_kib(p) for p in vfsd)
+                    for p in qemu:
+                        for k, v in qemu_breakdown_kib(p).items():
+                            parts[k] = parts.get(k, 0) + v
                 e["total_pss_kib"] = sum(v for k, v in e.items() if k.endswith("_pss_kib"))
-                per.append(e)
+                per.append((e, parts))
             for cid in cids:
                 remove(sock, cid)
-            mean = {k: round(statistics.mean(e[k] for e in per)) for k in per[0]}
-            res[name][str(n)] = {"mean": mean, "samples": per}
+            mean = {k: round(statistics.mean(e[k] for e, _ in per)) for k in per[0][0]}
+            entry = {"mean": mean, "samples": [e for e, _ in per]}
+            if per[0][1]:
+                entry["qemu_breakdown_kib"] = {k: round(statistics.mean(p.get(k, 0) for _, p in per)) for k in QEMU_PARTS}
+            res[name][str(n)] = entry
     return res
 
 
@@ -732,6 +774,21 @@ def generated(r):
             f"{mem_k['1']['mean']['qemu_pss_kib'] / 1024:.1f} | {many['qemu_pss_kib'] / 1024:.1f} | "
             f"{mem_k['1']['mean']['total_pss_kib'] / 1024:.1f} | {many['total_pss_kib'] / 1024:.1f} | "
             f"{k['meminfo']['memtotal_kib'] / 1024:.0f} | {k['meminfo']['memavailable_kib'] / 1024:.0f} |")
+    n = str(r["concurrent"])
+    own = [name for name in r["guests"] if name.startswith("kata-rs")]
+    lines += [
+        "",
+        f"### Where an idle sandbox's memory goes with {n} at once (host PSS per sandbox, MiB)",
+        "",
+        "| part | " + " | ".join(own) + " |",
+        "|---|" + "---|" * len(own),
+    ]
+    many = {name: r["guests"][name]["memory"].get(n, r["guests"][name]["memory"]["1"]) for name in own}
+    for part in QEMU_PARTS:
+        lines.append(f"| QEMU: {part} | " + " | ".join(
+            f"{many[name].get('qemu_breakdown_kib', {}).get(part, 0) / 1024:.1f}" for name in own) + " |")
+    for key, label in (("shim_pss_kib", "shim"), ("virtiofsd_pss_kib", "virtiofsd"), ("total_pss_kib", "**total**")):
+        lines.append(f"| {label} | " + " | ".join(f"{many[name]['mean'][key] / 1024:.1f}" for name in own) + " |")
     lines += [
         "",
         f"Kata's cold start is **{kata - floor:.0f} ms** above the floor (ratio {kata / floor:.2f}); "

@@ -303,3 +303,45 @@ fn annotation_changes_are_validated_afterwards() {
         "{e}"
     );
 }
+
+#[test]
+fn the_image_annotation_needs_valid_image_paths() {
+    let mut c = cfg("enable_annotations = [\"image\"]");
+    let e = annotate(
+        &mut c,
+        &[(
+            &format!("{HV}image"),
+            "/opt/kata/share/kata-containers/other.img",
+        )],
+    )
+    .expect_err("empty list refuses");
+    assert!(e.contains("valid_image_paths (now [])"), "{e}");
+    let mut c = cfg("enable_annotations = [\"image\"]\nvalid_image_paths = [\"/opt/kata/share/kata-containers/*\"]");
+    annotate(
+        &mut c,
+        &[(
+            &format!("{HV}image"),
+            "/opt/kata/share/kata-containers/other.img",
+        )],
+    )
+    .expect("glob matches");
+    assert_eq!(
+        c.hypervisor.image,
+        "/opt/kata/share/kata-containers/other.img"
+    );
+    let e = annotate(&mut c, &[(&format!("{HV}image"), "/tmp/evil.img")]).expect_err("glob");
+    assert!(
+        e.contains("image=\"/tmp/evil.img\" is refused") && e.contains("valid_image_paths"),
+        "{e}"
+    );
+    let mut c = cfg("valid_image_paths = [\"/opt/kata/share/kata-containers/*\"]");
+    let e = annotate(
+        &mut c,
+        &[(
+            &format!("{HV}image"),
+            "/opt/kata/share/kata-containers/other.img",
+        )],
+    )
+    .expect_err("not in enable_annotations");
+    assert!(e.contains("enable_annotations"), "{e}");
+}
