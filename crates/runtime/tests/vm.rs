@@ -338,7 +338,8 @@ async fn missing_assets_are_named_and_nothing_is_left() {
 #[ignore = "needs root, QEMU and the installed guest (make test runs it)"]
 async fn a_panicking_guest_is_reported_with_its_console() {
     let mut c = config(&[]);
-    c.hypervisor.kernel_params = "rdinit=/no-such-init".into();
+    // rdinit= for an initrd, init= for the rootfs image (the default).
+    c.hypervisor.kernel_params = "rdinit=/no-such-init init=/no-such-init".into();
     c.agent.dial_timeout = 60;
     kata_sandbox::sandbox::cleanup_stale("it-panic");
     let t = Instant::now();
@@ -358,7 +359,7 @@ async fn a_panicking_guest_is_reported_with_its_console() {
 async fn an_agent_that_never_answers_times_out_with_the_console() {
     let mut c = config(&[]);
     // busybox sh as init: the guest runs, but nothing serves the agent API.
-    c.hypervisor.kernel_params = "rdinit=/bin/sh".into();
+    c.hypervisor.kernel_params = "rdinit=/bin/sh init=/bin/sh".into();
     c.agent.dial_timeout = 6;
     kata_sandbox::sandbox::cleanup_stale("it-silent");
     let t = Instant::now();
