@@ -216,6 +216,11 @@ fn child(config: &HelperConfig, status: &mut File) -> String {
             return e;
         }
     }
+    // The process starts with every signal at its default action and none blocked, as with
+    // runc: this helper is a Rust program, whose runtime ignores SIGPIPE, and an ignored signal
+    // survives execve (a `yes | head` would spin forever on EPIPE instead of dying). Done
+    // before the seccomp filter, which may forbid rt_sigaction.
+    reset_signals();
     // As runc: without no_new_privileges the filter goes in while the process still has
     // CAP_SYS_ADMIN (so the profile must allow what remains: setuid, capset, execve...); with
     // it, as late as possible, right before execve.
@@ -774,6 +779,24 @@ fn prepare_exec(p: &Process) -> Result<Prepared, String> {
         argv: args.iter().map(|a| c(a)).collect::<Result<_, _>>()?,
         envp: env.iter().map(|e| c(e)).collect::<Result<_, _>>()?,
     })
+}
+
+/// Every catchable signal back to its default action, and an empty signal mask.
+fn reset_signals() {
+    for n in 1..=libc::SIGRTMAX() {
+        if n == libc::SIGKILL || n == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: setting a signal's action to SIG_DFL involves no handler code.
+        unsafe {
+            libc::signal(n, libc::SIG_DFL);
+        }
+    }
+    let _ = nix::sys::signal::sigprocmask(
+        nix::sys::signal::SigmaskHow::SIG_SETMASK,
+        Some(&nix::sys::signal::SigSet::empty()),
+        None,
+    );
 }
 
 fn exec(p: Prepared) -> String {

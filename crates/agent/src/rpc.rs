@@ -129,6 +129,21 @@ fn online_all(dir: &str, file: &str, value: &str) -> usize {
     n
 }
 
+/// Onlines every offline memory block, as movable memory where the kernel allows it.
+fn online_memory() {
+    let Ok(entries) = std::fs::read_dir("/sys/devices/system/memory") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path().join("state");
+        if std::fs::read_to_string(&p).is_ok_and(|s| s.trim() == "offline")
+            && std::fs::write(&p, "online_movable").is_err()
+        {
+            let _ = std::fs::write(&p, "online");
+        }
+    }
+}
+
 fn online_cpus() -> u32 {
     std::thread::available_parallelism()
         .map(|n| n.get() as u32)
@@ -525,7 +540,10 @@ impl AgentService for Agent {
         loop {
             online_all("/sys/devices/system/cpu", "online", "1");
             if !cpu_only {
-                online_all("/sys/devices/system/memory", "state", "online");
+                // Movable, so the host can take it back (the kernel's own auto-online does the
+                // same with memhp_default_state=online_movable); plain "online" where a block
+                // cannot be movable.
+                online_memory();
             }
             if online_cpus() >= want || std::time::Instant::now() >= deadline {
                 break;

@@ -545,3 +545,35 @@ fn overhead_measures_a_real_sandbox_and_leaves_nothing() {
     );
     assert!(stdout.contains("podFixed:\n    memory: \""), "{stdout}");
 }
+
+#[test]
+fn keys_the_runtime_does_not_act_on_are_reported() {
+    // The shipped file with keys the runtime parses but does not act on, set by a user.
+    let dir = tempfile::tempdir().expect("tmp");
+    let text = std::fs::read_to_string(shipped())
+        .expect("shipped")
+        .replace("\nenable_tracing = false\n", "\nenable_tracing = true\n");
+    assert!(
+        text.contains("\nenable_tracing = true\n"),
+        "the shipped file has enable_tracing"
+    );
+    let cfg = dir.path().join("configuration.toml");
+    std::fs::write(&cfg, text).expect("write");
+    let (out, stdout, stderr) = run(bin().arg("--config").arg(&cfg).args(["env", "--json"]));
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("valid JSON");
+    let keys: Vec<String> = v["Runtime"]["UnsupportedKeys"]
+        .as_array()
+        .expect("UnsupportedKeys")
+        .iter()
+        .filter_map(|k| k.as_str().map(String::from))
+        .collect();
+    assert!(
+        keys.iter().any(|k| k.ends_with(".enable_tracing")),
+        "{keys:?}"
+    );
+    // The shipped file itself sets nothing the runtime ignores.
+    let (_, stdout, _) = run(bin().arg("--config").arg(shipped()).args(["env", "--json"]));
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("valid JSON");
+    assert_eq!(v["Runtime"]["UnsupportedKeys"], serde_json::json!([]));
+}

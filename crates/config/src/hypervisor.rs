@@ -204,15 +204,19 @@ config_section! {
         default_bridges: u32 = 1, N, OK, ALL;
         /// Memory in MiB a VM boots with.
         default_memory: u32 = DEFAULT_MEMORY_MIB, Y, OK, ALL;
-        /// Memory slots, that is how many times memory can be hot-added.
+        /// Memory slots: how many DIMMs can be plugged at once (one per container with a memory
+        /// limit; a removed container's DIMM is unplugged and its slot reused).
         memory_slots: u32 = 10, Y, OK, QEMU_CLH_FC;
         /// Most memory in MiB a VM can grow to; 0 means the host's memory.
         default_maxmemory: u32 = 0, Y, OK, ALL;
         /// Memory offset in MiB added to `default_maxmemory` for NVDIMM devices (the rootfs
         /// image's NVDIMM is added on top of it by the runtime).
         memory_offset: u64 = 0, Y, OK, QEMU_FC;
-        /// Hot-plug memory with virtio-mem instead of DIMMs.
-        enable_virtio_mem: bool = false, Y, NY, QEMU;
+        /// Hot-plug memory with one virtio-mem device instead of a DIMM per container: no slot
+        /// limit, and the guest plugs and unplugs memory inside the device. Either way memory a
+        /// container asked for goes back to the host when it is removed (hot-plugged memory is
+        /// movable in the guest).
+        enable_virtio_mem: bool = false, Y, OK, QEMU;
         /// Give memory the guest frees back to the host (virtio-balloon free page reporting):
         /// a container that allocates and frees 1 GiB no longer keeps it on the host. The
         /// guest reports free 4 MiB blocks two seconds after they are freed. Kata has this key

@@ -125,8 +125,9 @@ config_section! {
     pub struct AgentConfig {
         /// Debug logging in kata-agent.
         enable_debug: bool = false, N, OK, ALL;
-        /// Tracing in kata-agent.
-        enable_tracing: bool = false, Y, OK, ALL;
+        /// OpenTelemetry tracing in kata-agent (not supported: the agent logs to the console;
+        /// `enable_debug` gives its debug log).
+        enable_tracing: bool = false, Y, NY, ALL;
         /// Kernel modules (with parameters) the agent loads at boot, for example
         /// `"e1000e InterruptThrottleRate=3000"`. As an annotation: `;`-separated.
         kernel_modules: Vec<String> = Vec::new(), Y, OK, ALL;

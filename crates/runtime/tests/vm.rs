@@ -248,7 +248,8 @@ async fn sandbox_runs_containers_end_to_end() {
         sb.resources().0,
         read_guest(&sb, "c2", "m0", "grep MemTotal /proc/meminfo").await,
     );
-    let (online, mem_kb) = sb.hotplug(1, 512).await.expect("hotplug");
+    sb.set_hotplugged(1, 512).await.expect("hotplug");
+    let (online, mem_kb) = sb.guest_resources().await.expect("guest resources");
     assert_eq!(online, cpus_before + 1);
     let nproc = read_guest(&sb, "c2", "n1", "nproc").await;
     assert_eq!(nproc.trim(), (cpus_before + 1).to_string());
@@ -264,6 +265,17 @@ async fn sandbox_runs_containers_end_to_end() {
         "{mem_before} -> {mem_after}"
     );
     assert_eq!(kb(&mem_after), mem_kb);
+    // And back: the DIMM is unplugged and the guest's MemTotal is as it booted; the vCPU is
+    // unplugged under KVM and stays under TCG (QEMU 7.2 cannot plug one again there).
+    sb.set_hotplugged(0, 0).await.expect("unplug");
+    let (online, back_kb) = sb.guest_resources().await.expect("guest resources");
+    let kept = u32::from(sb.accel == kata_hypervisor::Accel::Tcg);
+    assert_eq!(online, cpus_before + kept);
+    assert_eq!(back_kb, kb(&mem_before), "MemTotal back to the boot size");
+    assert_eq!(sb.resources().0, cpus_before + kept);
+    // Plugging again reuses what stayed: no growth beyond the demand.
+    sb.set_hotplugged(1, 0).await.expect("plug again");
+    assert_eq!(sb.resources().0, cpus_before + 1);
 
     // SIGTERM kills a sleeping process: it dies of the signal. (The container's init is PID 1
     // of its namespace and, like with runc, ignores signals it has no handler for, except
@@ -683,6 +695,230 @@ async fn debians_generic_kernel_still_boots() {
     assert!(loaded >= 10, "Debian's kernel needs its modules: {console}");
     let (out, status) = run_container(&sb, &rootfs, "d1", "uname -r", |_| {}).await;
     assert_eq!((out.trim(), status), (ver.as_str(), 0));
+    sb.stop().await;
+    assert_no_leftovers(id);
+}
+
+/// Set in the child that [`a_sandbox_on_a_cgroup_v2_host`] runs in its own mount namespace.
+const CGROUP2_CHILD: &str = "KATA_TEST_CGROUP2_CHILD";
+
+/// The host cgroup v2 code path, end to end with a real sandbox. This host is cgroup v1, so the
+/// test re-runs itself in a private mount namespace whose only cgroup mount is a cgroup2
+/// hierarchy at /sys/fs/cgroup, as on a v2 host: the runtime then finds a v2 layout and
+/// creates, joins, fills and removes the sandbox's cgroups there. What cannot be shown here:
+/// the controllers (cpu, memory, ...) stay bound to the host's v1 hierarchies, so the v2
+/// directories have no `cpu.max` and the CPU limit is not written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, QEMU and the installed guest (make test runs it)"]
+async fn a_sandbox_on_a_cgroup_v2_host() {
+    use kata_sandbox::cgroups::Layout;
+    if std::env::var_os(CGROUP2_CHILD).is_none() && !matches!(Layout::current(), Ok(Layout::V2(_)))
+    {
+        // Every cgroup mount (and the tmpfs holding them) goes, deepest first; cgroup2 comes.
+        let script = "set -e; \
+            for m in $(awk '$9 ~ /^cgroup/ || $5 == \"/sys/fs/cgroup\" {print $5}' /proc/self/mountinfo | sort -r); do umount -l \"$m\"; done; \
+            mount -t cgroup2 cgroup2 /sys/fs/cgroup; \
+            exec \"$0\" \"$@\"";
+        let exe = std::env::current_exe().expect("test binary");
+        let status = std::process::Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c", script])
+            .arg(&exe)
+            .args([
+                "--exact",
+                "a_sandbox_on_a_cgroup_v2_host",
+                "--include-ignored",
+                "--nocapture",
+            ])
+            .env(CGROUP2_CHILD, "1")
+            .status()
+            .expect("unshare");
+        assert!(
+            status.success(),
+            "the cgroup v2 run failed (its output is above)"
+        );
+        return;
+    }
+    let layout = Layout::current().expect("cgroup layout");
+    let Layout::V2(h) = &layout else {
+        panic!("expected the unified hierarchy only: {layout:?}")
+    };
+    assert_eq!(h.mount, Path::new("/sys/fs/cgroup"));
+    let tmp = tempfile::tempdir().expect("tmp");
+    let rootfs = busybox_rootfs(tmp.path());
+    let id = "it-cgroup2";
+    kata_sandbox::sandbox::cleanup_stale(id);
+    let placement = kata_sandbox::Placement {
+        netns: None,
+        cgroups_path: Some("/kata-test-v2/pod-it".into()),
+    };
+    let sb = Sandbox::create_in(id, &config(&[]), &placement)
+        .await
+        .expect("a sandbox on cgroup v2");
+    let cg = sb.cgroups.clone().expect("host cgroups");
+    // Kata's rule: the sandbox cgroup replaces the last component of the cgroupsPath.
+    let sandbox_dir = PathBuf::from("/sys/fs/cgroup/kata-test-v2/kata_it-cgroup2");
+    let overhead = PathBuf::from("/sys/fs/cgroup/kata_overhead/it-cgroup2");
+    let procs = |dir: &Path| -> Vec<u32> {
+        std::fs::read_to_string(dir.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    };
+    // Everything is checked first and asserted after the sandbox stopped, so that a failure
+    // leaves nothing running.
+    let dirs = (cg.sandbox_dirs(), cg.overhead_dirs());
+    // v2 moves whole processes: QEMU (its vCPUs with it) into the sandbox cgroup, the caller
+    // (the shim; here the test) into the overhead cgroup.
+    let qemu_in = procs(&sandbox_dir).contains(&sb.vm.pid);
+    let me_in = procs(&overhead).contains(&std::process::id());
+    // The v2 CPU limit is written where the controller is enabled; here it is not (see above).
+    let limit = cg.set_cpu_limit(Some(kata_sandbox::cgroups::CpuLimit {
+        quota: 50_000,
+        period: 100_000,
+    }));
+    let cpu_max = sandbox_dir.join("cpu.max").exists();
+    let (out, status) = run_container(&sb, &rootfs, "c1", "echo on-cgroup2", |_| {}).await;
+    sb.stop().await;
+    assert_eq!(dirs, (vec![sandbox_dir.clone()], vec![overhead.clone()]));
+    assert!(qemu_in, "QEMU in {}", sandbox_dir.display());
+    assert!(me_in, "the caller in the overhead cgroup");
+    assert!(limit.is_ok(), "{limit:?}");
+    assert!(!cpu_max, "the cpu controller is v1's on this host");
+    assert_eq!((out.as_str(), status), ("on-cgroup2\n", 0));
+    assert!(
+        !sandbox_dir.exists() && !overhead.exists(),
+        "cgroups removed"
+    );
+    assert!(
+        !procs(&Path::new("/sys/fs/cgroup").join(h.own.trim_start_matches('/'))).is_empty(),
+        "the caller went back to its own cgroup"
+    );
+    let _ = std::fs::remove_dir("/sys/fs/cgroup/kata-test-v2");
+    assert_no_leftovers(id);
+}
+
+/// The agent's resident memory in bytes, from its metrics.
+async fn agent_rss(sb: &Sandbox) -> u64 {
+    let text = sb
+        .agent_metrics(std::time::Duration::from_secs(10))
+        .await
+        .expect("agent metrics");
+    text.lines()
+        .find(|l| l.starts_with("kata_agent_total_rss"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .expect("kata_agent_total_rss")
+}
+
+/// A container writes much more than the agent buffers while the host reads slowly: the writer
+/// blocks in write(2), the agent's memory stays bounded, and every byte arrives in order.
+/// KATA_TEST_SLOW_READER_MIB sets the amount (64 MiB here; `make soak` writes 1 GiB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, QEMU and the installed guest (make test runs it)"]
+async fn a_slow_reader_holds_the_writer_back_and_loses_nothing() {
+    let mib: u64 = std::env::var("KATA_TEST_SLOW_READER_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64);
+    let total = mib << 20;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let rootfs = busybox_rootfs(tmp.path());
+    let id = "it-slow-reader";
+    kata_sandbox::sandbox::cleanup_stale(id);
+    let sb = Sandbox::create(id, &config(&[]))
+        .await
+        .expect("sandbox boots");
+    let line = b"0123456789abcdef\n";
+    let script = format!("yes 0123456789abcdef | head -c {total}");
+    sb.create_container("w", spec(&["sh", "-c", &script]), &rootfs, Vec::new())
+        .await
+        .expect("create");
+    sb.close_stdin("w", "").await.expect("close stdin");
+    sb.start_container("w").await.expect("start");
+    let rss_idle = agent_rss(&sb).await;
+    // Nobody reads for 3 s: the writer must be held back by then.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    // Where the writer waits (/proc/PID/wchan), twice a second apart: in pipe_write, its
+    // stdout pipe full because the agent stopped draining it.
+    let wchan = |exec_id: &'static str| {
+        let sb = &sb;
+        async move {
+            read_guest(
+                sb,
+                "w",
+                exec_id,
+                // The writer: the pipeline's last process, which shares the container's stdout.
+                "t=$(readlink /proc/1/fd/1); for p in /proc/[0-9]*; do [ $p != /proc/1 ] && [ \"$(readlink $p/fd/1)\" = \"$t\" ] && cat $p/wchan; done",
+            )
+            .await
+        }
+    };
+    let first = wchan("w1").await;
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let second = wchan("w2").await;
+    eprintln!("slow reader: the writer waits in {first:?}, then {second:?}");
+    assert!(
+        first == "pipe_write" && second == "pipe_write",
+        "the writer is held back while nobody reads: {first:?}, {second:?}"
+    );
+    let mut got: u64 = 0;
+    let mut max_rss = rss_idle;
+    let mut reads = 0u64;
+    let t = Instant::now();
+    loop {
+        let req = kata_protocols::agent::ReadStreamRequest {
+            container_id: "w".into(),
+            len: 64 * 1024,
+            ..Default::default()
+        };
+        let r = sb
+            .agent
+            .agent
+            .read_stdout(ttrpc::context::with_timeout(0), &req)
+            .await
+            .expect("ReadStdout");
+        if r.data.is_empty() {
+            break;
+        }
+        for (i, b) in r.data.iter().enumerate() {
+            let at = (got + i as u64) % line.len() as u64;
+            assert_eq!(*b, line[at as usize], "byte {} is wrong", got + i as u64);
+        }
+        got += r.data.len() as u64;
+        reads += 1;
+
+        // A slow host: a pause after every 64 KiB read, and the agent's RSS now and then.
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        if reads.is_multiple_of(256) {
+            max_rss = max_rss.max(agent_rss(&sb).await);
+        }
+    }
+    assert_eq!(got, total, "every byte arrived");
+    assert_eq!(sb.wait("w", "").await.expect("wait").0, 0);
+    eprintln!(
+        "{mib} MiB read in {:.1} s; agent RSS {:.1} MiB idle, at most {:.1} MiB while the host read slowly",
+        t.elapsed().as_secs_f64(),
+        rss_idle as f64 / 1048576.0,
+        max_rss as f64 / 1048576.0
+    );
+    if let Ok(out) = std::env::var("KATA_SLOW_READER_OUT") {
+        let summary = serde_json::json!({
+            "mib": mib,
+            "seconds": t.elapsed().as_secs_f64(),
+            "agent_rss_idle_bytes": rss_idle,
+            "agent_rss_max_bytes": max_rss,
+            "writer_waited_in": second,
+            "bytes_lost": total - got,
+        });
+        std::fs::write(&out, format!("{summary:#}\n")).expect("write the slow-reader summary");
+    }
+    assert!(
+        max_rss <= 32 << 20,
+        "the agent's RSS reached {max_rss} bytes"
+    );
+    sb.remove_container("w").await.expect("remove");
     sb.stop().await;
     assert_no_leftovers(id);
 }

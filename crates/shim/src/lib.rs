@@ -205,19 +205,41 @@ fn delete(args: &Args) -> Result<(), String> {
     Ok(())
 }
 
+/// Sets the shim's log level once the configuration is known (`[runtime] enable_debug`).
+type LevelSetter = Box<dyn Fn(bool) + Send + Sync>;
+static LOG_LEVEL: std::sync::OnceLock<LevelSetter> = std::sync::OnceLock::new();
+
+/// Turns the shim's debug logging on (`[runtime] enable_debug = true`, as containerd's
+/// `-debug` flag does).
+pub(crate) fn set_debug_logging() {
+    if let Some(set) = LOG_LEVEL.get() {
+        set(true);
+    }
+}
+
 fn daemon(args: &Args) -> Result<(), String> {
     let socket = std::env::var_os(SOCKET_ENV)
         .map(PathBuf::from)
         .unwrap_or_else(|| socket_path(args));
     let level = if args.debug { "debug" } else { "info" };
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(level))
         .with_writer(std::io::stderr)
         .with_ansi(false)
         // Each phase's span logs its duration when it closes ("close time.busy=.. time.idle=..";
         // busy + idle = wall time): the start breakdown of BENCHMARKS.md comes from these.
         .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
-        .try_init();
+        .with_filter_reloading();
+    let handle = builder.reload_handle();
+    if builder.try_init().is_ok() {
+        let _ = LOG_LEVEL.set(Box::new(move |debug: bool| {
+            let _ = handle.reload(tracing_subscriber::EnvFilter::new(if debug {
+                "debug"
+            } else {
+                "info"
+            }));
+        }));
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

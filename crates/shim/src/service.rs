@@ -59,7 +59,6 @@ impl Proc {
 struct TaskState {
     bundle: PathBuf,
     rootfs: Option<PathBuf>,
-    memory_mib: u32,
     /// The container's CPU limit, counted in the host sandbox cgroup's (None: not counted, as
     /// for a pod's sandbox container).
     cpu: Option<Option<CpuLimit>>,
@@ -106,6 +105,11 @@ pub struct Service {
     shutdown: Arc<Notify>,
     state: Mutex<State>,
     oom: OomReporter,
+    /// What each container asks of the VM beyond its boot size: (memory MiB, vCPUs), from its
+    /// create until its delete. The VM is resized to their sum.
+    demands: std::sync::Mutex<HashMap<String, (u32, u32)>>,
+    /// Held while the VM is resized, so that resizes apply in the order their sums were taken.
+    resizing: Mutex<()>,
 }
 
 /// Publishes `/tasks/oom` once per OOM kill the guest cgroup of a container counts.
@@ -148,6 +152,21 @@ fn internal(e: impl std::error::Error + 'static) -> ttrpc::Error {
 
 fn not_found(what: &str) -> ttrpc::Error {
     err(ttrpc::Code::NOT_FOUND, format!("{what} not found"))
+}
+
+/// Whether an agent call failed for want of an answer (timeout, lost connection), not because
+/// the agent refused it.
+fn agent_unresponsive(e: &kata_sandbox::SandboxError) -> bool {
+    let msg = kata_config::error_chain(e);
+    [
+        "deadline elapsed",
+        "timed out",
+        "channel closed",
+        "Connection reset",
+        "Broken pipe",
+    ]
+    .iter()
+    .any(|m| msg.contains(m))
 }
 
 /// Memory limit (MiB) and vCPUs a spec's resources ask for.
@@ -222,7 +241,40 @@ impl Service {
             shutdown,
             state: Mutex::new(State::default()),
             oom,
+            demands: Default::default(),
+            resizing: Mutex::new(()),
         }
+    }
+
+    /// Records what container `id` asks of the VM (None: nothing any more).
+    fn set_demand(&self, id: &str, demand: Option<(u32, u32)>) {
+        let mut d = self.demands.lock().unwrap_or_else(|e| e.into_inner());
+        match demand {
+            Some(v) if v != (0, 0) => {
+                d.insert(id.to_string(), v);
+            }
+            _ => {
+                d.remove(id);
+            }
+        }
+    }
+
+    /// Resizes the VM's hot-plugged vCPUs and memory to the sum of its containers' demands
+    /// (nothing with static resource management: the VM was sized at boot).
+    async fn resize_vm(&self, sb: &Sandbox) -> Result<(), kata_sandbox::SandboxError> {
+        if sb.config.runtime.static_resources() {
+            return Ok(());
+        }
+        let _order = self.resizing.lock().await;
+        let (mem, cpus) = self
+            .demands
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .fold((0u32, 0u32), |(m, c), (dm, dc)| {
+                (m.saturating_add(*dm), c.saturating_add(*dc))
+            });
+        sb.set_hotplugged(cpus, mem).await
     }
 
     /// The sandbox, if its VM runs, for the monitor socket. Waits at most 200 ms for the state
@@ -345,10 +397,22 @@ impl Service {
                         FoundBy::RuntimeOption,
                     )
                     .with_annotations(annotations.clone().into_iter().collect());
-                tracing::info_span!("config_load")
+                let config = tracing::info_span!("config_load")
                     .in_scope(|| kata_config::load::load_effective(&inputs, &HostLimits::current()))
                     .map_err(|e| err(ttrpc::Code::INVALID_ARGUMENT, kata_config::error_chain(&e)))?
-                    .0
+                    .0;
+                if config.runtime.enable_debug {
+                    crate::set_debug_logging();
+                }
+                // Keys set in the files that the runtime does not act on: said, not dropped.
+                for u in &config.unsupported {
+                    tracing::warn!(
+                        section = %u.section,
+                        key = %u.key,
+                        "configuration key set but not supported by this runtime: it has no effect"
+                    );
+                }
+                config
             }
         };
         let root_path = spec
@@ -421,15 +485,26 @@ impl Service {
                 }
             }
         };
-        if !config.runtime.static_resources() && (mem > 0 || cpus > 0) {
-            let vcpus = cpus.min(
-                sb.config
-                    .hypervisor
-                    .default_maxvcpus
-                    .saturating_sub(sb.resources().0),
-            );
-            if let Err(e) = sb.hotplug(vcpus, mem).await {
-                tracing::warn!(error = %kata_config::error_chain(&e), "resource hot-plug failed");
+        if mem > 0 || cpus > 0 {
+            // The VM gets what the container asks for before the container exists; if it
+            // cannot, the create fails with the reason (the container would run with less
+            // than its limits otherwise).
+            self.set_demand(&req.id, Some((mem, cpus)));
+            if let Err(e) = self.resize_vm(&sb).await {
+                self.set_demand(&req.id, None);
+                let _ = self.resize_vm(&sb).await;
+                undo(&mounted);
+                if req.id == self.id {
+                    sb.stop().await;
+                    self.state.lock().await.sandbox = None;
+                }
+                return Err(err(
+                    ttrpc::Code::RESOURCE_EXHAUSTED,
+                    format!(
+                        "cannot give the VM the container's resources ({mem} MiB, {cpus} vCPUs): {}",
+                        kata_config::error_chain(&e)
+                    ),
+                ));
             }
         }
         guest_seccomp(&sb.config, &req.id, &mut spec);
@@ -467,6 +542,17 @@ impl Service {
             Err(e) => {
                 sb.unshare(&req.id);
                 sb.release_volumes(&req.id).await;
+                let had = self
+                    .demands
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains_key(&req.id);
+                self.set_demand(&req.id, None);
+                if had && req.id != self.id {
+                    if let Err(e) = self.resize_vm(&sb).await {
+                        tracing::warn!(error = %kata_config::error_chain(&e), "giving back the resources of a failed create");
+                    }
+                }
                 undo(&mounted);
                 if req.id == self.id {
                     sb.stop().await;
@@ -489,7 +575,6 @@ impl Service {
         let task = TaskState {
             bundle,
             rootfs: mounted,
-            memory_mib: mem,
             cpu: counted_cpu,
             init,
             execs: HashMap::new(),
@@ -783,12 +868,18 @@ impl Task for Service {
             }
             if req.id != self.id {
                 self.update_host_cpu_limit(sb).await;
-            }
-            if t.memory_mib > 0 {
-                tracing::debug!(
-                    mib = t.memory_mib,
-                    "hot-plugged memory stays until the sandbox stops"
-                );
+                // What the container had goes back (vCPUs, memory the guest can release).
+                let had = self
+                    .demands
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains_key(&req.id);
+                self.set_demand(&req.id, None);
+                if had {
+                    if let Err(e) = self.resize_vm(sb).await {
+                        tracing::warn!(error = %kata_config::error_chain(&e), container = %req.id, "giving back the container's vCPUs and memory");
+                    }
+                }
             }
         }
         if let Some(r) = &t.rootfs {
@@ -932,6 +1023,19 @@ impl Task for Service {
             if matches!(finished, Ok(Ok(_))) {
                 return Err(not_found("process already finished:"));
             }
+            // SIGKILL never fails with runc. An agent that does not answer it (a hung or
+            // stopped VM) cannot run anything any more: the VM is killed, which ends every
+            // process in it (reported as killed), and the kubelet can stop the pod.
+            if req.signal == 9 && agent_unresponsive(&e) {
+                tracing::error!(
+                    container = %req.id,
+                    exec = %req.exec_id,
+                    error = %kata_config::error_chain(&e),
+                    "the agent did not answer SIGKILL: killing the VM"
+                );
+                kata_hypervisor::qemu::vm::kill_pid(sb.vm.pid);
+                return Ok(Empty::new());
+            }
             return Err(internal(e));
         }
         Ok(Empty::new())
@@ -1033,22 +1137,27 @@ impl Task for Service {
                 format!("invalid resources: {e}"),
             )
         })?;
-        let (mem, _cpus) = requested(Some(&resources));
-        let grow = {
+        let (mem, cpus) = requested(Some(&resources));
+        let before = {
             let mut st = self.state.lock().await;
             let t = st
                 .tasks
                 .get_mut(&req.id)
                 .ok_or_else(|| not_found(&format!("task {}", req.id)))?;
-            let grow = mem.saturating_sub(t.memory_mib);
-            t.memory_mib = t.memory_mib.max(mem);
             if t.cpu.is_some() {
                 t.cpu = Some(cpu_limit(Some(&resources)));
             }
-            grow
+            self.demands
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&req.id)
+                .copied()
         };
-        if grow > 0 && !sb.config.runtime.static_resources() {
-            sb.hotplug(0, grow).await.map_err(internal)?;
+        // The VM follows the new limits, up or down.
+        self.set_demand(&req.id, Some((mem, cpus)));
+        if let Err(e) = self.resize_vm(&sb).await {
+            self.set_demand(&req.id, before);
+            return Err(internal(e));
         }
         sb.update(&req.id, any.value.clone())
             .await

@@ -7,217 +7,12 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::TokioIo;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 mod common;
-
-const IMAGE: &str = "kata.local/busybox:latest";
-const PAUSE: &str = "kata.local/pause:3.6";
-/// The guide's example pod's command: a container that idles.
-const IDLE: &[&str] = &["tail", "-f", "/dev/null"];
-const DEFAULT_CONFIG_DIR: &str = "/opt/kata/share/defaults/kata-containers";
-
-/// Starts (or finds) containerd and imports the images into CRI's namespace, once.
-fn socket() -> &'static str {
-    static SOCKET: OnceLock<String> = OnceLock::new();
-    SOCKET.get_or_init(|| {
-        let sock = common::containerd(&["start"]);
-        let pause =
-            r#"["/bin/sh","-c","trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done"]"#;
-        common::import_image(&sock, "k8s.io", IMAGE, None);
-        common::import_image(&sock, "k8s.io", PAUSE, Some(pause));
-        sock
-    })
-}
-
-/// Removes pods named `name` a failed earlier run left (CRI reserves names).
-async fn remove_stale(c: &mut RuntimeServiceClient<Channel>, name: &str) {
-    let pods = c
-        .list_pod_sandbox(ListPodSandboxRequest { filter: None })
-        .await
-        .expect("ListPodSandbox")
-        .into_inner()
-        .items;
-    for p in pods {
-        if p.metadata.as_ref().map(|m| m.name.as_str()) == Some(name) {
-            let _ = c
-                .stop_pod_sandbox(StopPodSandboxRequest {
-                    pod_sandbox_id: p.id.clone(),
-                })
-                .await;
-            let _ = c
-                .remove_pod_sandbox(RemovePodSandboxRequest {
-                    pod_sandbox_id: p.id,
-                })
-                .await;
-        }
-    }
-}
-
-async fn client() -> RuntimeServiceClient<Channel> {
-    let path = socket().to_string();
-    let channel = Endpoint::try_from("http://[::]")
-        .expect("endpoint")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let p = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?))
-            }
-        }))
-        .await
-        .expect("connect to containerd's CRI");
-    RuntimeServiceClient::new(channel)
-}
-
-fn pod_config(name: &str, annotations: &[(&str, &str)], logs: &Path) -> PodSandboxConfig {
-    PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: name.into(),
-            uid: format!("uid-{name}"),
-            namespace: "default".into(),
-            attempt: 0,
-        }),
-        hostname: name.into(),
-        log_directory: logs.display().to_string(),
-        annotations: annotations
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        linux: Some(LinuxPodSandboxConfig::default()),
-        ..Default::default()
-    }
-}
-
-fn container_config(name: &str, cmd: &[&str], mounts: Vec<Mount>) -> ContainerConfig {
-    ContainerConfig {
-        metadata: Some(ContainerMetadata {
-            name: name.into(),
-            attempt: 0,
-        }),
-        image: Some(ImageSpec {
-            image: IMAGE.into(),
-            ..Default::default()
-        }),
-        command: cmd.iter().map(|s| s.to_string()).collect(),
-        log_path: format!("{name}.log"),
-        mounts,
-        linux: Some(LinuxContainerConfig::default()),
-        ..Default::default()
-    }
-}
-
-fn assert_pod_gone(id: &str) {
-    common::assert_sandbox_gone(id, Duration::from_secs(15));
-}
-
-async fn pod_status(c: &mut RuntimeServiceClient<Channel>, pod: &str) -> PodSandboxStatus {
-    c.pod_sandbox_status(PodSandboxStatusRequest {
-        pod_sandbox_id: pod.into(),
-        verbose: false,
-    })
-    .await
-    .expect("PodSandboxStatus")
-    .into_inner()
-    .status
-    .expect("status")
-}
-
-async fn exec(c: &mut RuntimeServiceClient<Channel>, id: &str, cmd: &[&str]) -> (String, i32) {
-    let r = c
-        .exec_sync(ExecSyncRequest {
-            container_id: id.into(),
-            cmd: cmd.iter().map(|s| s.to_string()).collect(),
-            timeout: 60,
-        })
-        .await
-        .expect("ExecSync")
-        .into_inner();
-    (
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&r.stdout),
-            String::from_utf8_lossy(&r.stderr)
-        ),
-        r.exit_code,
-    )
-}
-
-/// Creates and starts a container in a pod; returns its id.
-async fn start_container(
-    c: &mut RuntimeServiceClient<Channel>,
-    pod: &str,
-    pod_config: &PodSandboxConfig,
-    config: ContainerConfig,
-) -> String {
-    let id = c
-        .create_container(CreateContainerRequest {
-            pod_sandbox_id: pod.into(),
-            config: Some(config),
-            sandbox_config: Some(pod_config.clone()),
-        })
-        .await
-        .expect("CreateContainer")
-        .into_inner()
-        .container_id;
-    c.start_container(StartContainerRequest {
-        container_id: id.clone(),
-    })
-    .await
-    .expect("StartContainer");
-    id
-}
-
-/// RunPodSandbox with runtime handler "kata" (as a RuntimeClass selects it); the pod's id.
-async fn run_pod(
-    c: &mut RuntimeServiceClient<Channel>,
-    config: &PodSandboxConfig,
-) -> Result<String, tonic::Status> {
-    Ok(c.run_pod_sandbox(RunPodSandboxRequest {
-        config: Some(config.clone()),
-        runtime_handler: "kata".into(),
-    })
-    .await?
-    .into_inner()
-    .pod_sandbox_id)
-}
-
-async fn remove_pod(c: &mut RuntimeServiceClient<Channel>, pod: &str) {
-    c.stop_pod_sandbox(StopPodSandboxRequest {
-        pod_sandbox_id: pod.into(),
-    })
-    .await
-    .expect("StopPodSandbox");
-    c.remove_pod_sandbox(RemovePodSandboxRequest {
-        pod_sandbox_id: pod.into(),
-    })
-    .await
-    .expect("RemovePodSandbox");
-    assert_pod_gone(pod);
-}
-
-/// StopContainer (2 s) then RemoveContainer.
-async fn stop_and_remove(c: &mut RuntimeServiceClient<Channel>, id: &str) {
-    c.stop_container(StopContainerRequest {
-        container_id: id.to_string(),
-        timeout: 2,
-    })
-    .await
-    .expect("StopContainer");
-    c.remove_container(RemoveContainerRequest {
-        container_id: id.to_string(),
-    })
-    .await
-    .expect("RemoveContainer");
-}
-
-fn logs_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("kata-cri-logs-{name}"));
-    std::fs::create_dir_all(&d).expect("log dir");
-    d
-}
+use common::cri::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root, containerd, QEMU and make install (make test runs it)"]
@@ -510,28 +305,6 @@ fn fetch_when_up(url: &str) -> Vec<u8> {
     }
 }
 
-/// Network namespaces of the host and what each holds of this runtime's taps.
-fn taps_anywhere() -> Vec<String> {
-    let mut found = Vec::new();
-    for e in std::fs::read_dir("/var/run/netns")
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let out = Command::new("ip")
-            .args(["-n", &e.file_name().to_string_lossy(), "-o", "link"])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default();
-        found.extend(
-            out.lines()
-                .filter(|l| l.contains("_kata"))
-                .map(str::to_string),
-        );
-    }
-    found
-}
-
 async fn web_pod(
     c: &mut RuntimeServiceClient<Channel>,
     name: &str,
@@ -632,23 +405,6 @@ async fn a_pod_serves_tcp_on_its_network_and_rate_limits_apply() {
     remove_pod(&mut c, &pod).await;
     let left = taps_anywhere();
     assert!(left.is_empty(), "taps left: {left:?}");
-}
-
-fn qemu_of(pod: &str) -> u32 {
-    let pids: Vec<u32> = std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
-        .filter(|pid: &u32| {
-            String::from_utf8_lossy(
-                &std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default(),
-            )
-            .contains(&format!("sandbox-{pod}\0"))
-        })
-        .collect();
-    assert_eq!(pids.len(), 1, "one QEMU for {pod}");
-    pids[0]
 }
 
 fn netns_of(pid: u32) -> String {
@@ -1443,4 +1199,138 @@ async fn a_pod_on_the_initrd_serves_tcp_and_execs_as_on_the_image() {
     assert_pod_gone(&pod);
     let left = taps_anywhere();
     assert!(left.is_empty(), "taps left: {left:?}");
+}
+
+/// Host PSS of a process in KiB (smaps_rollup).
+fn pss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A pod's container with a memory limit and a CPU limit is created and removed `cycles` times;
+/// each time the VM grows by the limits and comes back to its boot size (vCPUs and MemTotal in
+/// the guest), and QEMU's host PSS does not creep. Returns QEMU's PSS after the first and the
+/// last removal (KiB).
+async fn resources_come_back(pod_name: &str, cycles: u32) -> (u64, u64) {
+    let mut c = client().await;
+    remove_stale(&mut c, pod_name).await;
+    let cfg = pod_config(pod_name, &[], &logs_dir(pod_name));
+    let pod = run_pod(&mut c, &cfg).await.expect("RunPodSandbox");
+    let probe = start_probe(&mut c, &pod).await;
+    let guest = |c: &mut RuntimeServiceClient<Channel>| {
+        let probe = probe.clone();
+        let mut c = c.clone();
+        async move {
+            let (out, code) = exec(
+                &mut c,
+                &probe,
+                &["sh", "-c", "nproc; grep MemTotal /proc/meminfo"],
+            )
+            .await;
+            assert_eq!(code, 0, "{out}");
+            let mut lines = out.lines();
+            let cpus: u32 = lines
+                .next()
+                .and_then(|l| l.trim().parse().ok())
+                .expect("nproc");
+            let mem: u64 = lines
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .expect("MemTotal");
+            (cpus, mem)
+        }
+    };
+    let base = guest(&mut c).await;
+    let qemu = qemu_of(&pod);
+    // Under TCG, QEMU 7.2 cannot plug a vCPU again after an unplug, so the runtime keeps it
+    // (for the next container) instead of unplugging it; under KVM it goes back.
+    let argv = std::fs::read(format!("/proc/{qemu}/cmdline")).expect("QEMU's argv");
+    let tcg = String::from_utf8_lossy(&argv).contains("\0tcg");
+    let cpus_after = base.0 + u32::from(tcg);
+    let mut first_pss = 0;
+    for i in 0..cycles {
+        let mut cc = container_config(&format!("limited-{i}"), IDLE, vec![]);
+        cc.linux = Some(LinuxContainerConfig {
+            resources: Some(LinuxContainerResources {
+                cpu_period: 100_000,
+                cpu_quota: 100_000,
+                memory_limit_in_bytes: 256 << 20,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let id = start_container(&mut c, &pod, &cfg, cc).await;
+        // The container uses memory (a 30 MB shell variable), so pages were really handed out
+        // and must really come back.
+        let (out, code) = exec(
+            &mut c,
+            &id,
+            &[
+                "sh",
+                "-c",
+                "x=$(head -c 30000000 /dev/zero | tr '\\0' a); echo ${#x}",
+            ],
+        )
+        .await;
+        assert_eq!((out.trim(), code), ("30000000", 0), "cycle {i}");
+        let (cpus, mem) = guest(&mut c).await;
+        assert_eq!(cpus, base.0 + 1, "cycle {i}: one more vCPU");
+        assert!(
+            mem >= base.1 + 250 * 1024,
+            "cycle {i}: {} -> {mem} KiB",
+            base.1
+        );
+        stop_and_remove(&mut c, &id).await;
+        assert_eq!(
+            guest(&mut c).await,
+            (cpus_after, base.1),
+            "cycle {i}: back to the boot size"
+        );
+        if i == 0 {
+            first_pss = pss_kib(qemu);
+        }
+    }
+    let last_pss = pss_kib(qemu);
+    remove_pod(&mut c, &pod).await;
+    (first_pss, last_pss)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, containerd, QEMU and make install (make test runs it)"]
+async fn a_removed_containers_vcpus_and_memory_go_back() {
+    let _lock = config_lock().await;
+    let cycles = std::env::var("KATA_TEST_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    // DIMMs (the default), then virtio-mem.
+    let (first, last) = resources_come_back("kata-give-back", cycles).await;
+    eprintln!("DIMMs: QEMU PSS {first} KiB after the first cycle, {last} KiB after {cycles}");
+    assert!(
+        last <= first + first / 10,
+        "QEMU's PSS crept from {first} to {last} KiB over {cycles} cycles"
+    );
+    /// Removes the drop-in however the test ends.
+    struct Removed(PathBuf);
+    impl Drop for Removed {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _drop_in = Removed(write_drop_in(
+        "90-test-virtio-mem.toml",
+        "[hypervisor.qemu]\nenable_virtio_mem = true\n",
+    ));
+    let (first, last) = resources_come_back("kata-give-back-vmem", cycles.div_ceil(5)).await;
+    eprintln!("virtio-mem: QEMU PSS {first} KiB after the first cycle, {last} KiB after the last");
+    assert!(
+        last <= first + first / 10,
+        "QEMU's PSS crept from {first} to {last} KiB with virtio-mem"
+    );
 }

@@ -87,6 +87,8 @@ fn kata_and_runc_agree_on_output_stdin_and_exit_codes() {
         ("exit 1", ""),
         ("echo before; exit 3", ""),
         ("seq 1 20000 | tail -n 2", ""),
+        // SIGPIPE at its default action: `yes` dies when `head` is done.
+        ("yes | head -n 3", ""),
     ]
     .iter()
     .enumerate()

@@ -93,6 +93,8 @@ pub struct Nic {
 pub const SHARED_FS_TAG: &str = "kataShared";
 /// Id of the guest RAM backend at boot.
 pub const BOOT_MEMORY_ID: &str = "ram0";
+/// Id of the virtio-mem device (`enable_virtio_mem`) and, with `mem-` before it, its backend.
+pub const VIRTIO_MEM_ID: &str = "vmem0";
 /// Id of the rootfs image's NVDIMM (and of its memory backend, `mem-<id>`).
 pub const IMAGE_NVDIMM_ID: &str = "nv0";
 /// Id of the rootfs image's drive when it is a virtio-blk disk (`disable_image_nvdimm`).
@@ -150,7 +152,9 @@ pub const BASE_KERNEL_PARAMS: &[&str] = &[
     "i8042.noaux=1",
     "net.ifnames=0",
     "iommu=off",
-    "memhp_default_state=online",
+    // Hot-plugged memory goes to ZONE_MOVABLE, which holds only pages the kernel can move:
+    // the guest can give it back when a container goes (DIMM unplug, virtio-mem).
+    "memhp_default_state=online_movable",
 ];
 
 fn push(args: &mut Vec<String>, flag: &str, value: impl Into<String>) {
@@ -177,6 +181,16 @@ pub fn memory_backend(h: &HypervisorConfig, id: &str, size_mib: u32) -> String {
         obj.push_str(",prealloc=on");
     }
     obj
+}
+
+/// MiB of memory the virtio-mem device can plug (`enable_virtio_mem`): the room between the boot
+/// memory and `default_maxmemory`, in whole 128 MiB memory blocks; 0 without virtio-mem.
+pub fn virtio_mem_mib(h: &HypervisorConfig, boot_mib: u32) -> u32 {
+    if !h.enable_virtio_mem {
+        return 0;
+    }
+    let room = h.default_maxmemory.saturating_sub(boot_mib);
+    room / 128 * 128
 }
 
 /// Builds the QEMU argv (without the binary).
@@ -235,11 +249,17 @@ pub fn build(h: &HypervisorConfig, s: &LaunchSpec) -> Vec<String> {
     } else {
         h.memory_slots
     };
-    if slots > 0 && maxmem > s.memory_mib {
+    let virtio_mem = virtio_mem_mib(h, s.memory_mib);
+    if (slots > 0 || virtio_mem > 0) && maxmem > s.memory_mib {
+        let slots = if slots > 0 {
+            format!(",slots={slots}")
+        } else {
+            String::new()
+        };
         push(
             &mut a,
             "-m",
-            format!("{}M,slots={slots},maxmem={maxmem}M", s.memory_mib),
+            format!("{}M{slots},maxmem={maxmem}M", s.memory_mib),
         );
     } else {
         push(&mut a, "-m", format!("{}M", s.memory_mib));
@@ -250,6 +270,24 @@ pub fn build(h: &HypervisorConfig, s: &LaunchSpec) -> Vec<String> {
         memory_backend(h, BOOT_MEMORY_ID, s.memory_mib),
     );
     push(&mut a, "-numa", format!("node,memdev={BOOT_MEMORY_ID}"));
+    if virtio_mem > 0 {
+        // First of the memory devices, so it starts the hot-plug area (aligned to 1 GiB): the
+        // guest plugs memory in blocks that must not straddle another device. Nothing is
+        // plugged at boot; the backend is only address space until the guest plugs memory, so
+        // it is never preallocated here (the device preallocates what it plugs instead).
+        let mut backend = memory_backend(h, &format!("mem-{VIRTIO_MEM_ID}"), virtio_mem);
+        let prealloc = backend.contains(",prealloc=on");
+        backend = backend.replace(",prealloc=on", "");
+        push(&mut a, "-object", backend);
+        push(
+            &mut a,
+            "-device",
+            format!(
+                "virtio-mem-pci,id={VIRTIO_MEM_ID},memdev=mem-{VIRTIO_MEM_ID},requested-size=0{}",
+                if prealloc { ",prealloc=on" } else { "" }
+            ),
+        );
+    }
     for flag in ["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"] {
         a.push(flag.to_string());
     }
@@ -544,7 +582,7 @@ mod tests {
 -m 2048M,slots=10,maxmem=24000M -object memory-backend-memfd,id=ram0,size=2048M,share=on -numa node,memdev=ram0 \
 -nodefaults -no-user-config -nographic -no-reboot -display none -vga none -serial file:/run/s/console.log \
 -qmp unix:/run/s/qmp.sock,server=on,wait=off -pidfile /run/s/pid -kernel /k -initrd /i \
--append console=ttyS0 panic=1 reboot=k tsc=reliable no_timer_check noreplace-smp rcupdate.rcu_expedited=1 cryptomgr.notests i8042.direct=1 i8042.dumbkbd=1 i8042.nopnp=1 i8042.noaux=1 net.ifnames=0 iommu=off memhp_default_state=online quiet agent.x=1 \
+-append console=ttyS0 panic=1 reboot=k tsc=reliable no_timer_check noreplace-smp rcupdate.rcu_expedited=1 cryptomgr.notests i8042.direct=1 i8042.dumbkbd=1 i8042.nopnp=1 i8042.noaux=1 net.ifnames=0 iommu=off memhp_default_state=online_movable quiet agent.x=1 \
 -device pci-bridge,bus=pcie.0,id=pci-bridge-0,chassis_nr=1,shpc=off,io-reserve=4k,mem-reserve=1m,pref64-reserve=1m \
 -device virtio-serial-pci,id=serial0 -chardev socket,id=agent,path=/run/s/agent.sock,server=on,wait=off \
 -device virtserialport,bus=serial0.0,chardev=agent,name=agent.channel.0 \

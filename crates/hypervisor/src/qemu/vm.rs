@@ -113,6 +113,17 @@ pub fn console_tail(path: &Path, lines: usize) -> String {
     }
 }
 
+/// A hot-plugged DIMM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluggedDimm {
+    /// Its device id (`dimmN`).
+    pub device: String,
+    /// Its memory backend's id (`memN`).
+    pub backend: String,
+    /// Its size in MiB.
+    pub mib: u32,
+}
+
 /// The guest's memory block size on x86-64 (`/sys/devices/system/memory/block_size_bytes`).
 pub const MEMORY_BLOCK: u64 = 128 * 1024 * 1024;
 
@@ -303,8 +314,8 @@ impl Vm {
         Ok(parse_cpu_threads(&v))
     }
 
-    /// Hot-plugs `count` vCPUs; returns how many were added.
-    pub async fn add_vcpus(&self, count: u32) -> Result<u32, VmError> {
+    /// Hot-plugs `count` vCPUs; returns the ids of the devices added, in order.
+    pub async fn add_vcpus(&self, count: u32) -> Result<Vec<String>, VmError> {
         let slots =
             qmp::parse_hotpluggable_cpus(&self.qmp("query-hotpluggable-cpus", None).await?)?;
         let free: Vec<_> = slots.into_iter().filter(|c| c.qom_path.is_none()).collect();
@@ -314,7 +325,7 @@ impl Vm {
                 free.len()
             )));
         }
-        let mut added = 0;
+        let mut added = Vec::new();
         // QEMU lists free slots from the highest id down; plug the lowest first.
         for slot in free.iter().rev().take(count as usize) {
             let mut args = serde_json::Map::new();
@@ -329,19 +340,132 @@ impl Vm {
                 .get("core-id")
                 .and_then(|v| v.as_u64())
                 .unwrap_or(0);
-            args.insert("id".into(), json!(format!("cpu-{sid}-{cid}")));
+            let id = format!("cpu-{sid}-{cid}");
+            args.insert("id".into(), json!(id));
             for (k, v) in &slot.props {
                 args.insert(k.clone(), v.clone());
             }
             self.qmp("device_add", Some(serde_json::Value::Object(args)))
                 .await?;
-            added += 1;
+            added.push(id);
         }
         Ok(added)
     }
 
+    /// Unplugs hot-plugged vCPUs by device id: QEMU asks the guest (ACPI), which offlines each
+    /// CPU and ejects it. Returns the ids QEMU removed within `timeout`; a CPU the guest kept
+    /// is still plugged.
+    pub async fn remove_vcpus(
+        &self,
+        ids: &[String],
+        timeout: std::time::Duration,
+    ) -> Result<Vec<String>, VmError> {
+        for id in ids {
+            // A CPU an earlier request already removed is simply not found: the poll below
+            // tells what is still there.
+            if let Err(e) = self.qmp("device_del", Some(json!({ "id": id }))).await {
+                tracing::debug!(cpu = %id, error = %e, "device_del");
+            }
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let slots =
+                qmp::parse_hotpluggable_cpus(&self.qmp("query-hotpluggable-cpus", None).await?)?;
+            let present: Vec<&String> = ids
+                .iter()
+                .filter(|id| {
+                    let path = format!("/machine/peripheral/{id}");
+                    slots
+                        .iter()
+                        .any(|s| s.qom_path.as_deref() == Some(path.as_str()))
+                })
+                .collect();
+            if present.is_empty() || std::time::Instant::now() >= deadline {
+                return Ok(ids
+                    .iter()
+                    .filter(|id| !present.contains(id))
+                    .cloned()
+                    .collect());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Unplugs a DIMM [`Vm::add_memory`] plugged: the guest offlines its memory and ejects it
+    /// (it can when the memory is movable: the guest onlines hot-plugged memory as
+    /// `online_movable`), then its backend goes and the host gets the memory back. An error
+    /// when the guest has not let it go within `timeout` (the DIMM then stays).
+    pub async fn remove_memory(
+        &self,
+        dimm: &PluggedDimm,
+        timeout: std::time::Duration,
+    ) -> Result<(), VmError> {
+        let present = |devices: &serde_json::Value| {
+            devices.as_array().is_some_and(|a| {
+                a.iter().any(|d| {
+                    d.get("data")
+                        .and_then(|x| x.get("id"))
+                        .and_then(|v| v.as_str())
+                        == Some(dimm.device.as_str())
+                })
+            })
+        };
+        // An earlier request the guest completed late has already removed it.
+        if present(&self.qmp("query-memory-devices", None).await?) {
+            self.qmp("device_del", Some(json!({ "id": dimm.device })))
+                .await?;
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if !present(&self.qmp("query-memory-devices", None).await?) {
+                break;
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(VmError::Hotplug(format!(
+                    "the guest did not release DIMM {} ({} MiB) within {} s: its memory holds pages it cannot move",
+                    dimm.device,
+                    dimm.mib,
+                    timeout.as_secs()
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        self.qmp("object-del", Some(json!({ "id": dimm.backend })))
+            .await?;
+        Ok(())
+    }
+
+    /// Asks the virtio-mem device for `mib` MiB of plugged memory (more or less than now) and
+    /// waits up to `timeout` for the guest's driver to plug or unplug it. Returns the MiB the
+    /// device holds then.
+    pub async fn set_virtio_mem(
+        &self,
+        mib: u32,
+        timeout: std::time::Duration,
+    ) -> Result<u32, VmError> {
+        let path = format!("/machine/peripheral/{}", argv::VIRTIO_MEM_ID);
+        let bytes = u64::from(mib) * 1024 * 1024;
+        self.qmp(
+            "qom-set",
+            Some(json!({ "path": path, "property": "requested-size", "value": bytes })),
+        )
+        .await?;
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let size = self
+                .qmp("qom-get", Some(json!({ "path": path, "property": "size" })))
+                .await?
+                .as_u64()
+                .unwrap_or(0);
+            if size == bytes || std::time::Instant::now() >= deadline {
+                return Ok(u32::try_from(size / (1024 * 1024)).unwrap_or(u32::MAX));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     /// Hot-plugs `mib` MiB of memory as one DIMM (with a shared backend when virtio-fs needs it).
-    pub async fn add_memory(&self, mib: u32) -> Result<(), VmError> {
+    pub async fn add_memory(&self, mib: u32) -> Result<PluggedDimm, VmError> {
         let n = self
             .next_dimm
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -378,7 +502,11 @@ impl Vm {
             let _ = self.qmp("object-del", Some(json!({ "id": id }))).await;
             return Err(e);
         }
-        Ok(())
+        Ok(PluggedDimm {
+            device: format!("dimm{n}"),
+            backend: id,
+            mib,
+        })
     }
 
     /// Hot-plugs a host block device or disk image (`blockdev-add` + `device_add`) with the
