@@ -60,9 +60,9 @@ fn exactly_one_hypervisor_section() {
 
 #[test]
 fn unsupported_keys_are_reported_not_refused() {
-    let c = parse_ok(&qemu("enable_virtio_mem = true\njailer_path = \"/j\""));
+    let c = parse_ok(&qemu("enable_iothreads = true\njailer_path = \"/j\""));
     let keys: Vec<&str> = c.unsupported.iter().map(|u| u.key.as_str()).collect();
-    assert_eq!(keys, ["jailer_path", "enable_virtio_mem"]);
+    assert_eq!(keys, ["jailer_path", "enable_iothreads"]);
 }
 
 struct Tree {

@@ -411,6 +411,22 @@ fn bad_inputs_reach_the_user_and_leave_nothing() {
         "{err}"
     );
     assert_no_leftovers("bad-cgroup");
+    // A memory limit the VM cannot grow to: the create fails with the reason (the container
+    // would otherwise run with less than its limit).
+    let (_, err, code) = run(
+        KATA,
+        "bad-memory",
+        &["--memory-limit", "68719476736"],
+        "true",
+        "",
+    );
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("cannot give the VM the container's resources (65536 MiB")
+            && err.contains("default_maxmemory"),
+        "{err}"
+    );
+    assert_no_leftovers("bad-memory");
 }
 
 #[test]
