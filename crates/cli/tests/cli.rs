@@ -427,7 +427,7 @@ fn check_strict_fails_on_warnings() {
     std::fs::write(
         &cfg,
         std::fs::read_to_string(&cfg).expect("read")
-            + "enable_virtio_mem = true\naccelerator = \"tcg\"\n",
+            + "enable_iothreads = true\naccelerator = \"tcg\"\n",
     )
     .expect("write");
     let (out, stdout, _) = run(bin().arg("--config").arg(&cfg).args(["check"]));
@@ -437,7 +437,7 @@ fn check_strict_fails_on_warnings() {
         "emulated, with a warning: {stdout}"
     );
     assert!(
-        stdout.contains("[hypervisor.qemu].enable_virtio_mem is set but not supported"),
+        stdout.contains("[hypervisor.qemu].enable_iothreads is set but not supported"),
         "{stdout}"
     );
     let (out, stdout, _) = run(bin().arg("--config").arg(&cfg).args(["check", "--strict"]));
