@@ -83,7 +83,10 @@ def runtime_args(cfg):
 
 
 def sh(*args, check=True):
-    return subprocess.run(args, check=check, capture_output=True, text=True)
+    r = subprocess.run(args, capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} exited with {r.returncode}: {r.stderr.strip()}")
+    return r
 
 
 def ctr(sock, *args, check=True):

@@ -156,13 +156,16 @@ fn make_node(name: &str, dev: &Path) -> Result<(), String> {
         .split_once(':')
         .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)))
         .ok_or_else(|| format!("{name}: bad device numbers {nums:?}"))?;
-    nix::sys::stat::mknod(
+    match nix::sys::stat::mknod(
         dev,
         nix::sys::stat::SFlag::S_IFBLK,
         nix::sys::stat::Mode::from_bits_truncate(0o600),
         nix::sys::stat::makedev(maj, min),
-    )
-    .map_err(|e| format!("mknod {}: {e}", dev.display()))
+    ) {
+        // devtmpfs made it meanwhile (the kernel adds the node right after the disk).
+        Ok(()) | Err(nix::errno::Errno::EEXIST) => Ok(()),
+        Err(e) => Err(format!("mknod {}: {e}", dev.display())),
+    }
 }
 
 /// Parses a PCI path: slots from the root bus down, two hex digits each (`02/01`).
