@@ -109,10 +109,14 @@ impl AgentClient {
 /// Maps a ttrpc error of `method` to a [`SandboxError`].
 pub fn agent_err(method: &'static str) -> impl Fn(ttrpc::Error) -> SandboxError {
     move |e| {
-        let message = match &e {
-            ttrpc::Error::RpcStatus(s) => s.message.clone(),
-            other => other.to_string(),
+        let (message, answered) = match &e {
+            ttrpc::Error::RpcStatus(s) => (s.message.clone(), true),
+            other => (other.to_string(), false),
         };
-        SandboxError::Agent { method, message }
+        SandboxError::Agent {
+            method,
+            message,
+            answered,
+        }
     }
 }

@@ -87,6 +87,9 @@ pub enum SandboxError {
         method: &'static str,
         /// The agent's message.
         message: String,
+        /// The agent answered (with an error). False: no answer came (a timeout, a lost
+        /// connection): the guest is hung, stopped or gone.
+        answered: bool,
     },
     /// Bad OCI spec or request.
     #[error("invalid request: {0}")]
@@ -97,4 +100,17 @@ pub enum SandboxError {
     /// A direct volume cannot be used.
     #[error("direct volume")]
     Volume(#[from] crate::direct_volume::VolumeError),
+}
+
+impl SandboxError {
+    /// An agent call that got no answer (see [`SandboxError::Agent`]).
+    pub fn unanswered(&self) -> bool {
+        matches!(
+            self,
+            SandboxError::Agent {
+                answered: false,
+                ..
+            }
+        )
+    }
 }

@@ -154,21 +154,6 @@ fn not_found(what: &str) -> ttrpc::Error {
     err(ttrpc::Code::NOT_FOUND, format!("{what} not found"))
 }
 
-/// Whether an agent call failed for want of an answer (timeout, lost connection), not because
-/// the agent refused it.
-fn agent_unresponsive(e: &kata_sandbox::SandboxError) -> bool {
-    let msg = kata_config::error_chain(e);
-    [
-        "deadline elapsed",
-        "timed out",
-        "channel closed",
-        "Connection reset",
-        "Broken pipe",
-    ]
-    .iter()
-    .any(|m| msg.contains(m))
-}
-
 /// Memory limit (MiB) and vCPUs a spec's resources ask for.
 fn requested(resources: Option<&LinuxResources>) -> (u32, u32) {
     let Some(r) = resources else { return (0, 0) };
@@ -246,15 +231,22 @@ impl Service {
         }
     }
 
-    /// Records what container `id` asks of the VM (None: nothing any more).
-    fn set_demand(&self, id: &str, demand: Option<(u32, u32)>) {
+    /// Records what container `id` asks of the VM (None: nothing any more); returns what it
+    /// asked before.
+    fn set_demand(&self, id: &str, demand: Option<(u32, u32)>) -> Option<(u32, u32)> {
         let mut d = self.demands.lock().unwrap_or_else(|e| e.into_inner());
         match demand {
-            Some(v) if v != (0, 0) => {
-                d.insert(id.to_string(), v);
-            }
-            _ => {
-                d.remove(id);
+            Some(v) if v != (0, 0) => d.insert(id.to_string(), v),
+            _ => d.remove(id),
+        }
+    }
+
+    /// Container `id` (not the sandbox's own) no longer needs what it asked of the VM: the VM
+    /// gives back its vCPUs and the memory the guest can release.
+    async fn release_demand(&self, sb: &Sandbox, id: &str) {
+        if self.set_demand(id, None).is_some() && id != self.id {
+            if let Err(e) = self.resize_vm(sb).await {
+                tracing::warn!(error = %kata_config::error_chain(&e), container = %id, "giving back the container's vCPUs and memory");
             }
         }
     }
@@ -542,17 +534,7 @@ impl Service {
             Err(e) => {
                 sb.unshare(&req.id);
                 sb.release_volumes(&req.id).await;
-                let had = self
-                    .demands
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .contains_key(&req.id);
-                self.set_demand(&req.id, None);
-                if had && req.id != self.id {
-                    if let Err(e) = self.resize_vm(&sb).await {
-                        tracing::warn!(error = %kata_config::error_chain(&e), "giving back the resources of a failed create");
-                    }
-                }
+                self.release_demand(&sb, &req.id).await;
                 undo(&mounted);
                 if req.id == self.id {
                     sb.stop().await;
@@ -868,18 +850,7 @@ impl Task for Service {
             }
             if req.id != self.id {
                 self.update_host_cpu_limit(sb).await;
-                // What the container had goes back (vCPUs, memory the guest can release).
-                let had = self
-                    .demands
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .contains_key(&req.id);
-                self.set_demand(&req.id, None);
-                if had {
-                    if let Err(e) = self.resize_vm(sb).await {
-                        tracing::warn!(error = %kata_config::error_chain(&e), container = %req.id, "giving back the container's vCPUs and memory");
-                    }
-                }
+                self.release_demand(sb, &req.id).await;
             }
         }
         if let Some(r) = &t.rootfs {
@@ -1026,7 +997,7 @@ impl Task for Service {
             // SIGKILL never fails with runc. An agent that does not answer it (a hung or
             // stopped VM) cannot run anything any more: the VM is killed, which ends every
             // process in it (reported as killed), and the kubelet can stop the pod.
-            if req.signal == 9 && agent_unresponsive(&e) {
+            if req.signal == 9 && e.unanswered() {
                 tracing::error!(
                     container = %req.id,
                     exec = %req.exec_id,
@@ -1138,7 +1109,7 @@ impl Task for Service {
             )
         })?;
         let (mem, cpus) = requested(Some(&resources));
-        let before = {
+        {
             let mut st = self.state.lock().await;
             let t = st
                 .tasks
@@ -1147,14 +1118,9 @@ impl Task for Service {
             if t.cpu.is_some() {
                 t.cpu = Some(cpu_limit(Some(&resources)));
             }
-            self.demands
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&req.id)
-                .copied()
-        };
+        }
         // The VM follows the new limits, up or down.
-        self.set_demand(&req.id, Some((mem, cpus)));
+        let before = self.set_demand(&req.id, Some((mem, cpus)));
         if let Err(e) = self.resize_vm(&sb).await {
             self.set_demand(&req.id, before);
             return Err(internal(e));

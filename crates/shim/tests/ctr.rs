@@ -1724,28 +1724,9 @@ fn debug_console_serves_a_shell_in_the_guest() {
         assert!(Instant::now() < deadline, "the shell was not hung up");
         std::thread::sleep(Duration::from_millis(200));
     }
-    let (out, err, code) = {
-        let mut child = Command::new("/opt/kata/bin/kata-runtime")
-            .args(["exec", id])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("kata-runtime exec");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(b"echo piped-$((6*7)); exit 7\n")
-            .expect("write");
-        let o = child.wait_with_output().expect("wait");
-        (
-            String::from_utf8_lossy(&o.stdout).to_string(),
-            String::from_utf8_lossy(&o.stderr).to_string(),
-            o.status.code(),
-        )
-    };
-    assert_eq!(code, Some(7), "{out}{err}");
+    let (out, err, code) =
+        common::kata_runtime_with_input(&["exec", id], b"echo piped-$((6*7)); exit 7\n");
+    assert_eq!(code, 7, "{out}{err}");
     assert!(out.contains("piped-42"), "{out}");
     drop(t);
     kill_and_remove(id);
@@ -2192,21 +2173,8 @@ fn the_image_is_read_only_to_the_guest_and_unchanged_on_the_host() {
              echo done-trying\n\
              exit 0\n"
         );
-        let mut child = Command::new("/opt/kata/bin/kata-runtime")
-            .args(["exec", &id])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("kata-runtime exec");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(script.as_bytes())
-            .expect("script");
-        let out = child.wait_with_output().expect("exec ends");
-        let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+        let (out, _, _) = common::kata_runtime_with_input(&["exec", &id], script.as_bytes());
+        let text = out.replace('\r', "");
         assert!(text.contains("done-trying"), "{root:?}: {text}");
         let mounts = text
             .lines()

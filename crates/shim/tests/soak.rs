@@ -34,17 +34,10 @@ fn kill(signal: &str, pid: u32) {
 
 /// The shim serving pod (or ctr container) `id`.
 fn shim_of(id: &str) -> Option<u32> {
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .find(|pid| {
-            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            cmd.starts_with("/opt/kata/bin/containerd-shim-kata-v2")
-                && cmd.contains(&format!(" -id {id} "))
-        })
+    common::pid_where(|cmd| {
+        cmd.starts_with("/opt/kata/bin/containerd-shim-kata-v2")
+            && cmd.contains(&format!(" -id {id} "))
+    })
 }
 
 fn containerd_pid() -> u32 {

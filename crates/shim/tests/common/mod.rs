@@ -92,6 +92,30 @@ pub fn kata_runtime(args: &[&str]) -> (String, String, i32) {
         .args(args)
         .output()
         .expect("kata-runtime runs");
+    outputs(&out)
+}
+
+/// [`kata_runtime`] with `input` on its stdin (then closed), as a script piped into
+/// `kata-runtime exec`.
+pub fn kata_runtime_with_input(args: &[&str], input: &[u8]) -> (String, String, i32) {
+    use std::io::Write;
+    let mut child = Command::new("/opt/kata/bin/kata-runtime")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kata-runtime runs");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input)
+        .expect("write stdin");
+    outputs(&child.wait_with_output().expect("kata-runtime ends"))
+}
+
+fn outputs(out: &std::process::Output) -> (String, String, i32) {
     (
         String::from_utf8_lossy(&out.stdout).to_string(),
         String::from_utf8_lossy(&out.stderr).to_string(),
@@ -300,6 +324,12 @@ pub fn virtiofsd_pids(id: &str) -> Vec<u32> {
 
 /// The first pid whose command line contains `needle`.
 pub fn pid_with(needle: &str) -> Option<u32> {
+    pid_where(|cmd| cmd.contains(needle))
+}
+
+/// The first pid whose command line (arguments joined by spaces, with a space at the end)
+/// satisfies `pred`.
+pub fn pid_where(pred: impl Fn(&str) -> bool) -> Option<u32> {
     std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
@@ -307,9 +337,7 @@ pub fn pid_with(needle: &str) -> Option<u32> {
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .find(|pid| {
             let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            String::from_utf8_lossy(&cmd)
-                .replace('\0', " ")
-                .contains(needle)
+            pred(&String::from_utf8_lossy(&cmd).replace('\0', " "))
         })
 }
 
