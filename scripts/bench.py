@@ -422,7 +422,8 @@ def bench_floor(sock, n, cfg=None):
 SPAN = re.compile(r"(?P<path>\S+): \S+: close time\.busy=(?P<b>[\d.]+)(?P<bu>ns|µs|ms|s) time\.idle=(?P<i>[\d.]+)(?P<iu>ns|µs|ms|s)")
 UNIT_MS = {"ns": 1e-6, "µs": 1e-3, "ms": 1.0, "s": 1000.0}
 PHASES = ["config_load", "rootfs_mount", "vm_boot", "accel_choose", "virtiofsd_start", "qemu_start",
-          "agent_connect", "agent_create_sandbox", "container_create", "process_start", "teardown"]
+          "template_clone", "agent_connect", "clone_personalize", "agent_create_sandbox", "container_create",
+          "process_start", "teardown"]
 
 
 def spans(log_text, ids):
@@ -677,6 +678,63 @@ def bench_seccomp(sock, n):
     return res
 
 
+# --- the VM factory: cold boots against template clones ------------------------------------------
+
+TEMPLATE_PATH = "/run/vc/vm/bench-template"
+KATA_RUNTIME = "/opt/kata/bin/kata-runtime"
+
+
+def factory_configs(work):
+    """(cold, template) configurations: the installed one with the initrd and virtio-9p (what
+    templating needs), without and with `enable_template`."""
+    with open(DEFAULT_CONFIG) as f:
+        text = f.read()
+    base = set_key(set_key(set_key(text, "image", ""), "initrd", f"{ASSETS}/kata-containers-initrd.img"),
+                   "shared_fs", "virtio-9p")
+    tpl = re.sub(r"^(\s*enable_template\s*=\s*).*$", r"\g<1>true", set_key(base, "template_path", TEMPLATE_PATH),
+                 count=1, flags=re.M)
+    paths = []
+    for name, body in (("cold-9p", base), ("template", tpl)):
+        path = os.path.join(work, f"configuration-{name}.toml")
+        with open(path, "w") as f:
+            f.write(body)
+        paths.append(path)
+    return paths
+
+
+def kata_runtime(cfg, *args):
+    return sh(KATA_RUNTIME, "--config", cfg, *args).stdout.strip()
+
+
+def bench_factory(sock, n, counts, work):
+    """Cold boots and template clones side by side (same guest: initrd, virtio-9p): start time and
+    its breakdown, idle memory with 1 and N sandboxes, and the template's own cost."""
+    cold, tpl = factory_configs(work)
+    res = {"template_path": TEMPLATE_PATH}
+    kata_runtime(tpl, "factory", "destroy")
+    t = time.monotonic()
+    out = kata_runtime(tpl, "factory", "init")
+    res["template_create_ms"] = round((time.monotonic() - t) * 1000)
+    if out != "vm factory initialized":
+        raise RuntimeError(f"kata-runtime factory init: {out}")
+    st = os.statvfs(TEMPLATE_PATH)
+    res["template_tmpfs_mib"] = round(st.f_blocks * st.f_frsize / 1048576)
+    res["template_used_mib"] = round((st.f_blocks - st.f_bfree) * st.f_frsize / 1048576, 1)
+    res["template_state_kib"] = round(os.path.getsize(os.path.join(TEMPLATE_PATH, "state")) / 1024)
+    try:
+        for name, cfg in (("cold", cold), ("template", tpl)):
+            d = {}
+            log_before = log_size()
+            d["start_ms"] = bench_cold_start(sock, n, f"factory-{name}", RUNTIMES["kata"], cfg)
+            ids = {f"bench-start-factory-{name}-{i}" for i in range(n)}
+            d["breakdown_ms"] = spans(containerd_log_since(log_before), ids)
+            d["memory"] = bench_memory(sock, counts, [(f"factory {name}", RUNTIMES["kata"], cfg)])[f"factory {name}"]
+            res[name] = d
+    finally:
+        kata_runtime(tpl, "factory", "destroy")
+    return res
+
+
 def targets(r):
     g = r["guests"]
     kata = r["cold_start_ms"]["kata"]["median"]
@@ -694,6 +752,10 @@ def targets(r):
     dv = r["direct_volume"]["results"]
     dv_host, dv_kata = dv[DV_HOST], dv[DV_KATA]
     mem = r["guest_memory_mib"]
+    fac = r["factory"]
+    fc_c, fc_t = fac["cold"]["start_ms"]["median"], fac["template"]["start_ms"]["median"]
+    fm_c = fac["cold"]["memory"].get(n, fac["cold"]["memory"]["1"])["mean"]["total_pss_kib"]
+    fm_t = fac["template"]["memory"].get(n, fac["template"]["memory"]["1"])["mean"]["total_pss_kib"]
     return [
         ("floor with the built kernel <= 60% of the floor with Debian's (both with an initrd)",
          f"{own_floor:.0f} ms vs {deb_floor:.0f} ms ({own_floor / deb_floor:.0%})", own_floor <= 0.6 * deb_floor),
@@ -717,6 +779,10 @@ def targets(r):
          f"read {fs['kata virtio-fs']['read_mib_s']} vs {fs[UNCONFINED]['read_mib_s']}, write {fs['kata virtio-fs']['write_mib_s']} vs {fs[UNCONFINED]['write_mib_s']} MiB/s",
          fs["kata virtio-fs"]["read_mib_s"] >= 0.9 * fs[UNCONFINED]["read_mib_s"]
          and fs["kata virtio-fs"]["write_mib_s"] >= 0.9 * fs[UNCONFINED]["write_mib_s"]),
+        ("template start median <= 25% of a cold start (same guest: initrd, virtio-9p)",
+         f"{fc_t:.0f} vs {fc_c:.0f} ms ({fc_t / fc_c:.0%})", fc_t <= 0.25 * fc_c),
+        (f"{n} idle templated sandboxes' total PSS <= 25% of {n} cold ones",
+         f"{fm_t * int(n) / 1024:.0f} vs {fm_c * int(n) / 1024:.0f} MiB ({fm_t / fm_c:.0%})", fm_t <= 0.25 * fm_c),
         ("direct volume (default driver) >= 50% of the host's loop device (sequential read and write)",
          f"read {dv_kata['read_mib_s']} vs {dv_host['read_mib_s']}, write {dv_kata['write_mib_s']} vs {dv_host['write_mib_s']} MiB/s",
          dv_kata["read_mib_s"] >= 0.5 * dv_host["read_mib_s"] and dv_kata["write_mib_s"] >= 0.5 * dv_host["write_mib_s"]),
@@ -809,6 +875,8 @@ def generated(r):
         "accel_choose": "&nbsp;&nbsp;accelerator choice (cached probe)",
         "virtiofsd_start": "&nbsp;&nbsp;virtiofsd start",
         "qemu_start": "&nbsp;&nbsp;QEMU spawn until QMP answers",
+        "template_clone": "&nbsp;&nbsp;template clone (QEMU spawn, state load)",
+        "clone_personalize": "&nbsp;&nbsp;clone: reseed, clock, NIC hot-plug",
         "agent_connect": "&nbsp;&nbsp;kernel boot until the agent answers",
         "agent_create_sandbox": "&nbsp;&nbsp;CreateSandbox (shared fs mount)",
         "container_create": "container create (share, CreateContainer)",
@@ -835,6 +903,37 @@ def generated(r):
             q = f"{x['qemu_pss_kib'] / 1024:.1f}" if "qemu_pss_kib" in x else ""
             v = f"{x['virtiofsd_pss_kib'] / 1024:.1f}" if "virtiofsd_pss_kib" in x else ""
             lines.append(f"| {rt} | {n} | {x['shim_pss_kib'] / 1024:.1f} | {q} | {v} | {x['total_pss_kib'] / 1024:.1f} | {x['shim_rss_kib'] / 1024:.1f} |")
+    fac = r["factory"]
+    lines += [
+        "",
+        "## The VM factory: cold boots and template clones (same guest: initrd, virtio-9p)",
+        "",
+        f"The template: created in {fac['template_create_ms']} ms by `kata-runtime factory init`; its tmpfs is sized "
+        f"{fac['template_tmpfs_mib']} MiB and holds {fac['template_used_mib']} MiB (the pages the template's guest "
+        f"touched, shared by every clone), plus a {fac['template_state_kib']} KiB device state.",
+        "",
+        "| source | start min ms | median | max | sandbox PSS x1 MiB | QEMU PSS x1 | "
+        f"sandbox PSS x{r['concurrent']} MiB | QEMU PSS x{r['concurrent']} | total x{r['concurrent']} MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in ("cold", "template"):
+        d = fac[name]
+        one_f = d["memory"]["1"]["mean"]
+        many_f = d["memory"].get(str(r["concurrent"]), d["memory"]["1"])["mean"]
+        st = d["start_ms"]
+        lines.append(f"| {name} | {st['min']:.0f} | {st['median']:.0f} | {st['max']:.0f} | "
+                     f"{one_f['total_pss_kib'] / 1024:.1f} | {one_f['qemu_pss_kib'] / 1024:.1f} | "
+                     f"{many_f['total_pss_kib'] / 1024:.1f} | {many_f['qemu_pss_kib'] / 1024:.1f} | "
+                     f"{many_f['total_pss_kib'] * r['concurrent'] / 1024:.0f} |")
+    lines += [
+        "",
+        "| phase (median ms, shim spans) | cold | template |",
+        "|---|---|---|",
+    ]
+    for p in PHASES:
+        c, t = med(fac["cold"]["breakdown_ms"].get(p, [])), med(fac["template"]["breakdown_ms"].get(p, []))
+        if c or t:
+            lines.append(f"| {labels[p]} | {c:.0f} | {t:.0f} |")
     lines += [
         "",
         "## Metrics scrapes (ms; shim: its monitor socket's /metrics; kata-monitor: /metrics of all sandboxes)",
@@ -998,6 +1097,11 @@ def main():
     r["direct_volume"] = bench_direct_volume(sock, a.fs_mib, a.iterations)
     r["seccomp"] = bench_seccomp(sock, a.iterations)
     r["scrape"] = bench_scrape(sock, counts)
+    work = tempfile.mkdtemp(prefix="kata-bench-")
+    try:
+        r["factory"] = bench_factory(sock, a.iterations, counts, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     r["targets"] = [{"target": t, "measured": m, "met": ok} for t, m, ok in targets(r)]
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:

@@ -21,6 +21,7 @@ mod iptables;
 mod metrics;
 mod mounts;
 mod network;
+mod random;
 mod reaper;
 mod rpc;
 use kata_agent::{devcg, seccomp};

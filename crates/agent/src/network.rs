@@ -11,6 +11,9 @@ fn failed(what: String) -> impl Fn(std::io::Error) -> AgentError {
     move |e| AgentError::Failed(format!("{what}: {e}"))
 }
 
+/// How long UpdateInterface waits for a NIC with the requested MAC to appear.
+const NIC_APPEAR_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The guest interface whose MAC address is `mac` (case-insensitive).
 pub fn find_by_mac(mac: &str) -> Result<String, AgentError> {
     let want = mac.to_ascii_lowercase();
@@ -268,7 +271,17 @@ pub fn update_interface(
     addresses: &[(String, u32)],
 ) -> Result<String, AgentError> {
     let fd = socket()?;
-    let mut current = find_by_mac(mac)?;
+    // A NIC hot-plugged a moment ago (a VM cloned from a template gets its NICs after it
+    // starts) appears when the guest has probed it.
+    let deadline = std::time::Instant::now() + NIC_APPEAR_TIMEOUT;
+    let mut current = loop {
+        match find_by_mac(mac) {
+            Err(AgentError::NotFound(_)) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => break r?,
+        }
+    };
     if !name.is_empty() && current != name {
         set_flags(&fd, &current, false)?;
         let mut r = ifreq(&current)?;

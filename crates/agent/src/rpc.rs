@@ -616,6 +616,11 @@ impl AgentService for Agent {
         Ok(Empty::new())
     }
 
+    async fn reseed_random_dev(&self, _: &TtrpcContext, req: ReseedRandomDevRequest) -> R<Empty> {
+        blocking(move || crate::random::reseed_random(&req.data)).await?;
+        Ok(Empty::new())
+    }
+
     async fn get_oom_event(&self, _: &TtrpcContext, _: GetOOMEventRequest) -> R<OOMEvent> {
         // Long poll: the next container whose cgroup counts a new OOM kill.
         loop {

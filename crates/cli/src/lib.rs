@@ -61,6 +61,9 @@ pub enum Command {
     Metrics(commands::metrics::MetricsArgs),
     /// Manage direct volumes: block devices given to containers instead of shared directories.
     DirectVolume(commands::direct_volume::DirectVolumeArgs),
+    /// Manage the VM factory: `init` creates the VM template, `status` tells whether it is
+    /// there, `destroy` removes it (`[factory] enable_template = true`).
+    Factory(commands::factory::FactoryArgs),
     /// Get or set the packet filter (iptables, ip6tables) inside a sandbox's VM.
     Iptables(commands::iptables::IptablesArgs),
     /// Measure this host's per-pod overhead (a real sandbox, idle) and print a RuntimeClass
@@ -107,6 +110,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Some(Command::Exec(args)) => commands::exec::run(args),
         Some(Command::DirectVolume(args)) => commands::direct_volume::run(args),
         Some(Command::Iptables(args)) => commands::iptables::run(args),
+        Some(Command::Factory(args)) => commands::factory::run(cli.config, args),
         Some(Command::Version) => {
             print!("{}", commands::version::text());
             Ok(ExitCode::SUCCESS)

@@ -147,7 +147,7 @@ config_section! {
     /// `[factory]`
     pub struct FactoryConfig {
         /// Create new VMs by cloning a template VM (needs QEMU, an initrd and virtio-9p).
-        enable_template: bool = false, N, NY, ALL;
+        enable_template: bool = false, N, OK, ALL;
         /// Directory of the VM template.
         template_path: String = DEFAULT_TEMPLATE_PATH.to_string(), N, OK, ALL;
         /// VMs kept booted and ready by the VMCache server (0: VMCache off).

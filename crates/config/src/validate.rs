@@ -185,6 +185,17 @@ pub enum ValidationError {
         /// Current value.
         shared_fs: String,
     },
+    /// Templating needs the virtio-serial agent channel.
+    #[error("[factory].enable_template = true needs the virtio-serial agent channel (a clone cannot have its own vsock context id): set [agent.kata].channel = \"auto\" or \"virtio-serial\"")]
+    TemplateNeedsSerial,
+    /// Templating puts the guest RAM in a file of its own.
+    #[error("[factory].enable_template = true keeps the guest RAM in <template_path>/memory: it cannot be combined with [hypervisor.{kind}].{key}")]
+    TemplateMemoryBackend {
+        /// Hypervisor section.
+        kind: HypervisorKind,
+        /// The key that asks for another backend.
+        key: &'static str,
+    },
     /// `[runtime].hypervisor_name` names another hypervisor.
     #[error("[runtime].hypervisor_name = {name:?} but the file's hypervisor section is [hypervisor.{kind}]; make them match or remove hypervisor_name")]
     HypervisorNameMismatch {
@@ -458,6 +469,21 @@ impl Config {
                     })
                     .unwrap_or_default();
                 return Err(ValidationError::TemplateNeedsVirtio9p { kind, shared_fs });
+            }
+            if self.agent.channel == crate::runtime::AgentChannelKind::Vsock {
+                return Err(ValidationError::TemplateNeedsSerial);
+            }
+            for (set, key) in [
+                (self.hypervisor.enable_hugepages, "enable_hugepages"),
+                (
+                    !self.hypervisor.file_mem_backend.is_empty(),
+                    "file_mem_backend",
+                ),
+                (self.hypervisor.enable_mem_prealloc, "enable_mem_prealloc"),
+            ] {
+                if set {
+                    return Err(ValidationError::TemplateMemoryBackend { kind, key });
+                }
             }
         }
         let r = &self.runtime;

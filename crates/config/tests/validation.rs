@@ -190,6 +190,29 @@ fn factory_rules() {
     assert!(e.contains("needs an initrd guest"), "{e}");
     let e = invalid("[hypervisor.clh]\ninitrd = \"/i\"\nshared_fs = \"virtio-9p\"\n[factory]\nenable_template = true\n");
     assert!(e.contains("needs the qemu hypervisor, not clh"), "{e}");
+    let e = invalid(&format!(
+        "{base}[agent.kata]\nchannel = \"vsock\"\n[factory]\nenable_template = true\n"
+    ));
+    assert!(
+        e.contains("virtio-serial agent channel") && e.contains("[agent.kata].channel"),
+        "{e}"
+    );
+    valid(&format!(
+        "{base}[agent.kata]\nchannel = \"virtio-serial\"\n[factory]\nenable_template = true\n"
+    ));
+    for key in [
+        "enable_hugepages = true",
+        "file_mem_backend = \"/dev/shm\"",
+        "enable_mem_prealloc = true",
+    ] {
+        let cfg = qemu(&format!("shared_fs = \"virtio-9p\"\n{key}"));
+        let e = invalid(&format!("{cfg}[factory]\nenable_template = true\n"));
+        let name = key.split(' ').next().unwrap_or_default();
+        assert!(
+            e.contains(&format!("cannot be combined with [hypervisor.qemu].{name}")),
+            "{key}: {e}"
+        );
+    }
     valid(&format!("{}[factory]\nvm_cache_number = 3\n", qemu("")));
 }
 

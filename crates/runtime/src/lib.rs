@@ -5,6 +5,7 @@
 //! - [`accel`]: KVM or TCG;
 //! - [`cgroups`]: the sandbox's cgroups on the host;
 //! - [`network`]: the pod network mirrored into the VM;
+//! - [`template`]: VM templating (`[factory] enable_template`);
 //! - [`ids`]: sandbox, container and exec ids checked before they become paths;
 //! - [`monitor_client`]: the HTTP client of a shim's monitor socket;
 //! - [`error`]: the errors ([`SandboxError`]).
@@ -18,6 +19,7 @@ pub mod ids;
 pub mod monitor_client;
 pub mod network;
 pub mod sandbox;
+pub mod template;
 pub mod volumes;
 
 pub use error::SandboxError;

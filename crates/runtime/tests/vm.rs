@@ -750,6 +750,7 @@ async fn a_sandbox_on_a_cgroup_v2_host() {
     let placement = kata_sandbox::Placement {
         netns: None,
         cgroups_path: Some("/kata-test-v2/pod-it".into()),
+        ..Default::default()
     };
     let sb = Sandbox::create_in(id, &config(&[]), &placement)
         .await
@@ -921,4 +922,152 @@ async fn a_slow_reader_holds_the_writer_back_and_loses_nothing() {
     sb.remove_container("w").await.expect("remove");
     sb.stop().await;
     assert_no_leftovers(id);
+}
+
+/// The guest's first 16 random bytes, in hex.
+async fn guest_random(sb: &Sandbox, rootfs: &Path, cid: &str) -> String {
+    let (out, status) = run_container(
+        sb,
+        rootfs,
+        cid,
+        "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'",
+        |_| {},
+    )
+    .await;
+    assert_eq!(status, 0, "{out}");
+    assert_eq!(out.len(), 32, "{out}");
+    out
+}
+
+/// A configuration with VM templating on: the initrd, virtio-9p, a template directory of the
+/// test's own and a kernel of the test's own (so that it can be changed).
+fn template_config(kernel: &Path, template: &str) -> Config {
+    let mut c = config(&[]);
+    c.hypervisor.image = String::new();
+    c.hypervisor.initrd = "/opt/kata/share/kata-containers/kata-containers-initrd.img".into();
+    c.hypervisor.shared_fs = kata_config::hypervisor::SharedFs::Virtio9p;
+    c.hypervisor.kernel = kernel.display().to_string();
+    c.factory.enable_template = true;
+    c.factory.template_path = template.into();
+    c.validate(&HostLimits::current())
+        .expect("a valid templating configuration");
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, QEMU and the installed guest (make test runs it)"]
+async fn vm_templating_clones_serve_sandboxes() {
+    use kata_sandbox::sandbox::VmSource;
+    use kata_sandbox::template::{identity, Template};
+    let tmp = tempfile::tempdir().expect("tmp");
+    let rootfs = busybox_rootfs(tmp.path());
+    std::fs::write(rootfs.join("etc/greeting"), "from a clone\n").expect("write");
+    let kernel = tmp.path().join("vmlinux");
+    std::fs::copy("/opt/kata/share/kata-containers/vmlinux.container", &kernel).expect("kernel");
+    let c = template_config(&kernel, "/run/vc/vm/it-template");
+    let template = Template::of(&c);
+    template.destroy().await.expect("no template left");
+    let ids = ["it-tpl-1", "it-tpl-2", "it-tpl-3"];
+    for id in ids {
+        kata_sandbox::sandbox::cleanup_stale(id);
+    }
+
+    // The first sandbox makes the template, then is cloned from it.
+    let sb1 = Sandbox::create(ids[0], &c).await.expect("first sandbox");
+    assert_eq!(sb1.timings.source, VmSource::Template, "{:?}", sb1.timings);
+    assert!(template.exists(), "the first sandbox created the template");
+    let accel = sb1.accel;
+    assert_eq!(
+        template.recorded_identity().as_deref(),
+        Some(identity(&c, accel).as_str())
+    );
+    let (out, status) = run_container(&sb1, &rootfs, "c1", "cat /etc/greeting; grep ' / ' /proc/mounts | cut -d' ' -f3; date +%s", |_| {}).await;
+    assert_eq!(status, 0, "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[..2], ["from a clone", "9p"], "{out}");
+    // The clock is the host's, not the template's.
+    let guest_now: i64 = lines[2].parse().expect("date");
+    let host_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    assert!(
+        (guest_now - host_now).abs() <= 5,
+        "guest {guest_now}, host {host_now}"
+    );
+    let r1 = guest_random(&sb1, &rootfs, "r1").await;
+
+    // A second clone: its own randomness, exec, memory hot-plug.
+    let sb2 = Sandbox::create(ids[1], &c).await.expect("second sandbox");
+    assert_eq!(sb2.timings.source, VmSource::Template);
+    let r2 = guest_random(&sb2, &rootfs, "r2").await;
+    assert_ne!(
+        r1, r2,
+        "two clones drew the same random bytes: the reseed did not happen"
+    );
+    let (_, mem_before) = sb2.guest_resources().await.expect("resources");
+    sb2.set_hotplugged(1, 256)
+        .await
+        .expect("hot-plug onto a clone");
+    let (cpus, mem_after) = sb2.guest_resources().await.expect("resources");
+    assert_eq!(cpus, c.hypervisor.default_vcpus + 1);
+    assert!(
+        mem_after >= mem_before + 256 * 1024 - 4096,
+        "{mem_before} -> {mem_after} KiB"
+    );
+    sb2.create_container("long", spec(&["sleep", "60"]), &rootfs, Vec::new())
+        .await
+        .expect("create");
+    sb2.start_container("long").await.expect("start");
+    assert_eq!(
+        read_guest(&sb2, "long", "e1", "echo exec in a clone").await,
+        "exec in a clone\n"
+    );
+
+    // A changed kernel makes the template stale: the next sandbox rebuilds it.
+    let f = std::fs::File::options()
+        .append(true)
+        .open(&kernel)
+        .expect("kernel");
+    f.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(5))
+        .expect("touch the kernel");
+    drop(f);
+    let stale = template.recorded_identity().expect("template");
+    assert_ne!(
+        stale,
+        identity(&c, accel),
+        "a touched kernel changes the identity"
+    );
+    let sb3 = Sandbox::create(ids[2], &c).await.expect("third sandbox");
+    assert_eq!(sb3.timings.source, VmSource::Template);
+    assert_eq!(
+        template.recorded_identity().as_deref(),
+        Some(identity(&c, accel).as_str()),
+        "the template was rebuilt"
+    );
+    // sb1 and sb2 still run on the old template's memory (a private, detached copy).
+    assert_eq!(
+        read_guest(&sb2, "long", "e2", "cat /etc/greeting").await,
+        "from a clone\n"
+    );
+
+    // Destroying the template leaves its clones running.
+    template.destroy().await.expect("destroy");
+    assert!(!template.exists() && !template.dir.exists());
+    let (out, status) = run_container(&sb3, &rootfs, "c3", "cat /etc/greeting", |_| {}).await;
+    assert_eq!((out.as_str(), status), ("from a clone\n", 0));
+    sb2.signal("long", "", 9, false).await.expect("kill");
+    sb2.wait("long", "").await.expect("wait");
+    sb2.remove_container("long").await.expect("remove");
+    for sb in [sb1, sb2, sb3] {
+        sb.stop().await;
+    }
+    for id in ids {
+        assert_no_leftovers(id);
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    assert!(
+        !mounts.contains("it-template"),
+        "the template's tmpfs is still mounted"
+    );
 }

@@ -1217,6 +1217,61 @@ async fn a_pod_on_the_initrd_serves_tcp_and_execs_as_on_the_image() {
     assert!(!named[0].exists(), "{} left", named[0].display());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, containerd, QEMU and make install (make test runs it)"]
+async fn a_templated_pod_serves_tcp_and_execs_as_a_cold_one() {
+    // VM templating: the pod's VM is cloned from a template the first sandbox creates, and gets
+    // its NIC by hot-plug.
+    let mut c = client().await;
+    let _lock = config_lock().await;
+    let _server = BridgeServer::start();
+    let template = "/run/vc/vm/it-cri-template";
+    let factory_toml = format!(
+        "[hypervisor.qemu]\nimage = \"\"\ninitrd = \"/opt/kata/share/kata-containers/kata-containers-initrd.img\"\nshared_fs = \"virtio-9p\"\n[factory]\nenable_template = true\ntemplate_path = \"{template}\"\n"
+    );
+    let drop_in = write_drop_in("90-test-template.toml", &factory_toml);
+    let (out, _, _) = common::kata_runtime(&["factory", "destroy"]);
+    assert_eq!(out, "vm factory destroyed\n");
+    let started = web_pod(&mut c, "kata-template", &[]).await;
+    let (status, _, _) = common::kata_runtime(&["factory", "status"]);
+    let _ = std::fs::remove_file(&drop_in);
+    let (pod, ip) = started;
+    assert_eq!(
+        status, "vm factory is on\n",
+        "the first sandbox created the template"
+    );
+    let qemu = qemu_of(&pod);
+    let argv = std::fs::read(format!("/proc/{qemu}/cmdline")).expect("QEMU's argv");
+    let argv = String::from_utf8_lossy(&argv).replace('\0', " ");
+    assert!(
+        argv.contains("-incoming defer")
+            && argv.contains(&format!("mem-path={template}/memory,share=off"))
+            && !argv.contains("virtio-net-pci"),
+        "a clone, with no NIC on its command line: {argv}"
+    );
+    let body = fetch_when_up(&format!("http://{ip}:8080/index.html"));
+    assert_eq!(String::from_utf8_lossy(&body), "hello-from-kata\n");
+    let probe = start_probe(&mut c, &pod).await;
+    let (date, code) = exec(&mut c, &probe, &["date", "+%s"]).await;
+    assert_eq!(code, 0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    let guest: i64 = date.trim().parse().expect("date");
+    assert!((guest - now).abs() <= 5, "guest clock {guest}, host {now}");
+    download_into(&mut c, &probe).await;
+    remove_pod(&mut c, &pod).await;
+    assert_pod_gone(&pod);
+    // The template outlives its clones until it is destroyed.
+    assert!(Path::new(template).join("memory").exists());
+    let drop_in = write_drop_in("90-test-template.toml", &factory_toml);
+    let (out, err, code) = common::kata_runtime(&["factory", "destroy"]);
+    let _ = std::fs::remove_file(&drop_in);
+    assert_eq!((out.as_str(), code), ("vm factory destroyed\n", 0), "{err}");
+    assert!(!Path::new(template).exists(), "the template is gone");
+}
+
 /// Host PSS of a process in KiB (smaps_rollup).
 fn pss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
@@ -1226,6 +1281,52 @@ fn pss_kib(pid: u32) -> u64 {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
+}
+
+/// Host PSS of a process by mapping (KiB): a file's path, or `[anon N MiB]` by the mapping's
+/// size for anonymous memory (the guest's RAM is one large anonymous or memfd mapping, QEMU's
+/// heap and TCG cache are others).
+fn pss_by_mapping(pid: u32) -> std::collections::BTreeMap<String, u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut out = std::collections::BTreeMap::new();
+    let mut current = String::new();
+    for line in text.lines() {
+        let mut f = line.split_whitespace();
+        let first = f.next().unwrap_or("");
+        if first.contains('-') && first.chars().next().is_some_and(|c| c.is_ascii_hexdigit()) {
+            let (a, b) = first.split_once('-').unwrap_or(("0", "0"));
+            let size =
+                u64::from_str_radix(b, 16).unwrap_or(0) - u64::from_str_radix(a, 16).unwrap_or(0);
+            let path: Vec<&str> = f.skip(4).collect();
+            current = if path.is_empty() {
+                format!("[anon {} MiB]", size >> 20)
+            } else {
+                path.join(" ")
+            };
+        } else if first == "Pss:" {
+            let kib: u64 = f.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            *out.entry(current.clone()).or_insert(0) += kib;
+        }
+    }
+    out
+}
+
+/// The mappings whose PSS grew the most between two [`pss_by_mapping`] samples.
+fn growth(
+    before: &std::collections::BTreeMap<String, u64>,
+    after: &std::collections::BTreeMap<String, u64>,
+) -> String {
+    let mut d: Vec<(i64, &String)> = after
+        .iter()
+        .map(|(k, v)| (*v as i64 - *before.get(k).unwrap_or(&0) as i64, k))
+        .filter(|(d, _)| *d != 0)
+        .collect();
+    d.sort_by_key(|(d, _)| std::cmp::Reverse(*d));
+    d.iter()
+        .take(6)
+        .map(|(d, k)| format!("{k}: {d:+} KiB"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A pod's container with a memory limit and a CPU limit is created and removed `cycles` times;
@@ -1270,6 +1371,7 @@ async fn resources_come_back(pod_name: &str, cycles: u32) -> (u64, u64) {
     let tcg = String::from_utf8_lossy(&argv).contains("\0tcg");
     let cpus_after = base.0 + u32::from(tcg);
     let mut first_pss = 0;
+    let mut first_maps = Default::default();
     for i in 0..cycles {
         let mut cc = container_config(&format!("limited-{i}"), IDLE, vec![]);
         cc.linux = Some(LinuxContainerConfig {
@@ -1310,9 +1412,14 @@ async fn resources_come_back(pod_name: &str, cycles: u32) -> (u64, u64) {
         );
         if i == 0 {
             first_pss = pss_kib(qemu);
+            first_maps = pss_by_mapping(qemu);
         }
     }
     let last_pss = pss_kib(qemu);
+    eprintln!(
+        "{pod_name}: QEMU PSS {first_pss} -> {last_pss} KiB; grew most: {}",
+        growth(&first_maps, &pss_by_mapping(qemu))
+    );
     remove_pod(&mut c, &pod).await;
     (first_pss, last_pss)
 }

@@ -2233,3 +2233,85 @@ fn kata_3_0_configuration_runs_unchanged() {
     );
     assert_no_leftovers("kata-3-0-config");
 }
+
+#[test]
+#[ignore = "needs root, containerd, QEMU and make install (make test runs it)"]
+fn vm_templating_serves_ctr_run_as_a_cold_boot_does() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let template = "/run/vc/vm/it-ctr-template";
+    let cfg = configuration_file(
+        dir.path(),
+        Root::Initrd,
+        None,
+        &[
+            ("shared_fs", "\"virtio-9p\""),
+            ("enable_template", "true"),
+            ("template_path", &format!("{template:?}")),
+        ],
+    );
+    let factory = |cmd: &str| common::kata_runtime(&["--config", cfg.as_str(), "factory", cmd]);
+    assert_eq!(factory("destroy").0, "vm factory destroyed\n");
+    assert_eq!(factory("status").0, "vm factory is off\n");
+    let (out, err, code) = factory("init");
+    assert_eq!(
+        (out.as_str(), code),
+        ("vm factory initialized\n", 0),
+        "{err}"
+    );
+    assert_eq!(factory("status").0, "vm factory is on\n");
+    let (env, _, _) = common::kata_runtime(&["--config", cfg.as_str(), "env"]);
+    assert!(env.contains("TemplateState = \"on\""), "{env}");
+
+    // Output, stderr, exit code and memory growth, as with a cold VM.
+    let rc = ["--runtime-config-path", cfg.as_str()];
+    let script = "grep MemTotal /proc/meminfo; echo out; echo err >&2; exit 3";
+    let (plain, err, code) = run(KATA, "tpl-plain", &rc, script, "");
+    assert_eq!(code, 3, "{err}");
+    assert!(
+        plain.ends_with("out\n") && err.contains("err"),
+        "{plain} {err}"
+    );
+    let mut grown_args = rc.to_vec();
+    grown_args.extend(["--memory-limit", "536870912"]);
+    let (grown, err, code) = run(KATA, "tpl-grown", &grown_args, script, "");
+    assert_eq!(code, 3, "{err}");
+    let (a, b) = (mem_total_mib(&plain), mem_total_mib(&grown));
+    assert!(b >= a + 500, "--memory-limit 512 MiB: {a} -> {b} MiB");
+    assert_no_leftovers("tpl-plain");
+    assert_no_leftovers("tpl-grown");
+
+    // The VM is a clone (its QEMU loaded the template's state), execs work, and destroying the
+    // template leaves it running.
+    force_remove("tpl-long");
+    run_detached(KATA, "tpl-long", &rc, &["sleep", "600"]);
+    let qemu = common::pid_where(|cmd| cmd.contains("sandbox-tpl-long")).expect("QEMU");
+    let argv =
+        String::from_utf8_lossy(&std::fs::read(format!("/proc/{qemu}/cmdline")).expect("argv"))
+            .replace('\0', " ");
+    assert!(
+        argv.contains("-incoming defer")
+            && argv.contains(&format!("mem-path={template}/memory,share=off")),
+        "{argv}"
+    );
+    assert_eq!(exec_in("tpl-long", "e1", "echo before").0, "before\n");
+    assert_eq!(factory("destroy").0, "vm factory destroyed\n");
+    assert_eq!(factory("status").0, "vm factory is off\n");
+    assert!(!std::path::Path::new(template).exists());
+    assert_eq!(exec_in("tpl-long", "e2", "echo after").0, "after\n");
+    kill_and_remove("tpl-long");
+    assert_no_leftovers("tpl-long");
+
+    // A configuration that templating cannot serve is refused with the keys named.
+    let bad = configuration_file(
+        dir.path(),
+        Root::ImageNvdimm,
+        None,
+        &[("enable_template", "true")],
+    );
+    let (_, err, code) = common::kata_runtime(&["--config", bad.as_str(), "factory", "init"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("enable_template") && err.contains("initrd"),
+        "{err}"
+    );
+}

@@ -36,6 +36,20 @@ pub struct EnvInfo {
     runtime: RuntimeInfo,
     host: HostInfo,
     agent: AgentInfo,
+    factory: FactoryInfo,
+}
+
+/// `[factory]` and the VM template's state.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct FactoryInfo {
+    /// `enable_template`.
+    template: bool,
+    template_path: String,
+    /// "on" (a complete template is there), "off", or "not enabled".
+    template_state: String,
+    vm_cache_number: u32,
+    vm_cache_endpoint: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -228,6 +242,14 @@ pub fn collect(c: &Config) -> EnvInfo {
     let mut parts = crate::VERSION
         .split('.')
         .map(|p| p.parse::<u64>().unwrap_or(0));
+    let template = kata_sandbox::template::Template::of(c);
+    let template_state = if !c.factory.enable_template {
+        "not enabled"
+    } else if template.exists() {
+        "on"
+    } else {
+        "off"
+    };
     EnvInfo {
         kernel: KernelInfo {
             path: h.kernel.clone(),
@@ -332,9 +354,21 @@ pub fn collect(c: &Config) -> EnvInfo {
             dial_timeout: c.agent.dial_timeout,
             kernel_modules: c.agent.kernel_modules.clone(),
             channel: toml_name(&c.agent.channel),
-            channel_in_use: host::resolve_agent_channel(c.agent.channel)
-                .map(str::to_string)
-                .unwrap_or_else(|e| format!("unusable: {e}")),
+            // Template clones always speak virtio-serial (see kata_sandbox::template).
+            channel_in_use: if c.factory.enable_template {
+                "virtio-serial".to_string()
+            } else {
+                host::resolve_agent_channel(c.agent.channel)
+                    .map(str::to_string)
+                    .unwrap_or_else(|e| format!("unusable: {e}"))
+            },
+        },
+        factory: FactoryInfo {
+            template: c.factory.enable_template,
+            template_path: c.factory.template_path.clone(),
+            template_state: template_state.to_string(),
+            vm_cache_number: c.factory.vm_cache_number,
+            vm_cache_endpoint: c.factory.vm_cache_endpoint.clone(),
         },
     }
 }

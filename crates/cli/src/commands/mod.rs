@@ -4,6 +4,7 @@ pub mod check;
 pub mod direct_volume;
 pub mod env;
 pub mod exec;
+pub mod factory;
 pub mod iptables;
 pub mod metrics;
 pub mod overhead;

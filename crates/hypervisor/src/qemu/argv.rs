@@ -73,6 +73,20 @@ pub struct LaunchSpec {
     /// Size in bytes of the guest rootfs image (`image`), which the caller measured; 0 when
     /// the guest boots from an initrd.
     pub image_size: u64,
+    /// VM templating: the boot RAM is this file instead of the configured backend.
+    pub memory_file: Option<MemoryFile>,
+    /// Start paused, waiting for a saved device state (`-S -incoming defer`): a template clone.
+    pub incoming: bool,
+}
+
+/// The boot RAM of a template VM (shared: its pages are the file) or of a clone (private: the
+/// clone reads the template's pages and copies only those it writes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryFile {
+    /// The file (on the template's tmpfs).
+    pub path: PathBuf,
+    /// `share=on` (the template) or `share=off` (a clone).
+    pub shared: bool,
 }
 
 /// A virtio-net NIC on a tap.
@@ -264,11 +278,16 @@ pub fn build(h: &HypervisorConfig, s: &LaunchSpec) -> Vec<String> {
     } else {
         push(&mut a, "-m", format!("{}M", s.memory_mib));
     }
-    push(
-        &mut a,
-        "-object",
-        memory_backend(h, BOOT_MEMORY_ID, s.memory_mib),
-    );
+    let boot_ram = match &s.memory_file {
+        Some(f) => format!(
+            "memory-backend-file,id={BOOT_MEMORY_ID},size={}M,mem-path={},share={}",
+            s.memory_mib,
+            f.path.display(),
+            if f.shared { "on" } else { "off" }
+        ),
+        None => memory_backend(h, BOOT_MEMORY_ID, s.memory_mib),
+    };
+    push(&mut a, "-object", boot_ram);
     push(&mut a, "-numa", format!("node,memdev={BOOT_MEMORY_ID}"));
     if virtio_mem > 0 {
         // First of the memory devices, so it starts the hot-plug area (aligned to 1 GiB): the
@@ -530,6 +549,10 @@ pub fn build(h: &HypervisorConfig, s: &LaunchSpec) -> Vec<String> {
         }
         SharedFsDevice::None => {}
     }
+    if s.incoming {
+        a.push("-S".to_string());
+        push(&mut a, "-incoming", "defer");
+    }
     a
 }
 
@@ -558,6 +581,8 @@ mod tests {
             netns: None,
             nics: Vec::new(),
             image_size: 0,
+            memory_file: None,
+            incoming: false,
         }
     }
 
@@ -675,6 +700,42 @@ mod tests {
         assert_eq!(
             memory_backend(&h, "m", 512),
             "memory-backend-ram,id=m,size=512M"
+        );
+    }
+
+    #[test]
+    fn template_and_clone_memory() {
+        let mut h = cfg();
+        h.shared_fs = SharedFs::Virtio9p;
+        let mut s = spec(Accel::Tcg);
+        s.memory_file = Some(MemoryFile {
+            path: "/run/t/memory".into(),
+            shared: true,
+        });
+        let template = joined(&build(&h, &s));
+        assert!(
+            template.contains("-object memory-backend-file,id=ram0,size=2048M,mem-path=/run/t/memory,share=on -numa node,memdev=ram0"),
+            "{template}"
+        );
+        assert!(!template.contains("-incoming"));
+        s.memory_file = Some(MemoryFile {
+            path: "/run/t/memory".into(),
+            shared: false,
+        });
+        s.incoming = true;
+        let clone = joined(&build(&h, &s));
+        assert!(
+            clone.contains("mem-path=/run/t/memory,share=off -numa"),
+            "{clone}"
+        );
+        assert!(clone.ends_with(" -S -incoming defer"), "{clone}");
+        // Apart from the RAM's sharing and the incoming flags, the clone's devices are the
+        // template's.
+        assert_eq!(
+            clone
+                .replace("share=off", "share=on")
+                .trim_end_matches(" -S -incoming defer"),
+            template
         );
     }
 

@@ -60,6 +60,9 @@ pub enum VmError {
     /// QMP failed.
     #[error("QMP")]
     Qmp(#[from] QmpError),
+    /// Saving or loading a template's device state failed.
+    #[error("VM templating: {0}")]
+    Migration(String),
     /// Hot-plug is impossible.
     #[error("cannot hot-plug: {0}")]
     Hotplug(String),
@@ -252,7 +255,24 @@ impl Vm {
                 match Qmp::connect(&spec.qmp_socket).await {
                     Ok(q) => break q,
                     Err(QmpError::Io { .. }) => {}
-                    Err(e) => return Err(e.into()),
+                    Err(e) => {
+                        // QEMU closing QMP at once is QEMU exiting: say why.
+                        let exit = tokio::time::timeout(Duration::from_secs(1), async {
+                            while vm_exit.borrow_and_update().is_none() {
+                                if vm_exit.changed().await.is_err() {
+                                    break;
+                                }
+                            }
+                        })
+                        .await;
+                        if exit.is_ok() {
+                            if let Some(status) = vm_exit.borrow().clone() {
+                                return Err(exited(status, stderr_log, &spec.console_log));
+                            }
+                        }
+                        kill_pid(pid);
+                        return Err(e.into());
+                    }
                 }
             }
             if Instant::now() > deadline {
@@ -644,6 +664,187 @@ impl Vm {
         Ok(())
     }
 
+    /// VM templating: pauses the VM and writes its device state to `state` (`x-ignore-shared`:
+    /// the RAM, a shared file, is not copied). The VM stays paused. The stream goes through the
+    /// unix socket `via`, which the caller listens on (QEMU's seccomp sandbox forbids the
+    /// `exec:` transport: it spawns a shell).
+    pub async fn save_state(&self, state: &Path, via: &Path) -> Result<(), VmError> {
+        let _ = std::fs::remove_file(via);
+        let listener = tokio::net::UnixListener::bind(via)
+            .map_err(|e| VmError::Migration(format!("cannot listen on {}: {e}", via.display())))?;
+        self.qmp("stop", None).await?;
+        self.qmp("migrate-set-capabilities", Some(ignore_shared()))
+            .await?;
+        self.qmp(
+            "migrate",
+            Some(json!({ "uri": format!("unix:{}", via.display()) })),
+        )
+        .await?;
+        let copy = async {
+            let (mut conn, _) = listener.accept().await?;
+            let mut out = tokio::fs::File::create(state).await?;
+            tokio::io::copy(&mut conn, &mut out).await?;
+            out.sync_all().await?;
+            Ok::<_, std::io::Error>(())
+        };
+        let copied = tokio::time::timeout(MIGRATION_TIMEOUT, copy).await;
+        let _ = std::fs::remove_file(via);
+        match copied {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(VmError::Migration(format!(
+                    "writing the device state to {}: {e}",
+                    state.display()
+                )))
+            }
+            Err(_) => {
+                return Err(VmError::Migration(format!(
+                    "saving the device state to {} took more than {} s",
+                    state.display(),
+                    MIGRATION_TIMEOUT.as_secs()
+                )))
+            }
+        }
+        let deadline = Instant::now() + MIGRATION_TIMEOUT;
+        loop {
+            let v = self.qmp("query-migrate", None).await?;
+            match v.get("status").and_then(|s| s.as_str()).unwrap_or("") {
+                "completed" => return Ok(()),
+                "failed" | "cancelled" => {
+                    return Err(VmError::Migration(format!(
+                        "saving the device state to {} failed: {}",
+                        state.display(),
+                        v.get("error-desc")
+                            .and_then(|s| s.as_str())
+                            .unwrap_or("no reason given")
+                    )))
+                }
+                _ if Instant::now() >= deadline => {
+                    return Err(VmError::Migration(format!(
+                        "saving the device state to {} took more than {} s",
+                        state.display(),
+                        MIGRATION_TIMEOUT.as_secs()
+                    )))
+                }
+                _ => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    }
+
+    /// A template clone (started with [`LaunchSpec::incoming`]): loads the device state from
+    /// `state`, streamed through the unix socket `via` QEMU listens on, and runs the VM.
+    pub async fn restore_state(&self, state: &Path, via: &Path) -> Result<(), VmError> {
+        let _ = std::fs::remove_file(via);
+        self.qmp("migrate-set-capabilities", Some(ignore_shared()))
+            .await?;
+        self.qmp(
+            "migrate-incoming",
+            Some(json!({ "uri": format!("unix:{}", via.display()) })),
+        )
+        .await?;
+        let copy = async {
+            let mut input = tokio::fs::File::open(state).await?;
+            let mut conn = tokio::net::UnixStream::connect(via).await?;
+            tokio::io::copy(&mut input, &mut conn).await?;
+            tokio::io::AsyncWriteExt::shutdown(&mut conn).await?;
+            Ok::<_, std::io::Error>(())
+        };
+        let copied = tokio::time::timeout(MIGRATION_TIMEOUT, copy).await;
+        let _ = std::fs::remove_file(via);
+        match copied {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(VmError::Migration(format!(
+                    "loading the device state from {}: {e}",
+                    state.display()
+                )))
+            }
+            Err(_) => {
+                return Err(VmError::Migration(format!(
+                    "loading the device state from {} took more than {} s",
+                    state.display(),
+                    MIGRATION_TIMEOUT.as_secs()
+                )))
+            }
+        }
+        let deadline = Instant::now() + MIGRATION_TIMEOUT;
+        loop {
+            if let Some(e) = self.exit_error() {
+                return Err(e);
+            }
+            let v = self.qmp("query-status", None).await?;
+            match v.get("status").and_then(|s| s.as_str()).unwrap_or("") {
+                "inmigrate" if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(5)).await
+                }
+                "inmigrate" => {
+                    return Err(VmError::Migration(format!(
+                        "loading the device state from {} took more than {} s",
+                        state.display(),
+                        MIGRATION_TIMEOUT.as_secs()
+                    )))
+                }
+                "paused" | "prelaunch" | "postmigrate" => break,
+                other => {
+                    return Err(VmError::Migration(format!(
+                        "loading the device state from {} left the VM {other}",
+                        state.display()
+                    )))
+                }
+            }
+        }
+        let m = self.qmp("query-migrate", None).await?;
+        if let Some(status @ ("failed" | "cancelled")) = m.get("status").and_then(|s| s.as_str()) {
+            return Err(VmError::Migration(format!(
+                "loading the device state from {} {status}: {}",
+                state.display(),
+                m.get("error-desc")
+                    .and_then(|s| s.as_str())
+                    .unwrap_or("no reason given")
+            )));
+        }
+        self.qmp("cont", None).await?;
+        Ok(())
+    }
+
+    /// Hot-plugs a virtio-net NIC on a tap QEMU opens by name (in its network namespace).
+    /// Nothing stays behind on failure.
+    pub async fn add_nic(&self, index: usize, nic: &argv::Nic) -> Result<(), VmError> {
+        if nic.fd.is_some() {
+            return Err(VmError::Hotplug(format!(
+                "{}: a tap given as a descriptor (macvtap) cannot be hot-plugged",
+                nic.tap
+            )));
+        }
+        let netdev = format!("net{index}");
+        self.qmp(
+            "netdev_add",
+            Some(json!({
+                "type": "tap", "id": netdev, "ifname": nic.tap,
+                "script": "no", "downscript": "no", "vhost": nic.vhost,
+            })),
+        )
+        .await?;
+        let added = async {
+            let pci = self.qmp("query-pci", None).await?;
+            let bus = block::hotplug_bus(&self.hypervisor, &pci).map_err(VmError::Hotplug)?;
+            let mut args = json!({
+                "driver": "virtio-net-pci", "id": format!("nic{index}"), "netdev": netdev,
+                "mac": nic.mac, "romfile": "", "bus": bus,
+            });
+            if self.hypervisor.enable_iommu_platform {
+                args["iommu_platform"] = json!(true);
+            }
+            self.qmp("device_add", Some(args)).await
+        }
+        .await;
+        if let Err(e) = added {
+            let _ = self.qmp("netdev_del", Some(json!({ "id": netdev }))).await;
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// Asks QEMU to quit, then kills it if it is still there after `grace`.
     pub async fn stop(&self, grace: Duration) {
         if self.exit.borrow().is_none() {
@@ -681,6 +882,13 @@ fn exited(status: String, stderr_log: &Path, console: &Path) -> VmError {
         stderr,
         console: console_tail(console, 12),
     }
+}
+
+/// How long saving or loading a template's device state may take (it is a few hundred KiB).
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn ignore_shared() -> serde_json::Value {
+    json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] })
 }
 
 /// SIGKILL a process by pid (ignores errors: it may be gone).

@@ -30,6 +30,9 @@ use crate::rootfs;
 
 type Exit = Option<(u32, Timestamp)>;
 
+mod resources;
+use resources::{cpu_limit, requested};
+
 #[derive(Debug)]
 struct Proc {
     pid: u32,
@@ -154,31 +157,6 @@ fn not_found(what: &str) -> ttrpc::Error {
     err(ttrpc::Code::NOT_FOUND, format!("{what} not found"))
 }
 
-/// Memory limit (MiB) and vCPUs a spec's resources ask for.
-fn requested(resources: Option<&LinuxResources>) -> (u32, u32) {
-    let Some(r) = resources else { return (0, 0) };
-    let mem = r
-        .memory()
-        .as_ref()
-        .and_then(|m| m.limit())
-        .filter(|l| *l > 0)
-        .map(|l| (l as u64).div_ceil(1 << 20) as u32)
-        .unwrap_or(0);
-    let cpus = cpu_limit(Some(r))
-        .map(|l| (l.quota as u64).div_ceil(l.period) as u32)
-        .unwrap_or(0);
-    (mem, cpus)
-}
-
-/// The CPU limit (quota, period) of a spec's resources.
-fn cpu_limit(resources: Option<&LinuxResources>) -> Option<CpuLimit> {
-    let cpu = resources?.cpu().as_ref()?;
-    match (cpu.quota(), cpu.period()) {
-        (Some(quota), Some(period)) if quota > 0 && period > 0 => Some(CpuLimit { quota, period }),
-        _ => None,
-    }
-}
-
 /// With `[runtime] disable_guest_seccomp = true` (Kata's default in its own files) the
 /// container's seccomp profile is not applied in the guest, as in Kata: said in the log, never
 /// silently.
@@ -229,44 +207,6 @@ impl Service {
             demands: Default::default(),
             resizing: Mutex::new(()),
         }
-    }
-
-    /// Records what container `id` asks of the VM (None: nothing any more); returns what it
-    /// asked before.
-    fn set_demand(&self, id: &str, demand: Option<(u32, u32)>) -> Option<(u32, u32)> {
-        let mut d = self.demands.lock().unwrap_or_else(|e| e.into_inner());
-        match demand {
-            Some(v) if v != (0, 0) => d.insert(id.to_string(), v),
-            _ => d.remove(id),
-        }
-    }
-
-    /// Container `id` (not the sandbox's own) no longer needs what it asked of the VM: the VM
-    /// gives back its vCPUs and the memory the guest can release.
-    async fn release_demand(&self, sb: &Sandbox, id: &str) {
-        if self.set_demand(id, None).is_some() && id != self.id {
-            if let Err(e) = self.resize_vm(sb).await {
-                tracing::warn!(error = %kata_config::error_chain(&e), container = %id, "giving back the container's vCPUs and memory");
-            }
-        }
-    }
-
-    /// Resizes the VM's hot-plugged vCPUs and memory to the sum of its containers' demands
-    /// (nothing with static resource management: the VM was sized at boot).
-    async fn resize_vm(&self, sb: &Sandbox) -> Result<(), kata_sandbox::SandboxError> {
-        if sb.config.runtime.static_resources() {
-            return Ok(());
-        }
-        let _order = self.resizing.lock().await;
-        let (mem, cpus) = self
-            .demands
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .fold((0u32, 0u32), |(m, c), (dm, dc)| {
-                (m.saturating_add(*dm), c.saturating_add(*dc))
-            });
-        sb.set_hotplugged(cpus, mem).await
     }
 
     /// The sandbox, if its VM runs, for the monitor socket. Waits at most 200 ms for the state
@@ -432,7 +372,21 @@ impl Service {
         };
         let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
         let (mem, cpus) = requested(resources.as_ref());
+        // VM templating: the template is made from the configuration files alone, so that one
+        // template serves every pod that does not override them.
+        let template_config = if config.factory.enable_template && existing.is_none() {
+            let inputs = SearchInputs::standard().with_explicit(
+                rootfs::config_path(req.options.as_ref()),
+                FoundBy::RuntimeOption,
+            );
+            kata_config::load::load_effective(&inputs, &HostLimits::current())
+                .ok()
+                .map(|c| c.0)
+        } else {
+            None
+        };
         let placement = Placement {
+            template_config,
             netns: kata_sandbox::network::netns_of(&spec),
             cgroups_path: Some(
                 spec.linux()
@@ -467,7 +421,7 @@ impl Service {
                         let sb = Arc::new(sb);
                         self.state.lock().await.sandbox = Some(sb.clone());
                         self.watch_oom(sb.clone());
-                        tracing::info!(id = %req.id, timings = ?sb.timings, accel = ?sb.accel, "sandbox ready");
+                        tracing::info!(id = %req.id, source = sb.timings.source.name(), timings = ?sb.timings, accel = ?sb.accel, "sandbox ready");
                         sb
                     }
                     Err(e) => {
@@ -567,18 +521,6 @@ impl Service {
         self.state.lock().await.tasks.insert(req.id.clone(), task);
         self.update_host_cpu_limit(&sb).await;
         Ok(pid)
-    }
-
-    /// Gives the host sandbox cgroup the sum of the containers' CPU limits.
-    async fn update_host_cpu_limit(&self, sb: &Sandbox) {
-        let limits: Vec<Option<CpuLimit>> = {
-            let st = self.state.lock().await;
-            st.tasks.values().filter_map(|t| t.cpu).collect()
-        };
-        let limit = kata_sandbox::cgroups::sum_cpu_limits(&limits);
-        if let Err(e) = sb.set_host_cpu_limit(limit) {
-            tracing::warn!(error = %kata_config::error_chain(&e), ?limit, "cannot limit the host sandbox cgroup");
-        }
     }
 
     /// Forwards the guest's OOM kills as `/tasks/oom` events while the sandbox runs.

@@ -1,0 +1,594 @@
+//! Where a sandbox's VM comes from: a cold boot, or a clone of the VM template (see
+//! [`crate::template`]). Everything around the VM (directories, host cgroups, the share,
+//! virtiofsd, the pod network) is the same for both; the shim only sees which one served it.
+
+use super::*;
+
+impl Sandbox {
+    pub(super) async fn boot(
+        id: &str,
+        config: &Config,
+        placement: &Placement,
+        paths: &SandboxPaths,
+        started: &mut Started,
+    ) -> Result<Sandbox, SandboxError> {
+        let h = &config.hypervisor;
+        let qemu = PathBuf::from(h.effective_path(config.hypervisor_kind));
+        let mut timings = BootTimings::default();
+        let t = Instant::now();
+        let accel =
+            tracing::info_span!("accel_choose").in_scope(|| crate::accel::choose(h, &qemu))?;
+        timings.accel_ms = ms(t);
+        for dir in [&paths.vm_dir, &paths.shared_dir] {
+            // Only root may enter a sandbox's state: sockets, console log, the shared tree.
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(io_err("failed to create", dir))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(io_err("failed to set the mode of", dir))?;
+        }
+        // Joined before virtiofsd and QEMU start, so that they start in it.
+        if let Some(path) = &placement.cgroups_path {
+            let cg = tracing::info_span!("host_cgroups").in_scope(|| {
+                HostCgroups::setup(
+                    Layout::current()?,
+                    id,
+                    path,
+                    config.runtime.sandbox_cgroup_only,
+                    &paths.vm_dir,
+                )
+            })?;
+            started.cgroups = Some(std::sync::Arc::new(cg));
+        }
+        if h.shared_fs != SharedFs::None {
+            prepare_share(paths)?;
+        }
+        let t = Instant::now();
+        let shared_fs = match h.shared_fs {
+            SharedFs::VirtioFs => {
+                let socket = paths.vm_dir.join("vfsd.sock");
+                let v = Virtiofsd::start(
+                    h,
+                    &socket,
+                    &paths.export_dir(),
+                    &paths.vm_dir.join("virtiofsd.log"),
+                )
+                .instrument(tracing::info_span!("virtiofsd_start"))
+                .await?;
+                started.virtiofsd = Some(v);
+                SharedFsDevice::VirtioFs { socket }
+            }
+            SharedFs::Virtio9p => SharedFsDevice::Virtio9p {
+                dir: paths.export_dir(),
+            },
+            SharedFs::None => SharedFsDevice::None,
+            SharedFs::VirtioFsNydus => return Err(SandboxError::Unsupported(
+                "shared_fs = \"virtio-fs-nydus\" is not supported yet; use virtio-fs or virtio-9p"
+                    .into(),
+            )),
+        };
+        timings.virtiofsd_ms = ms(t);
+        // A template clone speaks to its agent over virtio-serial: the template's port is part
+        // of the state every clone loads (a vsock CID is not per clone).
+        let channel = if config.factory.enable_template {
+            AgentChannel::Serial {
+                socket: paths.vm_dir.join("agent.sock"),
+            }
+        } else {
+            match kata_hypervisor::host::resolve_agent_channel(config.agent.channel)
+                .map_err(SandboxError::Unsupported)?
+            {
+                "vsock" => AgentChannel::Vsock { cid: random_cid() },
+                _ => AgentChannel::Serial {
+                    socket: paths.vm_dir.join("agent.sock"),
+                },
+            }
+        };
+        if guest_shape(config).debug_console {
+            tracing::info!("debug console enabled (kata-runtime exec {id})");
+        }
+        let network = match &placement.netns {
+            Some(ns) if !config.runtime.disable_new_netns => {
+                let (ns, model) = (ns.to_path_buf(), config.runtime.internetworking_model);
+                let (rx, tx) = (h.rx_rate_limiter_max_rate, h.tx_rate_limiter_max_rate);
+                let n =
+                    tokio::task::spawn_blocking(move || PodNetwork::prepare(&ns, model, rx, tx))
+                        .instrument(tracing::info_span!("network_setup"))
+                        .await
+                        .map_err(|e| SandboxError::Network(format!("setup task failed: {e}")))??;
+                started.network = Some(n.clone());
+                Some(n)
+            }
+            _ => None,
+        };
+        let vhost = !h.disable_vhost_net && Path::new("/dev/vhost-net").exists();
+        // Macvtaps are handed to QEMU as open descriptors of their character devices; these
+        // stay open until QEMU has started.
+        let mut macvtaps = Vec::new();
+        let mut nics = Vec::new();
+        for e in network.iter().flat_map(|n| n.endpoints.iter()) {
+            let fd = match e.macvtap_dev {
+                Some(dev) => {
+                    let f = open_char_device(&paths.vm_dir.join(&e.tap), dev)?;
+                    let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+                    macvtaps.push(f);
+                    Some(fd)
+                }
+                None => None,
+            };
+            nics.push(Nic {
+                tap: e.tap.clone(),
+                mac: e.mac.clone(),
+                vhost,
+                fd,
+            });
+        }
+        let mut spec = launch_spec(
+            id,
+            config,
+            accel,
+            &paths.vm_dir,
+            channel.clone(),
+            shared_fs.clone(),
+        );
+        spec.netns = network.as_ref().map(|n| n.netns.clone());
+        spec.nics = nics;
+        let t = Instant::now();
+        let mut source = VmSource::Cold;
+        let mut vm = None;
+        if config.factory.enable_template {
+            vm = clone_template(config, placement, accel, &spec, paths)
+                .instrument(tracing::info_span!("template_clone"))
+                .await;
+            if vm.is_some() {
+                source = VmSource::Template;
+            }
+        }
+        let vm = match vm {
+            Some(vm) => vm,
+            None => {
+                Vm::start(&qemu, h, &spec, &paths.vm_dir.join("qemu.stderr"))
+                    .instrument(tracing::info_span!("qemu_start"))
+                    .await?
+            }
+        };
+        timings.qemu_ms = ms(t);
+        drop(macvtaps);
+        if let Some(cg) = &started.cgroups {
+            if let Err(e) = place_vcpus(&vm, cg).await {
+                started.vm = Some(vm);
+                return Err(e);
+            }
+        }
+        let t = Instant::now();
+        let dial_timeout = config.agent.dial_timeout;
+        let deadline = Instant::now() + Duration::from_secs(dial_timeout.into());
+        let dial = async {
+            match &channel {
+                AgentChannel::Serial { socket } => AgentClient::dial_serial(socket, deadline).await,
+                AgentChannel::Vsock { cid } => {
+                    AgentClient::dial_vsock(*cid, kata_protocols::VSOCK_PORT, deadline).await
+                }
+            }
+        };
+        let agent = tokio::select! {
+            r = dial.instrument(tracing::info_span!("agent_connect")) => r,
+            e = vm.wait_exit() => Err(SandboxError::Vm(e)),
+        };
+        let agent = match agent {
+            Ok(a) => a,
+            Err(SandboxError::AgentDial { reason }) => {
+                // A dead guest resets the connection: report QEMU's exit, with the console.
+                let exit = tokio::time::timeout(Duration::from_secs(2), vm.wait_exit()).await;
+                if let Ok(e) = exit {
+                    started.vm = Some(vm);
+                    return Err(SandboxError::Vm(e));
+                }
+                let console = vm.console_tail(12);
+                started.vm = Some(vm);
+                return Err(SandboxError::AgentTimeout {
+                    timeout: dial_timeout,
+                    reason,
+                    console,
+                });
+            }
+            Err(e) => {
+                started.vm = Some(vm);
+                return Err(e);
+            }
+        };
+        timings.agent_ms = ms(t);
+        timings.source = source;
+        if source == VmSource::Template {
+            let t = Instant::now();
+            if let Err(e) = personalize_clone(&vm, &agent, &spec.nics)
+                .instrument(tracing::info_span!("clone_personalize"))
+                .await
+            {
+                started.vm = Some(vm);
+                return Err(e);
+            }
+            timings.personalize_ms = ms(t);
+        }
+        let t = Instant::now();
+        let storage = match shared_fs {
+            SharedFsDevice::VirtioFs { .. } => Some(Storage {
+                driver: "virtio-fs".into(),
+                source: SHARED_FS_TAG.into(),
+                fstype: "virtiofs".into(),
+                options: vec!["nodev".into()],
+                mount_point: GUEST_SHARED_DIR.into(),
+                ..Default::default()
+            }),
+            SharedFsDevice::Virtio9p { .. } => Some(Storage {
+                driver: "9p".into(),
+                source: SHARED_FS_TAG.into(),
+                fstype: "9p".into(),
+                options: vec![
+                    "trans=virtio".into(),
+                    "version=9p2000.L".into(),
+                    format!("msize={}", h.msize_9p),
+                    "cache=mmap".into(),
+                    "nodev".into(),
+                ],
+                mount_point: GUEST_SHARED_DIR.into(),
+                ..Default::default()
+            }),
+            SharedFsDevice::None => None,
+        };
+        let req = CreateSandboxRequest {
+            sandbox_id: id.to_string(),
+            storages: storage.into_iter().collect(),
+            kernel_modules: config.agent.kernel_modules.clone(),
+            guest_hook_path: config.hypervisor.guest_hook_path.clone(),
+            ..Default::default()
+        };
+        let created = agent
+            .agent
+            .create_sandbox(ctx(CALL_TIMEOUT), &req)
+            .instrument(tracing::info_span!("agent_create_sandbox"))
+            .await
+            .map_err(agent_err("CreateSandbox"));
+        if let Err(e) = created {
+            started.vm = Some(vm);
+            return Err(e);
+        }
+        timings.create_sandbox_ms = ms(t);
+        if let Some(n) = &network {
+            if let Err(e) = configure_guest_network(&agent, n)
+                .instrument(tracing::info_span!("guest_network"))
+                .await
+            {
+                started.vm = Some(vm);
+                return Err(e);
+            }
+        }
+        Ok(Sandbox {
+            id: id.to_string(),
+            config: config.clone(),
+            accel,
+            paths: paths.clone(),
+            vm,
+            virtiofsd: tokio::sync::Mutex::new(started.virtiofsd.take()),
+            channel: channel.clone(),
+            network: started.network.take(),
+            agent,
+            cgroups: started.cgroups.take(),
+            vcpus: AtomicU32::new(h.default_vcpus),
+            memory_mib: AtomicU32::new(h.default_memory),
+            plugged: tokio::sync::Mutex::new(Plugged::new(
+                kata_hypervisor::qemu::argv::virtio_mem_mib(h, h.default_memory) > 0,
+            )),
+            timings,
+            volumes: tokio::sync::Mutex::new(crate::volumes::Attached::default()),
+        })
+    }
+}
+
+/// Moves QEMU's vCPU threads to the sandbox cgroup.
+pub(super) async fn place_vcpus(vm: &Vm, cg: &HostCgroups) -> Result<(), SandboxError> {
+    let tids = vm.vcpu_threads().await?;
+    cg.add_vcpu_threads(vm.pid, &tids)
+}
+
+/// Gives the guest the pod's interfaces (by MAC), addresses and routes.
+async fn configure_guest_network(agent: &AgentClient, n: &PodNetwork) -> Result<(), SandboxError> {
+    for e in &n.endpoints {
+        let req = UpdateInterfaceRequest {
+            interface: protobuf::MessageField::some(Interface {
+                name: e.name.clone(),
+                hw_addr: e.mac.clone(),
+                mtu: e.mtu,
+                addresses: e
+                    .addresses
+                    .iter()
+                    .map(|(a, p)| IPAddress {
+                        address: a.clone(),
+                        prefix: *p,
+                        ipv6: a.contains(':'),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        agent
+            .agent
+            .update_interface(ctx(CALL_TIMEOUT), &req)
+            .await
+            .map_err(agent_err("UpdateInterface"))?;
+    }
+    // Connected routes first (the kernel made them with the addresses), then via gateways.
+    let mut routes: Vec<&crate::network::Route> = n.routes.iter().collect();
+    routes.sort_by_key(|r| !r.gateway.is_empty());
+    let req = UpdateRoutesRequest {
+        routes: routes
+            .into_iter()
+            .map(|r| Route {
+                dest: r.dest.clone(),
+                gateway: r.gateway.clone(),
+                device: r.device.clone(),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    agent
+        .agent
+        .update_routes(ctx(CALL_TIMEOUT), &req)
+        .await
+        .map_err(agent_err("UpdateRoutes"))?;
+    Ok(())
+}
+
+/// Makes a character device node `path` for (major, minor) and opens it read-write.
+fn open_char_device(
+    path: &Path,
+    (major, minor): (u32, u32),
+) -> Result<std::fs::File, SandboxError> {
+    use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+    let _ = std::fs::remove_file(path);
+    mknod(
+        path,
+        SFlag::S_IFCHR,
+        Mode::from_bits_truncate(0o600),
+        makedev(u64::from(major), u64::from(minor)),
+    )
+    .map_err(|e| {
+        SandboxError::Network(format!("mknod {} ({major}:{minor}): {e}", path.display()))
+    })?;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(io_err("failed to open macvtap device", path))
+}
+
+/// A random guest vsock CID (3 and up; 0-2 are reserved).
+fn random_cid() -> u32 {
+    let mut b = [0u8; 4];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut b);
+    }
+    3 + u32::from_le_bytes(b) % (u32::MAX - 4)
+}
+
+/// What boot started so far (to undo on error).
+#[derive(Default)]
+pub(super) struct Started {
+    pub(super) vm: Option<Vm>,
+    pub(super) virtiofsd: Option<Virtiofsd>,
+    pub(super) network: Option<PodNetwork>,
+    pub(super) cgroups: Option<std::sync::Arc<HostCgroups>>,
+}
+
+/// Which source served a sandbox's VM.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum VmSource {
+    /// Booted for this sandbox.
+    #[default]
+    Cold,
+    /// Cloned from the VM template (`[factory] enable_template`).
+    Template,
+}
+
+impl VmSource {
+    /// Name in logs and metrics: `cold`, `template`.
+    pub fn name(self) -> &'static str {
+        match self {
+            VmSource::Cold => "cold",
+            VmSource::Template => "template",
+        }
+    }
+}
+
+/// What the configuration adds to the guest's kernel command line (agent options).
+#[derive(Debug, Clone)]
+pub struct GuestShape {
+    /// Kernel parameters for the agent.
+    pub extra_kernel_params: Vec<String>,
+    /// The agent serves its debug console (`debug_console_enabled`, or Kata's kernel parameter
+    /// set by hand).
+    pub debug_console: bool,
+}
+
+/// The agent options `config` puts on the guest's kernel command line.
+pub fn guest_shape(config: &Config) -> GuestShape {
+    let mut extra = Vec::new();
+    if config.agent.enable_debug {
+        extra.push("agent.log=debug".to_string());
+    }
+    let debug_console = config.agent.debug_console_enabled
+        || config
+            .hypervisor
+            .kernel_params
+            .split_whitespace()
+            .any(|w| w == "agent.debug_console");
+    if config.agent.debug_console_enabled {
+        extra.push("agent.debug_console".to_string());
+        extra.push(format!(
+            "agent.debug_console_vport={}",
+            kata_protocols::console::DEBUG_CONSOLE_VPORT
+        ));
+    }
+    GuestShape {
+        extra_kernel_params: extra,
+        debug_console,
+    }
+}
+
+/// The QEMU launch of VM `id` whose sockets and logs are in `dir`, without network: the same
+/// for a cold boot, the VM template and its clones (a clone must have the template's devices).
+pub fn launch_spec(
+    id: &str,
+    config: &Config,
+    accel: Accel,
+    dir: &Path,
+    channel: AgentChannel,
+    shared_fs: SharedFsDevice,
+) -> LaunchSpec {
+    let h = &config.hypervisor;
+    let shape = guest_shape(config);
+    let debug_console = match (&channel, shape.debug_console) {
+        (AgentChannel::Serial { .. }, true) => Some(dir.join(DEBUG_CONSOLE_SOCKET)),
+        _ => None,
+    };
+    LaunchSpec {
+        id: id.to_string(),
+        accel,
+        channel,
+        shared_fs,
+        qmp_socket: dir.join("qmp.sock"),
+        console_log: dir.join("console.log"),
+        pid_file: dir.join("pid"),
+        vcpus: h.default_vcpus,
+        memory_mib: h.default_memory,
+        extra_kernel_params: shape.extra_kernel_params,
+        debug_console,
+        netns: None,
+        nics: Vec::new(),
+        image_size: 0,
+        memory_file: None,
+        incoming: false,
+    }
+}
+
+/// A VM cloned from the template, paused-then-running, or None (with the reason logged) when
+/// the sandbox must boot cold: templating cannot serve it, or the clone failed. Never fails the
+/// sandbox: whatever the template's state, a cold boot follows.
+async fn clone_template(
+    config: &Config,
+    placement: &Placement,
+    accel: Accel,
+    cold: &LaunchSpec,
+    paths: &SandboxPaths,
+) -> Option<Vm> {
+    if cold.nics.iter().any(|n| n.fd.is_some()) {
+        tracing::warn!("VM template not used: the pod's network uses macvtap, whose descriptors cannot be hot-plugged into a clone; booting cold");
+        return None;
+    }
+    let template = crate::template::Template::of(config);
+    // The template is made from the configuration files (no pod annotations, no static
+    // resources); a pod whose settings differ from them boots cold.
+    let base = placement.template_config.as_ref().unwrap_or(config);
+    match template.ensure(base, accel).await {
+        Ok(Some(c)) => {
+            tracing::info!(ms = c.ms, tmpfs_mib = c.tmpfs_mib, path = %template.dir.display(), "VM template created")
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(error = %kata_config::error_chain(&e), "VM template unavailable; booting cold");
+            return None;
+        }
+    }
+    let lease = match template.lease(config, accel).await {
+        Ok(Some(l)) => l,
+        Ok(None) => {
+            tracing::info!("this pod's VM settings (annotations or static resources) differ from the template's; booting cold");
+            return None;
+        }
+        Err(e) => {
+            tracing::warn!(error = %kata_config::error_chain(&e), "VM template unavailable; booting cold");
+            return None;
+        }
+    };
+    let mut spec = cold.clone();
+    spec.nics = Vec::new();
+    spec.memory_file = Some(kata_hypervisor::qemu::argv::MemoryFile {
+        path: lease.memory.clone(),
+        shared: false,
+    });
+    spec.incoming = true;
+    let h = &config.hypervisor;
+    let qemu = PathBuf::from(h.effective_path(config.hypervisor_kind));
+    let vm = match Vm::start(&qemu, h, &spec, &paths.vm_dir.join("qemu.stderr")).await {
+        Ok(vm) => vm,
+        Err(e) => {
+            tracing::warn!(error = %kata_config::error_chain(&e), "cloning the VM template failed; booting cold");
+            return None;
+        }
+    };
+    let restored = vm
+        .restore_state(&lease.state, &paths.vm_dir.join("migrate.sock"))
+        .await;
+    drop(lease);
+    match restored {
+        Ok(()) => Some(vm),
+        Err(e) => {
+            tracing::warn!(error = %kata_config::error_chain(&e), "cloning the VM template failed; booting cold");
+            vm.stop(Duration::from_millis(200)).await;
+            // The cold boot reuses the same sockets and logs.
+            for f in ["qmp.sock", "agent.sock", "pid", DEBUG_CONSOLE_SOCKET] {
+                let _ = std::fs::remove_file(paths.vm_dir.join(f));
+            }
+            None
+        }
+    }
+}
+
+/// What a clone needs that its template could not have: fresh randomness (the clone started
+/// with its template's random state), the time, and the pod's NICs.
+async fn personalize_clone(vm: &Vm, agent: &AgentClient, nics: &[Nic]) -> Result<(), SandboxError> {
+    let mut seed = vec![0u8; 64];
+    {
+        use std::io::Read;
+        let mut f = std::fs::File::open("/dev/urandom")
+            .map_err(io_err("failed to open", Path::new("/dev/urandom")))?;
+        f.read_exact(&mut seed)
+            .map_err(io_err("failed to read", Path::new("/dev/urandom")))?;
+    }
+    agent
+        .agent
+        .reseed_random_dev(
+            ctx(CALL_TIMEOUT),
+            &ReseedRandomDevRequest {
+                data: seed,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(agent_err("ReseedRandomDev"))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    agent
+        .agent
+        .set_guest_date_time(
+            ctx(CALL_TIMEOUT),
+            &SetGuestDateTimeRequest {
+                sec: now.as_secs() as i64,
+                usec: i64::from(now.subsec_micros()),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(agent_err("SetGuestDateTime"))?;
+    for (i, nic) in nics.iter().enumerate() {
+        vm.add_nic(i, nic).await?;
+    }
+    Ok(())
+}

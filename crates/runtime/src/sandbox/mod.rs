@@ -1,0 +1,595 @@
+//! A sandbox: one VM with its agent. Every error path stops what was started and removes the
+//! sandbox's state directories.
+
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use kata_config::hypervisor::SharedFs;
+use kata_config::Config;
+use kata_hypervisor::probe::Accel;
+use kata_hypervisor::qemu::argv::{AgentChannel, LaunchSpec, Nic, SharedFsDevice, SHARED_FS_TAG};
+use kata_hypervisor::qemu::vm::Vm;
+use kata_hypervisor::virtiofsd::Virtiofsd;
+use kata_protocols::agent::*;
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use oci_spec::runtime::{Process, Spec};
+use tracing::Instrument;
+
+use crate::agent::{agent_err, ctx, AgentClient, CALL_TIMEOUT};
+use crate::cgroups::{CpuLimit, HostCgroups, Layout};
+use crate::error::SandboxError;
+use crate::network::PodNetwork;
+
+mod boot;
+mod paths;
+mod resources;
+
+pub use boot::{guest_shape, launch_spec, GuestShape, VmSource};
+use boot::{place_vcpus, Started};
+pub use paths::*;
+use resources::Plugged;
+
+/// Where the agent mounts the shared filesystem in the guest.
+pub const GUEST_SHARED_DIR: &str = "/run/kata-containers/shared/containers";
+/// Host directory of VM files (sockets, logs) per sandbox.
+pub const VM_STATE_ROOT: &str = "/run/vc/vm";
+/// Host directory shared with each sandbox's guest.
+pub const SHARED_ROOT: &str = "/run/kata-containers/shared/sandboxes";
+/// Memory hot-plug granularity (x86 memory block size).
+pub const MEMORY_BLOCK_MIB: u32 = 128;
+/// How long the guest has to bring hot-plugged vCPUs and memory online.
+const HOTPLUG_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the guest has to give back an unplugged vCPU or memory.
+const UNPLUG_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The debug console's socket in a sandbox's VM directory (beside the agent's `agent.sock`),
+/// with the virtio-serial agent channel.
+pub const DEBUG_CONSOLE_SOCKET: &str = "debug-console.sock";
+
+/// Where on the host a sandbox runs.
+#[derive(Debug, Clone, Default)]
+pub struct Placement {
+    /// The pod's network namespace, whose interfaces are mirrored into the VM (as
+    /// `[runtime].internetworking_model` says). None: the VM gets no network.
+    pub netns: Option<PathBuf>,
+    /// The sandbox container's `linux.cgroupsPath`. Some: the sandbox's host cgroups are made
+    /// as `[runtime].sandbox_cgroup_only` says, and the calling process (the shim) joins them.
+    /// None: everything stays in the caller's cgroups.
+    pub cgroups_path: Option<String>,
+    /// With `[factory] enable_template`: the configuration the VM template is made from (the
+    /// configuration files, without the pod's annotations). None: the sandbox's own.
+    pub template_config: Option<Config>,
+}
+
+/// How long each boot phase took.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BootTimings {
+    /// Accelerator choice.
+    pub accel_ms: u64,
+    /// virtiofsd start.
+    pub virtiofsd_ms: u64,
+    /// QEMU spawn until QMP answers.
+    pub qemu_ms: u64,
+    /// QMP until the agent answers.
+    pub agent_ms: u64,
+    /// CreateSandbox.
+    pub create_sandbox_ms: u64,
+    /// A clone's reseed, clock and NICs.
+    pub personalize_ms: u64,
+    /// Where the VM came from.
+    pub source: VmSource,
+}
+
+/// A running sandbox.
+#[derive(Debug)]
+pub struct Sandbox {
+    /// Id.
+    pub id: String,
+    /// Effective configuration.
+    pub config: Config,
+    /// Accelerator in use.
+    pub accel: Accel,
+    /// Directories.
+    pub paths: SandboxPaths,
+    /// The VM.
+    pub vm: Vm,
+    virtiofsd: tokio::sync::Mutex<Option<Virtiofsd>>,
+    /// The agent channel.
+    channel: AgentChannel,
+    /// The pod network mirrored into the VM.
+    pub network: Option<PodNetwork>,
+    /// The agent.
+    pub agent: AgentClient,
+    /// The host cgroups, when the sandbox manages them.
+    pub cgroups: Option<std::sync::Arc<HostCgroups>>,
+    vcpus: AtomicU32,
+    memory_mib: AtomicU32,
+    plugged: tokio::sync::Mutex<Plugged>,
+    /// Boot timings.
+    pub timings: BootTimings,
+    /// Direct volumes hot-plugged into the VM (see [`crate::volumes`]).
+    pub(crate) volumes: tokio::sync::Mutex<crate::volumes::Attached>,
+}
+
+fn ms(since: Instant) -> u64 {
+    since.elapsed().as_millis() as u64
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl Fn(std::io::Error) -> SandboxError + 'a {
+    move |source| SandboxError::Io {
+        what,
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+impl Sandbox {
+    /// Boots the VM, connects to the agent and prepares the guest.
+    pub async fn create(id: &str, config: &Config) -> Result<Sandbox, SandboxError> {
+        Self::create_in(id, config, &Placement::default()).await
+    }
+
+    /// Like [`Sandbox::create`], in the pod network namespace and host cgroups `placement` names.
+    pub async fn create_in(
+        id: &str,
+        config: &Config,
+        placement: &Placement,
+    ) -> Result<Sandbox, SandboxError> {
+        crate::ids::check("sandbox", id)?;
+        let kind = config.hypervisor_kind;
+        if !kind.is_supported() {
+            return Err(SandboxError::Unsupported(format!(
+                "hypervisor {kind} is not supported by this runtime; use configuration-qemu.toml"
+            )));
+        }
+        let paths = SandboxPaths::for_id(id);
+        if paths.vm_dir.exists() || paths.shared_dir.exists() {
+            return Err(SandboxError::Invalid(format!(
+                "sandbox {id} already exists ({} is present); delete it first (containerd-shim-kata-v2 delete)",
+                paths.vm_dir.display()
+            )));
+        }
+        let mut started = Started::default();
+        match Self::boot(id, config, placement, &paths, &mut started).await {
+            Ok(sb) => Ok(sb),
+            Err(e) => {
+                if let Some(vm) = started.vm.take() {
+                    vm.stop(Duration::from_millis(200)).await;
+                }
+                if let Some(v) = started.virtiofsd.take() {
+                    v.stop().await;
+                }
+                if let Some(n) = started.network.take() {
+                    let _ = tokio::task::spawn_blocking(move || n.teardown()).await;
+                }
+                if let Some(cg) = started.cgroups.take() {
+                    let _ = tokio::task::spawn_blocking(move || cg.remove()).await;
+                }
+                cleanup_paths(&paths);
+                Err(e)
+            }
+        }
+    }
+
+    /// How the host reaches the agent: `vsock://<cid>:<port>` over kernel vsock, or
+    /// `unix://<socket>` for the unix socket QEMU bridges to the agent's virtio-serial port.
+    pub fn agent_url(&self) -> String {
+        match &self.channel {
+            AgentChannel::Vsock { cid } => format!("vsock://{cid}:{}", kata_protocols::VSOCK_PORT),
+            AgentChannel::Serial { socket } => format!("unix://{}", socket.display()),
+        }
+    }
+
+    /// virtiofsd's pid, when the sandbox runs one (never waits: `None` while it is being
+    /// stopped).
+    pub fn virtiofsd_pid(&self) -> Option<u32> {
+        self.virtiofsd
+            .try_lock()
+            .ok()
+            .and_then(|v| v.as_ref().and_then(|v| v.pid()))
+    }
+
+    /// The agent's metrics (Prometheus text).
+    pub async fn agent_metrics(&self, timeout: Duration) -> Result<String, SandboxError> {
+        let req = kata_protocols::agent::GetMetricsRequest::new();
+        Ok(self
+            .agent
+            .agent
+            .get_metrics(ctx(timeout), &req)
+            .await
+            .map_err(agent_err("GetMetrics"))?
+            .metrics)
+    }
+
+    /// Shares a host root filesystem directory with the guest; returns its guest path.
+    pub fn share_rootfs(
+        &self,
+        container_id: &str,
+        host_rootfs: &Path,
+    ) -> Result<PathBuf, SandboxError> {
+        crate::ids::check("container", container_id)?;
+        let rel = Path::new(container_id).join("rootfs");
+        self.bind_into_share(&rel, host_rootfs, &["rbind".to_string()])?;
+        Ok(Path::new(GUEST_SHARED_DIR).join(rel))
+    }
+
+    /// Bind-mounts `source` at `rel` inside `mounts/` (made below descriptors, never through a
+    /// symlink) with OCI `options` (`ro` read-only at its top, `rro` everywhere, before it is
+    /// attached; an option a bind cannot honour is an error).
+    fn bind_into_share(
+        &self,
+        rel: &Path,
+        source: &Path,
+        options: &[String],
+    ) -> Result<(), SandboxError> {
+        let mounts = self.paths.mounts_dir();
+        let fail = |reason: String| SandboxError::Share {
+            source_path: source.display().to_string(),
+            target: mounts.join(rel).display().to_string(),
+            reason,
+        };
+        let mut opts = kata_mount::parse(options, true).map_err(fail)?;
+        // Propagation is the container's business (applied in the guest); here the bind must
+        // propagate to the export and virtiofsd.
+        opts.propagation = MsFlags::empty();
+        let kind = if source.is_dir() {
+            kata_mount::Kind::Dir
+        } else {
+            kata_mount::Kind::File
+        };
+        let root = kata_mount::open_dir(&mounts).map_err(|e| fail(e.to_string()))?;
+        use std::os::fd::AsFd;
+        let target = kata_mount::create_in_root(root.as_fd(), rel, kind).map_err(fail)?;
+        kata_mount::bind(source, target.as_fd(), &opts).map_err(fail)
+    }
+
+    /// Removes what [`Sandbox::share_rootfs`] and [`Sandbox::share_mount`] set up.
+    pub fn unshare(&self, container_id: &str) {
+        if !crate::ids::is_valid(container_id) {
+            return;
+        }
+        let dir = self.paths.mounts_dir().join(container_id);
+        unmount_under(&dir);
+        unmount_under(&self.paths.export_dir().join(container_id));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Creates a container from a host root filesystem and an OCI spec. Returns its pid.
+    pub async fn create_container(
+        &self,
+        container_id: &str,
+        mut spec: Spec,
+        host_rootfs: &Path,
+        storages: Vec<Storage>,
+    ) -> Result<u32, SandboxError> {
+        let guest_root = self.share_rootfs(container_id, host_rootfs)?;
+        let mut root = spec.root().clone().unwrap_or_default();
+        root.set_path(guest_root);
+        spec.set_root(Some(root));
+        let json = serde_json::to_vec(&spec)
+            .map_err(|e| SandboxError::Invalid(format!("encode OCI spec: {e}")))?;
+        let req = CreateContainerRequest {
+            container_id: container_id.to_string(),
+            oci_spec_json: json,
+            storages,
+            ..Default::default()
+        };
+        match self
+            .agent
+            .agent
+            .create_container(ctx(CALL_TIMEOUT), &req)
+            .await
+        {
+            Ok(r) => Ok(r.pid),
+            Err(e) => {
+                self.unshare(container_id);
+                self.release_volumes(container_id).await;
+                Err(agent_err("CreateContainer")(e))
+            }
+        }
+    }
+
+    /// Starts a created container.
+    pub async fn start_container(&self, container_id: &str) -> Result<(), SandboxError> {
+        let req = StartContainerRequest {
+            container_id: container_id.to_string(),
+            ..Default::default()
+        };
+        self.agent
+            .agent
+            .start_container(ctx(CALL_TIMEOUT), &req)
+            .await
+            .map_err(agent_err("StartContainer"))?;
+        Ok(())
+    }
+
+    /// Runs another process in a container.
+    pub async fn exec(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        process: &Process,
+    ) -> Result<u32, SandboxError> {
+        let json = serde_json::to_vec(process)
+            .map_err(|e| SandboxError::Invalid(format!("encode OCI process: {e}")))?;
+        let req = ExecProcessRequest {
+            container_id: container_id.into(),
+            exec_id: exec_id.into(),
+            process_json: json,
+            ..Default::default()
+        };
+        Ok(self
+            .agent
+            .agent
+            .exec_process(ctx(CALL_TIMEOUT), &req)
+            .await
+            .map_err(agent_err("ExecProcess"))?
+            .pid)
+    }
+
+    /// Sends a signal.
+    pub async fn signal(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        signal: u32,
+        all: bool,
+    ) -> Result<(), SandboxError> {
+        let req = SignalProcessRequest {
+            container_id: container_id.into(),
+            exec_id: exec_id.into(),
+            signal,
+            all,
+            ..Default::default()
+        };
+        self.agent
+            .agent
+            .signal_process(ctx(CALL_TIMEOUT), &req)
+            .await
+            .map_err(agent_err("SignalProcess"))?;
+        Ok(())
+    }
+
+    /// Waits for a process; returns (status, signal).
+    pub async fn wait(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+    ) -> Result<(i32, u32), SandboxError> {
+        let req = WaitProcessRequest {
+            container_id: container_id.into(),
+            exec_id: exec_id.into(),
+            ..Default::default()
+        };
+        // No deadline: processes run as long as they like.
+        let r = self
+            .agent
+            .agent
+            .wait_process(ttrpc::context::with_timeout(0), &req)
+            .await
+            .map_err(agent_err("WaitProcess"))?;
+        Ok((r.status, r.signal))
+    }
+
+    /// Reads a process's stdout (or stderr) to the end.
+    pub async fn read_all(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        stderr: bool,
+    ) -> Result<Vec<u8>, SandboxError> {
+        let mut out = Vec::new();
+        loop {
+            let req = ReadStreamRequest {
+                container_id: container_id.into(),
+                exec_id: exec_id.into(),
+                len: 64 * 1024,
+                ..Default::default()
+            };
+            let r = if stderr {
+                self.agent
+                    .agent
+                    .read_stderr(ttrpc::context::with_timeout(0), &req)
+                    .await
+                    .map_err(agent_err("ReadStderr"))?
+            } else {
+                self.agent
+                    .agent
+                    .read_stdout(ttrpc::context::with_timeout(0), &req)
+                    .await
+                    .map_err(agent_err("ReadStdout"))?
+            };
+            if r.data.is_empty() {
+                return Ok(out);
+            }
+            out.extend(r.data);
+        }
+    }
+
+    /// Pids of a container's processes (guest pids).
+    pub async fn pids(&self, container_id: &str) -> Result<Vec<u32>, SandboxError> {
+        let req = ListProcessesRequest {
+            container_id: container_id.into(),
+            ..Default::default()
+        };
+        Ok(self
+            .agent
+            .agent
+            .list_processes(ctx(CALL_TIMEOUT), &req)
+            .await
+            .map_err(agent_err("ListProcesses"))?
+            .pids)
+    }
+
+    /// Resource usage of a container's guest cgroup.
+    pub async fn stats(&self, container_id: &str) -> Result<StatsContainerResponse, SandboxError> {
+        let req = StatsContainerRequest {
+            container_id: container_id.into(),
+            ..Default::default()
+        };
+        self.agent
+            .agent
+            .stats_container(ctx(CALL_TIMEOUT), &req)
+            .await
+            .map_err(agent_err("StatsContainer"))
+    }
+
+    /// Sets the window size of a process's terminal.
+    pub async fn resize(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        rows: u32,
+        columns: u32,
+    ) -> Result<(), SandboxError> {
+        let req = TtyWinResizeRequest {
+            container_id: container_id.into(),
+            exec_id: exec_id.into(),
+            row: rows,
+            column: columns,
+            ..Default::default()
+        };
+        self.agent
+            .agent
+            .tty_win_resize(ctx(CALL_TIMEOUT), &req)
+            .await
+            .map_err(agent_err("TtyWinResize"))?;
+        Ok(())
+    }
+
+    /// The guest's packet filter rules (`ip(6)tables-save`).
+    pub async fn get_iptables(&self, v6: bool) -> Result<Vec<u8>, SandboxError> {
+        let req = GetIPTablesRequest {
+            is_ipv6: v6,
+            ..Default::default()
+        };
+        Ok(self
+            .agent
+            .agent
+            .get_ip_tables(ctx(CALL_TIMEOUT), &req)
+            .await
+            .map_err(agent_err("GetIPTables"))?
+            .data)
+    }
+
+    /// Replaces the guest's packet filter rules (`ip(6)tables-restore`); returns its output.
+    pub async fn set_iptables(&self, v6: bool, rules: Vec<u8>) -> Result<Vec<u8>, SandboxError> {
+        let req = SetIPTablesRequest {
+            is_ipv6: v6,
+            data: rules,
+            ..Default::default()
+        };
+        Ok(self
+            .agent
+            .agent
+            .set_ip_tables(ctx(CALL_TIMEOUT), &req)
+            .await
+            .map_err(agent_err("SetIPTables"))?
+            .data)
+    }
+
+    /// Applies OCI `LinuxResources` (JSON) to a container's guest cgroup.
+    pub async fn update(
+        &self,
+        container_id: &str,
+        resources_json: Vec<u8>,
+    ) -> Result<(), SandboxError> {
+        let req = UpdateContainerRequest {
+            container_id: container_id.into(),
+            resources_json,
+            ..Default::default()
+        };
+        self.agent
+            .agent
+            .update_container(ctx(CALL_TIMEOUT), &req)
+            .await
+            .map_err(agent_err("UpdateContainer"))?;
+        Ok(())
+    }
+
+    /// Closes a process's stdin.
+    pub async fn close_stdin(&self, container_id: &str, exec_id: &str) -> Result<(), SandboxError> {
+        let req = CloseStdinRequest {
+            container_id: container_id.into(),
+            exec_id: exec_id.into(),
+            ..Default::default()
+        };
+        self.agent
+            .agent
+            .close_stdin(ctx(CALL_TIMEOUT), &req)
+            .await
+            .map_err(agent_err("CloseStdin"))?;
+        Ok(())
+    }
+
+    /// Removes a container (killing it if it runs) and its shared files.
+    pub async fn remove_container(&self, container_id: &str) -> Result<(), SandboxError> {
+        let req = RemoveContainerRequest {
+            container_id: container_id.into(),
+            timeout: 10,
+            ..Default::default()
+        };
+        let r = self
+            .agent
+            .agent
+            .remove_container(ctx(CALL_TIMEOUT), &req)
+            .await
+            .map_err(agent_err("RemoveContainer"));
+        self.unshare(container_id);
+        // The guest has unmounted the container's volumes: unplug those nobody uses.
+        self.release_volumes(container_id).await;
+        r.map(|_| ())
+    }
+
+    /// Shares a host file or directory (a bind mount of the spec) with the guest with the
+    /// mount's OCI options (`ro`, `rro`... are honoured on the host side too, so the guest cannot
+    /// write through the share); returns its guest path.
+    pub fn share_mount(
+        &self,
+        container_id: &str,
+        index: usize,
+        source: &Path,
+        options: &[String],
+    ) -> Result<PathBuf, SandboxError> {
+        crate::ids::check("container", container_id)?;
+        let rel = Path::new(container_id)
+            .join("mounts")
+            .join(index.to_string());
+        self.bind_into_share(&rel, source, options)?;
+        Ok(Path::new(GUEST_SHARED_DIR).join(rel))
+    }
+
+    /// Stops the VM and removes every trace of the sandbox on the host.
+    pub async fn stop(&self) {
+        let req = DestroySandboxRequest::new();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            self.agent
+                .agent
+                .destroy_sandbox(ctx(Duration::from_secs(2)), &req),
+        )
+        .await;
+        self.vm.stop(Duration::from_secs(3)).await;
+        if let Some(v) = self.virtiofsd.lock().await.take() {
+            v.stop().await;
+        }
+        if let Some(n) = self.network.clone() {
+            let _ = tokio::task::spawn_blocking(move || n.teardown()).await;
+        }
+        if let Some(cg) = self.cgroups.clone() {
+            let _ = tokio::task::spawn_blocking(move || cg.remove()).await;
+        }
+        cleanup_paths(&self.paths);
+    }
+
+    /// Sets the host sandbox cgroup's CPU limit (the sum of the containers' limits; see
+    /// [`crate::cgroups`]). Does nothing when the sandbox does not manage host cgroups.
+    pub fn set_host_cpu_limit(&self, limit: Option<CpuLimit>) -> Result<(), SandboxError> {
+        match &self.cgroups {
+            Some(cg) => cg.set_cpu_limit(limit),
+            None => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! A sandbox's host directories, its share, and the cleanup of what a crashed sandbox left.
+
+use super::*;
+
+/// A sandbox's host directories.
+#[derive(Debug, Clone)]
+pub struct SandboxPaths {
+    /// VM sockets and logs.
+    pub vm_dir: PathBuf,
+    /// The sandbox's share: `mounts/` and `shared/` (see [`SandboxPaths::mounts_dir`]).
+    pub shared_dir: PathBuf,
+}
+
+impl SandboxPaths {
+    /// The standard locations for sandbox `id`.
+    pub fn for_id(id: &str) -> Self {
+        SandboxPaths {
+            vm_dir: Path::new(VM_STATE_ROOT).join(id),
+            shared_dir: Path::new(SHARED_ROOT).join(id),
+        }
+    }
+
+    /// Where the runtime bind-mounts what it shares (root filesystems, volumes): writable by
+    /// the host only, a shared mount so that every bind propagates to [`Self::export_dir`].
+    pub fn mounts_dir(&self) -> PathBuf {
+        self.shared_dir.join("mounts")
+    }
+
+    /// What the guest sees (virtiofsd's or 9p's export): a read-only view of `mounts/` (a slave
+    /// of it), so the guest cannot create or replace anything at the top of its share; the
+    /// binds inside keep their own modes (a root filesystem stays writable).
+    pub fn export_dir(&self) -> PathBuf {
+        self.shared_dir.join("shared")
+    }
+}
+
+/// Makes `mounts/` (host-writable, shared) and `shared/` (its read-only slave view, exported).
+pub(super) fn prepare_share(paths: &SandboxPaths) -> Result<(), SandboxError> {
+    let (mounts, export) = (paths.mounts_dir(), paths.export_dir());
+    for d in [&mounts, &export] {
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(d)
+            .map_err(io_err("failed to create", d))?;
+    }
+    let m = |src: Option<&Path>, target: &Path, flags: MsFlags| {
+        mount(src, target, None::<&str>, flags, None::<&str>).map_err(|errno| SandboxError::Mount {
+            source_path: src.map(|p| p.display().to_string()).unwrap_or_default(),
+            target: target.display().to_string(),
+            errno,
+        })
+    };
+    m(Some(&mounts), &mounts, MsFlags::MS_BIND)?;
+    m(None, &mounts, MsFlags::MS_SHARED)?;
+    m(Some(&mounts), &export, MsFlags::MS_BIND | MsFlags::MS_REC)?;
+    m(
+        None,
+        &export,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+    )?;
+    // A slave receives the binds made in mounts/; shared again so that virtiofsd's own mount
+    // namespace (a slave of it) receives them too.
+    m(None, &export, MsFlags::MS_SLAVE)?;
+    m(None, &export, MsFlags::MS_SHARED)?;
+    Ok(())
+}
+
+/// Where every shim serves its monitor socket (Kata 3.0's Go runtime layout).
+pub const MONITOR_DIR: &str = "/run/vc/sbs";
+
+/// The monitor socket of sandbox `id`'s shim: `/run/vc/sbs/<id>/shim-monitor.sock`.
+pub fn monitor_socket(id: &str) -> PathBuf {
+    Path::new(MONITOR_DIR).join(id).join("shim-monitor.sock")
+}
+
+/// Removes a sandbox's directories, unmounting anything left inside the shared directory.
+pub fn cleanup_paths(paths: &SandboxPaths) {
+    unmount_under(&paths.shared_dir);
+    let _ = std::fs::remove_dir_all(&paths.shared_dir);
+    let _ = std::fs::remove_dir_all(&paths.vm_dir);
+}
+
+/// Kills what a previous, crashed instance of sandbox `id` left (QEMU by its pid file; virtiofsd
+/// exits with it) and removes its directories. Returns true when something was there.
+pub fn cleanup_stale(id: &str) -> bool {
+    if !crate::ids::is_valid(id) {
+        return false;
+    }
+    let paths = SandboxPaths::for_id(id);
+    let existed = paths.vm_dir.exists() || paths.shared_dir.exists();
+    if let Some(pid) = std::fs::read_to_string(paths.vm_dir.join("pid"))
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+    {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(&format!("sandbox-{id}")) {
+            // SAFETY: plain kill(2) of the QEMU this sandbox started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            for _ in 0..100 {
+                if !Path::new(&format!("/proc/{pid}")).exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline)
+            .contains(&paths.vm_dir.join("vfsd.sock").display().to_string())
+        {
+            if let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() {
+                // SAFETY: plain kill(2) of this sandbox's virtiofsd.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+    crate::cgroups::remove_recorded(&paths.vm_dir);
+    cleanup_paths(&paths);
+    existed
+}
+
+/// Unmounts every mount at or below `dir` (deepest first).
+pub fn unmount_under(dir: &Path) {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut targets: Vec<PathBuf> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    targets.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for t in targets {
+        let _ = umount2(&t, MntFlags::MNT_DETACH);
+    }
+}
