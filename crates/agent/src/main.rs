@@ -22,6 +22,7 @@ mod metrics;
 mod mounts;
 mod network;
 mod random;
+mod reclaim;
 mod reaper;
 mod rpc;
 use kata_agent::{devcg, seccomp};

@@ -981,7 +981,14 @@ async fn vm_templating_clones_serve_sandboxes() {
         template.recorded_identity().as_deref(),
         Some(identity(&c, accel).as_str())
     );
-    let (out, status) = run_container(&sb1, &rootfs, "c1", "cat /etc/greeting; grep ' / ' /proc/mounts | cut -d' ' -f3; date +%s", |_| {}).await;
+    let (out, status) = run_container(
+        &sb1,
+        &rootfs,
+        "c1",
+        "cat /etc/greeting; grep ' / ' /proc/mounts | cut -d' ' -f3; date +%s",
+        |_| {},
+    )
+    .await;
     assert_eq!(status, 0, "{out}");
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[..2], ["from a clone", "9p"], "{out}");
