@@ -12,7 +12,7 @@ BEGIN, END = "<!-- soak:begin -->", "<!-- soak:end -->"
 def section(soak, slow, give_back):
     faults = ", ".join(f"{k} x{v}" for k, v in soak["faults"].items()) or "none"
     lines = [
-        "<!-- Written by scripts/soak-report.py (`make soak`); the figures are in bench/soak.json and bench/slow-reader.json. -->",
+        "<!-- Written by scripts/soak-report.py (`make soak`); the figures are in bench/soak.json, bench/slow-reader.json and bench/give-back.json. -->",
         "",
         f"- Cycles: **{soak['cycles']}** (`ctr run --rm` and a CRI pod with two containers and four execs in each), "
         f"in {soak['seconds']} s.",

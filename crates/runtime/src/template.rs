@@ -236,6 +236,13 @@ impl Template {
         }))
     }
 
+    /// Marks the template as unusable (a clone of it failed): the next sandbox rebuilds it.
+    pub async fn invalidate(&self) {
+        if let Ok(_lock) = self.lock(true).await {
+            let _ = std::fs::remove_file(self.dir.join(IDENTITY_FILE));
+        }
+    }
+
     /// Removes the template (`factory destroy`). Clones keep running: the tmpfs is detached,
     /// and its memory is freed when the last clone mapping the file exits. Returns whether
     /// there was a template.

@@ -967,7 +967,7 @@ async fn vm_templating_clones_serve_sandboxes() {
     let c = template_config(&kernel, "/run/vc/vm/it-template");
     let template = Template::of(&c);
     template.destroy().await.expect("no template left");
-    let ids = ["it-tpl-1", "it-tpl-2", "it-tpl-3"];
+    let ids = ["it-tpl-1", "it-tpl-2", "it-tpl-3", "it-tpl-4", "it-tpl-5"];
     for id in ids {
         kata_sandbox::sandbox::cleanup_stale(id);
     }
@@ -1057,6 +1057,39 @@ async fn vm_templating_clones_serve_sandboxes() {
         read_guest(&sb2, "long", "e2", "cat /etc/greeting").await,
         "from a clone\n"
     );
+
+    // A broken template (its state cut short) never fails a sandbox: it boots cold.
+    let state = template.dir.join(kata_sandbox::template::STATE_FILE);
+    let len = std::fs::metadata(&state).expect("state").len();
+    std::fs::File::options()
+        .write(true)
+        .open(&state)
+        .and_then(|f| f.set_len(len / 2))
+        .expect("truncate the state");
+    let cold = Sandbox::create(ids[3], &c)
+        .await
+        .expect("a cold sandbox despite the broken template");
+    assert_eq!(cold.timings.source, VmSource::Cold);
+    assert!(
+        !template.exists(),
+        "a template that failed a clone is not used again"
+    );
+    let (out, status) = run_container(&cold, &rootfs, "c4", "cat /etc/greeting", |_| {}).await;
+    assert_eq!((out.as_str(), status), ("from a clone\n", 0));
+    cold.stop().await;
+    // Another configuration (more memory) is another template: rebuilt for the files' settings.
+    let mut bigger = c.clone();
+    bigger.hypervisor.default_memory += 256;
+    let sb5 = Sandbox::create(ids[4], &bigger)
+        .await
+        .expect("sandbox with more memory");
+    assert_eq!(sb5.timings.source, VmSource::Template);
+    assert_eq!(
+        template.recorded_identity().as_deref(),
+        Some(identity(&bigger, accel).as_str()),
+        "the template was rebuilt for the new configuration"
+    );
+    sb5.stop().await;
 
     // Destroying the template leaves its clones running.
     template.destroy().await.expect("destroy");

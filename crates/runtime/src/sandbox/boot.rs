@@ -539,7 +539,8 @@ async fn clone_template(
     match restored {
         Ok(()) => Some(vm),
         Err(e) => {
-            tracing::warn!(error = %kata_config::error_chain(&e), "cloning the VM template failed; booting cold");
+            tracing::warn!(error = %kata_config::error_chain(&e), "cloning the VM template failed; booting cold (the next sandbox rebuilds the template)");
+            template.invalidate().await;
             vm.stop(Duration::from_millis(200)).await;
             // The cold boot reuses the same sockets and logs.
             for f in ["qmp.sock", "agent.sock", "pid", DEBUG_CONSOLE_SOCKET] {
