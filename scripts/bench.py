@@ -691,8 +691,9 @@ def factory_configs(work):
         text = f.read()
     base = set_key(set_key(set_key(text, "image", ""), "initrd", f"{ASSETS}/kata-containers-initrd.img"),
                    "shared_fs", "virtio-9p")
-    tpl = re.sub(r"^(\s*enable_template\s*=\s*).*$", r"\g<1>true", set_key(base, "template_path", TEMPLATE_PATH),
-                 count=1, flags=re.M)
+    tpl = set_key(base, "template_path", TEMPLATE_PATH)
+    for key, value in (("enable_template", "true"), ("reclaim_guest_freed_memory", "false")):
+        tpl = re.sub(rf"^(\s*{key}\s*=\s*).*$", rf"\g<1>{value}", tpl, count=1, flags=re.M)
     paths = []
     for name, body in (("cold-9p", base), ("template", tpl)):
         path = os.path.join(work, f"configuration-{name}.toml")

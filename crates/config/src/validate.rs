@@ -188,6 +188,9 @@ pub enum ValidationError {
     /// Templating needs the virtio-serial agent channel.
     #[error("[factory].enable_template = true needs the virtio-serial agent channel (a clone cannot have its own vsock context id): set [agent.kata].channel = \"auto\" or \"virtio-serial\"")]
     TemplateNeedsSerial,
+    /// Free page reporting would punch holes into the template's memory file.
+    #[error("[factory].enable_template = true cannot be combined with [hypervisor.{0}].reclaim_guest_freed_memory = true: QEMU 7.2 gives freed guest pages back by punching them out of the file that backs the RAM, which for a clone is the template's memory file shared by every clone (their memory would be corrupted); set reclaim_guest_freed_memory = false")]
+    TemplateAndFreePageReporting(HypervisorKind),
     /// Templating puts the guest RAM in a file of its own.
     #[error("[factory].enable_template = true keeps the guest RAM in <template_path>/memory: it cannot be combined with [hypervisor.{kind}].{key}")]
     TemplateMemoryBackend {
@@ -472,6 +475,9 @@ impl Config {
             }
             if self.agent.channel == crate::runtime::AgentChannelKind::Vsock {
                 return Err(ValidationError::TemplateNeedsSerial);
+            }
+            if self.hypervisor.reclaim_guest_freed_memory {
+                return Err(ValidationError::TemplateAndFreePageReporting(kind));
             }
             for (set, key) in [
                 (self.hypervisor.enable_hugepages, "enable_hugepages"),

@@ -175,7 +175,15 @@ fn regexes_and_globs_must_compile() {
 
 #[test]
 fn factory_rules() {
-    let base = qemu("shared_fs = \"virtio-9p\"");
+    let e = invalid(&format!(
+        "{}[factory]\nenable_template = true\n",
+        qemu("shared_fs = \"virtio-9p\"\nreclaim_guest_freed_memory = true")
+    ));
+    assert!(
+        e.contains("reclaim_guest_freed_memory = true") && e.contains("enable_template"),
+        "{e}"
+    );
+    let base = qemu("shared_fs = \"virtio-9p\"\nreclaim_guest_freed_memory = false");
     valid(&format!("{base}[factory]\nenable_template = true\n"));
     let e = invalid(&format!(
         "{base}[factory]\nenable_template = true\nvm_cache_number = 2\n"
@@ -205,7 +213,9 @@ fn factory_rules() {
         "file_mem_backend = \"/dev/shm\"",
         "enable_mem_prealloc = true",
     ] {
-        let cfg = qemu(&format!("shared_fs = \"virtio-9p\"\n{key}"));
+        let cfg = qemu(&format!(
+            "shared_fs = \"virtio-9p\"\nreclaim_guest_freed_memory = false\n{key}"
+        ));
         let e = invalid(&format!("{cfg}[factory]\nenable_template = true\n"));
         let name = key.split(' ').next().unwrap_or_default();
         assert!(

@@ -946,6 +946,7 @@ fn template_config(kernel: &Path, template: &str) -> Config {
     c.hypervisor.image = String::new();
     c.hypervisor.initrd = "/opt/kata/share/kata-containers/kata-containers-initrd.img".into();
     c.hypervisor.shared_fs = kata_config::hypervisor::SharedFs::Virtio9p;
+    c.hypervisor.reclaim_guest_freed_memory = false;
     c.hypervisor.kernel = kernel.display().to_string();
     c.factory.enable_template = true;
     c.factory.template_path = template.into();
@@ -1022,7 +1023,7 @@ async fn vm_templating_clones_serve_sandboxes() {
         mem_after >= mem_before + 256 * 1024 - 4096,
         "{mem_before} -> {mem_after} KiB"
     );
-    sb2.create_container("long", spec(&["sleep", "60"]), &rootfs, Vec::new())
+    sb2.create_container("long", spec(&["sleep", "600"]), &rootfs, Vec::new())
         .await
         .expect("create");
     sb2.start_container("long").await.expect("start");
@@ -1096,6 +1097,12 @@ async fn vm_templating_clones_serve_sandboxes() {
     assert!(!template.exists() && !template.dir.exists());
     let (out, status) = run_container(&sb3, &rootfs, "c3", "cat /etc/greeting", |_| {}).await;
     assert_eq!((out.as_str(), status), ("from a clone\n", 0));
+    if let Some(e) = sb2.vm.exit_error() {
+        panic!(
+            "the second clone's VM died: {}",
+            kata_config::error_chain(&e)
+        );
+    }
     sb2.signal("long", "", 9, false).await.expect("kill");
     sb2.wait("long", "").await.expect("wait");
     sb2.remove_container("long").await.expect("remove");

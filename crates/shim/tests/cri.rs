@@ -1227,7 +1227,7 @@ async fn a_templated_pod_serves_tcp_and_execs_as_a_cold_one() {
     let _server = BridgeServer::start();
     let template = "/run/vc/vm/it-cri-template";
     let factory_toml = format!(
-        "[hypervisor.qemu]\nimage = \"\"\ninitrd = \"/opt/kata/share/kata-containers/kata-containers-initrd.img\"\nshared_fs = \"virtio-9p\"\n[factory]\nenable_template = true\ntemplate_path = \"{template}\"\n"
+        "[hypervisor.qemu]\nimage = \"\"\ninitrd = \"/opt/kata/share/kata-containers/kata-containers-initrd.img\"\nshared_fs = \"virtio-9p\"\nreclaim_guest_freed_memory = false\n[factory]\nenable_template = true\ntemplate_path = \"{template}\"\n"
     );
     let drop_in = write_drop_in("90-test-template.toml", &factory_toml);
     let (out, _, _) = common::kata_runtime(&["factory", "destroy"]);

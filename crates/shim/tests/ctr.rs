@@ -2245,6 +2245,7 @@ fn vm_templating_serves_ctr_run_as_a_cold_boot_does() {
         None,
         &[
             ("shared_fs", "\"virtio-9p\""),
+            ("reclaim_guest_freed_memory", "false"),
             ("enable_template", "true"),
             ("template_path", &format!("{template:?}")),
         ],
