@@ -687,24 +687,7 @@ impl Vm {
             out.sync_all().await?;
             Ok::<_, std::io::Error>(())
         };
-        let copied = tokio::time::timeout(MIGRATION_TIMEOUT, copy).await;
-        let _ = std::fs::remove_file(via);
-        match copied {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                return Err(VmError::Migration(format!(
-                    "writing the device state to {}: {e}",
-                    state.display()
-                )))
-            }
-            Err(_) => {
-                return Err(VmError::Migration(format!(
-                    "saving the device state to {} took more than {} s",
-                    state.display(),
-                    MIGRATION_TIMEOUT.as_secs()
-                )))
-            }
-        }
+        stream_state(SAVING, state, via, copy).await?;
         let deadline = Instant::now() + MIGRATION_TIMEOUT;
         loop {
             let v = self.qmp("query-migrate", None).await?;
@@ -712,20 +695,14 @@ impl Vm {
                 "completed" => return Ok(()),
                 "failed" | "cancelled" => {
                     return Err(VmError::Migration(format!(
-                        "saving the device state to {} failed: {}",
+                        "{SAVING} {} failed: {}",
                         state.display(),
                         v.get("error-desc")
                             .and_then(|s| s.as_str())
                             .unwrap_or("no reason given")
                     )))
                 }
-                _ if Instant::now() >= deadline => {
-                    return Err(VmError::Migration(format!(
-                        "saving the device state to {} took more than {} s",
-                        state.display(),
-                        MIGRATION_TIMEOUT.as_secs()
-                    )))
-                }
+                _ if Instant::now() >= deadline => return Err(too_slow(SAVING, state)),
                 _ => tokio::time::sleep(Duration::from_millis(5)).await,
             }
         }
@@ -749,24 +726,7 @@ impl Vm {
             tokio::io::AsyncWriteExt::shutdown(&mut conn).await?;
             Ok::<_, std::io::Error>(())
         };
-        let copied = tokio::time::timeout(MIGRATION_TIMEOUT, copy).await;
-        let _ = std::fs::remove_file(via);
-        match copied {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                return Err(VmError::Migration(format!(
-                    "loading the device state from {}: {e}",
-                    state.display()
-                )))
-            }
-            Err(_) => {
-                return Err(VmError::Migration(format!(
-                    "loading the device state from {} took more than {} s",
-                    state.display(),
-                    MIGRATION_TIMEOUT.as_secs()
-                )))
-            }
-        }
+        stream_state(LOADING, state, via, copy).await?;
         let deadline = Instant::now() + MIGRATION_TIMEOUT;
         loop {
             if let Some(e) = self.exit_error() {
@@ -777,17 +737,11 @@ impl Vm {
                 "inmigrate" if Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(5)).await
                 }
-                "inmigrate" => {
-                    return Err(VmError::Migration(format!(
-                        "loading the device state from {} took more than {} s",
-                        state.display(),
-                        MIGRATION_TIMEOUT.as_secs()
-                    )))
-                }
+                "inmigrate" => return Err(too_slow(LOADING, state)),
                 "paused" | "prelaunch" | "postmigrate" => break,
                 other => {
                     return Err(VmError::Migration(format!(
-                        "loading the device state from {} left the VM {other}",
+                        "{LOADING} {} left the VM {other}",
                         state.display()
                     )))
                 }
@@ -796,7 +750,7 @@ impl Vm {
         let m = self.qmp("query-migrate", None).await?;
         if let Some(status @ ("failed" | "cancelled")) = m.get("status").and_then(|s| s.as_str()) {
             return Err(VmError::Migration(format!(
-                "loading the device state from {} {status}: {}",
+                "{LOADING} {} {status}: {}",
                 state.display(),
                 m.get("error-desc")
                     .and_then(|s| s.as_str())
@@ -886,6 +840,37 @@ fn exited(status: String, stderr_log: &Path, console: &Path) -> VmError {
 
 /// How long saving or loading a template's device state may take (it is a few hundred KiB).
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(30);
+
+const SAVING: &str = "saving the device state to";
+const LOADING: &str = "loading the device state from";
+
+fn too_slow(what: &str, state: &Path) -> VmError {
+    VmError::Migration(format!(
+        "{what} {} took more than {} s",
+        state.display(),
+        MIGRATION_TIMEOUT.as_secs()
+    ))
+}
+
+/// Streams a template's device state (`copy`: through the unix socket `via`) within
+/// [`MIGRATION_TIMEOUT`], then removes the socket.
+async fn stream_state(
+    what: &str,
+    state: &Path,
+    via: &Path,
+    copy: impl std::future::Future<Output = std::io::Result<()>>,
+) -> Result<(), VmError> {
+    let copied = tokio::time::timeout(MIGRATION_TIMEOUT, copy).await;
+    let _ = std::fs::remove_file(via);
+    match copied {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(VmError::Migration(format!(
+            "{what} {}: {e}",
+            state.display()
+        ))),
+        Err(_) => Err(too_slow(what, state)),
+    }
+}
 
 fn ignore_shared() -> serde_json::Value {
     json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] })
