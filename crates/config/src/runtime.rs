@@ -150,8 +150,9 @@ config_section! {
         enable_template: bool = false, N, OK, ALL;
         /// Directory of the VM template.
         template_path: String = DEFAULT_TEMPLATE_PATH.to_string(), N, OK, ALL;
-        /// VMs kept booted and ready by the VMCache server (0: VMCache off).
-        vm_cache_number: u32 = 0, N, NY, ALL;
+        /// VMs kept booted and ready by the VMCache server that `kata-runtime factory init`
+        /// runs; each sandbox takes one over instead of booting its own (0: VMCache off).
+        vm_cache_number: u32 = 0, N, OK, ALL;
         /// Unix socket of the VMCache server.
         vm_cache_endpoint: String = DEFAULT_VM_CACHE_ENDPOINT.to_string(), N, OK, ALL;
     }

@@ -171,6 +171,17 @@ pub enum ValidationError {
     /// Both factory modes.
     #[error("[factory] enable_template = true and vm_cache_number = {0} cannot both be on; VM templating and VMCache are exclusive")]
     TemplateAndCache(u32),
+    /// VMCache needs QEMU.
+    #[error("[factory].vm_cache_number = {number} needs the qemu hypervisor, not {kind}")]
+    CacheNeedsQemu {
+        /// Hypervisor section.
+        kind: HypervisorKind,
+        /// The cache size.
+        number: u32,
+    },
+    /// The VMCache socket must be an absolute path.
+    #[error("[factory].vm_cache_endpoint = {0:?} must be an absolute path (default /var/run/kata-containers/cache.sock)")]
+    CacheEndpoint(String),
     /// Templating needs QEMU.
     #[error("[factory].enable_template = true needs the qemu hypervisor, not {0}")]
     TemplateNeedsQemu(HypervisorKind),
@@ -490,6 +501,17 @@ impl Config {
                 if set {
                     return Err(ValidationError::TemplateMemoryBackend { kind, key });
                 }
+            }
+        }
+        if f.vm_cache_number > 0 {
+            if kind != HypervisorKind::Qemu {
+                return Err(ValidationError::CacheNeedsQemu {
+                    kind,
+                    number: f.vm_cache_number,
+                });
+            }
+            if !f.vm_cache_endpoint.starts_with('/') {
+                return Err(ValidationError::CacheEndpoint(f.vm_cache_endpoint.clone()));
             }
         }
         let r = &self.runtime;

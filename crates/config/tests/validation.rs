@@ -224,6 +224,19 @@ fn factory_rules() {
         );
     }
     valid(&format!("{}[factory]\nvm_cache_number = 3\n", qemu("")));
+    let e = invalid("[hypervisor.clh]\ninitrd = \"/i\"\n[factory]\nvm_cache_number = 3\n");
+    assert!(
+        e.contains("vm_cache_number = 3 needs the qemu hypervisor, not clh"),
+        "{e}"
+    );
+    let e = invalid(&format!(
+        "{}[factory]\nvm_cache_number = 1\nvm_cache_endpoint = \"cache.sock\"\n",
+        qemu("")
+    ));
+    assert!(
+        e.contains("vm_cache_endpoint = \"cache.sock\" must be an absolute path"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -35,9 +35,16 @@ pub enum VirtiofsdError {
 /// A running virtiofsd.
 #[derive(Debug)]
 pub struct Virtiofsd {
-    child: tokio::process::Child,
+    owner: Owner,
     /// Its pid.
     pub pid: u32,
+}
+
+/// How a virtiofsd is held: started here, or taken over from the VMCache server.
+#[derive(Debug)]
+enum Owner {
+    Child(tokio::process::Child),
+    Adopted(crate::pidfd::PidFd),
 }
 
 /// virtiofsd's arguments (pure).
@@ -114,14 +121,51 @@ impl Virtiofsd {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        Ok(Virtiofsd { child, pid })
+        Ok(Virtiofsd {
+            owner: Owner::Child(child),
+            pid,
+        })
+    }
+
+    /// Takes over virtiofsd `pid`, which another process (the VMCache server) started and
+    /// which serves `socket`.
+    pub fn adopt(pid: u32, socket: &Path) -> std::io::Result<Self> {
+        let p = crate::pidfd::PidFd::open(pid)?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let socket = socket.display().to_string();
+        if !String::from_utf8_lossy(&cmdline)
+            .split('\0')
+            .any(|a| a == socket)
+        {
+            return Err(std::io::Error::other(format!(
+                "process {pid} is not the virtiofsd serving {socket}"
+            )));
+        }
+        Ok(Virtiofsd {
+            owner: Owner::Adopted(p),
+            pid,
+        })
+    }
+
+    /// Lets go of it (it goes on serving its VM, whose new owner adopts it); it is still
+    /// reaped here when it exits.
+    pub fn release(self) {
+        if let Owner::Child(mut child) = self.owner {
+            tokio::spawn(async move {
+                let _ = child.wait().await;
+            });
+        }
     }
 
     /// The pid of the process serving the guest (`None` once it has been reaped): with its
     /// namespace sandbox virtiofsd forks, and the child (in the new pid namespace) does the
     /// work while the parent waits for it.
     pub fn pid(&self) -> Option<u32> {
-        let pid = self.child.id()?;
+        let pid = match &self.owner {
+            Owner::Child(c) => c.id()?,
+            Owner::Adopted(p) if p.exited() => return None,
+            Owner::Adopted(p) => p.pid,
+        };
         let children =
             std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
         Some(
@@ -134,13 +178,26 @@ impl Virtiofsd {
     }
 
     /// Stops it (it normally exits by itself when QEMU goes away).
-    pub async fn stop(mut self) {
-        if tokio::time::timeout(Duration::from_millis(500), self.child.wait())
-            .await
-            .is_err()
-        {
-            let _ = self.child.start_kill();
-            let _ = self.child.wait().await;
+    pub async fn stop(self) {
+        match self.owner {
+            Owner::Child(mut child) => {
+                if tokio::time::timeout(Duration::from_millis(500), child.wait())
+                    .await
+                    .is_err()
+                {
+                    let _ = child.start_kill();
+                    let _ = child.wait().await;
+                }
+            }
+            Owner::Adopted(p) => {
+                if tokio::time::timeout(Duration::from_millis(500), p.wait())
+                    .await
+                    .is_err()
+                {
+                    let _ = p.signal(libc::SIGKILL);
+                    let _ = tokio::time::timeout(Duration::from_secs(2), p.wait()).await;
+                }
+            }
         }
     }
 }

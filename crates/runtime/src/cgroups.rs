@@ -433,6 +433,23 @@ impl HostCgroups {
         self.overhead.iter().map(|(_, d)| d.clone()).collect()
     }
 
+    /// Moves processes this one did not start (a VM taken from the VMCache: QEMU, virtiofsd)
+    /// where the shim is: the sandbox cgroup (`only`) or the overhead cgroup, as if they had
+    /// been started here. Memory they charged before stays charged where it was.
+    pub fn adopt(&self, pids: &[u32]) -> Result<(), SandboxError> {
+        let join = if self.only {
+            &self.sandbox
+        } else {
+            &self.overhead
+        };
+        for (_, dir) in join {
+            for pid in pids {
+                write(&dir.join("cgroup.procs"), &pid.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
     /// Puts QEMU's vCPU threads `tids` (of process `qemu_pid`) in the sandbox cgroup (`false`
     /// layout; with `sandbox_cgroup_only` they are there already).
     pub fn add_vcpu_threads(&self, qemu_pid: u32, tids: &[u32]) -> Result<(), SandboxError> {

@@ -6,6 +6,7 @@
 //! - [`cgroups`]: the sandbox's cgroups on the host;
 //! - [`network`]: the pod network mirrored into the VM;
 //! - [`template`]: VM templating (`[factory] enable_template`);
+//! - [`vmcache`]: VMCache (`[factory] vm_cache_number`): the server and its client;
 //! - [`ids`]: sandbox, container and exec ids checked before they become paths;
 //! - [`monitor_client`]: the HTTP client of a shim's monitor socket;
 //! - [`error`]: the errors ([`SandboxError`]).
@@ -20,6 +21,7 @@ pub mod monitor_client;
 pub mod network;
 pub mod sandbox;
 pub mod template;
+pub mod vmcache;
 pub mod volumes;
 
 pub use error::SandboxError;

@@ -389,6 +389,61 @@ pub fn netns_of(spec: &oci_spec::runtime::Spec) -> Option<PathBuf> {
         .clone()
 }
 
+/// Opens tap `name` of network namespace `netns` as QEMU would (`IFF_TAP | IFF_NO_PI |
+/// IFF_VNET_HDR`), for a QEMU that runs outside the namespace (a VM taken from the VMCache):
+/// the descriptor is handed to it over QMP.
+pub fn open_tap(netns: &Path, name: &str) -> Result<std::os::fd::OwnedFd, SandboxError> {
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; libc::IFNAMSIZ],
+        flags: libc::c_short,
+        pad: [u8; 22],
+    }
+    let fail = |what: &str, e: std::io::Error| {
+        SandboxError::Network(format!(
+            "cannot open tap {name} in {}: {what}: {e}",
+            netns.display()
+        ))
+    };
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        return Err(fail(
+            "name",
+            std::io::Error::from_raw_os_error(libc::EINVAL),
+        ));
+    }
+    let ns = std::fs::File::open(netns).map_err(|e| fail("open the namespace", e))?;
+    let name_owned = name.to_string();
+    // setns(2) changes the calling thread only: a thread of its own enters the namespace.
+    let opened = std::thread::spawn(
+        move || -> Result<std::os::fd::OwnedFd, (String, std::io::Error)> {
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns(2) on a namespace descriptor this thread holds open.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(("setns".into(), std::io::Error::last_os_error()));
+            }
+            let tun = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/net/tun")
+                .map_err(|e| ("open /dev/net/tun".to_string(), e))?;
+            let mut req = IfReq {
+                name: [0; libc::IFNAMSIZ],
+                flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short,
+                pad: [0; 22],
+            };
+            req.name[..name_owned.len()].copy_from_slice(name_owned.as_bytes());
+            // SAFETY: TUNSETIFF reads a struct ifreq, which IfReq lays out.
+            if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF as _, &mut req) } != 0 {
+                return Err(("TUNSETIFF".into(), std::io::Error::last_os_error()));
+            }
+            Ok(std::os::fd::OwnedFd::from(tun))
+        },
+    )
+    .join()
+    .map_err(|_| fail("thread", std::io::Error::other("panicked")))?;
+    opened.map_err(|(what, e)| fail(&what, e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -114,6 +114,57 @@ impl Qmp {
                 path: self.path.clone(),
                 source,
             })?;
+        self.read_reply(command).await
+    }
+
+    /// Runs a command with descriptor `fd` attached to it (SCM_RIGHTS), as `getfd` and
+    /// `add-fd` need: the descriptor travels with the command's first byte.
+    pub async fn execute_with_fd(
+        &mut self,
+        command: &str,
+        arguments: Value,
+        fd: std::os::fd::RawFd,
+    ) -> Result<Value, QmpError> {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
+        use std::os::fd::AsRawFd;
+        let mut text = json!({ "execute": command, "arguments": arguments }).to_string();
+        text.push('\n');
+        let io_err = |path: &str, source: std::io::Error| QmpError::Io {
+            path: path.to_string(),
+            source,
+        };
+        let stream: &UnixStream = self.writer.as_ref();
+        let sent = loop {
+            stream.writable().await.map_err(|e| io_err(&self.path, e))?;
+            let r = stream.try_io(tokio::io::Interest::WRITABLE, || {
+                let iov = [std::io::IoSlice::new(text.as_bytes())];
+                let fds = [fd];
+                sendmsg::<UnixAddr>(
+                    stream.as_raw_fd(),
+                    &iov,
+                    &[ControlMessage::ScmRights(&fds)],
+                    MsgFlags::MSG_NOSIGNAL,
+                    None,
+                )
+                .map_err(std::io::Error::from)
+            });
+            match r {
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(io_err(&self.path, e)),
+            }
+        };
+        if sent < text.len() {
+            self.writer
+                .write_all(&text.as_bytes()[sent..])
+                .await
+                .map_err(|e| io_err(&self.path, e))?;
+        }
+        self.read_reply(command).await
+    }
+
+    /// Reads until the reply to `command` (keeping the events that come first).
+    async fn read_reply(&mut self, command: &str) -> Result<Value, QmpError> {
         let fut = async {
             loop {
                 let m = self.read_message().await?;

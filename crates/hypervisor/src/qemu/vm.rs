@@ -66,6 +66,14 @@ pub enum VmError {
     /// Hot-plug is impossible.
     #[error("cannot hot-plug: {0}")]
     Hotplug(String),
+    /// A QEMU started by another process (the VMCache server) cannot be taken over.
+    #[error("cannot take over QEMU (pid {pid}): {reason}")]
+    Adopt {
+        /// QEMU's pid.
+        pid: u32,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// A QEMU process.
@@ -80,6 +88,9 @@ pub struct Vm {
     hypervisor: HypervisorConfig,
     next_dimm: std::sync::atomic::AtomicU32,
     next_scsi_target: std::sync::atomic::AtomicU32,
+    /// Set when QEMU is not this process's child (taken over from the VMCache server): it is
+    /// watched and killed through this descriptor.
+    pidfd: Option<std::sync::Arc<crate::pidfd::PidFd>>,
 }
 
 /// The `thread-id`s of a `query-cpus-fast` answer.
@@ -290,7 +301,93 @@ impl Vm {
             hypervisor: h.clone(),
             next_dimm: std::sync::atomic::AtomicU32::new(0),
             next_scsi_target: std::sync::atomic::AtomicU32::new(0),
+            pidfd: None,
         })
+    }
+
+    /// Takes over a running QEMU that another process started (the VMCache server): watches
+    /// it through a process descriptor (its exit status is not ours to read) and connects to
+    /// its QMP socket, which its previous owner has closed. `name` is the VM's id on QEMU's
+    /// command line (`-name sandbox-<name>`). `console_log` and `stderr_log`
+    /// are where its output goes now.
+    pub async fn adopt(
+        pid: u32,
+        h: &HypervisorConfig,
+        name: &str,
+        qmp_socket: &Path,
+        console_log: &Path,
+        stderr_log: &Path,
+    ) -> Result<Vm, VmError> {
+        let fail = |reason: String| VmError::Adopt { pid, reason };
+        let pidfd =
+            crate::pidfd::PidFd::open(pid).map_err(|e| fail(format!("no such process: {e}")))?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let wanted = format!("sandbox-{name}");
+        if !String::from_utf8_lossy(&cmdline)
+            .split('\0')
+            .any(|a| a == wanted)
+        {
+            return Err(fail(format!("it is not the QEMU of VM {name}")));
+        }
+        let pidfd = std::sync::Arc::new(pidfd);
+        let (tx, exit) = watch::channel(None);
+        let watched = pidfd.clone();
+        tokio::spawn(async move {
+            let status = match watched.wait().await {
+                Ok(()) => "exited; its status went to the process that started it".to_string(),
+                Err(e) => format!("cannot watch it: {e}"),
+            };
+            tx.send_replace(Some(status));
+        });
+        // The previous owner may still be closing its QMP session: QEMU greets the next
+        // client only then.
+        let qmp = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match Qmp::connect(qmp_socket).await {
+                    Ok(q) => return Ok(q),
+                    Err(QmpError::Io { .. }) | Err(QmpError::Closed) if !pidfd.exited() => {
+                        tokio::time::sleep(Duration::from_millis(5)).await
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        })
+        .await;
+        let qmp = match qmp {
+            Ok(Ok(q)) => q,
+            Ok(Err(e)) => {
+                let _ = pidfd.signal(libc::SIGKILL);
+                return Err(fail(format!("QMP {}: {e}", qmp_socket.display())));
+            }
+            Err(_) => {
+                let _ = pidfd.signal(libc::SIGKILL);
+                return Err(fail(format!(
+                    "QMP {} did not greet within 5 s",
+                    qmp_socket.display()
+                )));
+            }
+        };
+        Ok(Vm {
+            pid,
+            qmp: tokio::sync::Mutex::new(qmp),
+            console_log: console_log.to_path_buf(),
+            stderr_log: stderr_log.to_path_buf(),
+            exit,
+            hypervisor: h.clone(),
+            next_dimm: std::sync::atomic::AtomicU32::new(0),
+            next_scsi_target: std::sync::atomic::AtomicU32::new(0),
+            pidfd: Some(pidfd),
+        })
+    }
+
+    /// SIGKILLs QEMU (through its process descriptor when it is not our child).
+    pub fn kill(&self) {
+        match &self.pidfd {
+            Some(p) => {
+                let _ = p.signal(libc::SIGKILL);
+            }
+            None => kill_pid(self.pid),
+        }
     }
 
     /// Why QEMU exited, if it did.
@@ -779,6 +876,40 @@ impl Vm {
             })),
         )
         .await?;
+        self.plug_nic(index, nic, &netdev).await
+    }
+
+    /// Hot-plugs a virtio-net NIC on an open tap or macvtap descriptor `fd`, passed to QEMU
+    /// over QMP (`getfd`): for a QEMU outside the pod's network namespace (a VM taken from
+    /// the VMCache). Nothing stays behind on failure.
+    pub async fn add_nic_fd(
+        &self,
+        index: usize,
+        nic: &argv::Nic,
+        fd: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<(), VmError> {
+        use std::os::fd::AsRawFd;
+        let (fdname, netdev) = (format!("fd-net{index}"), format!("net{index}"));
+        self.qmp
+            .lock()
+            .await
+            .execute_with_fd("getfd", json!({ "fdname": fdname }), fd.as_raw_fd())
+            .await?;
+        let r = self
+            .qmp(
+                "netdev_add",
+                Some(json!({ "type": "tap", "id": netdev, "fd": fdname, "vhost": false })),
+            )
+            .await;
+        if let Err(e) = r {
+            let _ = self.qmp("closefd", Some(json!({ "fdname": fdname }))).await;
+            return Err(e);
+        }
+        self.plug_nic(index, nic, &netdev).await
+    }
+
+    /// `device_add`s the virtio-net device of netdev `netdev`; removes the netdev on failure.
+    async fn plug_nic(&self, index: usize, nic: &argv::Nic, netdev: &str) -> Result<(), VmError> {
         let added = async {
             let pci = self.qmp("query-pci", None).await?;
             let bus = block::hotplug_bus(&self.hypervisor, &pci).map_err(VmError::Hotplug)?;
@@ -814,7 +945,7 @@ impl Vm {
         })
         .await;
         if waited.is_err() {
-            kill_pid(self.pid);
+            self.kill();
             let _ = tokio::time::timeout(Duration::from_secs(5), rx.changed()).await;
         }
     }
@@ -878,6 +1009,7 @@ fn ignore_shared() -> serde_json::Value {
 
 /// SIGKILL a process by pid (ignores errors: it may be gone).
 pub fn kill_pid(pid: u32) {
+    // (A QEMU we did not start is killed with [`Vm::kill`], through its process descriptor.)
     if pid > 0 {
         // SAFETY: plain kill(2).
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };

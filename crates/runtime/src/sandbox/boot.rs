@@ -19,7 +19,26 @@ impl Sandbox {
         let accel =
             tracing::info_span!("accel_choose").in_scope(|| crate::accel::choose(h, &qemu))?;
         timings.accel_ms = ms(t);
+        let mut source = VmSource::Cold;
+        let mut adopted_channel = None;
+        let t = Instant::now();
+        if config.factory.vm_cache_number > 0 {
+            if let Some(a) = take_cached(config, accel, paths)
+                .instrument(tracing::info_span!("vmcache_take"))
+                .await
+            {
+                started.vm = Some(a.vm);
+                started.virtiofsd = a.virtiofsd;
+                adopted_channel = Some(a.channel);
+                source = VmSource::Cache;
+            }
+        }
+        let taken_ms = ms(t);
         for dir in [&paths.vm_dir, &paths.shared_dir] {
+            if source == VmSource::Cache {
+                // The cached VM's directories, renamed.
+                break;
+            }
             // Only root may enter a sandbox's state: sockets, console log, the shared tree.
             std::fs::DirBuilder::new()
                 .recursive(true)
@@ -40,51 +59,39 @@ impl Sandbox {
                     &paths.vm_dir,
                 )
             })?;
+            if source == VmSource::Cache {
+                // Taken over as if started here: they join the shim's cgroup.
+                let mut pids: Vec<u32> = started.vm.iter().map(|vm| vm.pid).collect();
+                if let Some(v) = &started.virtiofsd {
+                    pids.push(v.pid);
+                    pids.extend(v.pid().filter(|p| *p != v.pid));
+                }
+                cg.adopt(&pids)?;
+            }
             started.cgroups = Some(std::sync::Arc::new(cg));
         }
-        if h.shared_fs != SharedFs::None {
-            prepare_share(paths)?;
-        }
+        let shared_fs = shared_fs_device(h, paths)?;
         let t = Instant::now();
-        let shared_fs = match h.shared_fs {
-            SharedFs::VirtioFs => {
-                let socket = paths.vm_dir.join("vfsd.sock");
+        if source != VmSource::Cache {
+            if h.shared_fs != SharedFs::None {
+                prepare_share(paths)?;
+            }
+            if let SharedFsDevice::VirtioFs { socket } = &shared_fs {
                 let v = Virtiofsd::start(
                     h,
-                    &socket,
+                    socket,
                     &paths.export_dir(),
                     &paths.vm_dir.join("virtiofsd.log"),
                 )
                 .instrument(tracing::info_span!("virtiofsd_start"))
                 .await?;
                 started.virtiofsd = Some(v);
-                SharedFsDevice::VirtioFs { socket }
             }
-            SharedFs::Virtio9p => SharedFsDevice::Virtio9p {
-                dir: paths.export_dir(),
-            },
-            SharedFs::None => SharedFsDevice::None,
-            SharedFs::VirtioFsNydus => return Err(SandboxError::Unsupported(
-                "shared_fs = \"virtio-fs-nydus\" is not supported yet; use virtio-fs or virtio-9p"
-                    .into(),
-            )),
-        };
+        }
         timings.virtiofsd_ms = ms(t);
-        // A template clone speaks to its agent over virtio-serial: the template's port is part
-        // of the state every clone loads (a vsock CID is not per clone).
-        let channel = if config.factory.enable_template {
-            AgentChannel::Serial {
-                socket: paths.vm_dir.join("agent.sock"),
-            }
-        } else {
-            match kata_hypervisor::host::resolve_agent_channel(config.agent.channel)
-                .map_err(SandboxError::Unsupported)?
-            {
-                "vsock" => AgentChannel::Vsock { cid: random_cid() },
-                _ => AgentChannel::Serial {
-                    socket: paths.vm_dir.join("agent.sock"),
-                },
-            }
+        let channel = match adopted_channel {
+            Some(c) => c,
+            None => agent_channel(config, &paths.vm_dir)?,
         };
         if guest_shape(config).debug_console {
             tracing::info!("debug console enabled (kata-runtime exec {id})");
@@ -136,9 +143,8 @@ impl Sandbox {
         spec.netns = network.as_ref().map(|n| n.netns.clone());
         spec.nics = nics;
         let t = Instant::now();
-        let mut source = VmSource::Cold;
-        let mut vm = None;
-        if config.factory.enable_template {
+        let mut vm = started.vm.take();
+        if vm.is_none() && config.factory.enable_template {
             vm = clone_template(config, placement, accel, &spec, paths)
                 .instrument(tracing::info_span!("template_clone"))
                 .await;
@@ -154,8 +160,7 @@ impl Sandbox {
                     .await?
             }
         };
-        timings.qemu_ms = ms(t);
-        drop(macvtaps);
+        timings.qemu_ms = ms(t) + taken_ms;
         if let Some(cg) = &started.cgroups {
             if let Err(e) = place_vcpus(&vm, cg).await {
                 started.vm = Some(vm);
@@ -165,14 +170,7 @@ impl Sandbox {
         let t = Instant::now();
         let dial_timeout = config.agent.dial_timeout;
         let deadline = Instant::now() + Duration::from_secs(dial_timeout.into());
-        let dial = async {
-            match &channel {
-                AgentChannel::Serial { socket } => AgentClient::dial_serial(socket, deadline).await,
-                AgentChannel::Vsock { cid } => {
-                    AgentClient::dial_vsock(*cid, kata_protocols::VSOCK_PORT, deadline).await
-                }
-            }
-        };
+        let dial = dial_agent(&channel, deadline);
         let agent = tokio::select! {
             r = dial.instrument(tracing::info_span!("agent_connect")) => r,
             e = vm.wait_exit() => Err(SandboxError::Vm(e)),
@@ -201,10 +199,18 @@ impl Sandbox {
         };
         timings.agent_ms = ms(t);
         timings.source = source;
-        if source == VmSource::Template {
+        if source != VmSource::Cold {
             let t = Instant::now();
-            if let Err(e) = personalize_clone(&vm, &agent, &spec.nics)
-                .instrument(tracing::info_span!("clone_personalize"))
+            let span = match source {
+                VmSource::Template => tracing::info_span!("clone_personalize"),
+                _ => tracing::info_span!("cache_personalize"),
+            };
+            let netns = match source {
+                VmSource::Cache => Some(spec.netns.as_deref().unwrap_or(Path::new(""))),
+                _ => None,
+            };
+            if let Err(e) = personalize(&vm, &agent, &spec.nics, source, netns)
+                .instrument(span)
                 .await
             {
                 started.vm = Some(vm);
@@ -212,6 +218,7 @@ impl Sandbox {
             }
             timings.personalize_ms = ms(t);
         }
+        drop(macvtaps);
         let t = Instant::now();
         let storage = match shared_fs {
             SharedFsDevice::VirtioFs { .. } => Some(Storage {
@@ -286,6 +293,63 @@ impl Sandbox {
         })
     }
 }
+
+/// The agent channel of a VM whose sockets are in `vm_dir`. A template clone speaks to its
+/// agent over virtio-serial: the template's port is part of the state every clone loads (a
+/// vsock CID is not per clone).
+pub(crate) fn agent_channel(config: &Config, vm_dir: &Path) -> Result<AgentChannel, SandboxError> {
+    let serial = AgentChannel::Serial {
+        socket: vm_dir.join("agent.sock"),
+    };
+    if config.factory.enable_template {
+        return Ok(serial);
+    }
+    match kata_hypervisor::host::resolve_agent_channel(config.agent.channel)
+        .map_err(SandboxError::Unsupported)?
+    {
+        "vsock" => Ok(AgentChannel::Vsock { cid: random_cid() }),
+        _ => Ok(serial),
+    }
+}
+
+/// Connects to the agent over `channel`, waiting until it answers or `deadline` passes.
+pub(crate) async fn dial_agent(
+    channel: &AgentChannel,
+    deadline: Instant,
+) -> Result<AgentClient, SandboxError> {
+    match channel {
+        AgentChannel::Serial { socket } => AgentClient::dial_serial(socket, deadline).await,
+        AgentChannel::Vsock { cid } => {
+            AgentClient::dial_vsock(*cid, kata_protocols::VSOCK_PORT, deadline).await
+        }
+    }
+}
+
+/// The shared filesystem device of a VM whose share is `paths` (virtiofsd's socket in
+/// `vm_dir`, or the 9p export).
+pub(crate) fn shared_fs_device(
+    h: &kata_config::hypervisor::HypervisorConfig,
+    paths: &SandboxPaths,
+) -> Result<SharedFsDevice, SandboxError> {
+    Ok(match h.shared_fs {
+        SharedFs::VirtioFs => SharedFsDevice::VirtioFs {
+            socket: paths.vm_dir.join(VIRTIOFSD_SOCKET),
+        },
+        SharedFs::Virtio9p => SharedFsDevice::Virtio9p {
+            dir: paths.export_dir(),
+        },
+        SharedFs::None => SharedFsDevice::None,
+        SharedFs::VirtioFsNydus => {
+            return Err(SandboxError::Unsupported(
+                "shared_fs = \"virtio-fs-nydus\" is not supported yet; use virtio-fs or virtio-9p"
+                    .into(),
+            ))
+        }
+    })
+}
+
+/// virtiofsd's socket in a sandbox's VM directory.
+pub(crate) const VIRTIOFSD_SOCKET: &str = "vfsd.sock";
 
 /// Moves QEMU's vCPU threads to the sandbox cgroup.
 pub(super) async fn place_vcpus(vm: &Vm, cg: &HostCgroups) -> Result<(), SandboxError> {
@@ -368,7 +432,7 @@ fn open_char_device(
 }
 
 /// A random guest vsock CID (3 and up; 0-2 are reserved).
-fn random_cid() -> u32 {
+pub(crate) fn random_cid() -> u32 {
     let mut b = [0u8; 4];
     if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
         use std::io::Read;
@@ -394,6 +458,8 @@ pub enum VmSource {
     Cold,
     /// Cloned from the VM template (`[factory] enable_template`).
     Template,
+    /// Taken over from the VMCache server (`[factory] vm_cache_number`).
+    Cache,
 }
 
 impl VmSource {
@@ -402,6 +468,7 @@ impl VmSource {
         match self {
             VmSource::Cold => "cold",
             VmSource::Template => "template",
+            VmSource::Cache => "cache",
         }
     }
 }
@@ -551,9 +618,178 @@ async fn clone_template(
     }
 }
 
-/// What a clone needs that its template could not have: fresh randomness (the clone started
-/// with its template's random state), the time, and the pod's NICs.
-async fn personalize_clone(vm: &Vm, agent: &AgentClient, nics: &[Nic]) -> Result<(), SandboxError> {
+/// A VM taken over from the VMCache server.
+struct Adopted {
+    vm: Vm,
+    virtiofsd: Option<Virtiofsd>,
+    channel: AgentChannel,
+}
+
+/// Takes a VM from the VMCache server and makes it this sandbox's: its directories are renamed
+/// to the sandbox's (`paths`; its sockets keep working), its QEMU and virtiofsd are watched
+/// through process descriptors. None (with the reason logged) when the sandbox must boot its
+/// own VM: the server is gone or empty, the pod's VM settings differ from the cache's, or the
+/// take-over failed (the VM is then stopped). Never fails the sandbox.
+async fn take_cached(config: &Config, accel: Accel, paths: &SandboxPaths) -> Option<Adopted> {
+    let endpoint = Path::new(&config.factory.vm_cache_endpoint);
+    let identity = crate::template::identity(config, accel);
+    let taken = match crate::vmcache::take(endpoint, &identity).await {
+        Ok(t) => t,
+        Err(miss) => {
+            if miss.server_gone {
+                tracing::warn!(endpoint = %endpoint.display(), reason = %miss.reason, "VMCache server unreachable; booting cold");
+                let reaped = tokio::task::spawn_blocking(crate::vmcache::reap_orphans)
+                    .await
+                    .unwrap_or_default();
+                if !reaped.is_empty() {
+                    tracing::warn!(vms = ?reaped, "stopped the VMs a dead VMCache server left");
+                }
+            } else {
+                tracing::info!(reason = %miss.reason, "no VM from the VMCache; booting cold");
+            }
+            return None;
+        }
+    };
+    let from = SandboxPaths::for_id(&taken.id);
+    let give_up = |what: String| {
+        tracing::warn!(vm = %taken.id, "{what}; booting cold");
+        // Whichever name its directories have now, the VM is stopped and they are removed.
+        cleanup_stale(&taken.id);
+        if paths.vm_dir.join(ADOPTED_FROM).exists() {
+            cleanup_stale(
+                paths
+                    .vm_dir
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or(""),
+            );
+        }
+    };
+    if let Err(e) = std::fs::rename(&from.vm_dir, &paths.vm_dir) {
+        give_up(format!(
+            "cannot take over the cached VM's directory {}: {e}",
+            from.vm_dir.display()
+        ));
+        return None;
+    }
+    let _ = std::fs::write(paths.vm_dir.join(ADOPTED_FROM), &taken.id);
+    if from.shared_dir.exists() {
+        if let Err(e) = std::fs::rename(&from.shared_dir, &paths.shared_dir) {
+            give_up(format!(
+                "cannot take over the cached VM's share {}: {e}",
+                from.shared_dir.display()
+            ));
+            return None;
+        }
+    }
+    let h = &config.hypervisor;
+    let vm = Vm::adopt(
+        taken.qemu_pid,
+        h,
+        &taken.id,
+        &paths.vm_dir.join("qmp.sock"),
+        &paths.vm_dir.join("console.log"),
+        &paths.vm_dir.join("qemu.stderr"),
+    )
+    .await;
+    let vm = match vm {
+        Ok(vm) => vm,
+        Err(e) => {
+            give_up(format!("cannot take over the cached VM: {e}"));
+            return None;
+        }
+    };
+    let virtiofsd = match taken.virtiofsd_pid {
+        Some(pid) => match Virtiofsd::adopt(pid, &from.vm_dir.join(VIRTIOFSD_SOCKET)) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                vm.kill();
+                give_up(format!("cannot take over the cached VM's virtiofsd: {e}"));
+                return None;
+            }
+        },
+        None => None,
+    };
+    let channel = match taken.agent_url.strip_prefix("vsock://") {
+        Some(rest) => match rest.split(':').next().and_then(|c| c.parse().ok()) {
+            Some(cid) => AgentChannel::Vsock { cid },
+            None => {
+                vm.kill();
+                give_up(format!(
+                    "the cache's agent address {} is not valid",
+                    taken.agent_url
+                ));
+                return None;
+            }
+        },
+        None => AgentChannel::Serial {
+            socket: paths.vm_dir.join("agent.sock"),
+        },
+    };
+    tracing::info!(vm = %taken.id, qemu = taken.qemu_pid, "took a VM from the VMCache");
+    Some(Adopted {
+        vm,
+        virtiofsd,
+        channel,
+    })
+}
+
+/// Written in a sandbox's VM directory when its VM came from the VMCache: the VM's id there
+/// (QEMU's `-name` and virtiofsd's socket path still carry it).
+pub const ADOPTED_FROM: &str = "adopted-from";
+
+/// What a VM that was not booted for this sandbox needs: a clone fresh randomness (it started
+/// with its template's random state); both a clone and a cached VM the time and the pod's NICs.
+/// A cached VM's QEMU runs outside the pod's network namespace `netns`: its taps are opened
+/// there and handed to QEMU as descriptors.
+async fn personalize(
+    vm: &Vm,
+    agent: &AgentClient,
+    nics: &[Nic],
+    source: VmSource,
+    netns: Option<&Path>,
+) -> Result<(), SandboxError> {
+    if source == VmSource::Template {
+        reseed(agent).await?;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    agent
+        .agent
+        .set_guest_date_time(
+            ctx(CALL_TIMEOUT),
+            &SetGuestDateTimeRequest {
+                sec: now.as_secs() as i64,
+                usec: i64::from(now.subsec_micros()),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(agent_err("SetGuestDateTime"))?;
+    for (i, nic) in nics.iter().enumerate() {
+        match (netns, nic.fd) {
+            (None, _) => vm.add_nic(i, nic).await?,
+            (Some(_), Some(raw)) => {
+                // SAFETY: the macvtap's descriptor stays open in `boot` until this returns.
+                let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(raw) };
+                vm.add_nic_fd(i, nic, fd).await?
+            }
+            (Some(ns), None) => {
+                let (ns, tap) = (ns.to_path_buf(), nic.tap.clone());
+                let fd = tokio::task::spawn_blocking(move || crate::network::open_tap(&ns, &tap))
+                    .await
+                    .map_err(|e| SandboxError::Network(format!("tap open task failed: {e}")))??;
+                use std::os::fd::AsFd;
+                vm.add_nic_fd(i, nic, fd.as_fd()).await?
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Gives a clone's guest fresh randomness (RNDADDENTROPY, then a CRNG reseed).
+async fn reseed(agent: &AgentClient) -> Result<(), SandboxError> {
     let mut seed = vec![0u8; 64];
     {
         use std::io::Read;
@@ -573,23 +809,5 @@ async fn personalize_clone(vm: &Vm, agent: &AgentClient, nics: &[Nic]) -> Result
         )
         .await
         .map_err(agent_err("ReseedRandomDev"))?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    agent
-        .agent
-        .set_guest_date_time(
-            ctx(CALL_TIMEOUT),
-            &SetGuestDateTimeRequest {
-                sec: now.as_secs() as i64,
-                usec: i64::from(now.subsec_micros()),
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(agent_err("SetGuestDateTime"))?;
-    for (i, nic) in nics.iter().enumerate() {
-        vm.add_nic(i, nic).await?;
-    }
     Ok(())
 }

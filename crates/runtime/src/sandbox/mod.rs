@@ -26,6 +26,8 @@ mod boot;
 mod paths;
 mod resources;
 
+pub use boot::ADOPTED_FROM;
+pub(crate) use boot::{agent_channel, dial_agent, shared_fs_device};
 pub use boot::{guest_shape, launch_spec, GuestShape, VmSource};
 use boot::{place_vcpus, Started};
 pub use paths::*;

@@ -35,7 +35,7 @@ impl SandboxPaths {
 }
 
 /// Makes `mounts/` (host-writable, shared) and `shared/` (its read-only slave view, exported).
-pub(super) fn prepare_share(paths: &SandboxPaths) -> Result<(), SandboxError> {
+pub(crate) fn prepare_share(paths: &SandboxPaths) -> Result<(), SandboxError> {
     let (mounts, export) = (paths.mounts_dir(), paths.export_dir());
     for d in [&mounts, &export] {
         std::fs::DirBuilder::new()
@@ -88,12 +88,21 @@ pub fn cleanup_stale(id: &str) -> bool {
     }
     let paths = SandboxPaths::for_id(id);
     let existed = paths.vm_dir.exists() || paths.shared_dir.exists();
+    // A VM taken from the VMCache carries the cache's id on its command lines.
+    let born_as = std::fs::read_to_string(paths.vm_dir.join(super::boot::ADOPTED_FROM))
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| crate::ids::is_valid(s))
+        .unwrap_or_else(|| id.to_string());
     if let Some(pid) = std::fs::read_to_string(paths.vm_dir.join("pid"))
         .ok()
         .and_then(|s| s.trim().parse::<i32>().ok())
     {
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if String::from_utf8_lossy(&cmdline).contains(&format!("sandbox-{id}")) {
+        if String::from_utf8_lossy(&cmdline)
+            .split('\0')
+            .any(|a| a == format!("sandbox-{born_as}"))
+        {
             // SAFETY: plain kill(2) of the QEMU this sandbox started.
             unsafe { libc::kill(pid, libc::SIGKILL) };
             for _ in 0..100 {
@@ -106,8 +115,10 @@ pub fn cleanup_stale(id: &str) -> bool {
     }
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let socket = Path::new(VM_STATE_ROOT).join(&born_as).join("vfsd.sock");
         if String::from_utf8_lossy(&cmdline)
-            .contains(&paths.vm_dir.join("vfsd.sock").display().to_string())
+            .split('\0')
+            .any(|a| a == socket.display().to_string())
         {
             if let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() {
                 // SAFETY: plain kill(2) of this sandbox's virtiofsd.
