@@ -112,6 +112,12 @@ struct ServedConfig {
 }
 
 async fn connect(endpoint: &Path) -> Result<CacheServiceClient<tonic::transport::Channel>, String> {
+    if !endpoint.exists() {
+        return Err(format!(
+            "{} does not exist (is kata-runtime factory init running?)",
+            endpoint.display()
+        ));
+    }
     let path = endpoint.to_path_buf();
     let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")
         .map_err(|e| e.to_string())?
@@ -137,8 +143,12 @@ fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        let text = c.to_string();
+        // Wrappers often repeat their cause.
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
         cur = c.source();
     }
     s

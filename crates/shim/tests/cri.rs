@@ -1272,6 +1272,64 @@ async fn a_templated_pod_serves_tcp_and_execs_as_a_cold_one() {
     assert!(!Path::new(template).exists(), "the template is gone");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, containerd, QEMU and make install (make test runs it)"]
+async fn a_pod_on_a_cached_vm_serves_tcp_and_execs_as_a_cold_one() {
+    // VMCache: the pod's VM was booted by the server before the pod existed, outside the pod's
+    // network namespace; it gets its NIC as a tap descriptor over QMP.
+    let mut c = client().await;
+    let _lock = config_lock().await;
+    let _server = BridgeServer::start();
+    let endpoint = "/run/vc/it-cri-vmcache.sock";
+    let drop_in = write_drop_in(
+        "90-test-vmcache.toml",
+        &format!("[factory]\nvm_cache_number = 1\nvm_cache_endpoint = \"{endpoint}\"\n"),
+    );
+    let (out, _, _) = common::kata_runtime(&["factory", "destroy"]);
+    assert_eq!(out, "vm factory destroyed\n");
+    let log = std::env::temp_dir().join("it-cri-vmcache.log");
+    let mut server = common::start_cache_server(None, &log);
+    let ready = common::cached_vms(None, 1, &log);
+    let started = web_pod(&mut c, "kata-vmcache", &[]).await;
+    let _ = std::fs::remove_file(&drop_in);
+    let (pod, ip) = started;
+    let qemu = qemu_of(&pod);
+    assert_eq!(ready, [qemu], "the pod's QEMU is the cached one");
+    let argv = std::fs::read(format!("/proc/{qemu}/cmdline")).expect("QEMU's argv");
+    let argv = String::from_utf8_lossy(&argv).replace('\0', " ");
+    assert!(
+        argv.contains("-name sandbox-vmcache-") && !argv.contains("virtio-net-pci"),
+        "a cached VM, with no NIC on its command line: {argv}"
+    );
+    let netns = std::fs::read_link(format!("/proc/{qemu}/ns/net")).expect("QEMU's netns");
+    let host = std::fs::read_link("/proc/self/ns/net").expect("our netns");
+    assert_eq!(netns, host, "the cached QEMU stays in the host namespace");
+    let body = fetch_when_up(&format!("http://{ip}:8080/index.html"));
+    assert_eq!(String::from_utf8_lossy(&body), "hello-from-kata\n");
+    let probe = start_probe(&mut c, &pod).await;
+    let (date, code) = exec(&mut c, &probe, &["date", "+%s"]).await;
+    assert_eq!(code, 0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    let guest: i64 = date.trim().parse().expect("date");
+    assert!((guest - now).abs() <= 5, "guest clock {guest}, host {now}");
+    download_into(&mut c, &probe).await;
+    remove_pod(&mut c, &pod).await;
+    assert_pod_gone(&pod);
+    let drop_in = write_drop_in(
+        "90-test-vmcache.toml",
+        &format!("[factory]\nvm_cache_number = 1\nvm_cache_endpoint = \"{endpoint}\"\n"),
+    );
+    let (out, err, code) = common::kata_runtime(&["factory", "destroy"]);
+    let _ = std::fs::remove_file(&drop_in);
+    assert_eq!((out.as_str(), code), ("vm factory destroyed\n", 0), "{err}");
+    let status = server.wait().expect("the server exits");
+    assert!(status.success(), "{status}");
+    assert_eq!(common::cached_vm_leftovers(), Vec::<String>::new());
+}
+
 /// Host PSS of a process in KiB (smaps_rollup).
 fn pss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))

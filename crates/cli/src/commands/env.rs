@@ -48,8 +48,14 @@ struct FactoryInfo {
     template_path: String,
     /// "on" (a complete template is there), "off", or "not enabled".
     template_state: String,
+    /// Kata's key names.
+    #[serde(rename = "VMCacheNumber")]
     vm_cache_number: u32,
+    #[serde(rename = "VMCacheEndpoint")]
     vm_cache_endpoint: String,
+    /// "serving N VMs (server pid P)", "no server (...)", or "not enabled".
+    #[serde(rename = "VMCacheState")]
+    vm_cache_state: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -250,6 +256,20 @@ pub fn collect(c: &Config) -> EnvInfo {
     } else {
         "off"
     };
+    let vm_cache_state = if c.factory.vm_cache_number == 0 {
+        "not enabled".to_string()
+    } else {
+        let endpoint = std::path::PathBuf::from(&c.factory.vm_cache_endpoint);
+        let status = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())
+            .and_then(|rt| rt.block_on(kata_sandbox::vmcache::status(&endpoint)));
+        match status {
+            Ok(s) => format!("serving {} VMs (server pid {})", s.vmstatus.len(), s.pid),
+            Err(e) => format!("no server ({e})"),
+        }
+    };
     EnvInfo {
         kernel: KernelInfo {
             path: h.kernel.clone(),
@@ -369,6 +389,7 @@ pub fn collect(c: &Config) -> EnvInfo {
             template_state: template_state.to_string(),
             vm_cache_number: c.factory.vm_cache_number,
             vm_cache_endpoint: c.factory.vm_cache_endpoint.clone(),
+            vm_cache_state,
         },
     }
 }

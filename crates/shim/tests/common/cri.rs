@@ -217,8 +217,11 @@ pub fn logs_dir(name: &str) -> PathBuf {
     d
 }
 
-/// The pid of pod `pod`'s QEMU.
+/// The pid of pod `pod`'s QEMU (named after the pod, or after the cached VM it took over).
 pub fn qemu_of(pod: &str) -> u32 {
+    let name = std::fs::read_to_string(format!("/run/vc/vm/{pod}/adopted-from"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| pod.to_string());
     let pids: Vec<u32> = std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
@@ -228,7 +231,7 @@ pub fn qemu_of(pod: &str) -> u32 {
             String::from_utf8_lossy(
                 &std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default(),
             )
-            .contains(&format!("sandbox-{pod}\0"))
+            .contains(&format!("sandbox-{name}\0"))
         })
         .collect();
     assert_eq!(pids.len(), 1, "one QEMU for {pod}");

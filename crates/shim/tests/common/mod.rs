@@ -422,3 +422,61 @@ impl Drop for LoopImage {
         let _ = std::fs::remove_file(&self.file);
     }
 }
+
+/// `--config FILE`, or nothing (the search order, with its drop-ins).
+fn config_args(config: Option<&str>) -> Vec<&str> {
+    config.map(|c| vec!["--config", c]).unwrap_or_default()
+}
+
+/// Starts `kata-runtime [--config CONFIG] factory init` (the VMCache server, installed
+/// binary) in the background, logging to `log` at info level.
+pub fn start_cache_server(config: Option<&str>, log: &Path) -> std::process::Child {
+    let f = std::fs::File::create(log).expect("log");
+    Command::new("/opt/kata/bin/kata-runtime")
+        .args(config_args(config))
+        .args(["factory", "init"])
+        .env("KATA_LOG", "info")
+        .stdout(f.try_clone().expect("log"))
+        .stderr(f)
+        .spawn()
+        .expect("start the VMCache server")
+}
+
+/// The QEMU pids `kata-runtime factory status` lists, once the server holds `n` VMs (within
+/// 180 s).
+pub fn cached_vms(config: Option<&str>, n: usize, log: &Path) -> Vec<u32> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    let mut args = config_args(config);
+    args.extend(["factory", "status"]);
+    loop {
+        let (out, _, _) = kata_runtime(&args);
+        let pids: Vec<u32> = out
+            .lines()
+            .filter_map(|l| l.strip_prefix("VM pid = "))
+            .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+            .collect();
+        if pids.len() == n {
+            return pids;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the VMCache server did not hold {n} VMs within 180 s: {out}\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// What cached VMs exist on the host: `/run/vc/vm/vmcache-*` directories, and the QEMU and
+/// virtiofsd processes started as cached VMs (a sandbox that took one over has them too).
+pub fn cached_vm_leftovers() -> Vec<String> {
+    let mut left: Vec<String> = std::fs::read_dir("/run/vc/vm")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("vmcache-"))
+        .collect();
+    left.extend(processes_with("/run/vc/vm/vmcache-"));
+    left
+}
