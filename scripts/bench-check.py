@@ -49,17 +49,23 @@ def check(r, png):
     need(dv.get("hotplug_qmp_ms", {}).get("max", 0) > 0, "the direct volume's hot-plug time")
     need(dv.get("start_with_volume_ms", {}).get("median", 0) > 0 and dv.get("start_without_ms", {}).get("median", 0) > 0,
          "starts with and without a direct volume")
-    need(len(r["targets"]) == 14, "the fourteen targets")
+    need(len(r["targets"]) == 15, "the fifteen targets")
     fac = r.get("factory", {})
     need(fac.get("template_create_ms", 0) > 0 and fac.get("template_used_mib", 0) > 0
          and fac.get("template_state_kib", 0) > 0, "the VM template's own cost")
-    for source in ("cold", "template"):
+    for source in ("cold", "template", "vmcache"):
         d = fac.get(source, {})
         need(d.get("start_ms", {}).get("median", 0) > 0, f"{source} start times")
         need(d.get("memory", {}).get("1", {}).get("mean", {}).get("qemu_pss_kib", 0) > 0, f"{source} QEMU PSS")
         need(len(d.get("memory", {})) >= 2, f"{source} memory with concurrent sandboxes")
     need(len(fac.get("template", {}).get("breakdown_ms", {}).get("clone_personalize", [])) == r["iterations"],
          "span clone_personalize once per templated start (every start was a clone)")
+    vc = fac.get("vmcache", {})
+    need(len(vc.get("breakdown_ms", {}).get("cache_personalize", [])) == r["iterations"],
+         "span cache_personalize once per VMCache start (every start took a cached VM)")
+    need(vc.get("handed", -1) == vc.get("expected_handed", -2),
+         "every VMCache start and memory-round sandbox took a cached VM (the server's log)")
+    need(vc.get("fill_ms", 0) > 0 and vc.get("cached_vm_pss_kib", 0) > 0, "the VMCache's own cost")
     for rt in ("runc", "kata"):
         for mode in ("off", "on"):
             d = r.get("seccomp", {}).get(rt, {}).get(mode, {})

@@ -220,8 +220,14 @@ def rss_kib(pid):
 
 def sandbox_pids(cid):
     shim = pids_matching(lambda c: "containerd-shim" in c and f" -id {cid} " in f" {c} ")
-    qemu = pids_matching(lambda c: f"-name sandbox-{cid} " in c)
-    vfsd = pids_matching(lambda c: c.startswith("/opt/kata/libexec/virtiofsd") and f"/run/vc/vm/{cid}/" in c)
+    # A VM taken from the VMCache keeps its cache name on QEMU's and virtiofsd's command lines.
+    try:
+        with open(f"/run/vc/vm/{cid}/adopted-from") as f:
+            born = f.read().strip()
+    except OSError:
+        born = cid
+    qemu = pids_matching(lambda c: f"-name sandbox-{born} " in c)
+    vfsd = pids_matching(lambda c: c.startswith("/opt/kata/libexec/virtiofsd") and f"/run/vc/vm/{born}/" in c)
     return shim, qemu, vfsd
 
 
@@ -422,7 +428,8 @@ def bench_floor(sock, n, cfg=None):
 SPAN = re.compile(r"(?P<path>\S+): \S+: close time\.busy=(?P<b>[\d.]+)(?P<bu>ns|µs|ms|s) time\.idle=(?P<i>[\d.]+)(?P<iu>ns|µs|ms|s)")
 UNIT_MS = {"ns": 1e-6, "µs": 1e-3, "ms": 1.0, "s": 1000.0}
 PHASES = ["config_load", "rootfs_mount", "vm_boot", "accel_choose", "virtiofsd_start", "qemu_start",
-          "template_clone", "agent_connect", "clone_personalize", "agent_create_sandbox", "container_create",
+          "template_clone", "vmcache_take", "agent_connect", "clone_personalize", "cache_personalize",
+          "agent_create_sandbox", "container_create",
           "process_start", "teardown"]
 
 
@@ -684,9 +691,12 @@ TEMPLATE_PATH = "/run/vc/vm/bench-template"
 KATA_RUNTIME = "/opt/kata/bin/kata-runtime"
 
 
-def factory_configs(work):
-    """(cold, template) configurations: the installed one with the initrd and virtio-9p (what
-    templating needs), without and with `enable_template`."""
+CACHE_ENDPOINT = "/run/vc/bench-vmcache.sock"
+
+
+def factory_configs(work, cache_number):
+    """(cold, template, vmcache) configurations: the installed one with the initrd and virtio-9p
+    (what templating needs), without and with `enable_template`, and with `vm_cache_number`."""
     with open(DEFAULT_CONFIG) as f:
         text = f.read()
     base = set_key(set_key(set_key(text, "image", ""), "initrd", f"{ASSETS}/kata-containers-initrd.img"),
@@ -694,8 +704,11 @@ def factory_configs(work):
     tpl = set_key(base, "template_path", TEMPLATE_PATH)
     for key, value in (("enable_template", "true"), ("reclaim_guest_freed_memory", "false")):
         tpl = re.sub(rf"^(\s*{key}\s*=\s*).*$", rf"\g<1>{value}", tpl, count=1, flags=re.M)
+    cache = base
+    for key, value in (("vm_cache_number", str(cache_number)), ("vm_cache_endpoint", f'"{CACHE_ENDPOINT}"')):
+        cache = re.sub(rf"^(\s*{key}\s*=\s*).*$", rf"\g<1>{value}", cache, count=1, flags=re.M)
     paths = []
-    for name, body in (("cold-9p", base), ("template", tpl)):
+    for name, body in (("cold-9p", base), ("template", tpl), ("vmcache", cache)):
         path = os.path.join(work, f"configuration-{name}.toml")
         with open(path, "w") as f:
             f.write(body)
@@ -707,11 +720,72 @@ def kata_runtime(cfg, *args):
     return sh(KATA_RUNTIME, "--config", cfg, *args).stdout.strip()
 
 
+def cached_vm_pids(cfg):
+    out = sh(KATA_RUNTIME, "--config", cfg, "factory", "status", check=False).stdout
+    return [int(l.split()[3]) for l in out.splitlines() if l.startswith("VM pid = ")]
+
+
+def wait_cache_full(cfg, number, timeout=300):
+    """Waits until the VMCache server holds `number` VMs ready (what VMCache is for: a start
+    finds one); returns their QEMU pids."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        pids = cached_vm_pids(cfg)
+        if len(pids) >= number:
+            return pids
+        time.sleep(0.2)
+    raise RuntimeError(f"the VMCache server did not hold {number} VMs within {timeout} s")
+
+
+def bench_vmcache(sock, n, counts, cfg, number):
+    """Starts and idle memory with VMs taken from a VMCache server holding `number` VMs (full
+    before each start and each memory round), and the cache's own idle cost per cached VM."""
+    server_log = open(os.path.join(os.path.dirname(cfg), "vmcache-server.log"), "w")
+    sh(KATA_RUNTIME, "--config", cfg, "factory", "destroy", check=False)
+    t = time.monotonic()
+    server = subprocess.Popen([KATA_RUNTIME, "--config", cfg, "factory", "init"], stdout=server_log,
+                              stderr=server_log, env={**os.environ, "KATA_LOG": "info"})
+    d = {}
+    try:
+        pids = wait_cache_full(cfg, number)
+        d["fill_ms"] = round((time.monotonic() - t) * 1000)
+        time.sleep(5)
+        d["cached_vm_pss_kib"] = round(statistics.mean(pss_kib(p) for p in pids))
+        samples = []
+        log_before = log_size()
+        for i in range(n):
+            wait_cache_full(cfg, number)
+            samples.append(timed(lambda i=i: ctr(sock, "run", "--runtime", RUNTIMES["kata"], *runtime_args(cfg), "--rm",
+                                                 IMAGE, f"bench-start-factory-vmcache-{i}", "true")))
+        d["start_ms"] = summary(samples)
+        ids = {f"bench-start-factory-vmcache-{i}" for i in range(n)}
+        d["breakdown_ms"] = spans(containerd_log_since(log_before), ids)
+        d["memory"] = {}
+        for count in counts:
+            wait_cache_full(cfg, number)
+            m = bench_memory(sock, [count], [("factory vmcache", RUNTIMES["kata"], cfg)])
+            d["memory"][str(count)] = m["factory vmcache"][str(count)]
+        d["expected_handed"] = n + sum(counts)
+    finally:
+        sh(KATA_RUNTIME, "--config", cfg, "factory", "destroy", check=False)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        server_log.close()
+    with open(server_log.name) as f:
+        d["handed"] = f.read().count("VM handed over")
+    return d
+
+
 def bench_factory(sock, n, counts, work):
-    """Cold boots and template clones side by side (same guest: initrd, virtio-9p): start time and
-    its breakdown, idle memory with 1 and N sandboxes, and the template's own cost."""
-    cold, tpl = factory_configs(work)
-    res = {"template_path": TEMPLATE_PATH}
+    """Cold boots, template clones and VMs from the VMCache side by side (same guest: initrd,
+    virtio-9p): start time and its breakdown, idle memory with 1 and N sandboxes, the template's
+    own cost and the cache's."""
+    cache_number = max(counts)
+    cold, tpl, cache = factory_configs(work, cache_number)
+    res = {"template_path": TEMPLATE_PATH, "vm_cache_number": cache_number}
     kata_runtime(tpl, "factory", "destroy")
     t = time.monotonic()
     out = kata_runtime(tpl, "factory", "init")
@@ -733,6 +807,7 @@ def bench_factory(sock, n, counts, work):
             res[name] = d
     finally:
         kata_runtime(tpl, "factory", "destroy")
+    res["vmcache"] = bench_vmcache(sock, n, counts, cache, cache_number)
     return res
 
 
@@ -757,6 +832,7 @@ def targets(r):
     fc_c, fc_t = fac["cold"]["start_ms"]["median"], fac["template"]["start_ms"]["median"]
     fm_c = fac["cold"]["memory"].get(n, fac["cold"]["memory"]["1"])["mean"]["total_pss_kib"]
     fm_t = fac["template"]["memory"].get(n, fac["template"]["memory"]["1"])["mean"]["total_pss_kib"]
+    fc_v = fac["vmcache"]["start_ms"]["median"]
     return [
         ("floor with the built kernel <= 60% of the floor with Debian's (both with an initrd)",
          f"{own_floor:.0f} ms vs {deb_floor:.0f} ms ({own_floor / deb_floor:.0%})", own_floor <= 0.6 * deb_floor),
@@ -784,6 +860,8 @@ def targets(r):
          f"{fc_t:.0f} vs {fc_c:.0f} ms ({fc_t / fc_c:.0%})", fc_t <= 0.25 * fc_c),
         (f"{n} idle templated sandboxes' total PSS <= 25% of {n} cold ones",
          f"{fm_t * int(n) / 1024:.0f} vs {fm_c * int(n) / 1024:.0f} MiB ({fm_t / fm_c:.0%})", fm_t <= 0.25 * fm_c),
+        ("VMCache start median <= 20% of a cold start (same guest: initrd, virtio-9p)",
+         f"{fc_v:.0f} vs {fc_c:.0f} ms ({fc_v / fc_c:.0%})", fc_v <= 0.20 * fc_c),
         ("direct volume (default driver) >= 50% of the host's loop device (sequential read and write)",
          f"read {dv_kata['read_mib_s']} vs {dv_host['read_mib_s']}, write {dv_kata['write_mib_s']} vs {dv_host['write_mib_s']} MiB/s",
          dv_kata["read_mib_s"] >= 0.5 * dv_host["read_mib_s"] and dv_kata["write_mib_s"] >= 0.5 * dv_host["write_mib_s"]),
@@ -878,7 +956,9 @@ def generated(r):
         "qemu_start": "&nbsp;&nbsp;QEMU spawn until QMP answers",
         "template_clone": "&nbsp;&nbsp;template clone (QEMU spawn, state load)",
         "clone_personalize": "&nbsp;&nbsp;clone: reseed, clock, NIC hot-plug",
-        "agent_connect": "&nbsp;&nbsp;kernel boot until the agent answers",
+        "vmcache_take": "&nbsp;&nbsp;VMCache: GetBaseVM, take-over (rename, pidfds, QMP)",
+        "cache_personalize": "&nbsp;&nbsp;cached VM: clock, NIC hot-plug by descriptor",
+        "agent_connect": "&nbsp;&nbsp;kernel boot until the agent answers (a clone's or cached VM's: reconnect)",
         "agent_create_sandbox": "&nbsp;&nbsp;CreateSandbox (shared fs mount)",
         "container_create": "container create (share, CreateContainer)",
         "process_start": "process start (StartContainer)",
@@ -907,17 +987,21 @@ def generated(r):
     fac = r["factory"]
     lines += [
         "",
-        "## The VM factory: cold boots and template clones (same guest: initrd, virtio-9p)",
+        "## The VM factory: cold boots, template clones and the VMCache (same guest: initrd, virtio-9p)",
         "",
         f"The template: created in {fac['template_create_ms']} ms by `kata-runtime factory init`; its tmpfs is sized "
         f"{fac['template_tmpfs_mib']} MiB and holds {fac['template_used_mib']} MiB (the pages the template's guest "
         f"touched, shared by every clone), plus a {fac['template_state_kib']} KiB device state.",
         "",
+        f"The VMCache: `vm_cache_number = {fac['vm_cache_number']}`, filled in {fac['vmcache']['fill_ms']} ms; each "
+        f"cached VM costs {fac['vmcache']['cached_vm_pss_kib'] / 1024:.1f} MiB of host PSS while it waits. Every "
+        "start and memory round began with the cache full (a refill is a cold boot in the background).",
+        "",
         "| source | start min ms | median | max | sandbox PSS x1 MiB | QEMU PSS x1 | "
         f"sandbox PSS x{r['concurrent']} MiB | QEMU PSS x{r['concurrent']} | total x{r['concurrent']} MiB |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name in ("cold", "template"):
+    for name in ("cold", "template", "vmcache"):
         d = fac[name]
         one_f = d["memory"]["1"]["mean"]
         many_f = d["memory"].get(str(r["concurrent"]), d["memory"]["1"])["mean"]
@@ -928,13 +1012,13 @@ def generated(r):
                      f"{many_f['total_pss_kib'] * r['concurrent'] / 1024:.0f} |")
     lines += [
         "",
-        "| phase (median ms, shim spans) | cold | template |",
-        "|---|---|---|",
+        "| phase (median ms, shim spans) | cold | template | vmcache |",
+        "|---|---|---|---|",
     ]
     for p in PHASES:
-        c, t = med(fac["cold"]["breakdown_ms"].get(p, [])), med(fac["template"]["breakdown_ms"].get(p, []))
-        if c or t:
-            lines.append(f"| {labels[p]} | {c:.0f} | {t:.0f} |")
+        c, t, v = (med(fac[k]["breakdown_ms"].get(p, [])) for k in ("cold", "template", "vmcache"))
+        if c or t or v:
+            lines.append(f"| {labels[p]} | {c:.0f} | {t:.0f} | {v:.0f} |")
     lines += [
         "",
         "## Metrics scrapes (ms; shim: its monitor socket's /metrics; kata-monitor: /metrics of all sandboxes)",

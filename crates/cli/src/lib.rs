@@ -61,8 +61,9 @@ pub enum Command {
     Metrics(commands::metrics::MetricsArgs),
     /// Manage direct volumes: block devices given to containers instead of shared directories.
     DirectVolume(commands::direct_volume::DirectVolumeArgs),
-    /// Manage the VM factory: `init` creates the VM template, `status` tells whether it is
-    /// there, `destroy` removes it (`[factory] enable_template = true`).
+    /// Manage the VM factory: `init` creates the VM template (`[factory] enable_template`) or
+    /// runs the VMCache server in the foreground (`vm_cache_number`), `status` reports it,
+    /// `destroy` removes the template or stops the server.
     Factory(commands::factory::FactoryArgs),
     /// Get or set the packet filter (iptables, ip6tables) inside a sandbox's VM.
     Iptables(commands::iptables::IptablesArgs),
