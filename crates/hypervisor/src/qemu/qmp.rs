@@ -255,6 +255,64 @@ pub fn parse_hotpluggable_cpus(v: &Value) -> Result<Vec<HotpluggableCpu>, QmpErr
 mod tests {
     use super::*;
 
+    /// A QMP peer that greets, accepts capabilities, then receives one command with a
+    /// descriptor attached and writes "through" it.
+    #[tokio::test]
+    async fn a_descriptor_travels_with_its_command() {
+        use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixAddr};
+        use std::io::Read;
+        use std::os::fd::{AsRawFd, FromRawFd};
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("qmp.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+        let peer = std::thread::spawn(move || {
+            use std::io::{BufRead, Write};
+            let (mut s, _) = listener.accept().expect("accept");
+            s.write_all(b"{\"QMP\": {}}\n").expect("greet");
+            let mut r = std::io::BufReader::new(s.try_clone().expect("clone"));
+            let mut line = String::new();
+            r.read_line(&mut line).expect("capabilities");
+            s.write_all(b"{\"return\": {}}\n").expect("reply");
+            let mut buf = [0u8; 256];
+            let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+            let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+            let msg =
+                recvmsg::<UnixAddr>(s.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::empty())
+                    .expect("recvmsg");
+            let fds: Vec<i32> = msg
+                .cmsgs()
+                .expect("cmsgs")
+                .filter_map(|c| match c {
+                    ControlMessageOwned::ScmRights(f) => Some(f),
+                    _ => None,
+                })
+                .flatten()
+                .collect();
+            let n = msg.bytes;
+            let text = String::from_utf8_lossy(&buf[..n]).to_string();
+            assert_eq!(fds.len(), 1, "one descriptor with {text}");
+            // SAFETY: the descriptor was just received and is owned here.
+            let mut f = unsafe { std::fs::File::from_raw_fd(fds[0]) };
+            f.write_all(b"through the fd").expect("write through it");
+            s.write_all(b"{\"return\": {}}\n").expect("reply");
+            text
+        });
+        let mut q = Qmp::connect(&path).await.expect("connect");
+        let (mut rd, wr) = std::os::unix::net::UnixStream::pair().expect("pair");
+        q.execute_with_fd("getfd", json!({"fdname": "fd-net0"}), wr.as_raw_fd())
+            .await
+            .expect("getfd");
+        drop(wr);
+        let text = peer.join().expect("peer");
+        assert!(
+            text.contains("\"getfd\"") && text.contains("fd-net0"),
+            "{text}"
+        );
+        let mut got = [0u8; 14];
+        rd.read_exact(&mut got).expect("read");
+        assert_eq!(&got, b"through the fd");
+    }
+
     #[test]
     fn replies_and_errors() {
         assert_eq!(
