@@ -1421,3 +1421,58 @@ async fn vmcache_with_virtio_9p_and_a_server_that_quits() {
     assert_no_leftovers(id);
     assert!(processes_named("/run/vc/vm/vmcache-").is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, QEMU and the installed guest (make test runs it)"]
+async fn the_agent_serves_each_host_that_reconnects() {
+    // The VMCache server lets go of the agent and a sandbox connects soon after: what the new
+    // host sends at once must not be lost, whether the agent has noticed the previous host
+    // leaving or not (the guest learns of a reconnection after its data may have arrived).
+    use kata_hypervisor::qemu::argv::{AgentChannel, SharedFsDevice};
+    let c = config(&[]);
+    let dir = tempfile::tempdir().expect("tmp");
+    let accel = kata_sandbox::accel::choose(
+        &c.hypervisor,
+        Path::new(&c.hypervisor.effective_path(c.hypervisor_kind)),
+    )
+    .expect("accelerator");
+    let socket = dir.path().join("agent.sock");
+    let spec = kata_sandbox::sandbox::launch_spec(
+        "it-reconnect",
+        &c,
+        accel,
+        dir.path(),
+        AgentChannel::Serial {
+            socket: socket.clone(),
+        },
+        SharedFsDevice::None,
+    );
+    let qemu = PathBuf::from(c.hypervisor.effective_path(c.hypervisor_kind));
+    let vm = kata_hypervisor::qemu::vm::Vm::start(
+        &qemu,
+        &c.hypervisor,
+        &spec,
+        &dir.path().join("qemu.stderr"),
+    )
+    .await
+    .expect("QEMU");
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    let first = kata_sandbox::agent::AgentClient::dial_serial(&socket, deadline)
+        .await
+        .expect("the agent answers");
+    drop(first);
+    for i in 0..40u64 {
+        // Right away, then later and later into the agent's wait for a host.
+        tokio::time::sleep(std::time::Duration::from_millis(i * 5)).await;
+        let t = Instant::now();
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        let client = kata_sandbox::agent::AgentClient::dial_serial(&socket, deadline).await;
+        assert!(
+            client.is_ok(),
+            "reconnection {i}: {:?} after {:?}",
+            client.err(),
+            t.elapsed()
+        );
+    }
+    vm.stop(std::time::Duration::from_secs(2)).await;
+}

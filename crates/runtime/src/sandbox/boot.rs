@@ -59,6 +59,7 @@ impl Sandbox {
                     &paths.vm_dir,
                 )
             })?;
+            let cg = started.cgroups.insert(std::sync::Arc::new(cg));
             if source == VmSource::Cache {
                 // Taken over as if started here: they join the shim's cgroup.
                 let mut pids: Vec<u32> = started.vm.iter().map(|vm| vm.pid).collect();
@@ -68,7 +69,6 @@ impl Sandbox {
                 }
                 cg.adopt(&pids)?;
             }
-            started.cgroups = Some(std::sync::Arc::new(cg));
         }
         let shared_fs = shared_fs_device(h, paths)?;
         let t = Instant::now();

@@ -80,8 +80,9 @@ pub fn cleanup_paths(paths: &SandboxPaths) {
     let _ = std::fs::remove_dir_all(&paths.vm_dir);
 }
 
-/// Kills what a previous, crashed instance of sandbox `id` left (QEMU by its pid file; virtiofsd
-/// exits with it) and removes its directories. Returns true when something was there.
+/// Kills what a previous, crashed instance of sandbox `id` left (QEMU by its `-name`, virtiofsd
+/// by its socket; for a VM taken from the VMCache, by the cache id in `adopted-from`) and
+/// removes its directories and recorded cgroups. Returns true when something was there.
 pub fn cleanup_stale(id: &str) -> bool {
     if !crate::ids::is_valid(id) {
         return false;
@@ -94,41 +95,53 @@ pub fn cleanup_stale(id: &str) -> bool {
         .map(|s| s.trim().to_string())
         .filter(|s| crate::ids::is_valid(s))
         .unwrap_or_else(|| id.to_string());
-    if let Some(pid) = std::fs::read_to_string(paths.vm_dir.join("pid"))
-        .ok()
-        .and_then(|s| s.trim().parse::<i32>().ok())
-    {
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if String::from_utf8_lossy(&cmdline)
-            .split('\0')
-            .any(|a| a == format!("sandbox-{born_as}"))
-        {
-            // SAFETY: plain kill(2) of the QEMU this sandbox started.
+    // QEMU is found by its `-name` (a pid file is written only once QEMU runs, and may name
+    // a recycled pid), virtiofsd by its socket: one pass over /proc.
+    let name = format!("sandbox-{born_as}");
+    let socket = Path::new(VM_STATE_ROOT)
+        .join(&born_as)
+        .join("vfsd.sock")
+        .display()
+        .to_string();
+    let mut qemus = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let text = String::from_utf8_lossy(&cmdline);
+        let args: Vec<&str> = text.split('\0').collect();
+        let is_qemu = args.windows(2).any(|w| w[0] == "-name" && w[1] == name);
+        if is_qemu || args.contains(&socket.as_str()) {
+            // SAFETY: plain kill(2) of this sandbox's QEMU or virtiofsd.
             unsafe { libc::kill(pid, libc::SIGKILL) };
-            for _ in 0..100 {
-                if !Path::new(&format!("/proc/{pid}")).exists() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
+            if is_qemu {
+                qemus.push(pid);
             }
         }
     }
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        let socket = Path::new(VM_STATE_ROOT).join(&born_as).join("vfsd.sock");
-        if String::from_utf8_lossy(&cmdline)
-            .split('\0')
-            .any(|a| a == socket.display().to_string())
-        {
-            if let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() {
-                // SAFETY: plain kill(2) of this sandbox's virtiofsd.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+    for pid in qemus {
+        for _ in 0..100 {
+            if !Path::new(&format!("/proc/{pid}")).exists() || zombie(pid) {
+                break;
             }
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
     crate::cgroups::remove_recorded(&paths.vm_dir);
     cleanup_paths(&paths);
     existed
+}
+
+/// Whether process `pid` has exited and waits to be reaped.
+fn zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next().map(|st| st == "Z"))
+        })
+        .unwrap_or(true)
 }
 
 /// Unmounts every mount at or below `dir` (deepest first).
