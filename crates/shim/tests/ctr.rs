@@ -2475,4 +2475,36 @@ fn vmcache_serves_ctr_run_as_a_cold_boot_does() {
         !std::path::Path::new(endpoint).exists(),
         "stale socket left"
     );
+
+    // virtio-9p: the cached VM's export is handed over with it.
+    let p9 = dir.path().join("9p");
+    std::fs::create_dir_all(&p9).expect("dir");
+    let cfg9 = configuration_file(
+        &p9,
+        shipped_root(),
+        None,
+        &[
+            ("shared_fs", "\"virtio-9p\""),
+            ("vm_cache_number", "1"),
+            ("vm_cache_endpoint", &format!("{endpoint:?}")),
+        ],
+    );
+    let mut server = common::start_cache_server(Some(&cfg9), &log);
+    common::cached_vms(Some(&cfg9), 1, &log);
+    let before = handed();
+    let rc9 = ["--runtime-config-path", cfg9.as_str()];
+    let (out, err, code) = run(
+        KATA,
+        "vmc-9p",
+        &rc9,
+        "grep ' / ' /proc/mounts | cut -d' ' -f3; exit 4",
+        "",
+    );
+    assert_eq!((out.as_str(), code), ("9p\n", 4), "{err}");
+    assert_eq!(handed(), before + 1, "the VM came from the cache");
+    assert_no_leftovers("vmc-9p");
+    let (out, _, _) = common::kata_runtime(&["--config", &cfg9, "factory", "destroy"]);
+    assert_eq!(out, "vm factory destroyed\n");
+    assert!(server.wait().expect("wait").success());
+    assert_eq!(common::cached_vm_leftovers(), Vec::<String>::new());
 }

@@ -33,6 +33,10 @@ type Exit = Option<(u32, Timestamp)>;
 mod resources;
 use resources::{cpu_limit, requested};
 
+/// How long the guest has to reap the sandbox's process after a SIGKILL before the VM is
+/// killed (a stuck guest must not hold a pod that is being stopped).
+const SANDBOX_KILL_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
 #[derive(Debug)]
 struct Proc {
     pid: u32,
@@ -950,6 +954,26 @@ impl Task for Service {
                 return Ok(Empty::new());
             }
             return Err(internal(e));
+        }
+        if req.signal == 9 && req.id == self.id && req.exec_id.is_empty() {
+            // The pod is being stopped. A guest that took the SIGKILL but cannot reap the
+            // sandbox's process (a process stuck in the guest kernel, e.g. on a shared
+            // filesystem whose virtiofsd died) would hold the pod forever: after the grace,
+            // the VM is killed, which ends every process in it (reported as killed).
+            let vm = sb.clone();
+            let id = req.id.clone();
+            tokio::spawn(async move {
+                let reaped =
+                    tokio::time::timeout(SANDBOX_KILL_GRACE, exit.wait_for(|e| e.is_some())).await;
+                if reaped.is_err() {
+                    tracing::error!(
+                        sandbox = %id,
+                        grace_s = SANDBOX_KILL_GRACE.as_secs(),
+                        "the guest did not reap the sandbox's process after SIGKILL: killing the VM"
+                    );
+                    vm.vm.kill();
+                }
+            });
         }
         Ok(Empty::new())
     }
