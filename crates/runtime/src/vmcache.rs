@@ -132,26 +132,10 @@ async fn connect(endpoint: &Path) -> Result<CacheServiceClient<tonic::transport:
             format!(
                 "cannot connect to {}: {}",
                 endpoint.display(),
-                error_text(&e)
+                kata_config::error_chain(&e)
             )
         })?;
     Ok(CacheServiceClient::new(channel))
-}
-
-/// An error with its causes.
-fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let text = c.to_string();
-        // Wrappers often repeat their cause.
-        if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        cur = c.source();
-    }
-    s
 }
 
 /// Takes a VM from the server at `endpoint` if it serves VMs booted from a configuration whose
@@ -246,7 +230,7 @@ pub async fn quit(endpoint: &Path) -> Result<bool, String> {
     drop(client);
     let deadline = Instant::now() + Duration::from_secs(30);
     while endpoint.exists()
-        || pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists() && !zombie(p))
+        || pid.is_some_and(|p| !crate::sandbox::zombie(i32::try_from(p).unwrap_or(0)))
     {
         if Instant::now() > deadline {
             return Err(format!(
@@ -257,16 +241,6 @@ pub async fn quit(endpoint: &Path) -> Result<bool, String> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(true)
-}
-
-fn zombie(pid: i64) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().next().map(|st| st == "Z"))
-        })
-        .unwrap_or(true)
 }
 
 /// A process's start time (`/proc/<pid>/stat` field 22), which tells it from a later process
@@ -396,15 +370,7 @@ async fn boot_one(config: &Config, accel: Accel) -> Result<Cached, SandboxError>
     let mut virtiofsd = None;
     let mut vm = None;
     let r = async {
-        for dir in [&paths.vm_dir, &paths.shared_dir] {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(io("failed to create", dir))?;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-                .map_err(io("failed to set the mode of", dir))?;
-        }
+        crate::sandbox::create_private_dirs(&paths)?;
         let owner = paths.vm_dir.join(OWNER_FILE);
         std::fs::write(&owner, owner_record()).map_err(io("failed to write", &owner))?;
         let h = &config.hypervisor;
@@ -721,7 +687,7 @@ pub async fn serve(
         );
     // Open client connections may hold a graceful shutdown: give them a moment only.
     let result = tokio::select! {
-        r = served => r.map_err(|e| SandboxError::Invalid(format!("VMCache server: {}", error_text(&e)))),
+        r = served => r.map_err(|e| SandboxError::Invalid(format!("VMCache server: {}", kata_config::error_chain(&e)))),
         _ = async {
             let _ = stopped.wait_for(Option::is_some).await;
             tokio::time::sleep(Duration::from_secs(2)).await;

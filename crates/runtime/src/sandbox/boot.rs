@@ -34,19 +34,9 @@ impl Sandbox {
             }
         }
         let taken_ms = ms(t);
-        for dir in [&paths.vm_dir, &paths.shared_dir] {
-            if source == VmSource::Cache {
-                // The cached VM's directories, renamed.
-                break;
-            }
-            // Only root may enter a sandbox's state: sockets, console log, the shared tree.
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(io_err("failed to create", dir))?;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-                .map_err(io_err("failed to set the mode of", dir))?;
+        // A cached VM's directories are there already (renamed).
+        if source != VmSource::Cache {
+            create_private_dirs(paths)?;
         }
         // Joined before virtiofsd and QEMU start, so that they start in it.
         if let Some(path) = &placement.cgroups_path {

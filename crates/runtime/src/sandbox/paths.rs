@@ -34,6 +34,21 @@ impl SandboxPaths {
     }
 }
 
+/// Creates a sandbox's (or a cached VM's) two directories, mode 0700: only root may enter its
+/// state (sockets, console log, the shared tree).
+pub(crate) fn create_private_dirs(paths: &SandboxPaths) -> Result<(), SandboxError> {
+    for dir in [&paths.vm_dir, &paths.shared_dir] {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io_err("failed to create", dir))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io_err("failed to set the mode of", dir))?;
+    }
+    Ok(())
+}
+
 /// Makes `mounts/` (host-writable, shared) and `shared/` (its read-only slave view, exported).
 pub(crate) fn prepare_share(paths: &SandboxPaths) -> Result<(), SandboxError> {
     let (mounts, export) = (paths.mounts_dir(), paths.export_dir());
@@ -133,8 +148,8 @@ pub fn cleanup_stale(id: &str) -> bool {
     existed
 }
 
-/// Whether process `pid` has exited and waits to be reaped.
-fn zombie(pid: i32) -> bool {
+/// Whether process `pid` has exited and waits to be reaped (or is gone).
+pub(crate) fn zombie(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|s| {
