@@ -939,6 +939,19 @@ async fn guest_random(sb: &Sandbox, rootfs: &Path, cid: &str) -> String {
     out
 }
 
+/// Hot-plugs one vCPU and 256 MiB onto `sb` (a VM that did not boot for it) and checks that
+/// the guest sees them.
+async fn assert_hotplug_adds_a_vcpu_and_256_mib(sb: &Sandbox, c: &Config) {
+    let (_, mem_before) = sb.guest_resources().await.expect("resources");
+    sb.set_hotplugged(1, 256).await.expect("hot-plug");
+    let (cpus, mem_after) = sb.guest_resources().await.expect("resources");
+    assert_eq!(cpus, c.hypervisor.default_vcpus + 1);
+    assert!(
+        mem_after >= mem_before + 256 * 1024 - 4096,
+        "{mem_before} -> {mem_after} KiB"
+    );
+}
+
 /// A configuration with VM templating on: the initrd, virtio-9p, a template directory of the
 /// test's own and a kernel of the test's own (so that it can be changed).
 fn template_config(kernel: &Path, template: &str) -> Config {
@@ -1013,16 +1026,7 @@ async fn vm_templating_clones_serve_sandboxes() {
         r1, r2,
         "two clones drew the same random bytes: the reseed did not happen"
     );
-    let (_, mem_before) = sb2.guest_resources().await.expect("resources");
-    sb2.set_hotplugged(1, 256)
-        .await
-        .expect("hot-plug onto a clone");
-    let (cpus, mem_after) = sb2.guest_resources().await.expect("resources");
-    assert_eq!(cpus, c.hypervisor.default_vcpus + 1);
-    assert!(
-        mem_after >= mem_before + 256 * 1024 - 4096,
-        "{mem_before} -> {mem_after} KiB"
-    );
+    assert_hotplug_adds_a_vcpu_and_256_mib(&sb2, &c).await;
     sb2.create_container("long", spec(&["sleep", "600"]), &rootfs, Vec::new())
         .await
         .expect("create");
@@ -1266,16 +1270,7 @@ async fn vmcache_hands_booted_vms_to_sandboxes() {
     )
     .await;
     assert_eq!((out.as_str(), status), ("from a cached VM\nvirtiofs\n", 0));
-    let (_, mem_before) = sb2.guest_resources().await.expect("resources");
-    sb2.set_hotplugged(1, 256)
-        .await
-        .expect("hot-plug onto a cached VM");
-    let (cpus, mem_after) = sb2.guest_resources().await.expect("resources");
-    assert_eq!(cpus, c.hypervisor.default_vcpus + 1);
-    assert!(
-        mem_after >= mem_before + 256 * 1024 - 4096,
-        "{mem_before} -> {mem_after} KiB"
-    );
+    assert_hotplug_adds_a_vcpu_and_256_mib(&sb2, &c).await;
     sb2.create_container("long", spec(&["sleep", "600"]), &rootfs, Vec::new())
         .await
         .expect("create");

@@ -2234,6 +2234,28 @@ fn kata_3_0_configuration_runs_unchanged() {
     assert_no_leftovers("kata-3-0-config");
 }
 
+/// `ctr run --rm` twice with runtime options `rc` (ids `<prefix>-plain` and `<prefix>-grown`):
+/// stdout, stderr and exit code as with a cold VM, and `--memory-limit` grows the guest; nothing
+/// is left.
+fn runs_like_a_cold_vm(rc: &[&str], prefix: &str) {
+    let script = "grep MemTotal /proc/meminfo; echo out; echo err >&2; exit 3";
+    let (plain_id, grown_id) = (format!("{prefix}-plain"), format!("{prefix}-grown"));
+    let (plain, err, code) = run(KATA, &plain_id, rc, script, "");
+    assert_eq!(code, 3, "{err}");
+    assert!(
+        plain.ends_with("out\n") && err.contains("err"),
+        "{plain} {err}"
+    );
+    let mut grown_args = rc.to_vec();
+    grown_args.extend(["--memory-limit", "536870912"]);
+    let (grown, err, code) = run(KATA, &grown_id, &grown_args, script, "");
+    assert_eq!(code, 3, "{err}");
+    let (a, b) = (mem_total_mib(&plain), mem_total_mib(&grown));
+    assert!(b >= a + 500, "--memory-limit 512 MiB: {a} -> {b} MiB");
+    assert_no_leftovers(&plain_id);
+    assert_no_leftovers(&grown_id);
+}
+
 #[test]
 #[ignore = "needs root, containerd, QEMU and make install (make test runs it)"]
 fn vm_templating_serves_ctr_run_as_a_cold_boot_does() {
@@ -2265,21 +2287,7 @@ fn vm_templating_serves_ctr_run_as_a_cold_boot_does() {
 
     // Output, stderr, exit code and memory growth, as with a cold VM.
     let rc = ["--runtime-config-path", cfg.as_str()];
-    let script = "grep MemTotal /proc/meminfo; echo out; echo err >&2; exit 3";
-    let (plain, err, code) = run(KATA, "tpl-plain", &rc, script, "");
-    assert_eq!(code, 3, "{err}");
-    assert!(
-        plain.ends_with("out\n") && err.contains("err"),
-        "{plain} {err}"
-    );
-    let mut grown_args = rc.to_vec();
-    grown_args.extend(["--memory-limit", "536870912"]);
-    let (grown, err, code) = run(KATA, "tpl-grown", &grown_args, script, "");
-    assert_eq!(code, 3, "{err}");
-    let (a, b) = (mem_total_mib(&plain), mem_total_mib(&grown));
-    assert!(b >= a + 500, "--memory-limit 512 MiB: {a} -> {b} MiB");
-    assert_no_leftovers("tpl-plain");
-    assert_no_leftovers("tpl-grown");
+    runs_like_a_cold_vm(&rc, "tpl");
 
     // The VM is a clone (its QEMU loaded the template's state), execs work, and destroying the
     // template leaves it running.
@@ -2348,23 +2356,9 @@ fn vmcache_serves_ctr_run_as_a_cold_boot_does() {
 
     // Output, stderr, exit code and memory growth, as with a cold VM.
     let rc = ["--runtime-config-path", cfg];
-    let script = "grep MemTotal /proc/meminfo; echo out; echo err >&2; exit 3";
     let before = handed();
-    let (plain, err, code) = run(KATA, "vmc-plain", &rc, script, "");
-    assert_eq!(code, 3, "{err}");
-    assert!(
-        plain.ends_with("out\n") && err.contains("err"),
-        "{plain} {err}"
-    );
-    let mut grown_args = rc.to_vec();
-    grown_args.extend(["--memory-limit", "536870912"]);
-    let (grown, err, code) = run(KATA, "vmc-grown", &grown_args, script, "");
-    assert_eq!(code, 3, "{err}");
-    let (a, b) = (mem_total_mib(&plain), mem_total_mib(&grown));
-    assert!(b >= a + 500, "--memory-limit 512 MiB: {a} -> {b} MiB");
+    runs_like_a_cold_vm(&rc, "vmc");
     assert_eq!(handed(), before + 2, "both VMs came from the cache");
-    assert_no_leftovers("vmc-plain");
-    assert_no_leftovers("vmc-grown");
 
     // A long-running sandbox on a cached VM: QEMU and virtiofsd are in its cgroups as if it had
     // started them, execs work.
