@@ -3,7 +3,7 @@ PREFIX ?= /opt/kata
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all build kernel guest virtiofsd install setup test lint unit bench soak generate fuzz clean
+.PHONY: all build kernel guest virtiofsd managers install setup test lint unit bench soak generate fuzz clean
 
 all: build
 
@@ -25,6 +25,12 @@ guest:
 virtiofsd:
 	scripts/virtiofsd.sh
 
+# The newer container managers the tests run the runtime under (containerd 1.7 from Debian
+# trixie, 2.1 from sid), fetched once into the cache, never installed (scripts/managers.sh).
+MANAGERS ?= containerd-1.7 containerd-2.1
+managers:
+	for m in $(MANAGERS); do scripts/managers.sh dir $$m > /dev/null; done
+
 install: build guest virtiofsd
 	PREFIX=$(PREFIX) scripts/install.sh
 
@@ -43,6 +49,7 @@ unit:
 # The whole suite: lint, unit tests, and the tests that need root, QEMU and the guest kernel.
 test:
 	scripts/install-deps.sh
+	$(MAKE) managers
 	$(MAKE) lint
 	$(MAKE) install
 	KATA_TEST_KERNEL_DIR=$(CURDIR)/build/kernel $(CARGO) test --workspace -- --include-ignored

@@ -1,34 +1,113 @@
 #!/usr/bin/env bash
 # A private containerd for Kata (own root, state and socket; never disturbs a system containerd),
-# with the guide's kata runtime stanza for the CRI plugin. It runs in its own network namespace
-# (kata-containerd): the CNI bridge of its pods (config/cni, 198.51.100.0/24, no masquerade)
-# stays there, off the host's network. Prints the socket path.
-#   scripts/containerd.sh start | stop | socket
+# with the guide's kata runtime stanza for the CRI plugin. It runs in its own network namespace:
+# the CNI bridge of its pods (config/cni, 198.51.100.0/24, no masquerade) stays there, off the
+# host's network. Prints the socket path.
+#
+#   scripts/containerd.sh start|stop|socket|netns|bin|config [VERSION] [SANDBOXER]
+#
+# VERSION picks the manager (scripts/managers.sh): 1.6 (Debian 12's, the default), 1.7 or 2.1.
+# 1.6 and 1.7 get a version 2 configuration, 2.x a version 3 one (docs/containerd.md shows both).
+# SANDBOXER (2.x only): podsandbox (default: containerd runs a pause container) or shim (the
+# sandbox API: containerd asks the shim for the pod; the shim does not serve it yet, see
+# docs/containerd.md). Each VERSION/SANDBOXER pair has its own
+# socket, root, state, configuration and network namespace, so several run side by side:
+#   1.6: /run/kata-containerd/containerd.sock, netns kata-containerd (what the tests always used)
+#   other: /run/kata-containerd-<v>[-shim]/containerd.sock, netns kata-containerd-<v>[-shim]
+#   bin prints the directory of that version's containerd and ctr; config the file it runs.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
-base=/run/kata-containerd
-netns=kata-containerd
+cmd=${1:-start}
+version=${2:-1.6}
+sandboxer=${3:-podsandbox}
+case $version in
+  1.6|1.7|2.1) ;;
+  *) echo "error: containerd $version is not in the test matrix; use 1.6, 1.7 or 2.1" >&2; exit 2 ;;
+esac
+case $sandboxer in
+  podsandbox) suffix="" ;;
+  shim)
+    [ "$version" = 2.1 ] || { echo "error: the shim sandboxer needs containerd 2.x (asked for $version)" >&2; exit 2; }
+    suffix="-shim" ;;
+  *) echo "error: sandboxer $sandboxer: use podsandbox or shim" >&2; exit 2 ;;
+esac
+if [ "$version" = 1.6 ]; then
+  name=kata-containerd
+else
+  name=kata-containerd-$version$suffix
+fi
+base=/run/$name
+netns=$name
+root=/var/lib/$name
 cni_conf=/etc/kata-containers/cni/net.d
 sock=$base/containerd.sock
-conf=/etc/kata-containers/containerd-kata.toml
-cmd=${1:-start}
+conf=/etc/kata-containers/${name/kata-containerd/containerd-kata}.toml
+bindir() { "$here/scripts/managers.sh" dir "containerd-$version"; }
 case $cmd in
   socket) echo "$sock"; exit 0 ;;
+  netns) echo "$netns"; exit 0 ;;
+  config) echo "$conf"; exit 0 ;;
+  bin) bindir; exit 0 ;;
   stop)
-    if [ -f "$base/pid" ]; then kill "$(cat "$base/pid")" 2>/dev/null || true; sleep 1; fi
+    if [ -f "$base/pid" ]; then
+      pid=$(cat "$base/pid")
+      kill "$pid" 2>/dev/null || true
+      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    fi
     rm -f "$base/pid"
     ip netns del "$netns" 2>/dev/null || true
     exit 0 ;;
   start) ;;
-  *) echo "usage: $0 start|stop|socket" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|socket|netns|bin|config [1.6|1.7|2.1] [podsandbox|shim]" >&2; exit 2 ;;
 esac
-mkdir -p "$base" /etc/kata-containers /var/lib/kata-containerd "$cni_conf"
+bin=$(bindir)
+ctr="$bin/ctr"
+mkdir -p "$base" /etc/kata-containers "$root" "$cni_conf"
 # The CRI plugin reloads the CNI configuration when it changes, also while running.
 cp "$here/config/cni/10-kata.conflist" "$cni_conf/"
-if [ -S "$sock" ] && ctr -a "$sock" version >/dev/null 2>&1; then echo "$sock"; exit 0; fi
-cat > "$conf" <<TOML
+if [ -S "$sock" ] && "$ctr" -a "$sock" version >/dev/null 2>&1; then echo "$sock"; exit 0; fi
+
+# The kata runtime's stanza, the same keys in both versions (only the table's name differs).
+kata_runtime() { # $1: the runtimes table
+  cat <<TOML
+[$1.runc]
+  runtime_type = "io.containerd.runc.v2"
+[$1.kata]
+  runtime_type = "io.containerd.kata.v2"
+  privileged_without_host_devices = true
+  pod_annotations = ["io.katacontainers.*"]
+  container_annotations = ["io.katacontainers.*"]
+TOML
+  [ "$sandboxer" = shim ] && echo '  sandboxer = "shim"'
+  cat <<TOML
+  [$1.kata.options]
+    ConfigPath = "/opt/kata/share/defaults/kata-containers/configuration.toml"
+TOML
+}
+
+if [ "$version" = 2.1 ]; then
+  cat > "$conf" <<TOML
+version = 3
+root = "$root"
+state = "$base/state"
+[grpc]
+  address = "$sock"
+[ttrpc]
+  address = "$sock.ttrpc"
+[plugins.'io.containerd.cri.v1.images'.pinned_images]
+  # No registry here: the pod sandbox image is built locally (scripts/busybox-image.sh).
+  sandbox = "kata.local/pause:3.6"
+[plugins.'io.containerd.cri.v1.runtime'.cni]
+  bin_dirs = ["/usr/lib/cni"]
+  conf_dir = "$cni_conf"
+[plugins.'io.containerd.cri.v1.runtime'.containerd]
+  default_runtime_name = "runc"
+$(kata_runtime "plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes")
+TOML
+else
+  cat > "$conf" <<TOML
 version = 2
-root = "/var/lib/kata-containerd"
+root = "$root"
 state = "$base/state"
 [grpc]
   address = "$sock"
@@ -42,26 +121,19 @@ state = "$base/state"
   conf_dir = "$cni_conf"
 [plugins."io.containerd.grpc.v1.cri".containerd]
   default_runtime_name = "runc"
-[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-  runtime_type = "io.containerd.runc.v2"
-[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.kata]
-  runtime_type = "io.containerd.kata.v2"
-  privileged_without_host_devices = true
-  pod_annotations = ["io.katacontainers.*"]
-  container_annotations = ["io.katacontainers.*"]
-  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.kata.options]
-    ConfigPath = "/opt/kata/share/defaults/kata-containers/configuration.toml"
+$(kata_runtime 'plugins."io.containerd.grpc.v1.cri".containerd.runtimes')
 TOML
+fi
 ip netns add "$netns" 2>/dev/null || true
 ip -n "$netns" link set lo up
-# containerd finds the shim binary on its PATH.
+# containerd finds the shim binary on its PATH; its own runc shim comes first.
 ln -sfn /opt/kata/bin/containerd-shim-kata-v2 /usr/local/bin/containerd-shim-kata-v2
-PATH=/usr/local/bin:$PATH nohup nsenter --net="/run/netns/$netns" containerd --config "$conf" >> "$base/containerd.log" 2>&1 &
+PATH=$bin:/usr/local/bin:$PATH nohup nsenter --net="/run/netns/$netns" "$bin/containerd" --config "$conf" >> "$base/containerd.log" 2>&1 &
 echo $! > "$base/pid"
-for _ in $(seq 1 100); do
-  if ctr -a "$sock" version >/dev/null 2>&1; then echo "$sock"; exit 0; fi
+for _ in $(seq 1 150); do
+  if "$ctr" -a "$sock" version >/dev/null 2>&1; then echo "$sock"; exit 0; fi
   sleep 0.1
 done
-echo "error: containerd did not start; see $base/containerd.log" >&2
+echo "error: containerd $version did not start; see $base/containerd.log" >&2
 tail -20 "$base/containerd.log" >&2
 exit 1

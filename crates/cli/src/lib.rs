@@ -4,6 +4,7 @@
 //! mapping of results to exit codes.
 
 pub mod commands;
+pub mod containerd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

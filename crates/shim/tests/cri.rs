@@ -263,46 +263,11 @@ fn fetch(url: &str) -> Result<(Vec<u8>, Duration), String> {
 
 /// [`fetch`] bounded by `secs` seconds.
 fn fetch_within(url: &str, secs: u32) -> Result<(Vec<u8>, Duration), String> {
-    let t = Instant::now();
-    // (busybox wget's own -T crashes in Debian's busybox-static 1.35: bound it with timeout.)
-    let out = Command::new("timeout")
-        .args([
-            &secs.to_string(),
-            "nsenter",
-            "--net=/run/netns/kata-containerd",
-            "/bin/busybox",
-            "wget",
-            "-q",
-            "-O",
-            "-",
-            url,
-        ])
-        .output()
-        .map_err(|e| e.to_string())?;
-    if !out.status.success() {
-        return Err(format!(
-            "{}: {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok((out.stdout, t.elapsed()))
+    fetch_in("kata-containerd", url, secs)
 }
 
 fn fetch_when_up(url: &str) -> Vec<u8> {
-    let t = Instant::now();
-    let deadline = t + Duration::from_secs(60);
-    loop {
-        match fetch(url) {
-            Ok((body, _)) => {
-                eprintln!("{url} answered after {:?}", t.elapsed());
-                return body;
-            }
-            Err(e) => assert!(Instant::now() < deadline, "{url} never answered: {e}"),
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    fetch_in_when_up("kata-containerd", url)
 }
 
 async fn web_pod(

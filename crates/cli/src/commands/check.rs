@@ -332,6 +332,7 @@ pub fn run(config: Option<PathBuf>, args: CheckArgs) -> anyhow::Result<ExitCode>
             None,
         );
     }
+    containerd_line(&mut r);
     if no_network {
         r.line(
             Level::Info,
@@ -449,6 +450,45 @@ fn boot_probe(
         }
     }
     report.chosen()
+}
+
+/// The host's containerd: its version, and a warning for a series `make test` does not run.
+fn containerd_line(r: &mut Report) {
+    use crate::containerd::{self, Found};
+    let found = containerd::detect();
+    match &found {
+        Found::Missing => r.line(
+            Level::Info,
+            "no containerd found on PATH (nor in /usr/bin, /usr/local/bin, /opt/containerd/bin)",
+            Some("the runtime plugs into containerd as runtime type io.containerd.kata.v2 (docs/containerd.md)"),
+        ),
+        Found::Unreadable { path, output } => r.line(
+            Level::Warn,
+            &format!(
+                "containerd {} did not tell its version: {output:?}",
+                path.display()
+            ),
+            Some("check that it is containerd and that it runs"),
+        ),
+        Found::Version { path, text, .. } if found.tested() => r.line(
+            Level::Ok,
+            &format!(
+                "containerd {text} ({}): a tested version ({})",
+                path.display(),
+                containerd::tested_list()
+            ),
+            None,
+        ),
+        Found::Version { path, text, .. } => r.line(
+            Level::Warn,
+            &format!(
+                "containerd {text} ({}) is not a version this runtime is tested with ({})",
+                path.display(),
+                containerd::tested_list()
+            ),
+            Some("it may work; docs/containerd.md has the configuration for 1.6/1.7 (version 2) and 2.x (version 3)"),
+        ),
+    }
 }
 
 fn finish(r: &Report, accel: Option<Accel>, strict: bool) -> ExitCode {

@@ -164,6 +164,19 @@ struct HostInfo {
     #[serde(rename = "CPU")]
     cpu: Cpu,
     memory: Memory,
+    containerd: ContainerdInfo,
+}
+
+/// `[Host.Containerd]`: the containerd found on the host.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct ContainerdInfo {
+    /// The binary's path; empty when none was found.
+    path: String,
+    /// The version as it prints it; empty when none was found or it could not be read.
+    version: String,
+    /// Whether its series is one the runtime is tested with (1.6, 1.7, 2.1).
+    tested: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -366,6 +379,7 @@ pub fn collect(c: &Config) -> EnvInfo {
                 free: mem.free,
                 available: mem.available,
             },
+            containerd: containerd_info(),
         },
         agent: AgentInfo {
             debug: c.agent.enable_debug,
@@ -390,6 +404,29 @@ pub fn collect(c: &Config) -> EnvInfo {
             vm_cache_number: c.factory.vm_cache_number,
             vm_cache_endpoint: c.factory.vm_cache_endpoint.clone(),
             vm_cache_state,
+        },
+    }
+}
+
+fn containerd_info() -> ContainerdInfo {
+    use crate::containerd::Found;
+    let found = crate::containerd::detect();
+    let tested = found.tested();
+    match found {
+        Found::Missing => ContainerdInfo {
+            path: String::new(),
+            version: String::new(),
+            tested,
+        },
+        Found::Unreadable { path, .. } => ContainerdInfo {
+            path: path.display().to_string(),
+            version: String::new(),
+            tested,
+        },
+        Found::Version { path, text, .. } => ContainerdInfo {
+            path: path.display().to_string(),
+            version: text,
+            tested,
         },
     }
 }

@@ -56,7 +56,12 @@ pub async fn remove_stale(c: &mut RuntimeServiceClient<Channel>, name: &str) {
 }
 
 pub async fn client() -> RuntimeServiceClient<Channel> {
-    let path = socket().to_string();
+    client_at(socket()).await
+}
+
+/// A CRI client of the containerd listening on `sock`.
+pub async fn client_at(sock: &str) -> RuntimeServiceClient<Channel> {
+    let path = sock.to_string();
     let channel = Endpoint::try_from("http://[::]")
         .expect("endpoint")
         .connect_with_connector(tower::service_fn(move |_: Uri| {
@@ -258,4 +263,46 @@ pub fn taps_anywhere() -> Vec<String> {
         );
     }
     found
+}
+
+/// Runs `busybox wget` from network namespace `netns` (a containerd's, where its CNI bridge is),
+/// bounded by `secs` seconds. Returns the body and the time it took.
+pub fn fetch_in(netns: &str, url: &str, secs: u32) -> Result<(Vec<u8>, Duration), String> {
+    let t = std::time::Instant::now();
+    // (busybox wget's own -T crashes in Debian's busybox-static 1.35: bound it with timeout.)
+    let out = Command::new("timeout")
+        .arg(secs.to_string())
+        .arg("nsenter")
+        .arg(format!("--net=/run/netns/{netns}"))
+        .args(["/bin/busybox", "wget", "-q", "-O", "-", url])
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!(
+            "{}: {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok((out.stdout, t.elapsed()))
+}
+
+/// [`fetch_in`] until `url` answers, for up to 60 s.
+pub fn fetch_in_when_up(netns: &str, url: &str) -> Vec<u8> {
+    let t = std::time::Instant::now();
+    let deadline = t + Duration::from_secs(60);
+    loop {
+        match fetch_in(netns, url, 20) {
+            Ok((body, _)) => {
+                eprintln!("{url} answered after {:?}", t.elapsed());
+                return body;
+            }
+            Err(e) => assert!(
+                std::time::Instant::now() < deadline,
+                "{url} never answered: {e}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }

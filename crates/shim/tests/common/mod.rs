@@ -29,6 +29,17 @@ pub fn containerd(args: &[&str]) -> String {
 /// Builds the busybox image `reference` (running `entrypoint`, a JSON array, when given) and
 /// imports it into containerd namespace `namespace`.
 pub fn import_image(sock: &str, namespace: &str, reference: &str, entrypoint: Option<&str>) {
+    import_image_with(Path::new("ctr"), sock, namespace, reference, entrypoint)
+}
+
+/// [`import_image`] with the `ctr` at `ctr` (another containerd version's).
+pub fn import_image_with(
+    ctr: &Path,
+    sock: &str,
+    namespace: &str,
+    reference: &str,
+    entrypoint: Option<&str>,
+) {
     let tar: PathBuf = std::env::temp_dir().join(format!(
         "kata-test-{}.tar",
         reference.replace(['/', ':'], "_")
@@ -39,7 +50,7 @@ pub fn import_image(sock: &str, namespace: &str, reference: &str, entrypoint: Op
         cmd.arg(e);
     }
     assert!(cmd.status().expect("busybox-image.sh").success());
-    let st = Command::new("ctr")
+    let st = Command::new(ctr)
         .args(["-a", sock, "-n", namespace, "images", "import"])
         .arg(&tar)
         .stdout(Stdio::null())

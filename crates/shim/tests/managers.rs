@@ -1,0 +1,293 @@
+//! The runtime under each container manager users run (scripts/managers.sh): containerd 1.6
+//! (Debian 12's), 1.7 (Debian trixie's) and 2.1 (Debian sid's, with a version 3 configuration),
+//! each private (own socket, root, state and network namespace, scripts/containerd.sh). For each:
+//! the guide's `ctr run ... free -h` and `--memory-limit` commands with that version's ctr, and
+//! a representative CRI pod through that containerd's CRI plugin (IP, two containers, exec, the
+//! pod reached from the host side of its network, stop/remove, a QEMU SIGKILL), with nothing left
+//! behind. Needs root, QEMU and `make install` (make test provides them).
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::*;
+use tonic::transport::Channel;
+
+mod common;
+use common::cri::*;
+
+/// One private containerd of the matrix.
+struct Containerd {
+    version: &'static str,
+    sandboxer: &'static str,
+    sock: String,
+    netns: String,
+    ctr: PathBuf,
+}
+
+fn containerd_sh(args: &[&str]) -> String {
+    common::containerd(args)
+}
+
+impl Containerd {
+    fn start(version: &'static str, sandboxer: &'static str) -> Containerd {
+        let sock = containerd_sh(&["start", version, sandboxer]);
+        let netns = containerd_sh(&["netns", version, sandboxer]);
+        let ctr = PathBuf::from(containerd_sh(&["bin", version])).join("ctr");
+        let c = Containerd {
+            version,
+            sandboxer,
+            sock,
+            netns,
+            ctr,
+        };
+        // The manager really is the version asked for.
+        let v = c.ctr(&["version"]);
+        let text = String::from_utf8_lossy(&v.stdout);
+        let server = text.split("Server:").nth(1).unwrap_or_default();
+        assert!(
+            server.contains(&format!("Version:  {version}."))
+                || server.contains(&format!("Version:  v{version}.")),
+            "containerd {version} asked for, running: {text}"
+        );
+        for ns in ["default", "k8s.io"] {
+            common::import_image_with(&c.ctr, &c.sock, ns, IMAGE, None);
+        }
+        let pause =
+            r#"["/bin/sh","-c","trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done"]"#;
+        common::import_image_with(&c.ctr, &c.sock, "k8s.io", PAUSE, Some(pause));
+        c
+    }
+
+    fn ctr(&self, args: &[&str]) -> Output {
+        Command::new(&self.ctr)
+            .arg("-a")
+            .arg(&self.sock)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("ctr runs")
+    }
+
+    /// An id unique to this manager, so the matrix can run side by side.
+    fn id(&self, what: &str) -> String {
+        let shim = if self.sandboxer == "shim" { "-sb" } else { "" };
+        format!("mgr{}{shim}-{what}", self.version.replace('.', ""))
+    }
+
+    /// Stops a manager of its own (1.6 is the one every other test binary shares: it stays).
+    fn stop(self) {
+        if self.version != "1.6" {
+            containerd_sh(&["stop", self.version, self.sandboxer]);
+            assert!(
+                !std::path::Path::new(&format!("/run/netns/{}", self.netns)).exists(),
+                "containerd {}'s network namespace left",
+                self.version
+            );
+        }
+    }
+}
+
+fn mem_total_mib(free_h_and_meminfo: &str) -> u64 {
+    free_h_and_meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
+        / 1024
+}
+
+/// The guide's two commands, with this manager's ctr.
+fn the_guides_commands(m: &Containerd) {
+    let script = "free -h; grep MemTotal /proc/meminfo";
+    let mut sizes = Vec::new();
+    for (what, extra) in [
+        ("plain", &[][..]),
+        ("grown", &["--memory-limit", "536870912"][..]),
+    ] {
+        let id = m.id(what);
+        let mut args = vec!["run", "--runtime", "io.containerd.kata.v2", "--rm"];
+        args.extend(extra);
+        args.extend([IMAGE, &id, "sh", "-c", script]);
+        let t = Instant::now();
+        let out = m.ctr(&args);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "containerd {}: ctr run {what}: {}{text}",
+            m.version,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("Mem:"), "free -h printed: {text}");
+        eprintln!(
+            "containerd {}: ctr run --rm ({what}) {} ms",
+            m.version,
+            t.elapsed().as_millis()
+        );
+        sizes.push(mem_total_mib(&text));
+        common::assert_sandbox_gone(&id, Duration::from_secs(10));
+    }
+    assert!(
+        sizes[0] > 0 && sizes[1] >= sizes[0] + 500,
+        "containerd {}: --memory-limit 512 MiB grows the VM: {} -> {} MiB",
+        m.version,
+        sizes[0],
+        sizes[1]
+    );
+}
+
+/// Waits until container `id` has exited; its exit code.
+async fn exited(c: &mut RuntimeServiceClient<Channel>, id: &str, within: Duration) -> i32 {
+    let deadline = Instant::now() + within;
+    loop {
+        let st = c
+            .container_status(ContainerStatusRequest {
+                container_id: id.into(),
+                verbose: false,
+            })
+            .await
+            .expect("ContainerStatus")
+            .into_inner()
+            .status
+            .expect("status");
+        if st.state() == ContainerState::ContainerExited {
+            return st.exit_code;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "container {id} still {:?} after {within:?}",
+            st.state()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A representative pod through this manager's CRI plugin, then a pod whose QEMU is killed.
+async fn a_pod(m: &Containerd) {
+    let mut c = client_at(&m.sock).await;
+    let name = m.id("pod");
+    remove_stale(&mut c, &name).await;
+    let cfg = pod_config(&name, &[], &logs_dir(&name));
+    let t = Instant::now();
+    let pod = run_pod(&mut c, &cfg).await.expect("RunPodSandbox");
+    let script =
+        "mkdir -p /www && echo hello-from-kata > /www/index.html && exec httpd -f -p 8080 -h /www";
+    let web = start_container(
+        &mut c,
+        &pod,
+        &cfg,
+        container_config("web", &["sh", "-c", script], vec![]),
+    )
+    .await;
+    let side = start_container(
+        &mut c,
+        &pod,
+        &cfg,
+        container_config("sidecar", IDLE, vec![]),
+    )
+    .await;
+    eprintln!(
+        "containerd {}: pod with two containers running in {} ms",
+        m.version,
+        t.elapsed().as_millis()
+    );
+    let ip = pod_status(&mut c, &pod)
+        .await
+        .network
+        .map(|n| n.ip)
+        .unwrap_or_default();
+    assert!(ip.starts_with("198.51.100."), "pod IP: {ip:?}");
+    // One VM for the pod; the containers share its network (the sidecar reaches the web server
+    // on the pod's loopback) and run on the guest kernel.
+    assert_eq!(
+        common::processes_with(&format!("sandbox-{pod} ")).len(),
+        1,
+        "one QEMU"
+    );
+    let guest = common::guest_kernel_release();
+    let (out, code) = exec(&mut c, &side, &["uname", "-r"]).await;
+    assert_eq!((out.trim(), code), (guest.as_str(), 0));
+    let mut seen = String::new();
+    for _ in 0..50 {
+        let (out, _) = exec(
+            &mut c,
+            &side,
+            &["wget", "-q", "-O", "-", "http://127.0.0.1:8080/index.html"],
+        )
+        .await;
+        seen = out;
+        if seen == "hello-from-kata\n" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        seen, "hello-from-kata\n",
+        "sidecar -> web on the pod's loopback"
+    );
+    let body = fetch_in_when_up(&m.netns, &format!("http://{ip}:8080/index.html"));
+    assert_eq!(String::from_utf8_lossy(&body), "hello-from-kata\n");
+    let (out, code) = exec(&mut c, &web, &["sh", "-c", "echo out; exit 5"]).await;
+    assert_eq!((out.as_str(), code), ("out\n", 5));
+    for id in [&web, &side] {
+        stop_and_remove(&mut c, id).await;
+    }
+    remove_pod(&mut c, &pod).await;
+
+    // A pod whose QEMU is SIGKILLed: its container is reported exited, the kubelet's stop and
+    // remove succeed, and nothing is left.
+    let name = m.id("killed");
+    remove_stale(&mut c, &name).await;
+    let cfg = pod_config(&name, &[], &logs_dir(&name));
+    let pod = run_pod(&mut c, &cfg).await.expect("RunPodSandbox");
+    let app = start_container(&mut c, &pod, &cfg, container_config("app", IDLE, vec![])).await;
+    assert_eq!(exec(&mut c, &app, &["true"]).await.1, 0);
+    let st = Command::new("kill")
+        .args(["-KILL", &qemu_of(&pod).to_string()])
+        .status()
+        .expect("kill");
+    assert!(st.success());
+    let code = exited(&mut c, &app, Duration::from_secs(30)).await;
+    assert_ne!(
+        code, 0,
+        "a container whose VM died exited with an error code"
+    );
+    let ps = pod_status(&mut c, &pod).await;
+    assert_eq!(ps.state(), PodSandboxState::SandboxNotready);
+    let t = Instant::now();
+    remove_pod(&mut c, &pod).await;
+    eprintln!(
+        "containerd {}: pod with a killed QEMU removed in {} ms",
+        m.version,
+        t.elapsed().as_millis()
+    );
+    let taps = taps_anywhere();
+    assert!(taps.is_empty(), "taps left: {taps:?}");
+}
+
+async fn matrix_entry(version: &'static str, sandboxer: &'static str) {
+    let m = Containerd::start(version, sandboxer);
+    the_guides_commands(&m);
+    a_pod(&m).await;
+    m.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, QEMU and make install (make test runs it)"]
+async fn containerd_1_6_runs_the_guide_and_a_pod() {
+    matrix_entry("1.6", "podsandbox").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, QEMU, make install and Debian trixie's containerd (make test runs it)"]
+async fn containerd_1_7_runs_the_guide_and_a_pod() {
+    matrix_entry("1.7", "podsandbox").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, QEMU, make install and Debian sid's containerd (make test runs it)"]
+async fn containerd_2_1_runs_the_guide_and_a_pod() {
+    matrix_entry("2.1", "podsandbox").await;
+}
