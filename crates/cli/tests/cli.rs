@@ -577,3 +577,86 @@ fn keys_the_runtime_does_not_act_on_are_reported() {
     let v: serde_json::Value = serde_json::from_str(&stdout).expect("valid JSON");
     assert_eq!(v["Runtime"]["UnsupportedKeys"], serde_json::json!([]));
 }
+
+/// `check` and `env` with PATH leading to `dir` (which holds a `containerd`).
+fn check_and_env_with_containerd_in(dir: &Path) -> (String, serde_json::Value) {
+    let path = format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let (_, check, _) = run(bin()
+        .args(["--config"])
+        .arg(shipped())
+        .args(["check", "-v", "-n", "--no-boot-probe"])
+        .env("PATH", &path));
+    let (out, env, stderr) = run(bin()
+        .args(["--config"])
+        .arg(shipped())
+        .args(["env", "--json"])
+        .env("PATH", &path));
+    assert!(out.status.success(), "{stderr}");
+    (
+        check,
+        serde_json::from_str(&env).expect("env prints valid JSON"),
+    )
+}
+
+#[test]
+fn check_and_env_report_the_hosts_containerd_and_warn_for_an_untested_one() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tmp");
+    let fake = dir.path().join("containerd");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho 'containerd github.com/containerd/containerd/v2 v2.0.4 1a43cb6a'\n",
+    )
+    .expect("write");
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let (check, env) = check_and_env_with_containerd_in(dir.path());
+    let line = check
+        .lines()
+        .find(|l| l.contains("containerd v2.0.4"))
+        .unwrap_or_else(|| panic!("no containerd line in: {check}"));
+    assert!(
+        line.starts_with("[WARN]")
+            && line.contains("is not a version this runtime is tested with (1.6, 1.7, 2.1)"),
+        "{line}"
+    );
+    assert_eq!(env["Host"]["Containerd"]["Version"], "v2.0.4");
+    assert_eq!(env["Host"]["Containerd"]["Tested"], false);
+    assert_eq!(
+        env["Host"]["Containerd"]["Path"],
+        fake.display().to_string()
+    );
+
+    // Something named containerd that does not say a version.
+    std::fs::write(&fake, "#!/bin/sh\necho hello\n").expect("write");
+    let (check, env) = check_and_env_with_containerd_in(dir.path());
+    assert!(
+        check
+            .lines()
+            .any(|l| l.starts_with("[WARN]") && l.contains("did not tell its version")),
+        "{check}"
+    );
+    assert_eq!(env["Host"]["Containerd"]["Version"], "");
+}
+
+#[test]
+#[ignore = "needs containerd 2.1 from make managers (make test runs it)"]
+fn check_calls_the_matrix_containerd_tested() {
+    let out = Command::new(repo().join("scripts/managers.sh"))
+        .args(["dir", "containerd-2.1"])
+        .output()
+        .expect("scripts/managers.sh");
+    assert!(out.status.success());
+    let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    let (check, env) = check_and_env_with_containerd_in(&dir);
+    assert!(
+        check
+            .lines()
+            .any(|l| l.starts_with("[ok  ] containerd 2.1.") && l.contains("a tested version")),
+        "{check}"
+    );
+    assert_eq!(env["Host"]["Containerd"]["Tested"], true);
+}

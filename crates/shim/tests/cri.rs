@@ -1162,24 +1162,10 @@ async fn a_pod_on_the_initrd_serves_tcp_and_execs_as_on_the_image() {
     download_into(&mut c, &probe).await;
     // The pod's own network namespace (where its tap is) goes with it. Other tests' pods may
     // run meanwhile, so only this pod's namespace is looked at.
-    let ns = netns_of(qemu);
-    let named: Vec<PathBuf> = std::fs::read_dir("/var/run/netns")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            use std::os::unix::fs::MetadataExt;
-            std::fs::metadata(p)
-                .map(|m| format!("net:[{}]", m.ino()))
-                .ok()
-                == Some(ns.clone())
-        })
-        .collect();
-    assert_eq!(named.len(), 1, "the pod's named network namespace ({ns})");
+    let named = named_netns_of(qemu);
     remove_pod(&mut c, &pod).await;
     assert_pod_gone(&pod);
-    assert!(!named[0].exists(), "{} left", named[0].display());
+    assert!(!named.exists(), "{} left", named.display());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

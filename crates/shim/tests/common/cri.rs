@@ -243,6 +243,35 @@ pub fn qemu_of(pod: &str) -> u32 {
     pids[0]
 }
 
+/// The named network namespace (under /var/run/netns) that process `pid` is in: a pod's, where
+/// its tap is. Its removal with the pod is checked by path, since other tests' pods may run
+/// meanwhile.
+pub fn named_netns_of(pid: u32) -> PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    let ns = std::fs::read_link(format!("/proc/{pid}/ns/net"))
+        .map(|l| l.display().to_string())
+        .unwrap_or_default();
+    let named: Vec<PathBuf> = std::fs::read_dir("/var/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            std::fs::metadata(p)
+                .map(|m| format!("net:[{}]", m.ino()))
+                .ok()
+                .as_deref()
+                == Some(ns.as_str())
+        })
+        .collect();
+    assert_eq!(
+        named.len(),
+        1,
+        "the named network namespace of {pid} ({ns})"
+    );
+    named.into_iter().next().unwrap_or_default()
+}
+
 /// This runtime's taps in any named network namespace of the host.
 pub fn taps_anywhere() -> Vec<String> {
     let mut found = Vec::new();

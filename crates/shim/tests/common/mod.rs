@@ -40,12 +40,16 @@ pub fn import_image_with(
     reference: &str,
     entrypoint: Option<&str>,
 ) {
+    // A file of this call's own: tests running side by side import the same reference.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tar: PathBuf = std::env::temp_dir().join(format!(
-        "kata-test-{}.tar",
-        reference.replace(['/', ':'], "_")
+        "kata-test-{}-{}-{n}.tar",
+        reference.replace(['/', ':'], "_"),
+        std::process::id()
     ));
     let mut cmd = Command::new(repo().join("scripts/busybox-image.sh"));
-    cmd.arg(&tar).arg(reference);
+    cmd.arg(&tar).arg(reference).stdout(Stdio::null());
     if let Some(e) = entrypoint {
         cmd.arg(e);
     }
@@ -56,6 +60,7 @@ pub fn import_image_with(
         .stdout(Stdio::null())
         .status()
         .expect("ctr images import");
+    let _ = std::fs::remove_file(&tar);
     assert!(st.success(), "import {reference}");
 }
 
