@@ -205,6 +205,12 @@ pub fn assemble(rules: &[Rule]) -> Vec<Insn> {
                 p.push(insn(MOV_K, 0, 0, 0, 0));
                 p.push(insn(EXIT, 0, 0, 0, 0));
             }
+            // A rule that matches every device decides every request that reached it: the
+            // earlier rules can never be reached, and the kernel's verifier refuses a program
+            // with unreachable instructions (Docker's rules hold a second `deny a *:* rwm`).
+            if to_next.is_empty() {
+                break;
+            }
             let next = p.len();
             for at in to_next {
                 p[at].off = (next - at - 1) as i16;
@@ -385,6 +391,81 @@ mod tests {
         load(&assemble(&[]), None).expect("and the empty program");
     }
 
+    /// What Docker 28.5 writes for `docker run` (its default devices, twice, each list starting
+    /// with a deny-all).
+    const DOCKER_28: &str = r#"[{"allow":false,"access":"rwm"},{"allow":true,"type":"c","major":1,"minor":5,"access":"rwm"},{"allow":true,"type":"c","major":1,"minor":3,"access":"rwm"},{"allow":true,"type":"c","major":1,"minor":9,"access":"rwm"},{"allow":true,"type":"c","major":1,"minor":8,"access":"rwm"},{"allow":true,"type":"c","major":5,"minor":0,"access":"rwm"},{"allow":true,"type":"c","major":5,"minor":1,"access":"rwm"},{"allow":false,"type":"c","major":10,"minor":229,"access":"rwm"},{"allow":false,"access":"rwm"},{"allow":true,"type":"c","major":1,"minor":5,"access":"rwm"},{"allow":true,"type":"c","major":1,"minor":3,"access":"rwm"},{"allow":true,"type":"c","major":1,"minor":9,"access":"rwm"},{"allow":true,"type":"c","major":1,"minor":8,"access":"rwm"},{"allow":true,"type":"c","major":5,"minor":0,"access":"rwm"},{"allow":true,"type":"c","major":5,"minor":1,"access":"rwm"},{"allow":false,"type":"c","major":10,"minor":229,"access":"rwm"}]"#;
+
+    /// Indexes of the instructions no path from the first one reaches (the verifier's
+    /// "unreachable insn").
+    fn unreachable(p: &[Insn]) -> Vec<usize> {
+        let mut seen = vec![false; p.len()];
+        let mut todo = vec![0usize];
+        while let Some(pc) = todo.pop() {
+            if pc >= p.len() || seen[pc] {
+                continue;
+            }
+            seen[pc] = true;
+            let target = (pc as i64 + 1 + i64::from(p[pc].off)) as usize;
+            match p[pc].code {
+                EXIT => {}
+                JA => todo.push(target),
+                JEQ_K | JNE_K => todo.extend([pc + 1, target]),
+                _ => todo.push(pc + 1),
+            }
+        }
+        (0..p.len()).filter(|i| !seen[*i]).collect()
+    }
+
+    #[test]
+    fn dockers_rules_with_a_second_deny_all_leave_no_dead_code() {
+        let mut r = rules(&oci(DOCKER_28)).expect("rules");
+        r.extend(runc_defaults());
+        let p = assemble(&r);
+        assert_eq!(unreachable(&p), Vec::<usize>::new());
+        let rw = ACC_READ | ACC_WRITE;
+        for (what, typ, maj, min, acc, want) in [
+            ("/dev/null rw", DEV_CHAR, 1, 3, rw, true),
+            ("/dev/urandom r", DEV_CHAR, 1, 9, ACC_READ, true),
+            ("/dev/mem r", DEV_CHAR, 1, 1, ACC_READ, false),
+            ("/dev/fuse rw", DEV_CHAR, 10, 229, rw, false),
+            ("/dev/vda r", DEV_BLOCK, 254, 0, ACC_READ, false),
+            (
+                "mknod vda (runc's default)",
+                DEV_BLOCK,
+                254,
+                0,
+                ACC_MKNOD,
+                true,
+            ),
+        ] {
+            assert_eq!(run(&p, typ, maj, min, acc), Ok(want), "{what}");
+            assert_eq!(evaluate(&r, typ, maj, min, acc), want, "{what}");
+        }
+    }
+
+    #[test]
+    fn the_kernel_verifier_accepts_dockers_rules() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: loading a BPF program needs root (make test runs it as root)");
+            return;
+        }
+        for list in [
+            DOCKER_28,
+            r#"[{"allow":true,"access":"rwm"},{"allow":false,"type":"c","major":1,"minor":1,"access":"r"}]"#,
+            r#"[{"allow":false,"access":"rwm"},{"allow":true,"access":"rwm"},{"allow":false,"access":"rwm"}]"#,
+        ] {
+            let mut r = rules(&oci(list)).expect("rules");
+            r.extend(runc_defaults());
+            let p = assemble(&r);
+            let mut log = vec![0u8; 1 << 16];
+            if let Err(e) = load(&p, Some(&mut log)) {
+                let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
+                panic!("{list}: {e}: {}", String::from_utf8_lossy(&log[..end]));
+            }
+        }
+    }
+
     #[test]
     fn bad_rules_are_refused() {
         let e = rules(&oci(r#"[{"allow":true,"type":"c","access":"rx"}]"#)).expect_err("x");
@@ -422,6 +503,8 @@ mod tests {
         ) {
             let p = assemble(&rules);
             prop_assert_eq!(run(&p, typ, major, minor, access), Ok(evaluate(&rules, typ, major, minor, access)));
+            // Every instruction is reachable, as the kernel's verifier demands.
+            prop_assert_eq!(unreachable(&p), Vec::<usize>::new());
         }
     }
 }

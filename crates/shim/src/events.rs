@@ -46,6 +46,11 @@ impl Publisher {
         }
     }
 
+    /// The containerd namespace the shim serves (`-namespace`).
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
     /// Publishes `event` on `topic` (for example `/tasks/exit`).
     pub async fn publish<M: MessageFull>(&self, topic: &str, event: &M) {
         let Some(address) = &self.address else { return };

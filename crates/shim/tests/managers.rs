@@ -296,3 +296,29 @@ async fn containerd_1_7_runs_the_guide_and_a_pod() {
 async fn containerd_2_1_runs_the_guide_and_a_pod() {
     matrix_entry("2.1", "podsandbox").await;
 }
+
+/// Docker's task (containerd namespace `moby`, a network namespace of its own without a path)
+/// is refused at Create with the reason, before Docker could configure the network of whatever
+/// host process the task pid names; nothing is left. (`ctr -n moby` makes the same request
+/// Docker 28.5 makes.)
+#[test]
+#[ignore = "needs root, containerd, QEMU and make install (make test runs it)"]
+fn a_docker_task_is_refused_with_the_reason_until_docker_is_supported() {
+    let sock = containerd_sh(&["start"]);
+    common::import_image(&sock, "moby", IMAGE, None);
+    let id = "mgr-docker-refused";
+    let out = Command::new("ctr")
+        .args(["-a", &sock, "-n", "moby", "run", "--rm"])
+        .args(["--runtime", "io.containerd.kata.v2", IMAGE, id, "true"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("ctr run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a Docker task ran");
+    assert!(
+        err.contains("Docker is not supported yet") && err.contains("docs/containerd.md"),
+        "{err}"
+    );
+    common::assert_sandbox_gone(id, Duration::from_secs(10));
+    // (Other containerd namespaces are not refused: every other test here runs in one.)
+}

@@ -305,6 +305,10 @@ impl Service {
         let annotations = annotations_of(&spec);
         let role =
             crate::pod::role(&annotations).map_err(|e| err(ttrpc::Code::INVALID_ARGUMENT, e))?;
+        if role == crate::pod::Role::Sandbox {
+            crate::pod::check_manager(self.publisher.namespace(), &spec)
+                .map_err(|e| err(ttrpc::Code::FAILED_PRECONDITION, e))?;
+        }
         let (existing, sandbox_pid) = {
             let st = self.state.lock().await;
             let pid = st
