@@ -369,6 +369,8 @@ The file must hold exactly one `[hypervisor.<name>]` section (`qemu`, `clh`, `fi
 other files load, and `kata-runtime env` and `check` describe them.
 
 An unknown key or section is an error that gives the file, the line and the closest known name.
+A value of the wrong type or variant is an error that gives the file, the line and column, and
+the key: ``configuration.toml:2:13: `shared_fs` in [hypervisor.qemu]: unknown variant `nfs`, expected one of ...``.
 Keys listed as "accepted, not acted on yet" load, and `kata-runtime env` lists those that a file
 sets to a non-default value under `[Runtime] UnsupportedKeys`.
 

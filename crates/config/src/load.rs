@@ -426,8 +426,53 @@ fn merge(base: &mut toml::Table, overlay: toml::Table) {
 fn parse_checked(path: &Path, text: &str) -> Result<toml::Table, ConfigError> {
     let table: toml::Table = toml::from_str(text).map_err(|e| parse_error(path, text, &e))?;
     check_keys(path, text, &table)?;
-    toml::from_str::<TomlConfig>(text).map_err(|e| parse_error(path, text, &e))?;
+    toml::from_str::<TomlConfig>(text).map_err(|e| {
+        let mut err = parse_error(path, text, &e);
+        // A value of the wrong type or variant: name the key, as every other error does.
+        if let (ConfigError::Parse { message, .. }, Some((section, key))) =
+            (&mut err, e.span().and_then(|s| key_at(text, s.start)))
+        {
+            *message = format!("`{key}` in [{section}]: {message}");
+        }
+        err
+    })?;
     Ok(table)
+}
+
+/// The key (and its table) whose value holds byte `offset` of `text`: the nearest line at or
+/// before the offset that assigns a key, and the nearest table header above it. Comments and
+/// multi-line arrays are passed over; `None` when the offset is not in a key's value.
+fn key_at(text: &str, offset: usize) -> Option<(String, String)> {
+    let before = text.get(..offset.min(text.len()))?;
+    let mut key = None;
+    let mut section = None;
+    for line in before.lines().rev() {
+        let t = line.trim_start();
+        if t.starts_with('#') || t.is_empty() {
+            continue;
+        }
+        if t.starts_with('[') {
+            let name = t.trim_start_matches('[').split(']').next()?.trim();
+            if key.is_some() {
+                section = Some(name.to_string());
+                break;
+            }
+            // The offset is in a header, not in a value.
+            return None;
+        }
+        if key.is_none() {
+            if let Some((k, _)) = t.split_once('=') {
+                let k = k.trim().trim_matches('"');
+                if !k.is_empty()
+                    && k.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+                {
+                    key = Some(k.to_string());
+                }
+            }
+        }
+    }
+    Some((section.unwrap_or_default(), key?))
 }
 
 fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {

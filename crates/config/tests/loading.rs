@@ -46,6 +46,34 @@ fn syntax_errors_have_positions() {
 }
 
 #[test]
+fn a_value_of_the_wrong_type_or_variant_names_its_key() {
+    let e = parse("[hypervisor.qemu]\nshared_fs = \"nfs\"\n").expect_err("nfs");
+    let s = kata_config::error_chain(&e);
+    assert!(
+        s.starts_with("/test/configuration.toml:2:13: `shared_fs` in [hypervisor.qemu]: unknown variant `nfs`, expected one of `virtio-fs`"),
+        "{s}"
+    );
+    let e = parse(&format!(
+        "{}# a comment\n[runtime]\n# another\nenable_debug = \"yes\"\n",
+        qemu("")
+    ))
+    .expect_err("type");
+    let s = kata_config::error_chain(&e);
+    assert!(
+        s.contains("`enable_debug` in [runtime]: invalid type: string \"yes\", expected a boolean"),
+        "{s}"
+    );
+    // A value that spans lines: the key on the line that opened it.
+    let e =
+        parse("[hypervisor.qemu]\nenable_annotations = [\n  \"a\",\n  2,\n]\n").expect_err("array");
+    let s = kata_config::error_chain(&e);
+    assert!(
+        s.contains(":4:3: `enable_annotations` in [hypervisor.qemu]:"),
+        "{s}"
+    );
+}
+
+#[test]
 fn exactly_one_hypervisor_section() {
     let e = parse("[runtime]\n").expect_err("none");
     assert!(kata_config::error_chain(&e).contains("no [hypervisor.<name>] section"));
