@@ -39,13 +39,26 @@ pub enum Role {
 /// The containerd namespace Docker runs its containers in.
 pub const DOCKER_NAMESPACE: &str = "moby";
 
+/// A container manager's request the runtime refuses, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManagerError {
+    /// Docker would configure the network of the task pid's namespace.
+    #[error(
+        "Docker is not supported yet: Docker configures a container's network in the network \
+         namespace of the task's pid after Create, and this runtime does not yet give the VM a \
+         namespace of its own there (docs/containerd.md, \"Not yet\"); run the container through \
+         containerd (ctr, nerdctl or Kubernetes' CRI) instead"
+    )]
+    DockerNetwork,
+}
+
 /// Refuses what would let a manager configure the wrong network namespace. Docker (26 and
 /// later; 28.5 measured) asks for a network namespace of its own without naming one, then, after
 /// Create, puts the container's veth into `/proc/<task pid>/ns/net`. The task pid this shim
 /// reports is the guest's, which on the host is an unrelated process (Docker moved a veth into
 /// the host's own namespace that way), and the VM does not run in a namespace of its own; so a
 /// Docker task that wants a network namespace is refused until both are done.
-pub fn check_manager(containerd_namespace: &str, spec: &Spec) -> Result<(), String> {
+pub fn check_manager(containerd_namespace: &str, spec: &Spec) -> Result<(), ManagerError> {
     let wants_new_netns = spec
         .linux()
         .as_ref()
@@ -55,13 +68,7 @@ pub fn check_manager(containerd_namespace: &str, spec: &Spec) -> Result<(), Stri
                 .any(|n| n.typ() == LinuxNamespaceType::Network && n.path().is_none())
         });
     if containerd_namespace == DOCKER_NAMESPACE && wants_new_netns {
-        return Err(
-            "Docker is not supported yet: Docker configures a container's network in the \
-             network namespace of the task's pid after Create, and this runtime does not yet \
-             give the VM a namespace of its own there (docs/containerd.md, \"Not yet\"); run the \
-             container through containerd (ctr, nerdctl or Kubernetes' CRI) instead"
-                .into(),
-        );
+        return Err(ManagerError::DockerNetwork);
     }
     Ok(())
 }
@@ -287,7 +294,8 @@ mod tests {
     #[test]
     fn a_docker_task_that_wants_a_network_namespace_is_refused() {
         let e = check_manager("moby", &spec_with_net(None)).expect_err("refused");
-        assert!(e.contains("Docker is not supported yet"), "{e}");
+        assert_eq!(e, ManagerError::DockerNetwork);
+        assert!(e.to_string().contains("Docker is not supported yet"), "{e}");
         // A named namespace (a CRI pod's), another containerd namespace, or no network
         // namespace at all (docker --network host) are not Docker's late configuration.
         assert!(check_manager("moby", &spec_with_net(Some("/var/run/netns/x"))).is_ok());
