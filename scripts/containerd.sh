@@ -85,15 +85,22 @@ TOML
 TOML
 }
 
-if [ "$version" = 2.1 ]; then
-  cat > "$conf" <<TOML
-version = 3
+# What both versions share: this containerd's own root, state and sockets.
+paths() { # $1: the configuration version
+  cat <<TOML
+version = $1
 root = "$root"
 state = "$base/state"
 [grpc]
   address = "$sock"
 [ttrpc]
   address = "$sock.ttrpc"
+TOML
+}
+
+if [ "$version" = 2.1 ]; then
+  cat > "$conf" <<TOML
+$(paths 3)
 [plugins.'io.containerd.cri.v1.images'.pinned_images]
   # No registry here: the pod sandbox image is built locally (scripts/busybox-image.sh).
   sandbox = "kata.local/pause:3.6"
@@ -106,13 +113,7 @@ $(kata_runtime "plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes")
 TOML
 else
   cat > "$conf" <<TOML
-version = 2
-root = "$root"
-state = "$base/state"
-[grpc]
-  address = "$sock"
-[ttrpc]
-  address = "$sock.ttrpc"
+$(paths 2)
 [plugins."io.containerd.grpc.v1.cri"]
   # No registry here: the pod sandbox image is built locally (scripts/busybox-image.sh).
   sandbox_image = "kata.local/pause:3.6"

@@ -119,16 +119,7 @@ async fn a_pod_runs_its_containers_in_one_vm() {
     assert_eq!(code, 7, "{out}");
 
     // Status and stats.
-    let st = c
-        .container_status(ContainerStatusRequest {
-            container_id: c1.clone(),
-            verbose: false,
-        })
-        .await
-        .expect("ContainerStatus")
-        .into_inner()
-        .status
-        .expect("status");
+    let st = container_status(&mut c, &c1).await;
     assert_eq!(st.state(), ContainerState::ContainerRunning);
     let ps = pod_status(&mut c, &pod).await;
     assert_eq!(ps.state(), PodSandboxState::SandboxReady);

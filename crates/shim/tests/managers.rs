@@ -142,16 +142,7 @@ fn the_guides_commands(m: &Containerd) {
 async fn exited(c: &mut RuntimeServiceClient<Channel>, id: &str, within: Duration) -> i32 {
     let deadline = Instant::now() + within;
     loop {
-        let st = c
-            .container_status(ContainerStatusRequest {
-                container_id: id.into(),
-                verbose: false,
-            })
-            .await
-            .expect("ContainerStatus")
-            .into_inner()
-            .status
-            .expect("status");
+        let st = container_status(c, id).await;
         if st.state() == ContainerState::ContainerExited {
             return st.exit_code;
         }

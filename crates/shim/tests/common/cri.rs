@@ -128,6 +128,18 @@ pub async fn pod_status(c: &mut RuntimeServiceClient<Channel>, pod: &str) -> Pod
     .expect("status")
 }
 
+pub async fn container_status(c: &mut RuntimeServiceClient<Channel>, id: &str) -> ContainerStatus {
+    c.container_status(ContainerStatusRequest {
+        container_id: id.into(),
+        verbose: false,
+    })
+    .await
+    .expect("ContainerStatus")
+    .into_inner()
+    .status
+    .expect("status")
+}
+
 pub async fn exec(c: &mut RuntimeServiceClient<Channel>, id: &str, cmd: &[&str]) -> (String, i32) {
     let r = c
         .exec_sync(ExecSyncRequest {
