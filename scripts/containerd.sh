@@ -4,37 +4,28 @@
 # the CNI bridge of its pods (config/cni, 198.51.100.0/24, no masquerade) stays there, off the
 # host's network. Prints the socket path.
 #
-#   scripts/containerd.sh start|stop|socket|netns|bin|config [VERSION] [SANDBOXER]
+#   scripts/containerd.sh start|stop|socket|netns|bin|config [VERSION]
 #
 # VERSION picks the manager (scripts/managers.sh): 1.6 (Debian 12's, the default), 1.7 or 2.1.
 # 1.6 and 1.7 get a version 2 configuration, 2.x a version 3 one (docs/containerd.md shows both).
-# SANDBOXER (2.x only): podsandbox (default: containerd runs a pause container) or shim (the
-# sandbox API: containerd asks the shim for the pod; the shim does not serve it yet, see
-# docs/containerd.md). Each VERSION/SANDBOXER pair has its own
-# socket, root, state, configuration and network namespace, so several run side by side:
+# Each VERSION has its own socket, root, state, configuration and network namespace, so several
+# run side by side:
 #   1.6: /run/kata-containerd/containerd.sock, netns kata-containerd (what the tests always used)
-#   other: /run/kata-containerd-<v>[-shim]/containerd.sock, netns kata-containerd-<v>[-shim]
-#   bin prints the directory of that version's containerd and ctr; config the file it runs.
+#   other: /run/kata-containerd-<v>/containerd.sock, netns kata-containerd-<v>
+#   socket, netns and config print that version's socket, namespace and configuration file;
+#   bin prints the directory of its containerd and ctr.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cmd=${1:-start}
 version=${2:-1.6}
-sandboxer=${3:-podsandbox}
 case $version in
   1.6|1.7|2.1) ;;
   *) echo "error: containerd $version is not in the test matrix; use 1.6, 1.7 or 2.1" >&2; exit 2 ;;
 esac
-case $sandboxer in
-  podsandbox) suffix="" ;;
-  shim)
-    [ "$version" = 2.1 ] || { echo "error: the shim sandboxer needs containerd 2.x (asked for $version)" >&2; exit 2; }
-    suffix="-shim" ;;
-  *) echo "error: sandboxer $sandboxer: use podsandbox or shim" >&2; exit 2 ;;
-esac
 if [ "$version" = 1.6 ]; then
   name=kata-containerd
 else
-  name=kata-containerd-$version$suffix
+  name=kata-containerd-$version
 fi
 base=/run/$name
 netns=$name
@@ -58,7 +49,7 @@ case $cmd in
     ip netns del "$netns" 2>/dev/null || true
     exit 0 ;;
   start) ;;
-  *) echo "usage: $0 start|stop|socket|netns|bin|config [1.6|1.7|2.1] [podsandbox|shim]" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|socket|netns|bin|config [1.6|1.7|2.1]" >&2; exit 2 ;;
 esac
 bin=$(bindir)
 ctr="$bin/ctr"
@@ -77,9 +68,6 @@ kata_runtime() { # $1: the runtimes table
   privileged_without_host_devices = true
   pod_annotations = ["io.katacontainers.*"]
   container_annotations = ["io.katacontainers.*"]
-TOML
-  [ "$sandboxer" = shim ] && echo '  sandboxer = "shim"'
-  cat <<TOML
   [$1.kata.options]
     ConfigPath = "/opt/kata/share/defaults/kata-containers/configuration.toml"
 TOML

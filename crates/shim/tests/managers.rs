@@ -20,7 +20,6 @@ use common::cri::*;
 /// One private containerd of the matrix.
 struct Containerd {
     version: &'static str,
-    sandboxer: &'static str,
     sock: String,
     netns: String,
     ctr: PathBuf,
@@ -31,13 +30,12 @@ fn containerd_sh(args: &[&str]) -> String {
 }
 
 impl Containerd {
-    fn start(version: &'static str, sandboxer: &'static str) -> Containerd {
-        let sock = containerd_sh(&["start", version, sandboxer]);
-        let netns = containerd_sh(&["netns", version, sandboxer]);
+    fn start(version: &'static str) -> Containerd {
+        let sock = containerd_sh(&["start", version]);
+        let netns = containerd_sh(&["netns", version]);
         let ctr = PathBuf::from(containerd_sh(&["bin", version])).join("ctr");
         let c = Containerd {
             version,
-            sandboxer,
             sock,
             netns,
             ctr,
@@ -72,14 +70,13 @@ impl Containerd {
 
     /// An id unique to this manager, so the matrix can run side by side.
     fn id(&self, what: &str) -> String {
-        let shim = if self.sandboxer == "shim" { "-sb" } else { "" };
-        format!("mgr{}{shim}-{what}", self.version.replace('.', ""))
+        format!("mgr{}-{what}", self.version.replace('.', ""))
     }
 
     /// Stops a manager of its own (1.6 is the one every other test binary shares: it stays).
     fn stop(self) {
         if self.version != "1.6" {
-            containerd_sh(&["stop", self.version, self.sandboxer]);
+            containerd_sh(&["stop", self.version]);
             assert!(
                 !std::path::Path::new(&format!("/run/netns/{}", self.netns)).exists(),
                 "containerd {}'s network namespace left",
@@ -263,8 +260,8 @@ async fn a_pod(m: &Containerd) {
     assert!(!netns.exists(), "{} left", netns.display());
 }
 
-async fn matrix_entry(version: &'static str, sandboxer: &'static str) {
-    let m = Containerd::start(version, sandboxer);
+async fn matrix_entry(version: &'static str) {
+    let m = Containerd::start(version);
     the_guides_commands(&m);
     a_pod(&m).await;
     m.stop();
@@ -273,19 +270,19 @@ async fn matrix_entry(version: &'static str, sandboxer: &'static str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root, QEMU and make install (make test runs it)"]
 async fn containerd_1_6_runs_the_guide_and_a_pod() {
-    matrix_entry("1.6", "podsandbox").await;
+    matrix_entry("1.6").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root, QEMU, make install and Debian trixie's containerd (make test runs it)"]
 async fn containerd_1_7_runs_the_guide_and_a_pod() {
-    matrix_entry("1.7", "podsandbox").await;
+    matrix_entry("1.7").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root, QEMU, make install and Debian sid's containerd (make test runs it)"]
 async fn containerd_2_1_runs_the_guide_and_a_pod() {
-    matrix_entry("2.1", "podsandbox").await;
+    matrix_entry("2.1").await;
 }
 
 /// Docker's task (containerd namespace `moby`, a network namespace of its own without a path)
