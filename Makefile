@@ -26,8 +26,8 @@ virtiofsd:
 	scripts/virtiofsd.sh
 
 # The newer container managers the tests run the runtime under (containerd 1.7 from Debian
-# trixie, 2.1 from sid), fetched once into the cache, never installed (scripts/managers.sh).
-MANAGERS ?= containerd-1.7 containerd-2.1
+# trixie, 2.1 from sid, Docker 28 from sid), fetched once into the cache, never installed (scripts/managers.sh).
+MANAGERS ?= containerd-1.7 containerd-2.1 docker-28
 managers:
 	for m in $(MANAGERS); do scripts/managers.sh dir $$m > /dev/null; done
 

@@ -48,10 +48,10 @@ pub struct HelperConfig {
     pub seccomp: Option<crate::seccomp::Program>,
 }
 
-/// Enters the ipc, uts, pid and mount namespaces of `pid` (pid: for children).
+/// Enters the ipc, uts, pid, cgroup and mount namespaces of `pid` (pid: for children).
 fn join_namespaces(pid: i32) -> Result<(), String> {
     use std::os::fd::AsFd;
-    let files: Vec<(&str, File)> = ["ipc", "uts", "pid", "mnt"]
+    let files: Vec<(&str, File)> = ["ipc", "uts", "pid", "cgroup", "mnt"]
         .iter()
         .map(|ns| {
             File::open(format!("/proc/{pid}/ns/{ns}"))
@@ -77,6 +77,14 @@ fn join_spec_namespaces(spec: &Spec) -> Result<(), String> {
             .map_err(|e| format!("join namespace {}: {e}", path.display()))?;
     }
     Ok(())
+}
+
+/// Whether the spec asks for a cgroup namespace of its own (Docker's `--cgroupns private`, the
+/// default of Docker and containerd's CRI on cgroup v2 hosts).
+pub fn wants_cgroup_namespace(spec: &Spec) -> bool {
+    crate::container::spec_namespaces(spec)
+        .iter()
+        .any(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Cgroup && n.path().is_none())
 }
 
 /// Guest directory of a pod's emptyDir volumes (the shim's `GUEST_EPHEMERAL_DIR`).
@@ -125,6 +133,14 @@ pub fn main() -> ! {
     if let Some(spec) = &config.spec {
         if let Err(e) = join_spec_namespaces(spec) {
             fail(&mut status, &e);
+        }
+        // A cgroup namespace is made here, not with the others at the helper's start: the
+        // agent has moved this process into the container's cgroup by now (before it sent the
+        // configuration), so that cgroup becomes the namespace's root, as with runc.
+        if wants_cgroup_namespace(spec) {
+            if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP) {
+                fail(&mut status, &format!("unshare the cgroup namespace: {e}"));
+            }
         }
     }
     // SAFETY: this process is single-threaded (freshly exec'd), so fork is safe.
@@ -343,6 +359,15 @@ fn setup_rootfs(spec: &Spec, rootfs: &Path) -> Result<(), String> {
                 "/sys"
             } else {
                 "/sys/fs/cgroup"
+            };
+            // The guest has the unified hierarchy only: a "cgroup" (v1) mount, which a manager
+            // on a cgroup v1 host asks for, is the guest's cgroup2, as runc mounts it on a v2
+            // host. A fresh mount's root is the cgroup namespace's (the container's own cgroup
+            // with a namespace of its own; the guest's whole tree without).
+            let (source, fstype) = if fstype == "sysfs" {
+                (source, fstype)
+            } else {
+                ("cgroup".to_string(), "cgroup2".to_string())
             };
             if mount_in(root.as_fd(), &source, dest, &fstype, &options).is_err() {
                 mount_in(root.as_fd(), src, dest, "bind", &ro)?;

@@ -377,6 +377,68 @@ impl PodNetwork {
     }
 }
 
+/// Where the namespaces this runtime makes live (`ip netns` lists them).
+pub const NETNS_DIR: &str = "/run/netns";
+/// Prefix of the network namespaces this runtime makes for sandboxes.
+pub const OWNED_NETNS_PREFIX: &str = "kata-net-";
+
+/// The network namespace this runtime makes for sandbox `id` when its manager asks for a
+/// namespace of its own without naming one (Docker): `/run/netns/kata-net-<id>`.
+pub fn owned_netns_path(id: &str) -> PathBuf {
+    Path::new(NETNS_DIR).join(format!("{OWNED_NETNS_PREFIX}{id}"))
+}
+
+/// Makes sandbox `id`'s own network namespace (with `ip netns add`, which pins it in
+/// [`NETNS_DIR`]); returns its path. Only QEMU runs in it: the containers' own loopback is
+/// the guest's.
+pub fn create_owned_netns(id: &str) -> Result<PathBuf, SandboxError> {
+    crate::ids::check("sandbox", id)?;
+    let name = format!("{OWNED_NETNS_PREFIX}{id}");
+    let out = Command::new("ip")
+        .args(["netns", "add", &name])
+        .output()
+        .map_err(|e| SandboxError::Network(format!("cannot run ip (install iproute2): {e}")))?;
+    if !out.status.success() {
+        return Err(SandboxError::Network(format!(
+            "cannot make the sandbox's network namespace ({}): `ip netns add {name}`: {}",
+            owned_netns_path(id).display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(owned_netns_path(id))
+}
+
+/// Removes sandbox `id`'s own network namespace, if there is one (the interfaces a manager
+/// moved there go with it once nothing else holds it).
+pub fn delete_owned_netns(id: &str) {
+    if !crate::ids::is_valid(id) || !owned_netns_path(id).exists() {
+        return;
+    }
+    let name = format!("{OWNED_NETNS_PREFIX}{id}");
+    match Command::new("ip").args(["netns", "delete", &name]).output() {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => tracing::warn!(
+            netns = %name,
+            error = %String::from_utf8_lossy(&o.stderr).trim(),
+            "cannot delete the sandbox's network namespace"
+        ),
+        Err(e) => tracing::warn!(netns = %name, error = %e, "cannot run ip netns delete"),
+    }
+}
+
+/// Whether a spec asks for a network namespace of its own without naming one: the runtime
+/// makes it, and the manager configures it after Create through the task's pid (Docker).
+pub fn wants_new_netns(spec: &oci_spec::runtime::Spec) -> bool {
+    spec.linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .is_some_and(|ns| {
+            ns.iter().any(|n| {
+                n.typ() == oci_spec::runtime::LinuxNamespaceType::Network && n.path().is_none()
+            })
+        })
+}
+
 /// The network namespace a spec's sandbox container joins (a path), if any.
 pub fn netns_of(spec: &oci_spec::runtime::Spec) -> Option<PathBuf> {
     spec.linux()

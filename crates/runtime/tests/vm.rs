@@ -188,10 +188,12 @@ async fn sandbox_runs_containers_end_to_end() {
         &sb,
         "c2",
         "u1",
-        "cat /sys/fs/cgroup/kata/c2/memory.max /sys/fs/cgroup/kata/c2/pids.max",
+        "cat /proc/self/cgroup /sys/fs/cgroup/memory.max /sys/fs/cgroup/pids.max",
     )
     .await;
-    assert_eq!(limits, "268435456\n64\n");
+    // The spec asks for a cgroup namespace (oci-spec's default, as runc's): the container's
+    // own cgroup is its root, mounted at /sys/fs/cgroup.
+    assert_eq!(limits, "0::/\n268435456\n64\n");
     let req = kata_protocols::agent::StatsContainerRequest {
         container_id: "c2".into(),
         ..Default::default()
@@ -749,6 +751,7 @@ async fn a_sandbox_on_a_cgroup_v2_host() {
     kata_sandbox::sandbox::cleanup_stale(id);
     let placement = kata_sandbox::Placement {
         netns: None,
+        new_netns: false,
         cgroups_path: Some("/kata-test-v2/pod-it".into()),
         ..Default::default()
     };

@@ -39,38 +39,16 @@ pub enum Role {
 /// The containerd namespace Docker runs its containers in.
 pub const DOCKER_NAMESPACE: &str = "moby";
 
-/// A container manager's request the runtime refuses, and why.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ManagerError {
-    /// Docker would configure the network of the task pid's namespace.
-    #[error(
-        "Docker is not supported yet: Docker configures a container's network in the network \
-         namespace of the task's pid after Create, and this runtime does not yet give the VM a \
-         namespace of its own there (docs/containerd.md, \"Not yet\"); run the container through \
-         containerd (ctr, nerdctl or Kubernetes' CRI) instead"
-    )]
-    DockerNetwork,
-}
-
-/// Refuses what would let a manager configure the wrong network namespace. Docker (26 and
-/// later; 28.5 measured) asks for a network namespace of its own without naming one, then, after
-/// Create, puts the container's veth into `/proc/<task pid>/ns/net`. The task pid this shim
-/// reports is the guest's, which on the host is an unrelated process (Docker moved a veth into
-/// the host's own namespace that way), and the VM does not run in a namespace of its own; so a
-/// Docker task that wants a network namespace is refused until both are done.
-pub fn check_manager(containerd_namespace: &str, spec: &Spec) -> Result<(), ManagerError> {
-    let wants_new_netns = spec
-        .linux()
-        .as_ref()
-        .and_then(|l| l.namespaces().as_ref())
-        .is_some_and(|ns| {
-            ns.iter()
-                .any(|n| n.typ() == LinuxNamespaceType::Network && n.path().is_none())
-        });
-    if containerd_namespace == DOCKER_NAMESPACE && wants_new_netns {
-        return Err(ManagerError::DockerNetwork);
-    }
-    Ok(())
+/// Whether the manager configures the container's network namespace through the task's pid
+/// after Create: Docker (26 and later moves the veth into `/proc/<pid>/ns/net`), or a
+/// `createRuntime` or `prestart` hook (nerdctl's CNI hook reads the pid from its state).
+pub fn configures_netns_by_pid(containerd_namespace: &str, spec: &Spec) -> bool {
+    let hooked = spec.hooks().as_ref().is_some_and(|h| {
+        #[allow(deprecated)]
+        let prestart = h.prestart().as_ref().is_some_and(|v| !v.is_empty());
+        prestart || h.create_runtime().as_ref().is_some_and(|v| !v.is_empty())
+    });
+    containerd_namespace == DOCKER_NAMESPACE || hooked
 }
 
 /// The role the annotations give a container.
@@ -278,33 +256,26 @@ mod tests {
         assert_eq!(empty_dir_name(&m("/x/kubernetes.io~empty-dir/")), None);
     }
 
-    fn spec_with_net(path: Option<&str>) -> Spec {
-        let mut ns = oci_spec::runtime::LinuxNamespaceBuilder::default()
-            .typ(LinuxNamespaceType::Network)
-            .build()
-            .expect("namespace");
-        ns.set_path(path.map(std::path::PathBuf::from));
-        let mut spec = Spec::default();
-        if let Some(l) = spec.linux_mut() {
-            l.set_namespaces(Some(vec![ns]));
-        }
-        spec
-    }
-
     #[test]
-    fn a_docker_task_that_wants_a_network_namespace_is_refused() {
-        let e = check_manager("moby", &spec_with_net(None)).expect_err("refused");
-        assert_eq!(e, ManagerError::DockerNetwork);
-        assert!(e.to_string().contains("Docker is not supported yet"), "{e}");
-        // A named namespace (a CRI pod's), another containerd namespace, or no network
-        // namespace at all (docker --network host) are not Docker's late configuration.
-        assert!(check_manager("moby", &spec_with_net(Some("/var/run/netns/x"))).is_ok());
-        assert!(check_manager("default", &spec_with_net(None)).is_ok());
-        assert!(check_manager("k8s.io", &spec_with_net(None)).is_ok());
-        let mut host = spec_with_net(None);
-        if let Some(l) = host.linux_mut() {
-            l.set_namespaces(Some(vec![]));
-        }
-        assert!(check_manager("moby", &host).is_ok());
+    fn who_configures_the_network_namespace_through_the_pid() {
+        let plain = Spec::default();
+        assert!(configures_netns_by_pid(DOCKER_NAMESPACE, &plain));
+        assert!(!configures_netns_by_pid("default", &plain));
+        assert!(!configures_netns_by_pid("k8s.io", &plain));
+        let hook = oci_spec::runtime::HookBuilder::default()
+            .path("/usr/local/bin/nerdctl")
+            .build()
+            .expect("hook");
+        let mut hooked = Spec::default();
+        hooked.set_hooks(Some(
+            oci_spec::runtime::HooksBuilder::default()
+                .create_runtime(vec![hook])
+                .build()
+                .expect("hooks"),
+        ));
+        assert!(configures_netns_by_pid("default", &hooked));
+        let mut empty = Spec::default();
+        empty.set_hooks(Some(oci_spec::runtime::Hooks::default()));
+        assert!(!configures_netns_by_pid("default", &empty));
     }
 }

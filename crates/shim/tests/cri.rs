@@ -1282,6 +1282,18 @@ fn pss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// QEMU's PSS once the guest has handed back what it freed (KiB): free page reporting returns
+/// freed guest pages to the host in batches, about 2 s after they are freed, so a single sample
+/// taken right after a removal may still hold them. The least of samples over 6 s.
+async fn settled_pss_kib(pid: u32) -> u64 {
+    let mut least = pss_kib(pid);
+    for _ in 0..12 {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        least = least.min(pss_kib(pid));
+    }
+    least
+}
+
 /// Host PSS of a process by mapping (KiB): a file's path, or `[anon N MiB]` by the mapping's
 /// size for anonymous memory (the guest's RAM is one large anonymous or memfd mapping, QEMU's
 /// heap and TCG cache are others).
@@ -1410,11 +1422,11 @@ async fn resources_come_back(pod_name: &str, cycles: u32) -> (u64, u64, String) 
             "cycle {i}: back to the boot size"
         );
         if i == 0 {
-            first_pss = pss_kib(qemu);
+            first_pss = settled_pss_kib(qemu).await;
             first_maps = pss_by_mapping(qemu);
         }
     }
-    let last_pss = pss_kib(qemu);
+    let last_pss = settled_pss_kib(qemu).await;
     let grew = growth(&first_maps, &pss_by_mapping(qemu));
     eprintln!("{pod_name}: QEMU PSS {first_pss} -> {last_pss} KiB; grew most: {grew}");
     remove_pod(&mut c, &pod).await;

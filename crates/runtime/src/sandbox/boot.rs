@@ -22,7 +22,15 @@ impl Sandbox {
         let mut source = VmSource::Cold;
         let mut adopted_channel = None;
         let t = Instant::now();
-        if config.factory.vm_cache_number > 0 {
+        if config.factory.vm_cache_number > 0
+            && placement.new_netns
+            && placement.netns_by_pid
+            && placement.netns.is_none()
+        {
+            // A cached VM's QEMU runs outside any namespace of this sandbox, and the manager
+            // configures the namespace of the pid this sandbox reports: QEMU's.
+            tracing::info!("VMCache not used: the manager configures the network namespace of QEMU's pid after Create; booting cold");
+        } else if config.factory.vm_cache_number > 0 {
             if let Some(a) = take_cached(config, accel, paths)
                 .instrument(tracing::info_span!("vmcache_take"))
                 .await
@@ -86,7 +94,29 @@ impl Sandbox {
         if guest_shape(config).debug_console {
             tracing::info!("debug console enabled (kata-runtime exec {id})");
         }
-        let network = match &placement.netns {
+        let netns = match (&placement.netns, placement.new_netns) {
+            (Some(ns), _) => Some(ns.clone()),
+            (None, true) if config.runtime.disable_new_netns => {
+                // Kata's meaning: QEMU stays in the shim's namespace ("know what you're doing").
+                tracing::warn!("the container asks for a network namespace of its own, but [runtime] disable_new_netns = true keeps QEMU in the shim's: a manager that configures the task pid's namespace after Create (Docker) configures that one");
+                None
+            }
+            (None, true) => {
+                let idc = id.to_string();
+                let p =
+                    tokio::task::spawn_blocking(move || crate::network::create_owned_netns(&idc))
+                        .await
+                        .map_err(|e| {
+                            SandboxError::Network(format!("namespace task failed: {e}"))
+                        })??;
+                started.owned_netns = Some(p.clone());
+                Some(p)
+            }
+            (None, false) => None,
+        };
+        let network = match &netns {
+            // A namespace made just now holds nothing yet: its interfaces come after Create.
+            Some(_) if started.owned_netns.is_some() => None,
             Some(ns) if !config.runtime.disable_new_netns => {
                 let (ns, model) = (ns.to_path_buf(), config.runtime.internetworking_model);
                 let (rx, tx) = (h.rx_rate_limiter_max_rate, h.tx_rate_limiter_max_rate);
@@ -130,7 +160,10 @@ impl Sandbox {
             channel.clone(),
             shared_fs.clone(),
         );
-        spec.netns = network.as_ref().map(|n| n.netns.clone());
+        spec.netns = network
+            .as_ref()
+            .map(|n| n.netns.clone())
+            .or_else(|| started.owned_netns.clone());
         spec.nics = nics;
         let t = Instant::now();
         let mut vm = started.vm.take();
@@ -270,7 +303,8 @@ impl Sandbox {
             vm,
             virtiofsd: tokio::sync::Mutex::new(started.virtiofsd.take()),
             channel: channel.clone(),
-            network: started.network.take(),
+            network: std::sync::Mutex::new(started.network.take()),
+            owned_netns: started.owned_netns.take(),
             agent,
             cgroups: started.cgroups.take(),
             vcpus: AtomicU32::new(h.default_vcpus),
@@ -281,6 +315,87 @@ impl Sandbox {
             timings,
             volumes: tokio::sync::Mutex::new(crate::volumes::Attached::default()),
         })
+    }
+}
+
+impl Sandbox {
+    /// Mirrors into the VM the interfaces a container manager put into the sandbox's own
+    /// network namespace after Create (Docker moves the container's veth into
+    /// `/proc/<task pid>/ns/net`, QEMU's namespace, and sets its addresses and routes before
+    /// Start): taps as `[runtime].internetworking_model` says, a NIC hot-plugged per interface,
+    /// and the guest's addresses and routes. Returns how many interfaces were attached. Does
+    /// nothing for a sandbox whose namespace was named at Create (a CRI pod's), once the
+    /// network is attached, or while the namespace holds no interface (`--network none`). On
+    /// error the taps are removed again.
+    pub async fn attach_late_network(&self) -> Result<usize, SandboxError> {
+        let Some(ns) = self.owned_netns.clone() else {
+            return Ok(0);
+        };
+        let attached = self
+            .network
+            .lock()
+            .map(|n| n.as_ref().is_some_and(|n| !n.endpoints.is_empty()))
+            .unwrap_or(true);
+        if attached {
+            return Ok(0);
+        }
+        let h = &self.config.hypervisor;
+        let (model, rx, tx) = (
+            self.config.runtime.internetworking_model,
+            h.rx_rate_limiter_max_rate,
+            h.tx_rate_limiter_max_rate,
+        );
+        let n = tokio::task::spawn_blocking(move || PodNetwork::prepare(&ns, model, rx, tx))
+            .await
+            .map_err(|e| SandboxError::Network(format!("setup task failed: {e}")))??;
+        let count = n.endpoints.len();
+        let plugged = async {
+            let vhost = !h.disable_vhost_net && Path::new("/dev/vhost-net").exists();
+            for (i, e) in n.endpoints.iter().enumerate() {
+                let nic = Nic {
+                    tap: e.tap.clone(),
+                    mac: e.mac.clone(),
+                    vhost,
+                    fd: None,
+                };
+                match e.macvtap_dev {
+                    Some(dev) => {
+                        let f = open_char_device(&self.paths.vm_dir.join(&e.tap), dev)?;
+                        use std::os::fd::AsFd;
+                        self.vm.add_nic_fd(i, &nic, f.as_fd()).await?;
+                    }
+                    None => self.vm.add_nic(i, &nic).await?,
+                }
+            }
+            if count > 0 {
+                configure_guest_network(&self.agent, &n).await?;
+            }
+            Ok::<(), SandboxError>(())
+        }
+        .instrument(tracing::info_span!("late_network", interfaces = count))
+        .await;
+        if let Err(e) = plugged {
+            let _ = tokio::task::spawn_blocking(move || n.teardown()).await;
+            return Err(e);
+        }
+        if count > 0 {
+            tracing::info!(
+                interfaces = count,
+                netns = %n.netns.display(),
+                "network the manager configured after Create attached to the VM"
+            );
+        }
+        if let Ok(mut slot) = self.network.lock() {
+            *slot = Some(n);
+        }
+        Ok(count)
+    }
+
+    /// The sandbox's pid on the host, the one a container manager is given for every task
+    /// and process of the pod (as Kata does): QEMU's. Its `/proc/<pid>/ns/net` is the
+    /// sandbox's network namespace.
+    pub fn host_pid(&self) -> u32 {
+        self.vm.pid
     }
 }
 
@@ -437,6 +552,7 @@ pub(super) struct Started {
     pub(super) vm: Option<Vm>,
     pub(super) virtiofsd: Option<Virtiofsd>,
     pub(super) network: Option<PodNetwork>,
+    pub(super) owned_netns: Option<PathBuf>,
     pub(super) cgroups: Option<std::sync::Arc<HostCgroups>>,
 }
 

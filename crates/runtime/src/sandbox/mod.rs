@@ -56,6 +56,15 @@ pub struct Placement {
     /// The pod's network namespace, whose interfaces are mirrored into the VM (as
     /// `[runtime].internetworking_model` says). None: the VM gets no network.
     pub netns: Option<PathBuf>,
+    /// The manager asks for a network namespace of its own without naming one (Docker): the
+    /// sandbox makes one ([`crate::network::owned_netns_path`]), QEMU runs in it, and the
+    /// interfaces the manager puts there after Create reach the VM at
+    /// [`Sandbox::attach_late_network`]. Ignored when `netns` names one.
+    pub new_netns: bool,
+    /// With `new_netns`: the manager configures that namespace through the task's pid after
+    /// Create (Docker; a `createRuntime` hook, as nerdctl's). A VMCache VM cannot serve such a
+    /// sandbox: its QEMU, whose pid is reported, runs outside the namespace.
+    pub netns_by_pid: bool,
     /// The sandbox container's `linux.cgroupsPath`. Some: the sandbox's host cgroups are made
     /// as `[runtime].sandbox_cgroup_only` says, and the calling process (the shim) joins them.
     /// None: everything stays in the caller's cgroups.
@@ -100,8 +109,11 @@ pub struct Sandbox {
     virtiofsd: tokio::sync::Mutex<Option<Virtiofsd>>,
     /// The agent channel.
     channel: AgentChannel,
-    /// The pod network mirrored into the VM.
-    pub network: Option<PodNetwork>,
+    /// The pod network mirrored into the VM (set at boot, or late for a manager that configures
+    /// the namespace after Create).
+    network: std::sync::Mutex<Option<PodNetwork>>,
+    /// The network namespace the sandbox made for itself (deleted with it).
+    owned_netns: Option<PathBuf>,
     /// The agent.
     pub agent: AgentClient,
     /// The host cgroups, when the sandbox manages them.
@@ -165,6 +177,13 @@ impl Sandbox {
                 }
                 if let Some(n) = started.network.take() {
                     let _ = tokio::task::spawn_blocking(move || n.teardown()).await;
+                }
+                if started.owned_netns.take().is_some() {
+                    let id = id.to_string();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        crate::network::delete_owned_netns(&id)
+                    })
+                    .await;
                 }
                 if let Some(cg) = started.cgroups.take() {
                     let _ = tokio::task::spawn_blocking(move || cg.remove()).await;
@@ -577,9 +596,17 @@ impl Sandbox {
         if let Some(v) = self.virtiofsd.lock().await.take() {
             v.stop().await;
         }
-        if let Some(n) = self.network.clone() {
-            let _ = tokio::task::spawn_blocking(move || n.teardown()).await;
-        }
+        let network = self.network.lock().ok().and_then(|mut n| n.take());
+        let owned = self.owned_netns.is_some().then(|| self.id.clone());
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(n) = network {
+                n.teardown();
+            }
+            if let Some(id) = owned {
+                crate::network::delete_owned_netns(&id);
+            }
+        })
+        .await;
         if let Some(cg) = self.cgroups.clone() {
             let _ = tokio::task::spawn_blocking(move || cg.remove()).await;
         }

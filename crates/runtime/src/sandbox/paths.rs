@@ -97,7 +97,7 @@ pub fn cleanup_paths(paths: &SandboxPaths) {
 
 /// Kills what a previous, crashed instance of sandbox `id` left (QEMU by its `-name`, virtiofsd
 /// by its socket; for a VM taken from the VMCache, by the cache id in `adopted-from`) and
-/// removes its directories and recorded cgroups. Returns true when something was there.
+/// removes its directories, recorded cgroups and own network namespace. Returns true when something was there.
 pub fn cleanup_stale(id: &str) -> bool {
     if !crate::ids::is_valid(id) {
         return false;
@@ -145,7 +145,9 @@ pub fn cleanup_stale(id: &str) -> bool {
     }
     crate::cgroups::remove_recorded(&paths.vm_dir);
     cleanup_paths(&paths);
-    existed
+    let netns = crate::network::owned_netns_path(id).exists();
+    crate::network::delete_owned_netns(id);
+    existed || netns
 }
 
 /// Whether process `pid` has exited and waits to be reaped (or is gone).

@@ -39,7 +39,11 @@ const SANDBOX_KILL_GRACE: std::time::Duration = std::time::Duration::from_secs(3
 
 #[derive(Debug)]
 struct Proc {
+    /// The process's pid in the guest.
     pid: u32,
+    /// The pid reported to the manager: the sandbox's on the host (QEMU's), as Kata does. A
+    /// manager that configures `/proc/<pid>/ns/net` (Docker) reaches the VM's namespace.
+    host_pid: u32,
     stdio: StdioPaths,
     spec: Option<Process>,
     started: bool,
@@ -52,6 +56,7 @@ impl Proc {
     fn new(stdio: StdioPaths) -> Self {
         Proc {
             pid: 0,
+            host_pid: 0,
             stdio,
             spec: None,
             started: false,
@@ -305,10 +310,6 @@ impl Service {
         let annotations = annotations_of(&spec);
         let role =
             crate::pod::role(&annotations).map_err(|e| err(ttrpc::Code::INVALID_ARGUMENT, e))?;
-        if role == crate::pod::Role::Sandbox {
-            crate::pod::check_manager(self.publisher.namespace(), &spec)
-                .map_err(|e| err(ttrpc::Code::FAILED_PRECONDITION, e))?;
-        }
         let (existing, sandbox_pid) = {
             let st = self.state.lock().await;
             let pid = st
@@ -396,6 +397,9 @@ impl Service {
         let placement = Placement {
             template_config,
             netns: kata_sandbox::network::netns_of(&spec),
+            new_netns: role == crate::pod::Role::Sandbox
+                && kata_sandbox::network::wants_new_netns(&spec),
+            netns_by_pid: crate::pod::configures_netns_by_pid(self.publisher.namespace(), &spec),
             cgroups_path: Some(
                 spec.linux()
                     .as_ref()
@@ -514,6 +518,7 @@ impl Service {
         let tasks = io::start(&sb, &req.id, "", &stdio);
         let mut init = Proc::new(stdio);
         init.pid = pid;
+        init.host_pid = sb.host_pid();
         init.output = Some(tasks.output);
         init.input = tasks.input;
         let task = TaskState {
@@ -528,7 +533,7 @@ impl Service {
         };
         self.state.lock().await.tasks.insert(req.id.clone(), task);
         self.update_host_cpu_limit(&sb).await;
-        Ok(pid)
+        Ok(sb.host_pid())
     }
 
     /// Forwards the guest's OOM kills as `/tasks/oom` events while the sandbox runs.
@@ -658,6 +663,12 @@ impl Task for Service {
         tracing::info!(rpc = "start", id = %req.id, "task API");
         let sb = self.sandbox().await?;
         if req.exec_id.is_empty() {
+            if req.id == self.id {
+                // Docker configured the namespace of the pid it was given after Create.
+                sb.attach_late_network()
+                    .await
+                    .map_err(|e| err(ttrpc::Code::INTERNAL, kata_config::error_chain(&e)))?;
+            }
             sb.start_container(&req.id)
                 .instrument(tracing::info_span!("process_start", id = %req.id))
                 .await
@@ -668,7 +679,7 @@ impl Task for Service {
                 .get_mut(&req.id)
                 .ok_or_else(|| not_found(&format!("task {}", req.id)))?;
             t.init.started = true;
-            let pid = t.init.pid;
+            let pid = t.init.host_pid;
             let poststart = t.hooks.as_ref().and_then(|h| h.poststart().clone());
             // runc (the oracle) gives poststart hooks the state it read before the start.
             let state = crate::hooks::state(
@@ -742,6 +753,8 @@ impl Task for Service {
             .and_then(|t| t.execs.get_mut(&req.exec_id))
             .ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?;
         p.pid = pid;
+        p.host_pid = sb.host_pid();
+        let pid = p.host_pid;
         p.started = true;
         p.spec = None;
         p.input = tasks.input;
@@ -782,7 +795,7 @@ impl Task for Service {
                 .ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?;
             let (status, at) = p.exit.borrow().clone().unwrap_or((0, now()));
             return Ok(DeleteResponse {
-                pid: p.pid,
+                pid: p.host_pid,
                 exit_status: status,
                 exited_at: protobuf::MessageField::some(at),
                 ..Default::default()
@@ -829,14 +842,14 @@ impl Task for Service {
         }
         let ev = TaskDelete {
             container_id: req.id.clone(),
-            pid: t.init.pid,
+            pid: t.init.host_pid,
             exit_status: status,
             exited_at: protobuf::MessageField::some(at.clone()),
             ..Default::default()
         };
         self.publisher.publish("/tasks/delete", &ev).await;
         Ok(DeleteResponse {
-            pid: t.init.pid,
+            pid: t.init.host_pid,
             exit_status: status,
             exited_at: protobuf::MessageField::some(at),
             ..Default::default()
@@ -903,7 +916,7 @@ impl Task for Service {
         Ok(StateResponse {
             id: req.id.clone(),
             bundle: t.bundle.display().to_string(),
-            pid: p.pid,
+            pid: p.host_pid,
             status: status_of(p).into(),
             stdin: p.stdio.stdin.clone(),
             stdout: p.stdio.stdout.clone(),
@@ -1008,14 +1021,13 @@ impl Task for Service {
         let _timer = crate::metrics::rpc_timer("pids");
         tracing::info!(rpc = "pids", id = %req.id, "task API");
         let sb = self.sandbox().await?;
-        let pids = sb.pids(&req.id).await.map_err(internal)?;
-        let processes = pids
-            .into_iter()
-            .map(|pid| ProcessInfo {
-                pid,
-                ..Default::default()
-            })
-            .collect();
+        self.state.lock().await.task(&req.id)?;
+        // A manager reads these as host pids (`docker top` runs ps on the host with them): the
+        // guest's would name unrelated host processes. As Kata: the sandbox's, QEMU's.
+        let processes = vec![ProcessInfo {
+            pid: sb.host_pid(),
+            ..Default::default()
+        }];
         Ok(PidsResponse {
             processes,
             ..Default::default()
@@ -1140,7 +1152,7 @@ impl Task for Service {
     ) -> ttrpc::Result<ConnectResponse> {
         let _timer = crate::metrics::rpc_timer("connect");
         let st = self.state.lock().await;
-        let task_pid = st.tasks.get(&req.id).map(|t| t.init.pid).unwrap_or(0);
+        let task_pid = st.tasks.get(&req.id).map(|t| t.init.host_pid).unwrap_or(0);
         Ok(ConnectResponse {
             shim_pid: std::process::id(),
             task_pid,

@@ -240,7 +240,8 @@ pub fn guest_kernel_release() -> String {
         .to_string()
 }
 
-/// What sandbox `id` left on the host: its QEMU and virtiofsd, state directories and mounts.
+/// What sandbox `id` left on the host: its QEMU and virtiofsd, state directories, own network
+/// namespace and mounts.
 pub fn sandbox_leftovers(id: &str) -> Vec<String> {
     let mut left = processes_with(&format!("sandbox-{id} "));
     left.extend(processes_with(&format!("/run/vc/vm/{id}/")));
@@ -248,6 +249,8 @@ pub fn sandbox_leftovers(id: &str) -> Vec<String> {
         format!("/run/vc/sbs/{id}"),
         format!("/run/vc/vm/{id}"),
         format!("/run/kata-containers/shared/sandboxes/{id}"),
+        // The network namespace a sandbox makes when its manager asks for one (Docker).
+        format!("/run/netns/kata-net-{id}"),
     ] {
         if Path::new(&dir).exists() {
             left.push(dir);
