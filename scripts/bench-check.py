@@ -74,6 +74,15 @@ def check(r, png):
     for n, d in r.get("scrape", {}).items():
         need(d["shim_ms"]["median"] > 0 and d["monitor_ms"]["median"] > 0 and d["monitor_rss_kib"] > 0, f"scrape figures with {n} sandboxes")
     need(len(r.get("scrape", {})) >= 2, "scrapes with 1 and N sandboxes")
+    ps = r.get("pod_start", {})
+    for handler in ("kata", "kata-sandbox-api"):
+        for key in ("run_pod_ms", "pod_ready_ms"):
+            d = ps.get(handler, {}).get(key, {})
+            need(len(d.get("samples", [])) == ps.get("iterations") and d.get("min", 0) > 0,
+                 f"CRI pod start ({key}) with handler {handler}, once per iteration")
+        d = ps.get(handler, {})
+        need(d.get("run_pod_ms", {}).get("median", 1) <= d.get("pod_ready_ms", {}).get("median", 0),
+             f"{handler}: RunPodSandbox at most the pod's readiness")
     need(r.get("guest_memory_mib", 0) > 0, "the guest memory from the configuration")
     with open(png, "rb") as f:
         need(f.read(8) == b"\x89PNG\r\n\x1a\n", f"{png} is a PNG")

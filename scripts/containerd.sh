@@ -98,6 +98,16 @@ $(paths 3)
 [plugins.'io.containerd.cri.v1.runtime'.containerd]
   default_runtime_name = "runc"
 $(kata_runtime "plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes")
+# The same runtime through containerd 2.x's sandbox API: no pause container (docs/containerd.md).
+# No options table: with a sandbox endpoint containerd 2.1 passes runc-typed task options to
+# every container and refuses others ("can't unmarshal type runtimeoptions.v1.Options"); the
+# shim finds its configuration in the default places (or KATA_CONF_FILE).
+[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.kata-sandbox-api]
+  runtime_type = "io.containerd.kata.v2"
+  sandboxer = "shim"
+  privileged_without_host_devices = true
+  pod_annotations = ["io.katacontainers.*"]
+  container_annotations = ["io.katacontainers.*"]
 TOML
 else
   cat > "$conf" <<TOML

@@ -485,7 +485,7 @@ pub fn sysctl_path(key: &str) -> Result<PathBuf, String> {
     Ok(Path::new("/proc/sys").join(key.replace('.', "/")))
 }
 
-fn write_sysctl(key: &str, value: &str) -> Result<(), String> {
+pub(crate) fn write_sysctl(key: &str, value: &str) -> Result<(), String> {
     let path = sysctl_path(key)?;
     std::fs::write(&path, value).map_err(|e| format!("sysctl {key}={value}: {e}"))
 }

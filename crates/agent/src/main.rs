@@ -9,6 +9,7 @@
 //! - [`console`]: the debug console (`kata-runtime exec`);
 //! - [`iptables`]: the guest's packet filter; [`guest_hooks`]: OCI hooks from the guest image;
 //!   [`tools`]: the short-lived programs they run; [`volumes`]: hot-plugged block volumes;
+//! - [`podns`]: the pod's namespaces when there is no pause container;
 //! - in the library: [`seccomp`] (the container's filter) and [`devcg`] (its device cgroup).
 
 mod channel;
@@ -21,6 +22,7 @@ mod iptables;
 mod metrics;
 mod mounts;
 mod network;
+mod podns;
 mod random;
 mod reaper;
 mod reclaim;
@@ -46,8 +48,10 @@ fn uptime_us() -> u64 {
 }
 
 fn main() {
-    if std::env::args().nth(1).as_deref() == Some("init-container") {
-        helper::main();
+    match std::env::args().nth(1).as_deref() {
+        Some("init-container") => helper::main(),
+        Some(podns::ARG) => podns::main(),
+        _ => {}
     }
     let pid1 = std::process::id() == 1;
     if pid1 && init::root_is_initramfs() {

@@ -186,6 +186,16 @@ impl AgentService for Agent {
             std::fs::write("/etc/resolv.conf", text)
                 .map_err(|e| AgentError::Failed(format!("write /etc/resolv.conf: {e}")))?;
         }
+        if req.sandbox_pidns {
+            // No pause container: the pod's IPC, UTS and PID namespaces come from a holder.
+            let (reaper, hostname) = (self.reaper.clone(), req.hostname.clone());
+            let sysctls = req.sysctls.clone();
+            let pid = blocking(move || {
+                crate::podns::start(&reaper, &hostname, &sysctls).map_err(AgentError::Invalid)
+            })
+            .await?;
+            crate::init::debug(|| format!("CreateSandbox: pod namespaces held by pid {pid}"));
+        }
         let storages = req.storages.clone();
         let mounts = blocking(move || mount_storages(&storages)).await?;
         crate::init::debug(|| format!("CreateSandbox: {} storages mounted", mounts.len()));

@@ -25,4 +25,4 @@ pub mod vmcache;
 pub mod volumes;
 
 pub use error::SandboxError;
-pub use sandbox::{Placement, Sandbox, SandboxPaths};
+pub use sandbox::{Placement, Sandbox, SandboxPaths, SharedNamespaces};

@@ -29,6 +29,8 @@ use protobuf::Message;
 
 /// Environment variable carrying the socket path from `start` to the daemon.
 const SOCKET_ENV: &str = "KATA_SHIM_SOCKET";
+/// `ConfigPath` of the runtime options containerd wrote to `start`'s stdin, for the daemon.
+pub(crate) const RUNTIME_CONFIG_ENV: &str = "KATA_SHIM_RUNTIME_CONFIG";
 /// Directory of shim sockets (containerd's).
 const SOCKET_DIR: &str = "/run/containerd/s";
 
@@ -74,6 +76,21 @@ pub fn socket_path(args: &Args) -> PathBuf {
     Path::new(SOCKET_DIR).join(format!("kata-{name}.sock"))
 }
 
+/// `ConfigPath` of the runtime options containerd (1.7 and later) writes to `start`'s stdin as
+/// a protobuf `Any`; none when stdin is a terminal, empty or something else.
+fn runtime_options_config_path() -> Option<PathBuf> {
+    use std::io::{IsTerminal, Read};
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        return None;
+    }
+    let mut data = Vec::new();
+    stdin.lock().take(1 << 20).read_to_end(&mut data).ok()?;
+    let any = <protobuf::well_known_types::any::Any as protobuf::Message>::parse_from_bytes(&data)
+        .ok()?;
+    rootfs::config_path(Some(&any))
+}
+
 fn start(args: &Args) -> Result<(), String> {
     let cwd = std::env::current_dir().map_err(|e| format!("working directory: {e}"))?;
     // A pod's application container joins the shim (and VM) of its sandbox.
@@ -109,6 +126,9 @@ fn start(args: &Args) -> Result<(), String> {
         .map(Stdio::from)
         .unwrap_or_else(|_| Stdio::null());
     let mut cmd = std::process::Command::new(exe);
+    if let Some(path) = runtime_options_config_path() {
+        cmd.env(RUNTIME_CONFIG_ENV, path);
+    }
     cmd.args([
         "-namespace",
         &args.namespace,
@@ -263,6 +283,10 @@ fn daemon(args: &Args) -> Result<(), String> {
             }
         };
         let mut services = containerd_shim_protos::shim_async::create_task(service.clone());
+        // containerd 2.x's sandbox API, for a runtime with `sandboxer = "shim"`.
+        services.extend(containerd_shim_protos::sandbox_async::create_sandbox(
+            service.clone(),
+        ));
         // containerd 1.6 calls containerd.task.v2.Task; 2.x calls v3. Serve both.
         for (_, svc) in containerd_shim_protos::shim_async::create_task(service) {
             services.insert("containerd.task.v2.Task".to_string(), svc);

@@ -6,6 +6,7 @@
 //! running sandbox shim and returns its address, so one VM and one shim serve the whole pod.
 
 use std::collections::HashMap;
+use std::path::Path;
 
 use oci_spec::runtime::{LinuxNamespaceType, Mount, Spec};
 
@@ -94,11 +95,22 @@ pub fn role_of_bundle(bundle: &std::path::Path) -> Result<Role, String> {
     role(&p.annotations)
 }
 
+/// Where the pod's shared namespaces are in the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodNamespaces {
+    /// Those of the pod's sandbox (pause) container, whose init has this guest pid.
+    PauseContainer(u32),
+    /// Those the agent holds for a pod without a pause container (containerd's sandbox API),
+    /// bound at [`kata_sandbox::sandbox::POD_NAMESPACES_DIR`].
+    Holder,
+    /// None: a namespace given by path is created new (a lone container, the pause itself).
+    None,
+}
+
 /// Rewrites namespaces for the guest: the network namespace is the VM's own (it holds the pod's
-/// interfaces), and a namespace given by a host path (the sandbox container's, in a pod) becomes
-/// the same namespace of the sandbox container's init process in the guest (`sandbox_pid`).
-/// Without a sandbox pid such a namespace is created new.
-pub fn guest_namespaces(spec: &mut Spec, sandbox_pid: Option<u32>) {
+/// interfaces), and a namespace given by a host path (the pod's, shared with its sandbox)
+/// becomes the same namespace of the pod in the guest, as `shared` says.
+pub fn guest_namespaces(spec: &mut Spec, shared: PodNamespaces) {
     let Some(linux) = spec.linux_mut() else {
         return;
     };
@@ -108,21 +120,100 @@ pub fn guest_namespaces(spec: &mut Spec, sandbox_pid: Option<u32>) {
     let mut out = Vec::with_capacity(list.len());
     for mut ns in list {
         // The namespaces a pod shares with its sandbox container.
-        let shared = match ns.typ() {
+        let shared_name = match ns.typ() {
             LinuxNamespaceType::Network | LinuxNamespaceType::User => continue,
             LinuxNamespaceType::Ipc => Some("ipc"),
             LinuxNamespaceType::Uts => Some("uts"),
             LinuxNamespaceType::Pid => Some("pid"),
             _ => None,
         };
-        let path = match (ns.path(), shared, sandbox_pid) {
-            (Some(_), Some(name), Some(pid)) => Some(format!("/proc/{pid}/ns/{name}").into()),
+        let path = match (ns.path(), shared_name, shared) {
+            (Some(_), Some(name), PodNamespaces::PauseContainer(pid)) => {
+                Some(format!("/proc/{pid}/ns/{name}").into())
+            }
+            (Some(_), Some(name), PodNamespaces::Holder) => {
+                Some(Path::new(kata_sandbox::sandbox::POD_NAMESPACES_DIR).join(name))
+            }
             _ => None,
         };
         ns.set_path(path);
         out.push(ns);
     }
     linux.set_namespaces(Some(out));
+}
+
+/// What the runtime takes from the CRI's `PodSandboxConfig`, which containerd's sandbox API
+/// passes as CreateSandbox's options (`runtime.v1.PodSandboxConfig`).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PodConfig {
+    /// The pod's hostname (field 2).
+    pub hostname: String,
+    /// The pod's annotations (field 7), where Kata's per-pod settings are.
+    pub annotations: HashMap<String, String>,
+    /// `linux.cgroup_parent` (fields 8, 1).
+    pub cgroup_parent: String,
+    /// `linux.sysctls` (fields 8, 3).
+    pub sysctls: std::collections::BTreeMap<String, String>,
+}
+
+/// A protobuf map entry of strings (key 1, value 2).
+fn map_entry(b: &[u8]) -> Option<(String, String)> {
+    let entry = crate::rootfs::len_fields(b)?;
+    let get = |n: u64| {
+        entry
+            .iter()
+            .rev()
+            .find(|(k, _)| *k == n)
+            .map(|(_, v)| String::from_utf8(v.to_vec()).ok())
+            .unwrap_or(Some(String::new()))
+    };
+    Some((get(1)?, get(2)?))
+}
+
+impl PodConfig {
+    /// Decodes the fields the runtime uses; `None` for bytes that are not a protobuf message.
+    pub fn decode(b: &[u8]) -> Option<PodConfig> {
+        let mut c = PodConfig::default();
+        for (number, value) in crate::rootfs::len_fields(b)? {
+            match number {
+                2 => c.hostname = String::from_utf8(value.to_vec()).ok()?,
+                7 => {
+                    let (k, v) = map_entry(value)?;
+                    c.annotations.insert(k, v);
+                }
+                8 => {
+                    for (n, linux) in crate::rootfs::len_fields(value)? {
+                        match n {
+                            1 => c.cgroup_parent = String::from_utf8(linux.to_vec()).ok()?,
+                            3 => {
+                                let (k, v) = map_entry(linux)?;
+                                c.sysctls.insert(k, v);
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        Some(c)
+    }
+
+    /// The pod's cgroups path, as containerd's CRI gives a pause container: `parent:cri-
+    /// containerd:<id>` under a systemd slice, `<parent>/<id>` otherwise.
+    pub fn cgroups_path(&self, id: &str) -> String {
+        let base = Path::new(&self.cgroup_parent)
+            .file_name()
+            .map(|b| b.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if base.ends_with(".slice") {
+            format!("{base}:cri-containerd:{id}")
+        } else if self.cgroup_parent.is_empty() {
+            id.to_string()
+        } else {
+            format!("{}/{id}", self.cgroup_parent.trim_end_matches('/'))
+        }
+    }
 }
 
 /// The volume name of a Kubernetes emptyDir mount (`.../volumes/kubernetes.io~empty-dir/NAME`),
@@ -137,8 +228,60 @@ pub fn empty_dir_name(m: &Mount) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn decodes_the_pods_configuration_as_the_cri_encodes_it() {
+        use k8s_cri::v1 as cri;
+        use prost::Message;
+        let cfg = cri::PodSandboxConfig {
+            metadata: Some(cri::PodSandboxMetadata {
+                name: "web".into(),
+                ..Default::default()
+            }),
+            hostname: "web-0".into(),
+            annotations: [("io.katacontainers.config.hypervisor.default_vcpus", "2")]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            linux: Some(cri::LinuxPodSandboxConfig {
+                cgroup_parent: "/kubepods/burstable/pod1".into(),
+                sysctls: [
+                    ("kernel.shm_rmid_forced", "1"),
+                    ("net.ipv4.ip_forward", "0"),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+                security_context: Some(cri::LinuxSandboxSecurityContext {
+                    privileged: true,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let got = PodConfig::decode(&cfg.encode_to_vec()).expect("decodes");
+        assert_eq!(got.hostname, "web-0");
+        assert_eq!(
+            got.annotations
+                .get("io.katacontainers.config.hypervisor.default_vcpus")
+                .map(String::as_str),
+            Some("2")
+        );
+        assert_eq!(got.cgroup_parent, "/kubepods/burstable/pod1");
+        assert_eq!(got.cgroups_path("p1"), "/kubepods/burstable/pod1/p1");
+        assert_eq!(
+            got.sysctls.into_iter().collect::<Vec<_>>(),
+            vec![
+                ("kernel.shm_rmid_forced".to_string(), "1".to_string()),
+                ("net.ipv4.ip_forward".to_string(), "0".to_string())
+            ]
+        );
+        assert_eq!(PodConfig::decode(&[0xff]), None, "not a message");
+    }
+
     use super::*;
     use oci_spec::runtime::{LinuxBuilder, LinuxNamespaceBuilder, MountBuilder, SpecBuilder};
+    use std::path::PathBuf;
 
     fn ann(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs
@@ -198,7 +341,8 @@ mod tests {
             .expect("linux");
         let mut spec = SpecBuilder::default().linux(linux).build().expect("spec");
         let mut alone = spec.clone();
-        guest_namespaces(&mut spec, Some(42));
+        let mut holder = spec.clone();
+        guest_namespaces(&mut spec, PodNamespaces::PauseContainer(42));
         let got: Vec<_> = spec
             .linux()
             .as_ref()
@@ -216,7 +360,23 @@ mod tests {
                 (LinuxNamespaceType::Mount, None),
             ]
         );
-        guest_namespaces(&mut alone, None);
+        guest_namespaces(&mut holder, PodNamespaces::Holder);
+        let paths: Vec<_> = holder
+            .linux()
+            .as_ref()
+            .and_then(|l| l.namespaces().clone())
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|n| n.path().clone())
+            .collect();
+        assert_eq!(
+            paths,
+            vec![
+                PathBuf::from("/run/kata-containers/sandbox/ns/ipc"),
+                PathBuf::from("/run/kata-containers/sandbox/ns/uts"),
+            ]
+        );
+        guest_namespaces(&mut alone, PodNamespaces::None);
         let paths: Vec<_> = alone
             .linux()
             .as_ref()

@@ -71,20 +71,10 @@ pub fn config_path(options: Option<&protobuf::well_known_types::any::Any>) -> Op
         .map(PathBuf::from)
 }
 
-/// Reads string field `number` from protobuf bytes (other fields skipped).
-pub fn string_field(mut b: &[u8], number: u64) -> Option<String> {
-    fn varint(b: &mut &[u8]) -> Option<u64> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let (&byte, rest) = b.split_first()?;
-            *b = rest;
-            v |= u64::from(byte & 0x7f) << shift;
-            if byte & 0x80 == 0 {
-                return Some(v);
-            }
-        }
-        None
-    }
+/// The length-delimited fields of protobuf bytes, in order, as (number, bytes); other wire
+/// types are skipped. `None` for malformed input.
+pub fn len_fields(mut b: &[u8]) -> Option<Vec<(u64, &[u8])>> {
+    let mut out = Vec::new();
     while !b.is_empty() {
         let key = varint(&mut b)?;
         match key & 7 {
@@ -96,15 +86,34 @@ pub fn string_field(mut b: &[u8], number: u64) -> Option<String> {
             2 => {
                 let len = usize::try_from(varint(&mut b)?).ok()?;
                 let (value, rest) = (b.get(..len)?, b.get(len..)?);
-                if key >> 3 == number {
-                    return String::from_utf8(value.to_vec()).ok();
-                }
+                out.push((key >> 3, value));
                 b = rest;
             }
             _ => return None,
         }
     }
+    Some(out)
+}
+
+fn varint(b: &mut &[u8]) -> Option<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let (&byte, rest) = b.split_first()?;
+        *b = rest;
+        v |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Some(v);
+        }
+    }
     None
+}
+
+/// Reads string field `number` from protobuf bytes (other fields skipped).
+pub fn string_field(b: &[u8], number: u64) -> Option<String> {
+    len_fields(b)?
+        .into_iter()
+        .find(|(n, _)| *n == number)
+        .and_then(|(_, v)| String::from_utf8(v.to_vec()).ok())
 }
 
 #[cfg(test)]

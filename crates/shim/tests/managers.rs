@@ -152,14 +152,18 @@ async fn exited(c: &mut RuntimeServiceClient<Channel>, id: &str, within: Duratio
     }
 }
 
-/// A representative pod through this manager's CRI plugin, then a pod whose QEMU is killed.
-async fn a_pod(m: &Containerd) {
+/// A representative pod through this manager's CRI plugin with runtime handler `handler`, then
+/// a pod whose QEMU is killed. Returns the time RunPodSandbox took (ms).
+async fn a_pod(m: &Containerd, handler: &str) -> u128 {
     let mut c = client_at(&m.sock).await;
-    let name = m.id("pod");
+    let name = m.id(&format!("{handler}-pod"));
     remove_stale(&mut c, &name).await;
     let cfg = pod_config(&name, &[], &logs_dir(&name));
     let t = Instant::now();
-    let pod = run_pod(&mut c, &cfg).await.expect("RunPodSandbox");
+    let pod = run_pod_with(&mut c, &cfg, handler)
+        .await
+        .expect("RunPodSandbox");
+    let run_pod_ms = t.elapsed().as_millis();
     let script =
         "mkdir -p /www && echo hello-from-kata > /www/index.html && exec httpd -f -p 8080 -h /www";
     let web = start_container(
@@ -177,7 +181,7 @@ async fn a_pod(m: &Containerd) {
     )
     .await;
     eprintln!(
-        "containerd {}: pod with two containers running in {} ms",
+        "containerd {} ({handler}): RunPodSandbox {run_pod_ms} ms; pod with two containers running in {} ms",
         m.version,
         t.elapsed().as_millis()
     );
@@ -228,10 +232,12 @@ async fn a_pod(m: &Containerd) {
 
     // A pod whose QEMU is SIGKILLed: its container is reported exited, the kubelet's stop and
     // remove succeed, and nothing is left.
-    let name = m.id("killed");
+    let name = m.id(&format!("{handler}-killed"));
     remove_stale(&mut c, &name).await;
     let cfg = pod_config(&name, &[], &logs_dir(&name));
-    let pod = run_pod(&mut c, &cfg).await.expect("RunPodSandbox");
+    let pod = run_pod_with(&mut c, &cfg, handler)
+        .await
+        .expect("RunPodSandbox");
     let app = start_container(&mut c, &pod, &cfg, container_config("app", IDLE, vec![])).await;
     assert_eq!(exec(&mut c, &app, &["true"]).await.1, 0);
     let qemu = qemu_of(&pod);
@@ -258,13 +264,165 @@ async fn a_pod(m: &Containerd) {
     // The pod's namespace, where its tap was, went with it (other tests' pods may run meanwhile,
     // so only this pod's is looked at).
     assert!(!netns.exists(), "{} left", netns.display());
+    common::assert_sandbox_gone(&pod, Duration::from_secs(10));
+    run_pod_ms
 }
 
 async fn matrix_entry(version: &'static str) {
     let m = Containerd::start(version);
     the_guides_commands(&m);
-    a_pod(&m).await;
+    let without = a_pod(&m, "kata").await;
+    if version == "2.1" {
+        let with = a_pod(&m, SANDBOX_API).await;
+        eprintln!(
+            "containerd 2.1: RunPodSandbox {without} ms with a pause container, {with} ms through the sandbox API"
+        );
+        a_pod_without_a_pause_container(&m).await;
+    }
     m.stop();
+}
+
+/// containerd 2.x's handler for the runtime through the sandbox API (`sandboxer = "shim"`,
+/// scripts/containerd.sh).
+const SANDBOX_API: &str = "kata-sandbox-api";
+
+/// The 64-hex-digit ids (sandboxes, containers) a message names.
+fn hex_ids(text: &str) -> Vec<String> {
+    text.split(|ch: char| !ch.is_ascii_hexdigit())
+        .filter(|w| w.len() == 64)
+        .map(str::to_string)
+        .collect()
+}
+
+fn with_pid(name: &str, mode: NamespaceMode) -> ContainerConfig {
+    let mut cfg = container_config(name, IDLE, vec![]);
+    cfg.linux = Some(LinuxContainerConfig {
+        security_context: Some(LinuxContainerSecurityContext {
+            namespace_options: Some(NamespaceOption {
+                pid: mode as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    cfg
+}
+
+/// Through the sandbox API containerd runs no pause container: the pod is the shim's, and the
+/// pod's containers share the IPC and UTS namespaces (with the pod's hostname) the agent holds,
+/// each with a PID namespace of its own, as with a pause container.
+async fn a_pod_without_a_pause_container(m: &Containerd) {
+    let mut c = client_at(&m.sock).await;
+    let mut pods = Vec::new();
+    for handler in ["kata", SANDBOX_API] {
+        let name = m.id(&format!("{handler}-ns"));
+        remove_stale(&mut c, &name).await;
+        let mut cfg = pod_config(&name, &[], &logs_dir(&name));
+        // The pod's sysctls: set in the pause container's namespaces, or in those the agent
+        // holds for the pod.
+        cfg.linux = Some(LinuxPodSandboxConfig {
+            sysctls: [
+                ("net.ipv4.ip_unprivileged_port_start", "1000"),
+                ("kernel.shm_rmid_forced", "1"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+            ..Default::default()
+        });
+        let pod = run_pod_with(&mut c, &cfg, handler)
+            .await
+            .expect("RunPodSandbox");
+        // The kubelet's default: a PID namespace per container.
+        let a = start_container(&mut c, &pod, &cfg, with_pid("a", NamespaceMode::Container)).await;
+        let b = start_container(&mut c, &pod, &cfg, with_pid("b", NamespaceMode::Container)).await;
+        let probe = "hostname; for n in ipc uts pid; do readlink /proc/self/ns/$n; done; \
+                     tr '\\0' ' ' < /proc/1/cmdline";
+        let (out_a, code_a) = exec(&mut c, &a, &["sh", "-c", probe]).await;
+        let (out_b, code_b) = exec(&mut c, &b, &["sh", "-c", probe]).await;
+        assert_eq!((code_a, code_b), (0, 0), "{handler}: {out_a}{out_b}");
+        let (la, lb): (Vec<&str>, Vec<&str>) = (out_a.lines().collect(), out_b.lines().collect());
+        assert_eq!(la.len(), 5, "{handler}: {out_a}");
+        assert_eq!(la[0], name, "{handler}: the pod's hostname");
+        assert_eq!(lb[0], name, "{handler}: the pod's hostname");
+        assert_eq!(la[1], lb[1], "{handler}: one IPC namespace for the pod");
+        assert_eq!(la[2], lb[2], "{handler}: one UTS namespace for the pod");
+        assert_ne!(la[3], lb[3], "{handler}: a PID namespace per container");
+        assert!(
+            la[4].starts_with("tail -f"),
+            "{handler}: PID 1 is the container's own: {}",
+            la[4]
+        );
+        let sysctls =
+            "/proc/sys/net/ipv4/ip_unprivileged_port_start /proc/sys/kernel/shm_rmid_forced";
+        for id in [&a, &b] {
+            let (out, code) = exec(&mut c, id, &["sh", "-c", &format!("cat {sysctls}")]).await;
+            assert_eq!(
+                (out.as_str(), code),
+                ("1000\n1\n", 0),
+                "{handler}: the pod's sysctls"
+            );
+        }
+        // shareProcessNamespace: the pod's PID namespace, whose PID 1 is the pod's (the pause
+        // container's init, or the agent's holder), not the container's.
+        let d = start_container(&mut c, &pod, &cfg, with_pid("d", NamespaceMode::Pod)).await;
+        let e = start_container(&mut c, &pod, &cfg, with_pid("e", NamespaceMode::Pod)).await;
+        let (out_d, _) = exec(&mut c, &d, &["sh", "-c", probe]).await;
+        let (out_e, _) = exec(&mut c, &e, &["sh", "-c", probe]).await;
+        let (ld, le): (Vec<&str>, Vec<&str>) = (out_d.lines().collect(), out_e.lines().collect());
+        assert_eq!(ld.len(), 5, "{handler}: {out_d}");
+        assert_eq!(ld[3], le[3], "{handler}: one PID namespace for the pod");
+        assert_ne!(
+            ld[3], la[3],
+            "{handler}: the pod's PID namespace is not a's"
+        );
+        assert!(
+            !ld[4].starts_with("tail -f"),
+            "{handler}: PID 1 is the pod's: {}",
+            ld[4]
+        );
+        let (ps, _) = exec(&mut c, &d, &["ps", "-o", "args"]).await;
+        assert_eq!(
+            ps.lines().filter(|l| l.starts_with("tail -f")).count(),
+            2,
+            "{handler}: d sees e's process: {ps}"
+        );
+        // containerd's view: a pause container for the podsandbox handler only.
+        let listed =
+            String::from_utf8_lossy(&m.ctr(&["-n", "k8s.io", "containers", "ls", "-q"]).stdout)
+                .to_string();
+        assert_eq!(
+            listed.lines().any(|l| l == pod),
+            handler == "kata",
+            "{handler}: pause container of {pod} in {listed}"
+        );
+        pods.push((pod, vec![a, b, d, e]));
+    }
+    // A sysctl outside the pod's namespaces is refused, as runc refuses it, and leaves nothing.
+    for handler in ["kata", SANDBOX_API] {
+        let name = m.id(&format!("{handler}-badsysctl"));
+        remove_stale(&mut c, &name).await;
+        let mut cfg = pod_config(&name, &[], &logs_dir(&name));
+        cfg.linux = Some(LinuxPodSandboxConfig {
+            sysctls: [("kernel.pid_max".to_string(), "65536".to_string())].into(),
+            ..Default::default()
+        });
+        let e = run_pod_with(&mut c, &cfg, handler)
+            .await
+            .expect_err("a pod with kernel.pid_max");
+        assert!(e.message().contains("kernel.pid_max"), "{handler}: {e:?}");
+        for id in hex_ids(e.message()) {
+            common::assert_sandbox_gone(&id, Duration::from_secs(10));
+        }
+    }
+    for (pod, containers) in pods {
+        for id in &containers {
+            stop_and_remove(&mut c, id).await;
+        }
+        remove_pod(&mut c, &pod).await;
+        common::assert_sandbox_gone(&pod, Duration::from_secs(10));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

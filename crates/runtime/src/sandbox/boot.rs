@@ -273,6 +273,17 @@ impl Sandbox {
             storages: storage.into_iter().collect(),
             kernel_modules: config.agent.kernel_modules.clone(),
             guest_hook_path: config.hypervisor.guest_hook_path.clone(),
+            sandbox_pidns: placement.pod_namespaces.is_some(),
+            hostname: placement
+                .pod_namespaces
+                .as_ref()
+                .map(|p| p.hostname.clone())
+                .unwrap_or_default(),
+            sysctls: placement
+                .pod_namespaces
+                .as_ref()
+                .map(|p| p.sysctls.clone().into_iter().collect())
+                .unwrap_or_default(),
             ..Default::default()
         };
         let created = agent

@@ -65,6 +65,10 @@ pub struct Placement {
     /// Create (Docker; a `createRuntime` hook, as nerdctl's). A VMCache VM cannot serve such a
     /// sandbox: its QEMU, whose pid is reported, runs outside the namespace.
     pub netns_by_pid: bool,
+    /// Some: the pod has no pause container (containerd's sandbox API); the agent holds the
+    /// pod's IPC, UTS and PID namespaces, as this says, at
+    /// [`POD_NAMESPACES_DIR`]`/{ipc,uts,pid}`, for the pod's containers to join.
+    pub pod_namespaces: Option<SharedNamespaces>,
     /// The sandbox container's `linux.cgroupsPath`. Some: the sandbox's host cgroups are made
     /// as `[runtime].sandbox_cgroup_only` says, and the calling process (the shim) joins them.
     /// None: everything stays in the caller's cgroups.
@@ -73,6 +77,21 @@ pub struct Placement {
     /// configuration files, without the pod's annotations). None: the sandbox's own.
     pub template_config: Option<Config>,
 }
+
+/// The pod's shared namespaces the agent makes when there is no pause container: what a pause
+/// container's spec would have said.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SharedNamespaces {
+    /// The pod's hostname (its UTS namespace).
+    pub hostname: String,
+    /// The pod's sysctls, set in those namespaces; `net.*` in the guest's network namespace,
+    /// which is the pod's. One outside the pod's namespaces fails the sandbox, as runc refuses it.
+    pub sysctls: std::collections::BTreeMap<String, String>,
+}
+
+/// Where the agent binds the pod's namespaces when there is no pause container (see
+/// [`Placement::pod_namespaces`]).
+pub const POD_NAMESPACES_DIR: &str = "/run/kata-containers/sandbox/ns";
 
 /// How long each boot phase took.
 #[derive(Debug, Clone, Copy, Default)]

@@ -31,6 +31,7 @@ use crate::rootfs;
 type Exit = Option<(u32, Timestamp)>;
 
 mod resources;
+mod sandbox_api;
 use resources::{cpu_limit, requested};
 
 /// How long the guest has to reap the sandbox's process after a SIGKILL before the VM is
@@ -86,6 +87,8 @@ struct TaskState {
 struct State {
     sandbox: Option<Arc<Sandbox>>,
     tasks: HashMap<String, TaskState>,
+    /// Set when containerd asked for the pod through the sandbox API (no pause container).
+    pod: Option<sandbox_api::Pod>,
 }
 
 impl State {
@@ -122,6 +125,9 @@ pub struct Service {
     demands: std::sync::Mutex<HashMap<String, (u32, u32)>>,
     /// Held while the VM is resized, so that resizes apply in the order their sums were taken.
     resizing: Mutex<()>,
+    /// `ConfigPath` of the runtime options containerd gave `start` (the sandbox API's
+    /// CreateSandbox carries none; a task's Create carries its own).
+    runtime_config: Option<PathBuf>,
 }
 
 /// Publishes `/tasks/oom` once per OOM kill the guest cgroup of a container counts.
@@ -215,6 +221,7 @@ impl Service {
             oom,
             demands: Default::default(),
             resizing: Mutex::new(()),
+            runtime_config: std::env::var_os(crate::RUNTIME_CONFIG_ENV).map(PathBuf::from),
         }
     }
 
@@ -399,6 +406,7 @@ impl Service {
             netns: kata_sandbox::network::netns_of(&spec),
             new_netns: role == crate::pod::Role::Sandbox
                 && kata_sandbox::network::wants_new_netns(&spec),
+            pod_namespaces: None,
             netns_by_pid: crate::pod::configures_netns_by_pid(self.publisher.namespace(), &spec),
             cgroups_path: Some(
                 spec.linux()
@@ -410,10 +418,15 @@ impl Service {
         };
         let counted_cpu =
             (!crate::pod::is_pod_sandbox(&annotations)).then(|| cpu_limit(resources.as_ref()));
-        crate::pod::guest_namespaces(
-            &mut spec,
-            if req.id == self.id { None } else { sandbox_pid },
-        );
+        let shared = if self.state.lock().await.pod.is_some() {
+            crate::pod::PodNamespaces::Holder
+        } else {
+            match sandbox_pid {
+                Some(pid) if req.id != self.id => crate::pod::PodNamespaces::PauseContainer(pid),
+                _ => crate::pod::PodNamespaces::None,
+            }
+        };
+        crate::pod::guest_namespaces(&mut spec, shared);
         let sb = match existing {
             Some(sb) => sb,
             None => {
@@ -1165,7 +1178,9 @@ impl Task for Service {
         let _timer = crate::metrics::rpc_timer("shutdown");
         tracing::info!(rpc = "shutdown", "task API");
         let st = self.state.lock().await;
-        if !st.tasks.is_empty() {
+        // A pod asked for through the sandbox API ends with ShutdownSandbox, not with its last
+        // container.
+        if !st.tasks.is_empty() || st.pod.as_ref().is_some_and(|p| !p.is_shut_down()) {
             return Ok(Empty::new());
         }
         let sb = st.sandbox.clone();

@@ -190,9 +190,19 @@ pub async fn run_pod(
     c: &mut RuntimeServiceClient<Channel>,
     config: &PodSandboxConfig,
 ) -> Result<String, tonic::Status> {
+    run_pod_with(c, config, "kata").await
+}
+
+/// RunPodSandbox with runtime handler `handler` (`kata`, or containerd 2.x's
+/// `kata-sandbox-api`, the same runtime through the sandbox API).
+pub async fn run_pod_with(
+    c: &mut RuntimeServiceClient<Channel>,
+    config: &PodSandboxConfig,
+    handler: &str,
+) -> Result<String, tonic::Status> {
     Ok(c.run_pod_sandbox(RunPodSandboxRequest {
         config: Some(config.clone()),
-        runtime_handler: "kata".into(),
+        runtime_handler: handler.into(),
     })
     .await?
     .into_inner()
