@@ -20,6 +20,15 @@ use crate::host::{kernel_release, probe_kvm_device, KvmDevice};
 pub const CACHE_PATH: &str = "/run/kata-containers/accel-probe.json";
 /// How long KVM may take to reach the panic (a working KVM needs well under a second).
 pub const KVM_DEADLINE: Duration = Duration::from_secs(6);
+/// How long KVM may take from the firmware's hand-over ([`HANDOVER`]) to the kernel's banner
+/// ([`BANNER`]): a working KVM needs milliseconds; where `/dev/kvm` cannot run a stock kernel
+/// (nested PVM) nothing ever comes, and the probe says so this soon instead of at
+/// [`KVM_DEADLINE`].
+pub const KVM_HANDOVER_DEADLINE: Duration = Duration::from_millis(2000);
+/// SeaBIOS's last line before it jumps to the kernel QEMU loaded.
+const HANDOVER: &str = "Booting from ROM";
+/// The kernel's first line (`pr_notice`, shown with `loglevel=6`).
+const BANNER: &str = "Linux version";
 /// How long TCG may take (about 4 s on a 2-core host with Debian's generic kernel).
 pub const TCG_DEADLINE: Duration = Duration::from_secs(40);
 const MARKER: &str = "VFS: Unable to mount root fs";
@@ -172,7 +181,8 @@ pub fn probe_args(kernel: &Path, accel: Accel) -> Vec<String> {
     .chain([
         kernel.display().to_string(),
         "-append".to_string(),
-        "console=ttyS0 panic=-1 loglevel=3 root=/dev/kata-probe-no-root".to_string(),
+        // loglevel 6 shows the banner (notice) and the panic, not the info lines.
+        "console=ttyS0 panic=-1 loglevel=6 root=/dev/kata-probe-no-root".to_string(),
     ])
     .collect()
 }
@@ -219,14 +229,22 @@ pub fn boot_once(
     let mut console = Vec::new();
     let mut booted = false;
     let mut failure = None;
+    // When the firmware handed over to the kernel, until the kernel's banner shows.
+    let mut handed_over: Option<Instant> = None;
+    let mut kernel_started = false;
     loop {
         let left = deadline.saturating_sub(start.elapsed());
         match rx.recv_timeout(left.min(Duration::from_millis(100))) {
             Ok(chunk) => {
                 console.extend_from_slice(&chunk);
-                if String::from_utf8_lossy(&console).contains(MARKER) {
+                let text = String::from_utf8_lossy(&console);
+                if text.contains(MARKER) {
                     booted = true;
                     break;
+                }
+                kernel_started = kernel_started || text.contains(BANNER);
+                if handed_over.is_none() && text.contains(HANDOVER) {
+                    handed_over = Some(Instant::now());
                 }
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
@@ -239,6 +257,15 @@ pub fn boot_once(
                 failure = Some(format!(
                     "QEMU exited ({status}) before the kernel booted: {}",
                     err.trim()
+                ));
+                break;
+            }
+        }
+        if accel == Accel::Kvm && !kernel_started {
+            if let Some(t) = handed_over.filter(|t| t.elapsed() >= KVM_HANDOVER_DEADLINE) {
+                failure = Some(format!(
+                    "the kernel printed nothing within {} ms of the firmware handing over to it",
+                    t.elapsed().as_millis()
                 ));
                 break;
             }

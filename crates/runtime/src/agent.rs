@@ -120,3 +120,31 @@ pub fn agent_err(method: &'static str) -> impl Fn(ttrpc::Error) -> SandboxError 
         }
     }
 }
+
+/// The guest's OOM kills, as the agent reports them, without holding the sandbox (a watcher
+/// keeps this, not the [`crate::Sandbox`]).
+#[derive(Clone)]
+pub struct OomEvents(AgentServiceClient);
+
+impl std::fmt::Debug for OomEvents {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OomEvents")
+    }
+}
+
+impl OomEvents {
+    /// Of the agent `client`.
+    pub fn of(client: &AgentClient) -> OomEvents {
+        OomEvents(client.agent.clone())
+    }
+
+    /// Waits for the next container whose cgroup had an OOM kill; None once the agent is gone
+    /// (the sandbox stopped).
+    pub async fn next(&self) -> Option<String> {
+        self.0
+            .get_oom_event(context::with_timeout(0), &GetOOMEventRequest::new())
+            .await
+            .ok()
+            .map(|ev| ev.container_id)
+    }
+}

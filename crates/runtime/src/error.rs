@@ -91,6 +91,17 @@ pub enum SandboxError {
         /// connection): the guest is hung, stopped or gone.
         answered: bool,
     },
+    /// The VM cannot be given what a container asks for.
+    #[error("cannot give the VM the container's resources ({memory_mib} MiB, {vcpus} vCPUs)")]
+    Resources {
+        /// Memory asked for, MiB.
+        memory_mib: u32,
+        /// vCPUs asked for.
+        vcpus: u32,
+        /// Why.
+        #[source]
+        source: Box<SandboxError>,
+    },
     /// Bad OCI spec or request.
     #[error("invalid request: {0}")]
     Invalid(String),

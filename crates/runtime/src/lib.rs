@@ -1,6 +1,8 @@
 //! The runtime core.
 //!
-//! - [`sandbox`]: a sandbox is a VM (QEMU, virtiofsd) plus its agent; create, resize, stop;
+//! - [`sandbox`]: a sandbox is a VM (QEMU, virtiofsd) plus its agent; create, resize (the
+//!   containers' resource ledger), stop;
+//! - [`sandbox_config`]: the configuration a new sandbox runs with (files, annotations, template);
 //! - [`agent`]: the ttrpc client of the agent;
 //! - [`accel`]: KVM or TCG;
 //! - [`cgroups`]: the sandbox's cgroups on the host;
@@ -20,9 +22,12 @@ pub mod ids;
 pub mod monitor_client;
 pub mod network;
 pub mod sandbox;
+pub mod sandbox_config;
 pub mod template;
 pub mod vmcache;
 pub mod volumes;
 
 pub use error::SandboxError;
 pub use sandbox::{Placement, Sandbox, SandboxPaths, SharedNamespaces};
+pub use sandbox_config::SandboxConfig;
+pub use volumes::RESIZE_VOLUME_TIMEOUT;

@@ -16,6 +16,10 @@ use kata_protocols::agent::{
 };
 
 use crate::agent::{agent_err, ctx, CALL_TIMEOUT};
+
+/// How long the guest may take to grow a direct volume's filesystem online: under TCG a large
+/// ext4 or xfs takes tens of seconds.
+pub const RESIZE_VOLUME_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 use crate::direct_volume::{encode, MountInfo, Store};
 use crate::error::SandboxError;
 use crate::sandbox::Sandbox;
@@ -232,7 +236,8 @@ impl Sandbox {
         Ok(r.into())
     }
 
-    /// Grows the volume to `size` bytes: QEMU learns the new size (`block_resize`), then the
+    /// Grows the volume to `size` bytes (answering once the guest's filesystem has grown, within
+    /// [`RESIZE_VOLUME_TIMEOUT`]): QEMU learns the new size (`block_resize`), then the
     /// agent grows the filesystem online. Shrinking is refused.
     pub async fn resize_volume(&self, key: &str, size: u64) -> Result<(), SandboxError> {
         let v = self.volume_by(key).await?;
@@ -258,7 +263,7 @@ impl Sandbox {
         };
         self.agent
             .agent
-            .resize_volume(ctx(CALL_TIMEOUT), &req)
+            .resize_volume(ctx(RESIZE_VOLUME_TIMEOUT), &req)
             .await
             .map_err(agent_err("ResizeVolume"))?;
         Ok(())

@@ -118,11 +118,13 @@ pub fn run_in(store: &Store, args: DirectVolumeArgs) -> Result<ExitCode> {
             }
             let (sandbox, device) = sandbox_and_device(store, &volume_path)?;
             let body = serde_json::json!({ "VolumePath": device, "Size": size }).to_string();
-            let (status, reply) = shim_client::request(
+            // The answer comes when the guest's filesystem has grown (or could not).
+            let (status, reply) = shim_client::request_within(
                 &sandbox,
                 hyper::Method::POST,
                 "/direct-volume/resize",
                 body.into_bytes(),
+                shim_client::RESIZE_TIMEOUT,
             )?;
             if status != 200 {
                 bail!(

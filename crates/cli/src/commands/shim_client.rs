@@ -8,6 +8,11 @@ use anyhow::{anyhow, bail, Context, Result};
 
 /// How long a request may take (Kata's clients use 3 s).
 pub const TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a direct volume's resize may take: QEMU's `block_resize`, then the guest grows the
+/// filesystem online, which under TCG takes tens of seconds for a large one (the runtime's own
+/// bound, [`kata_sandbox::RESIZE_VOLUME_TIMEOUT`], plus a margin).
+pub const RESIZE_TIMEOUT: Duration =
+    Duration::from_secs(kata_sandbox::RESIZE_VOLUME_TIMEOUT.as_secs() + 10);
 
 /// Checks that `id` can name a sandbox (no path separators or dot names).
 pub fn check_id(id: &str) -> Result<()> {
@@ -44,6 +49,17 @@ pub fn request(
     path: &str,
     body: Vec<u8>,
 ) -> Result<(u16, Vec<u8>)> {
+    request_within(id, method, path, body, TIMEOUT)
+}
+
+/// [`request`] waiting up to `timeout` for the answer, for work that takes longer.
+pub fn request_within(
+    id: &str,
+    method: hyper::Method,
+    path: &str,
+    body: Vec<u8>,
+    timeout: Duration,
+) -> Result<(u16, Vec<u8>)> {
     let sock = socket(id)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -51,14 +67,14 @@ pub fn request(
         .context("start the async runtime")?;
     rt.block_on(async {
         tokio::time::timeout(
-            TIMEOUT,
+            timeout,
             kata_sandbox::monitor_client::request(&sock, method, path, body),
         )
         .await
         .map_err(|_| {
             anyhow!(
                 "the shim of sandbox {id} did not answer within {} s on {}",
-                TIMEOUT.as_secs(),
+                timeout.as_secs(),
                 sock.display()
             )
         })?

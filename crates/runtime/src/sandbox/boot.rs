@@ -325,6 +325,8 @@ impl Sandbox {
             )),
             timings,
             volumes: tokio::sync::Mutex::new(crate::volumes::Attached::default()),
+            ledger: std::sync::Mutex::new(demand::Ledger::default()),
+            resizing: tokio::sync::Mutex::new(()),
         })
     }
 }

@@ -23,6 +23,8 @@ use crate::error::SandboxError;
 use crate::network::PodNetwork;
 
 mod boot;
+mod demand;
+mod fence;
 mod paths;
 mod resources;
 
@@ -30,6 +32,8 @@ pub use boot::ADOPTED_FROM;
 pub(crate) use boot::{agent_channel, dial_agent, shared_fs_device};
 pub use boot::{guest_shape, launch_spec, GuestShape, VmSource};
 use boot::{place_vcpus, Started};
+pub use demand::{cpu_limit, Demand};
+pub use fence::{Killed, SANDBOX_KILL_GRACE};
 pub use paths::*;
 use resources::Plugged;
 
@@ -144,6 +148,10 @@ pub struct Sandbox {
     pub timings: BootTimings,
     /// Direct volumes hot-plugged into the VM (see [`crate::volumes`]).
     pub(crate) volumes: tokio::sync::Mutex<crate::volumes::Attached>,
+    /// What each container asks of the VM (see [`Sandbox::reserve`]).
+    ledger: std::sync::Mutex<demand::Ledger>,
+    /// Held while the VM is resized to the ledger's sum, so that resizes apply in order.
+    resizing: tokio::sync::Mutex<()>,
 }
 
 fn ms(since: Instant) -> u64 {
@@ -390,6 +398,11 @@ impl Sandbox {
             .await
             .map_err(agent_err("SignalProcess"))?;
         Ok(())
+    }
+
+    /// The guest's OOM kills, for a watcher that must not keep the sandbox alive.
+    pub fn oom_events(&self) -> crate::agent::OomEvents {
+        crate::agent::OomEvents::of(&self.agent)
     }
 
     /// Waits for a process; returns (status, signal).

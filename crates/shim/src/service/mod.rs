@@ -1,6 +1,9 @@
 //! The Task API over one sandbox. The first task creates the sandbox (VM): with `ctr`, that is
 //! the only task; in a Kubernetes pod it is the sandbox (pause) container, and the pod's other
-//! containers are further tasks of the same shim (see [`crate::pod`]).
+//! containers are further tasks of the same shim (see [`crate::pod`]). Each method decodes the
+//! request, calls the runtime ([`kata_sandbox::Sandbox`]), publishes the event and maps errors
+//! ([`errors`]); a task's Create is in [`create`], containerd 2.x's sandbox API in
+//! [`sandbox_api`].
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -8,16 +11,10 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use containerd_shim_protos::api::*;
-use containerd_shim_protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskStart,
-};
+use containerd_shim_protos::events::task::{TaskCreate, TaskDelete, TaskExecAdded, TaskIO};
 use containerd_shim_protos::shim_async::Task;
-use kata_config::load::{FoundBy, SearchInputs};
-use kata_config::HostLimits;
-use kata_protocols::agent::Storage;
-use kata_sandbox::cgroups::CpuLimit;
-use kata_sandbox::{Placement, Sandbox};
-use oci_spec::runtime::{LinuxResources, Process, Spec};
+use kata_sandbox::Sandbox;
+use oci_spec::runtime::{LinuxResources, Process};
 use protobuf::well_known_types::empty::Empty;
 use protobuf::well_known_types::timestamp::Timestamp;
 use tokio::sync::{watch, Mutex, Notify};
@@ -25,18 +22,18 @@ use tracing::Instrument;
 use ttrpc::r#async::TtrpcContext;
 
 use crate::events::{now, Publisher};
-use crate::io::{self, StdioPaths};
+use crate::io::StdioPaths;
 use crate::rootfs;
+use errors::{err, not_found, runtime_err};
 
 type Exit = Option<(u32, Timestamp)>;
 
-mod resources;
+mod create;
+mod errors;
+mod process;
 mod sandbox_api;
-use resources::{cpu_limit, requested};
-
-/// How long the guest has to reap the sandbox's process after a SIGKILL before the VM is
-/// killed (a stuck guest must not hold a pod that is being stopped).
-const SANDBOX_KILL_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+mod watchers;
+use watchers::OomReporter;
 
 #[derive(Debug)]
 struct Proc {
@@ -72,9 +69,6 @@ impl Proc {
 struct TaskState {
     bundle: PathBuf,
     rootfs: Option<PathBuf>,
-    /// The container's CPU limit, counted in the host sandbox cgroup's (None: not counted, as
-    /// for a pod's sandbox container).
-    cpu: Option<Option<CpuLimit>>,
     init: Proc,
     execs: HashMap<String, Proc>,
     /// The spec's hooks (poststart and poststop run later) and what their state carries.
@@ -120,90 +114,9 @@ pub struct Service {
     shutdown: Arc<Notify>,
     state: Mutex<State>,
     oom: OomReporter,
-    /// What each container asks of the VM beyond its boot size: (memory MiB, vCPUs), from its
-    /// create until its delete. The VM is resized to their sum.
-    demands: std::sync::Mutex<HashMap<String, (u32, u32)>>,
-    /// Held while the VM is resized, so that resizes apply in the order their sums were taken.
-    resizing: Mutex<()>,
     /// `ConfigPath` of the runtime options containerd gave `start` (the sandbox API's
     /// CreateSandbox carries none; a task's Create carries its own).
     runtime_config: Option<PathBuf>,
-}
-
-/// Publishes `/tasks/oom` once per OOM kill the guest cgroup of a container counts.
-#[derive(Debug, Clone)]
-struct OomReporter {
-    publisher: Publisher,
-    reported: Arc<std::sync::Mutex<HashMap<String, u64>>>,
-}
-
-impl OomReporter {
-    async fn check(&self, sb: &Sandbox, cid: &str) {
-        let Ok(stats) = sb.stats(cid).await else {
-            return;
-        };
-        let new = {
-            let mut r = self.reported.lock().unwrap_or_else(|e| e.into_inner());
-            let seen = r.entry(cid.to_string()).or_insert(0);
-            let new = stats.oom_kills > *seen;
-            *seen = (*seen).max(stats.oom_kills);
-            new
-        };
-        if new {
-            tracing::info!(container = cid, "OOM in the guest");
-            let ev = containerd_shim_protos::events::task::TaskOOM {
-                container_id: cid.to_string(),
-                ..Default::default()
-            };
-            self.publisher.publish("/tasks/oom", &ev).await;
-        }
-    }
-}
-
-fn err(code: ttrpc::Code, msg: impl std::fmt::Display) -> ttrpc::Error {
-    ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.to_string()))
-}
-
-fn internal(e: impl std::error::Error + 'static) -> ttrpc::Error {
-    err(ttrpc::Code::INTERNAL, kata_config::error_chain(&e))
-}
-
-fn not_found(what: &str) -> ttrpc::Error {
-    err(ttrpc::Code::NOT_FOUND, format!("{what} not found"))
-}
-
-/// With `[runtime] disable_guest_seccomp = true` (Kata's default in its own files) the
-/// container's seccomp profile is not applied in the guest, as in Kata: said in the log, never
-/// silently.
-fn guest_seccomp(config: &kata_config::Config, cid: &str, spec: &mut Spec) {
-    if !config.runtime.disable_guest_seccomp {
-        return;
-    }
-    if let Some(linux) = spec.linux_mut() {
-        if linux.seccomp().is_some() {
-            tracing::warn!(
-                container = cid,
-                "the container's seccomp profile is not applied: [runtime] disable_guest_seccomp = true"
-            );
-            linux.set_seccomp(None);
-        }
-    }
-}
-
-fn annotations_of(spec: &Spec) -> HashMap<String, String> {
-    spec.annotations()
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .collect()
-}
-
-fn is_bind(m: &oci_spec::runtime::Mount) -> bool {
-    m.typ().as_deref() == Some("bind")
-        || m.options()
-            .iter()
-            .flatten()
-            .any(|o| o == "bind" || o == "rbind")
 }
 
 impl Service {
@@ -219,8 +132,6 @@ impl Service {
             shutdown,
             state: Mutex::new(State::default()),
             oom,
-            demands: Default::default(),
-            resizing: Mutex::new(()),
             runtime_config: std::env::var_os(crate::RUNTIME_CONFIG_ENV).map(PathBuf::from),
         }
     }
@@ -241,391 +152,6 @@ impl Service {
                 "the sandbox is not running",
             )
         })
-    }
-
-    /// Rewrites the spec's bind mounts to guest paths of shared copies; a Kubernetes emptyDir
-    /// becomes a directory in guest memory shared by the pod's containers (unless
-    /// `disable_guest_empty_dir`).
-    /// Shares the spec's bind mounts with the guest; a bind of a direct volume becomes its
-    /// block device instead (the returned storages, for the agent to mount).
-    async fn share_mounts(
-        sb: &Sandbox,
-        cid: &str,
-        spec: &mut Spec,
-    ) -> Result<Vec<Storage>, ttrpc::Error> {
-        let mut storages = Vec::new();
-        let volumes = kata_sandbox::direct_volume::Store::default();
-        let mut mounts = spec.mounts().clone().unwrap_or_default();
-        for (i, m) in mounts.iter_mut().enumerate() {
-            if !is_bind(m) {
-                continue;
-            }
-            if !sb.config.runtime.disable_guest_empty_dir {
-                if let Some(name) = crate::pod::empty_dir_name(m) {
-                    m.set_source(Some(
-                        std::path::Path::new(crate::pod::GUEST_EPHEMERAL_DIR).join(name),
-                    ));
-                    m.set_typ(Some("bind".into()));
-                    m.set_options(Some(vec!["rbind".into(), "rw".into()]));
-                    continue;
-                }
-            }
-            let Some(source) = m.source().clone() else {
-                continue;
-            };
-            let options = m.options().clone().unwrap_or_default();
-            let volume = source.display().to_string();
-            match volumes.get(&volume) {
-                Ok(Some(info)) => {
-                    let (storage, guest) = sb
-                        .attach_volume(cid, &volume, &info, &options)
-                        .await
-                        .map_err(|e| {
-                            err(ttrpc::Code::INVALID_ARGUMENT, kata_config::error_chain(&e))
-                        })?;
-                    storages.push(storage);
-                    m.set_source(Some(guest));
-                    m.set_typ(Some("bind".into()));
-                    continue;
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    return Err(err(
-                        ttrpc::Code::INVALID_ARGUMENT,
-                        kata_config::error_chain(&e),
-                    ))
-                }
-            }
-            let guest = sb
-                .share_mount(cid, i, &source, &options)
-                .map_err(|e| err(ttrpc::Code::INVALID_ARGUMENT, kata_config::error_chain(&e)))?;
-            m.set_source(Some(guest));
-            m.set_typ(Some("bind".into()));
-        }
-        spec.set_mounts(Some(mounts));
-        Ok(storages)
-    }
-
-    async fn do_create(&self, req: &CreateTaskRequest) -> Result<u32, ttrpc::Error> {
-        let bundle = PathBuf::from(&req.bundle);
-        let mut spec = Spec::load(bundle.join("config.json")).map_err(|e| {
-            err(
-                ttrpc::Code::INVALID_ARGUMENT,
-                format!("read {}/config.json: {e}", bundle.display()),
-            )
-        })?;
-        let annotations = annotations_of(&spec);
-        let role =
-            crate::pod::role(&annotations).map_err(|e| err(ttrpc::Code::INVALID_ARGUMENT, e))?;
-        let (existing, sandbox_pid) = {
-            let st = self.state.lock().await;
-            let pid = st
-                .tasks
-                .get(&self.id)
-                .map(|t| t.init.pid)
-                .filter(|p| *p > 0);
-            (st.sandbox.clone(), pid)
-        };
-        let mut config = match (&role, &existing) {
-            // A pod container runs in the VM its sandbox configured: the pod's annotations,
-            // which the CRI plugin copies into every container, were applied (or refused) then.
-            (crate::pod::Role::Container { sandbox_id }, Some(sb)) if *sandbox_id == self.id => {
-                sb.config.clone()
-            }
-            (crate::pod::Role::Container { sandbox_id }, _) => {
-                return Err(err(
-                    ttrpc::Code::FAILED_PRECONDITION,
-                    format!("container {} belongs to pod sandbox {sandbox_id}, which this shim (sandbox {}) does not run", req.id, self.id),
-                ));
-            }
-            (crate::pod::Role::Sandbox, _) => {
-                let inputs = SearchInputs::standard()
-                    .with_explicit(
-                        rootfs::config_path(req.options.as_ref()),
-                        FoundBy::RuntimeOption,
-                    )
-                    .with_annotations(annotations.clone().into_iter().collect());
-                let config = tracing::info_span!("config_load")
-                    .in_scope(|| kata_config::load::load_effective(&inputs, &HostLimits::current()))
-                    .map_err(|e| err(ttrpc::Code::INVALID_ARGUMENT, kata_config::error_chain(&e)))?
-                    .0;
-                if config.runtime.enable_debug {
-                    crate::set_debug_logging();
-                }
-                // Keys set in the files that the runtime does not act on: said, not dropped.
-                for u in &config.unsupported {
-                    tracing::warn!(
-                        section = %u.section,
-                        key = %u.key,
-                        "configuration key set but not supported by this runtime: it has no effect"
-                    );
-                }
-                config
-            }
-        };
-        let root_path = spec
-            .root()
-            .as_ref()
-            .map(|r| r.path().clone())
-            .unwrap_or_else(|| PathBuf::from("rootfs"));
-        let rootfs = if root_path.is_absolute() {
-            root_path
-        } else {
-            bundle.join(root_path)
-        };
-        let mounted = if req.rootfs.is_empty() {
-            None
-        } else {
-            tracing::info_span!("rootfs_mount")
-                .in_scope(|| rootfs::mount_rootfs(&req.rootfs, &rootfs))
-                .map_err(|e| err(ttrpc::Code::INTERNAL, e))?;
-            Some(rootfs.clone())
-        };
-        let undo = |mounted: &Option<PathBuf>| {
-            if let Some(r) = mounted {
-                rootfs::unmount_rootfs(r);
-            }
-        };
-        let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
-        let (mem, cpus) = requested(resources.as_ref());
-        // VM templating: the template is made from the configuration files alone, so that one
-        // template serves every pod that does not override them.
-        let template_config = if config.factory.enable_template && existing.is_none() {
-            let inputs = SearchInputs::standard().with_explicit(
-                rootfs::config_path(req.options.as_ref()),
-                FoundBy::RuntimeOption,
-            );
-            kata_config::load::load_effective(&inputs, &HostLimits::current())
-                .ok()
-                .map(|c| c.0)
-        } else {
-            None
-        };
-        let placement = Placement {
-            template_config,
-            netns: kata_sandbox::network::netns_of(&spec),
-            new_netns: role == crate::pod::Role::Sandbox
-                && kata_sandbox::network::wants_new_netns(&spec),
-            pod_namespaces: None,
-            netns_by_pid: crate::pod::configures_netns_by_pid(self.publisher.namespace(), &spec),
-            cgroups_path: Some(
-                spec.linux()
-                    .as_ref()
-                    .and_then(|l| l.cgroups_path().as_ref())
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default(),
-            ),
-        };
-        let counted_cpu =
-            (!crate::pod::is_pod_sandbox(&annotations)).then(|| cpu_limit(resources.as_ref()));
-        let shared = if self.state.lock().await.pod.is_some() {
-            crate::pod::PodNamespaces::Holder
-        } else {
-            match sandbox_pid {
-                Some(pid) if req.id != self.id => crate::pod::PodNamespaces::PauseContainer(pid),
-                _ => crate::pod::PodNamespaces::None,
-            }
-        };
-        crate::pod::guest_namespaces(&mut spec, shared);
-        let sb = match existing {
-            Some(sb) => sb,
-            None => {
-                if config.runtime.static_resources() {
-                    let h = &mut config.hypervisor;
-                    h.default_memory = h
-                        .default_memory
-                        .saturating_add(mem)
-                        .min(h.default_maxmemory);
-                    h.default_vcpus = h.default_vcpus.saturating_add(cpus).min(h.default_maxvcpus);
-                }
-                match Sandbox::create_in(&req.id, &config, &placement)
-                    .instrument(tracing::info_span!("vm_boot"))
-                    .await
-                {
-                    Ok(sb) => {
-                        let sb = Arc::new(sb);
-                        self.state.lock().await.sandbox = Some(sb.clone());
-                        self.watch_oom(sb.clone());
-                        tracing::info!(id = %req.id, source = sb.timings.source.name(), timings = ?sb.timings, accel = ?sb.accel, "sandbox ready");
-                        sb
-                    }
-                    Err(e) => {
-                        undo(&mounted);
-                        return Err(err(ttrpc::Code::INTERNAL, kata_config::error_chain(&e)));
-                    }
-                }
-            }
-        };
-        if mem > 0 || cpus > 0 {
-            // The VM gets what the container asks for before the container exists; if it
-            // cannot, the create fails with the reason (the container would run with less
-            // than its limits otherwise).
-            self.set_demand(&req.id, Some((mem, cpus)));
-            if let Err(e) = self.resize_vm(&sb).await {
-                self.set_demand(&req.id, None);
-                let _ = self.resize_vm(&sb).await;
-                undo(&mounted);
-                if req.id == self.id {
-                    sb.stop().await;
-                    self.state.lock().await.sandbox = None;
-                }
-                return Err(err(
-                    ttrpc::Code::RESOURCE_EXHAUSTED,
-                    format!(
-                        "cannot give the VM the container's resources ({mem} MiB, {cpus} vCPUs): {}",
-                        kata_config::error_chain(&e)
-                    ),
-                ));
-            }
-        }
-        guest_seccomp(&sb.config, &req.id, &mut spec);
-        // The host's hooks stay on the host: the agent never sees them.
-        let hooks = spec.hooks().clone();
-        spec.set_hooks(None);
-        let oci_version = spec.version().clone();
-        let created = async {
-            if let Some(h) = &hooks {
-                crate::hooks::check(h).map_err(|e| err(ttrpc::Code::INVALID_ARGUMENT, e))?;
-                let state = crate::hooks::state(
-                    &oci_version,
-                    &req.id,
-                    "creating",
-                    sb.vm.pid,
-                    &bundle,
-                    &annotations,
-                );
-                for (kind, hook) in crate::hooks::create_hooks(h) {
-                    crate::hooks::run(kind, &hook, &state)
-                        .instrument(tracing::info_span!("hook", kind))
-                        .await
-                        .map_err(|e| err(ttrpc::Code::FAILED_PRECONDITION, e))?;
-                }
-            }
-            let storages = Self::share_mounts(&sb, &req.id, &mut spec).await?;
-            sb.create_container(&req.id, spec, &rootfs, storages)
-                .await
-                .map_err(internal)
-        }
-        .instrument(tracing::info_span!("container_create"))
-        .await;
-        let pid = match created {
-            Ok(pid) => pid,
-            Err(e) => {
-                sb.unshare(&req.id);
-                sb.release_volumes(&req.id).await;
-                self.release_demand(&sb, &req.id).await;
-                undo(&mounted);
-                if req.id == self.id {
-                    sb.stop().await;
-                    self.state.lock().await.sandbox = None;
-                }
-                return Err(e);
-            }
-        };
-        let stdio = StdioPaths {
-            stdin: req.stdin.clone(),
-            stdout: req.stdout.clone(),
-            stderr: req.stderr.clone(),
-            terminal: req.terminal,
-        };
-        let tasks = io::start(&sb, &req.id, "", &stdio);
-        let mut init = Proc::new(stdio);
-        init.pid = pid;
-        init.host_pid = sb.host_pid();
-        init.output = Some(tasks.output);
-        init.input = tasks.input;
-        let task = TaskState {
-            bundle,
-            rootfs: mounted,
-            cpu: counted_cpu,
-            init,
-            execs: HashMap::new(),
-            hooks,
-            oci_version,
-            annotations,
-        };
-        self.state.lock().await.tasks.insert(req.id.clone(), task);
-        self.update_host_cpu_limit(&sb).await;
-        Ok(sb.host_pid())
-    }
-
-    /// Forwards the guest's OOM kills as `/tasks/oom` events while the sandbox runs.
-    fn watch_oom(&self, sb: Arc<Sandbox>) {
-        let oom = self.oom.clone();
-        let sandbox = Arc::downgrade(&sb);
-        drop(sb);
-        tokio::spawn(async move {
-            loop {
-                let Some(sb) = sandbox.upgrade() else { return };
-                let client = sb.agent.agent.clone();
-                drop(sb);
-                let req = kata_protocols::agent::GetOOMEventRequest::new();
-                match client
-                    .get_oom_event(ttrpc::context::with_timeout(0), &req)
-                    .await
-                {
-                    Ok(ev) => {
-                        if let Some(sb) = sandbox.upgrade() {
-                            oom.check(&sb, &ev.container_id).await;
-                        }
-                    }
-                    Err(_) => return, // the sandbox stopped
-                }
-            }
-        });
-    }
-
-    fn watch_exit(
-        &self,
-        sb: Arc<Sandbox>,
-        cid: String,
-        exec_id: String,
-        pid: u32,
-        output: Option<tokio::task::JoinHandle<()>>,
-        exit: watch::Sender<Exit>,
-    ) {
-        let publisher = self.publisher.clone();
-        let oom = self.oom.clone();
-        tokio::spawn(async move {
-            let status = match sb.wait(&cid, &exec_id).await {
-                Ok((status, _)) => status as u32,
-                Err(e) => {
-                    match sb.vm.exit_error() {
-                        // The VM died: say why, with the guest console's last lines.
-                        Some(vm) => tracing::error!(
-                            container = %cid,
-                            exec = %exec_id,
-                            error = %kata_config::error_chain(&vm),
-                            "the sandbox's VM died; the process is reported as killed (exit 255)"
-                        ),
-                        None => tracing::warn!(error = %e, "wait failed"),
-                    }
-                    255
-                }
-            };
-            // All output is delivered before the exit is.
-            if let Some(o) = output {
-                let _ = o.await;
-            }
-            // An OOM kill is published before the exit it caused, as runc's shim does.
-            oom.check(&sb, &cid).await;
-            let at = now();
-            exit.send_replace(Some((status, at.clone())));
-            let id = if exec_id.is_empty() {
-                cid.clone()
-            } else {
-                exec_id.clone()
-            };
-            let ev = TaskExit {
-                container_id: cid,
-                id,
-                pid,
-                exit_status: status,
-                exited_at: protobuf::MessageField::some(at),
-                ..Default::default()
-            };
-            publisher.publish("/tasks/exit", &ev).await;
-        });
     }
 }
 
@@ -675,118 +201,11 @@ impl Task for Service {
         let _timer = crate::metrics::rpc_timer("start");
         tracing::info!(rpc = "start", id = %req.id, "task API");
         let sb = self.sandbox().await?;
-        if req.exec_id.is_empty() {
-            if req.id == self.id {
-                // Docker configured the namespace of the pid it was given after Create.
-                sb.attach_late_network()
-                    .await
-                    .map_err(|e| err(ttrpc::Code::INTERNAL, kata_config::error_chain(&e)))?;
-            }
-            sb.start_container(&req.id)
-                .instrument(tracing::info_span!("process_start", id = %req.id))
-                .await
-                .map_err(internal)?;
-            let mut st = self.state.lock().await;
-            let t = st
-                .tasks
-                .get_mut(&req.id)
-                .ok_or_else(|| not_found(&format!("task {}", req.id)))?;
-            t.init.started = true;
-            let pid = t.init.host_pid;
-            let poststart = t.hooks.as_ref().and_then(|h| h.poststart().clone());
-            // runc (the oracle) gives poststart hooks the state it read before the start.
-            let state = crate::hooks::state(
-                &t.oci_version,
-                &req.id,
-                "created",
-                sb.vm.pid,
-                &t.bundle,
-                &t.annotations,
-            );
-            self.watch_exit(
-                sb,
-                req.id.clone(),
-                String::new(),
-                pid,
-                t.init.output.take(),
-                t.init.exit.clone(),
-            );
-            drop(st);
-            crate::hooks::run_logged("poststart", poststart.as_ref(), &state).await;
-            self.publisher
-                .publish(
-                    "/tasks/start",
-                    &TaskStart {
-                        container_id: req.id.clone(),
-                        pid,
-                        ..Default::default()
-                    },
-                )
-                .await;
-            return Ok(StartResponse {
-                pid,
-                ..Default::default()
-            });
-        }
-        let (spec, stdio) = {
-            let st = self.state.lock().await;
-            let p = st
-                .tasks
-                .get(&req.id)
-                .and_then(|t| t.execs.get(&req.exec_id))
-                .ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?;
-            (
-                p.spec
-                    .clone()
-                    .ok_or_else(|| err(ttrpc::Code::FAILED_PRECONDITION, "exec already started"))?,
-                p.stdio.clone(),
-            )
+        let pid = if req.exec_id.is_empty() {
+            self.start_init(&req, sb).await?
+        } else {
+            self.start_exec(&req, sb).await?
         };
-        let pid = match sb.exec(&req.id, &req.exec_id, &spec).await {
-            Ok(pid) => pid,
-            Err(e) => {
-                // As runc's shim: an exec that failed to start is finished, so Wait, Kill and
-                // Delete answer at once (containerd kills and waits for it before deleting it).
-                let st = self.state.lock().await;
-                if let Some(p) = st
-                    .tasks
-                    .get(&req.id)
-                    .and_then(|t| t.execs.get(&req.exec_id))
-                {
-                    p.exit.send_replace(Some((255, now())));
-                }
-                return Err(internal(e));
-            }
-        };
-        let tasks = io::start(&sb, &req.id, &req.exec_id, &stdio);
-        let mut st = self.state.lock().await;
-        let p = st
-            .tasks
-            .get_mut(&req.id)
-            .and_then(|t| t.execs.get_mut(&req.exec_id))
-            .ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?;
-        p.pid = pid;
-        p.host_pid = sb.host_pid();
-        let pid = p.host_pid;
-        p.started = true;
-        p.spec = None;
-        p.input = tasks.input;
-        self.watch_exit(
-            sb,
-            req.id.clone(),
-            req.exec_id.clone(),
-            pid,
-            Some(tasks.output),
-            p.exit.clone(),
-        );
-        drop(st);
-        let ev = TaskExecStarted {
-            container_id: req.id.clone(),
-            exec_id: req.exec_id.clone(),
-            pid,
-            ..Default::default()
-        };
-        self.publisher.publish("/tasks/exec-started", &ev).await;
         Ok(StartResponse {
             pid,
             ..Default::default()
@@ -825,8 +244,7 @@ impl Task for Service {
                 tracing::warn!(error = %e, "remove container");
             }
             if req.id != self.id {
-                self.update_host_cpu_limit(sb).await;
-                self.release_demand(sb, &req.id).await;
+                sb.release(&req.id).await;
             }
         }
         if let Some(r) = &t.rootfs {
@@ -959,7 +377,7 @@ impl Task for Service {
             }
             p.exit.subscribe()
         };
-        if let Err(e) = sb.signal(&req.id, &req.exec_id, req.signal, req.all).await {
+        if let Err(e) = sb.kill(&req.id, &req.exec_id, req.signal, req.all).await {
             // The process may have finished meanwhile (the agent forgets a finished exec as soon
             // as its output is delivered, just before its exit is published here).
             let finished = tokio::time::timeout(
@@ -970,39 +388,12 @@ impl Task for Service {
             if matches!(finished, Ok(Ok(_))) {
                 return Err(not_found("process already finished:"));
             }
-            // SIGKILL never fails with runc. An agent that does not answer it (a hung or
-            // stopped VM) cannot run anything any more: the VM is killed, which ends every
-            // process in it (reported as killed), and the kubelet can stop the pod.
-            if req.signal == 9 && e.unanswered() {
-                tracing::error!(
-                    container = %req.id,
-                    exec = %req.exec_id,
-                    error = %kata_config::error_chain(&e),
-                    "the agent did not answer SIGKILL: killing the VM"
-                );
-                kata_hypervisor::qemu::vm::kill_pid(sb.vm.pid);
-                return Ok(Empty::new());
-            }
-            return Err(internal(e));
+            return Err(runtime_err(e));
         }
         if req.signal == 9 && req.id == self.id && req.exec_id.is_empty() {
-            // The pod is being stopped. A guest that took the SIGKILL but cannot reap the
-            // sandbox's process (a process stuck in the guest kernel, e.g. on a shared
-            // filesystem whose virtiofsd died) would hold the pod forever: after the grace,
-            // the VM is killed, which ends every process in it (reported as killed).
-            let vm = sb.clone();
-            let id = req.id.clone();
-            tokio::spawn(async move {
-                let reaped =
-                    tokio::time::timeout(SANDBOX_KILL_GRACE, exit.wait_for(|e| e.is_some())).await;
-                if reaped.is_err() {
-                    tracing::error!(
-                        sandbox = %id,
-                        grace_s = SANDBOX_KILL_GRACE.as_secs(),
-                        "the guest did not reap the sandbox's process after SIGKILL: killing the VM"
-                    );
-                    vm.vm.kill();
-                }
+            // The pod is being stopped: the guest must reap the sandbox's process in time.
+            sb.fence_after_kill(kata_sandbox::sandbox::SANDBOX_KILL_GRACE, async move {
+                let _ = exit.wait_for(|e| e.is_some()).await;
             });
         }
         Ok(Empty::new())
@@ -1103,27 +494,14 @@ impl Task for Service {
                 format!("invalid resources: {e}"),
             )
         })?;
-        let (mem, cpus) = requested(Some(&resources));
-        {
-            let mut st = self.state.lock().await;
-            let t = st
-                .tasks
-                .get_mut(&req.id)
-                .ok_or_else(|| not_found(&format!("task {}", req.id)))?;
-            if t.cpu.is_some() {
-                t.cpu = Some(cpu_limit(Some(&resources)));
-            }
-        }
-        // The VM follows the new limits, up or down.
-        let before = self.set_demand(&req.id, Some((mem, cpus)));
-        if let Err(e) = self.resize_vm(&sb).await {
-            self.set_demand(&req.id, before);
-            return Err(internal(e));
-        }
+        self.state.lock().await.task(&req.id)?;
+        // The VM follows the new limits, up or down, then the guest cgroup does.
+        sb.update_demand(&req.id, &resources)
+            .await
+            .map_err(runtime_err)?;
         sb.update(&req.id, any.value.clone())
             .await
-            .map_err(internal)?;
-        self.update_host_cpu_limit(&sb).await;
+            .map_err(runtime_err)?;
         Ok(Empty::new())
     }
 
@@ -1131,7 +509,7 @@ impl Task for Service {
         let _timer = crate::metrics::rpc_timer("stats");
         tracing::info!(rpc = "stats", id = %req.id, "task API");
         let sb = self.sandbox().await?;
-        let r = sb.stats(&req.id).await.map_err(internal)?;
+        let r = sb.stats(&req.id).await.map_err(runtime_err)?;
         use containerd_shim_protos::cgroups_v2::metrics::{CPUStat, MemoryStat, Metrics, PidsStat};
         let m = Metrics {
             pids: protobuf::MessageField::some(PidsStat {

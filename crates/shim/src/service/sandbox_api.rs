@@ -11,15 +11,14 @@ use async_trait::async_trait;
 use containerd_shim_protos::sandbox_api::*;
 use containerd_shim_protos::sandbox_async::Sandbox as SandboxApi;
 use containerd_shim_protos::types::platform::Platform;
-use kata_config::load::{FoundBy, SearchInputs};
-use kata_config::HostLimits;
-use kata_sandbox::{Placement, Sandbox};
+use kata_sandbox::{Placement, Sandbox, SandboxConfig};
 use protobuf::well_known_types::timestamp::Timestamp;
 use tokio::sync::watch;
 use tracing::Instrument;
 use ttrpc::r#async::TtrpcContext;
 
-use super::{err, Exit, Service};
+use super::errors::{err, runtime_err};
+use super::{Exit, Service};
 use crate::events::now;
 
 /// The sandbox API's state of the pod.
@@ -103,32 +102,15 @@ impl Service {
         };
         let mut annotations = pod.annotations.clone();
         annotations.extend(req.annotations.clone());
-        let inputs = SearchInputs::standard()
-            .with_explicit(self.runtime_config.clone(), FoundBy::RuntimeOption);
-        let config = tracing::info_span!("config_load")
-            .in_scope(|| {
-                kata_config::load::load_effective(
-                    &inputs
-                        .clone()
-                        .with_annotations(annotations.into_iter().collect()),
-                    &HostLimits::current(),
-                )
-            })
-            .map_err(|e| err(ttrpc::Code::INVALID_ARGUMENT, kata_config::error_chain(&e)))?
-            .0;
+        let loaded = SandboxConfig::load(
+            self.runtime_config.clone(),
+            annotations.into_iter().collect(),
+        )
+        .map_err(|e| err(ttrpc::Code::INVALID_ARGUMENT, kata_config::error_chain(&e)))?;
+        let (config, template_config) = (loaded.config, loaded.template);
         if config.runtime.enable_debug {
             crate::set_debug_logging();
         }
-        for u in &config.unsupported {
-            tracing::warn!(section = %u.section, key = %u.key, "configuration key set but not supported by this runtime: it has no effect");
-        }
-        let template_config = if config.factory.enable_template {
-            kata_config::load::load_effective(&inputs, &HostLimits::current())
-                .ok()
-                .map(|c| c.0)
-        } else {
-            None
-        };
         let placement = Placement {
             template_config,
             netns: (!req.netns_path.is_empty()).then(|| req.netns_path.clone().into()),
@@ -142,7 +124,7 @@ impl Service {
         let sb = Sandbox::create_in(&req.sandbox_id, &config, &placement)
             .instrument(tracing::info_span!("vm_boot"))
             .await
-            .map_err(|e| err(ttrpc::Code::INTERNAL, kata_config::error_chain(&e)))?;
+            .map_err(runtime_err)?;
         let sb = Arc::new(sb);
         tracing::info!(id = %req.sandbox_id, source = sb.timings.source.name(), timings = ?sb.timings, accel = ?sb.accel, "sandbox ready (sandbox API: no pause container)");
         let mut st = self.state.lock().await;
