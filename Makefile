@@ -41,6 +41,7 @@ setup:
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	/usr/bin/python3 scripts/check-layers.py
 
 # Unit tests only (no root, no QEMU).
 unit:

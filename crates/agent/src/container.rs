@@ -36,6 +36,9 @@ pub enum AgentError {
     /// Failed while doing it.
     #[error("{0}")]
     Failed(String),
+    /// A step in the guest failed (its cause kept).
+    #[error(transparent)]
+    Guest(#[from] crate::error::GuestError),
 }
 
 impl From<AgentError> for ttrpc::Error {
@@ -45,6 +48,12 @@ impl From<AgentError> for ttrpc::Error {
             AgentError::NotFound(_) => ttrpc::Code::NOT_FOUND,
             AgentError::Exists(_) => ttrpc::Code::ALREADY_EXISTS,
             AgentError::Failed(_) => ttrpc::Code::INTERNAL,
+            AgentError::Guest(
+                crate::error::GuestError::Invalid(_)
+                | crate::error::GuestError::Devcg(crate::devcg::DevcgError::Rule(_))
+                | crate::error::GuestError::Seccomp(crate::seccomp::SeccompError::Profile(_)),
+            ) => ttrpc::Code::INVALID_ARGUMENT,
+            AgentError::Guest(_) => ttrpc::Code::INTERNAL,
         };
         ttrpc::Error::RpcStatus(ttrpc::get_status(code, e.to_string()))
     }
@@ -173,19 +182,11 @@ fn io(what: &str) -> impl Fn(std::io::Error) -> AgentError + '_ {
     move |e| AgentError::Failed(format!("{what}: {e}"))
 }
 
-/// The namespaces a spec lists.
-pub fn spec_namespaces(spec: &Spec) -> Vec<oci_spec::runtime::LinuxNamespace> {
-    spec.linux()
-        .as_ref()
-        .and_then(|l| l.namespaces().clone())
-        .unwrap_or_default()
-}
-
 /// Namespaces to create for a new container, from its spec (network and user stay the VM's;
 /// those with a path are joined instead).
 fn clone_flags(spec: &Spec) -> CloneFlags {
     let mut flags = CloneFlags::CLONE_NEWNS;
-    for ns in spec_namespaces(spec) {
+    for ns in crate::helper::spec_namespaces(spec) {
         if ns.path().is_some() {
             continue; // joined by the helper (a pod's shared namespace)
         }
@@ -292,11 +293,11 @@ fn spawn(
         let master = recv_fd(&agent_end).map_err(|e| {
             let mut rest = String::new();
             let _ = status_r.read_to_string(&mut rest);
-            AgentError::Failed(if rest.is_empty() {
-                e
+            if rest.is_empty() {
+                AgentError::Guest(e)
             } else {
-                rest.trim_start_matches('E').to_string()
-            })
+                AgentError::Failed(rest.trim_start_matches('E').to_string())
+            }
         })?;
         stdout = OutputBuffer::pump(master.try_clone().map_err(io("dup pty"))?);
         stdin = Some(master.try_clone().map_err(io("dup pty"))?);
@@ -412,7 +413,8 @@ fn read_pid(status: &mut impl Read) -> Result<i32, AgentError> {
 }
 
 /// Receives one file descriptor sent with SCM_RIGHTS.
-fn recv_fd(sock: &File) -> Result<File, String> {
+fn recv_fd(sock: &File) -> Result<File, crate::error::GuestError> {
+    use crate::error::{invalid, step};
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
     use std::os::fd::FromRawFd;
     let mut buf = [0u8; 1];
@@ -424,8 +426,8 @@ fn recv_fd(sock: &File) -> Result<File, String> {
         Some(&mut space),
         MsgFlags::MSG_CMSG_CLOEXEC,
     )
-    .map_err(|e| format!("receive the pty: {e}"))?;
-    for c in msg.cmsgs().map_err(|e| format!("receive the pty: {e}"))? {
+    .map_err(step("receive the pty"))?;
+    for c in msg.cmsgs().map_err(step("receive the pty"))? {
         if let ControlMessageOwned::ScmRights(fds) = c {
             if let Some(fd) = fds.first() {
                 // SAFETY: the kernel just gave us this descriptor.
@@ -433,7 +435,7 @@ fn recv_fd(sock: &File) -> Result<File, String> {
             }
         }
     }
-    Err("the container process did not send its terminal".to_string())
+    Err(invalid("the container process did not send its terminal"))
 }
 
 /// Reads the status pipe after the start byte: EOF means exec succeeded.
@@ -475,12 +477,13 @@ fn apply_devices(dir: &Path, r: &LinuxResources) -> Result<(), AgentError> {
     let Some(list) = r.devices().as_ref().filter(|l| !l.is_empty()) else {
         return Ok(());
     };
-    let mut rules = crate::devcg::rules(list).map_err(AgentError::Invalid)?;
+    let mut rules = crate::devcg::rules(list).map_err(|e| AgentError::Guest(e.into()))?;
     // As runc: its standard devices are allowed whatever the spec says.
     rules.extend(crate::devcg::runc_defaults());
     let fd = std::fs::File::open(dir).map_err(io("open the container's cgroup"))?;
     use std::os::fd::AsFd;
-    crate::devcg::attach(&crate::devcg::assemble(&rules), fd.as_fd()).map_err(AgentError::Failed)
+    crate::devcg::attach(&crate::devcg::assemble(&rules), fd.as_fd())
+        .map_err(|e| AgentError::Guest(e.into()))
 }
 
 /// Creates the containers' parent cgroup with every controller enabled for its children. The

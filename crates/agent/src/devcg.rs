@@ -13,6 +13,29 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use oci_spec::runtime::{LinuxDeviceCgroup, LinuxDeviceType};
 
+/// Why a container's device rules cannot be enforced.
+#[derive(Debug, thiserror::Error)]
+pub enum DevcgError {
+    /// A rule of `linux.resources.devices` that the cgroup cannot express, and what to change.
+    #[error("{0}")]
+    Rule(String),
+    /// The program is not valid (a bug of its assembler; tests run it).
+    #[error("{0}")]
+    Program(String),
+    /// The kernel refused to load the program (its verifier's last lines).
+    #[error("load the device cgroup program: {source}: {verifier}")]
+    Load {
+        /// The end of the verifier's log.
+        verifier: String,
+        /// The kernel's reason.
+        #[source]
+        source: io::Error,
+    },
+    /// The kernel refused to attach the program to the container's cgroup.
+    #[error("attach the device cgroup program: {0}")]
+    Attach(#[source] io::Error),
+}
+
 /// `BPF_DEVCG_ACC_MKNOD`.
 pub const ACC_MKNOD: u32 = 1;
 /// `BPF_DEVCG_ACC_READ`.
@@ -75,7 +98,7 @@ pub fn runc_defaults() -> Vec<Rule> {
 
 /// Reduces the OCI rules; an access letter other than r, w, m or a device type the kernel's
 /// program cannot see is an error.
-pub fn rules(list: &[LinuxDeviceCgroup]) -> Result<Vec<Rule>, String> {
+pub fn rules(list: &[LinuxDeviceCgroup]) -> Result<Vec<Rule>, DevcgError> {
     let mut out = Vec::new();
     for (i, d) in list.iter().enumerate() {
         let typ = match d.typ().unwrap_or(LinuxDeviceType::A) {
@@ -83,9 +106,9 @@ pub fn rules(list: &[LinuxDeviceCgroup]) -> Result<Vec<Rule>, String> {
             LinuxDeviceType::B => Some(DEV_BLOCK),
             LinuxDeviceType::C | LinuxDeviceType::U => Some(DEV_CHAR),
             LinuxDeviceType::P => {
-                return Err(format!(
+                return Err(DevcgError::Rule(format!(
                 "linux.resources.devices[{i}]: type p (FIFO) is not a device the cgroup controls; remove the rule"
-            ))
+            )))
             }
         };
         let mut access = 0;
@@ -95,18 +118,20 @@ pub fn rules(list: &[LinuxDeviceCgroup]) -> Result<Vec<Rule>, String> {
                 'w' => ACC_WRITE,
                 'm' => ACC_MKNOD,
                 other => {
-                    return Err(format!(
+                    return Err(DevcgError::Rule(format!(
                         "linux.resources.devices[{i}]: access {other:?} is not r, w or m; use only those letters"
-                    ))
+                    )))
                 }
             };
         }
-        let num = |v: Option<i64>| -> Result<Option<u32>, String> {
+        let num = |v: Option<i64>| -> Result<Option<u32>, DevcgError> {
             match v {
                 None => Ok(None),
                 Some(n) if n < 0 => Ok(None),
                 Some(n) => u32::try_from(n).map(Some).map_err(|_| {
-                    format!("linux.resources.devices[{i}]: device number {n} is out of range")
+                    DevcgError::Rule(format!(
+                        "linux.resources.devices[{i}]: device number {n} is out of range"
+                    ))
                 }),
             }
         };
@@ -227,18 +252,22 @@ pub fn assemble(rules: &[Rule]) -> Vec<Insn> {
 }
 
 /// Runs a program on a request (tests): what the kernel would return.
-pub fn run(p: &[Insn], typ: u32, major: u32, minor: u32, access: u32) -> Result<bool, String> {
+pub fn run(p: &[Insn], typ: u32, major: u32, minor: u32, access: u32) -> Result<bool, DevcgError> {
     let ctx = [(access << 16) | typ, major, minor];
     let mut r = [0u64; 11];
     let mut pc = 0usize;
     for _ in 0..100_000 {
-        let i = p.get(pc).ok_or("ran off the end")?;
+        let i = p
+            .get(pc)
+            .ok_or_else(|| DevcgError::Program("ran off the end".into()))?;
         pc += 1;
         let (dst, src) = ((i.regs & 0xf) as usize, (i.regs >> 4) as usize);
         match i.code {
             LDX_W => {
                 if src != 1 {
-                    return Err("load from a register other than the context".into());
+                    return Err(DevcgError::Program(
+                        "load from a register other than the context".into(),
+                    ));
                 }
                 r[dst] = u64::from(ctx[(i.off / 4) as usize]);
             }
@@ -254,10 +283,10 @@ pub fn run(p: &[Insn], typ: u32, major: u32, minor: u32, access: u32) -> Result<
             }
             JA => pc = (pc as i64 + i64::from(i.off)) as usize,
             EXIT => return Ok(r[0] != 0),
-            other => return Err(format!("unknown opcode {other:#x}")),
+            other => return Err(DevcgError::Program(format!("unknown opcode {other:#x}"))),
         }
     }
-    Err("no exit".into())
+    Err(DevcgError::Program("no exit".into()))
 }
 
 fn put32(a: &mut [u8; 128], off: usize, v: u32) {
@@ -292,7 +321,7 @@ fn load(p: &[Insn], log: Option<&mut [u8]>) -> Result<OwnedFd, io::Error> {
 }
 
 /// Loads the program and attaches it to the cgroup directory `cgroup`.
-pub fn attach(p: &[Insn], cgroup: BorrowedFd<'_>) -> Result<(), String> {
+pub fn attach(p: &[Insn], cgroup: BorrowedFd<'_>) -> Result<(), DevcgError> {
     let prog = match load(p, None) {
         Ok(fd) => fd,
         Err(e) => {
@@ -302,10 +331,10 @@ pub fn attach(p: &[Insn], cgroup: BorrowedFd<'_>) -> Result<(), String> {
             let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
             let text = String::from_utf8_lossy(&log[..end]);
             let tail: Vec<&str> = text.lines().rev().take(5).collect();
-            return Err(format!(
-                "load the device cgroup program: {e}: {}",
-                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
-            ));
+            return Err(DevcgError::Load {
+                verifier: tail.into_iter().rev().collect::<Vec<_>>().join(" | "),
+                source: e,
+            });
         }
     };
     let mut attr = [0u8; 128];
@@ -316,10 +345,7 @@ pub fn attach(p: &[Insn], cgroup: BorrowedFd<'_>) -> Result<(), String> {
                              // SAFETY: bpf(BPF_PROG_ATTACH) reads `attr`.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, 8, attr.as_ptr(), attr.len()) };
     if rc < 0 {
-        return Err(format!(
-            "attach the device cgroup program: {}",
-            io::Error::last_os_error()
-        ));
+        return Err(DevcgError::Attach(io::Error::last_os_error()));
     }
     Ok(())
 }
@@ -354,7 +380,7 @@ mod tests {
             ("/dev/vda r", DEV_BLOCK, 254, 0, ACC_READ, false),
             ("mknod vda", DEV_BLOCK, 254, 0, ACC_MKNOD, true),
         ] {
-            assert_eq!(run(&p, typ, maj, min, acc), Ok(want), "{what}");
+            assert_eq!(run(&p, typ, maj, min, acc).ok(), Some(want), "{what}");
             assert_eq!(evaluate(&r, typ, maj, min, acc), want, "{what}");
         }
     }
@@ -366,13 +392,17 @@ mod tests {
         r.extend(runc_defaults());
         let p = assemble(&r);
         assert_eq!(
-            run(&p, DEV_CHAR, 1, 3, ACC_MKNOD | ACC_READ | ACC_WRITE),
-            Ok(true)
+            run(&p, DEV_CHAR, 1, 3, ACC_MKNOD | ACC_READ | ACC_WRITE).ok(),
+            Some(true)
         );
-        assert_eq!(run(&p, DEV_CHAR, 136, 4, ACC_READ), Ok(true));
-        assert_eq!(run(&p, DEV_CHAR, 1, 1, ACC_READ), Ok(false), "/dev/mem");
-        assert_eq!(run(&p, DEV_BLOCK, 8, 0, ACC_MKNOD), Ok(true));
-        assert_eq!(run(&p, DEV_BLOCK, 8, 0, ACC_WRITE), Ok(false));
+        assert_eq!(run(&p, DEV_CHAR, 136, 4, ACC_READ).ok(), Some(true));
+        assert_eq!(
+            run(&p, DEV_CHAR, 1, 1, ACC_READ).ok(),
+            Some(false),
+            "/dev/mem"
+        );
+        assert_eq!(run(&p, DEV_BLOCK, 8, 0, ACC_MKNOD).ok(), Some(true));
+        assert_eq!(run(&p, DEV_BLOCK, 8, 0, ACC_WRITE).ok(), Some(false));
     }
 
     #[test]
@@ -438,7 +468,7 @@ mod tests {
                 true,
             ),
         ] {
-            assert_eq!(run(&p, typ, maj, min, acc), Ok(want), "{what}");
+            assert_eq!(run(&p, typ, maj, min, acc).ok(), Some(want), "{what}");
             assert_eq!(evaluate(&r, typ, maj, min, acc), want, "{what}");
         }
     }
@@ -469,9 +499,9 @@ mod tests {
     #[test]
     fn bad_rules_are_refused() {
         let e = rules(&oci(r#"[{"allow":true,"type":"c","access":"rx"}]"#)).expect_err("x");
-        assert!(e.contains("'x'"), "{e}");
+        assert!(e.to_string().contains("'x'"), "{e}");
         let e = rules(&oci(r#"[{"allow":true,"type":"p"}]"#)).expect_err("p");
-        assert!(e.contains("FIFO"), "{e}");
+        assert!(e.to_string().contains("FIFO"), "{e}");
     }
 
     fn rule() -> impl Strategy<Value = Rule> {
@@ -502,7 +532,8 @@ mod tests {
             access in 1u32..8,
         ) {
             let p = assemble(&rules);
-            prop_assert_eq!(run(&p, typ, major, minor, access), Ok(evaluate(&rules, typ, major, minor, access)));
+            prop_assert_eq!(run(&p, typ, major, minor, access).ok(),
+            Some(evaluate(&rules, typ, major, minor, access)));
             // Every instruction is reachable, as the kernel's verifier demands.
             prop_assert_eq!(unreachable(&p), Vec::<usize>::new());
         }

@@ -7,6 +7,7 @@
 //! shared filesystem, with the root filesystem at `<bundle>/rootfs`), its own path as argv[0] and
 //! the hook kind as argv[1], and 10 seconds.
 
+use crate::error::{invalid, step, GuestError};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -38,30 +39,30 @@ pub fn run(
     kind: &str,
     state: &serde_json::Value,
     reaper: Option<&crate::reaper::Reaper>,
-) -> Result<(), String> {
-    let json = serde_json::to_vec(state).map_err(|e| e.to_string())?;
+) -> Result<(), GuestError> {
+    let json = serde_json::to_vec(state).map_err(step("encode the hooks' state"))?;
     for hook in scan(dir, kind) {
         let what = format!("guest {kind} hook {}", hook.display());
         let o = crate::tools::run(reaper, &hook, &[kind], &json, TIMEOUT)
-            .map_err(|e| format!("{what}: {e}"))?;
+            .map_err(step(what.clone()))?;
         if o.status != 0 {
-            return Err(format!(
+            return Err(invalid(format!(
                 "{what} failed (exit status {}): {}",
                 o.status,
                 String::from_utf8_lossy(&o.stderr).trim()
-            ));
+            )));
         }
     }
     Ok(())
 }
 
 /// A hook directory from the runtime: absolute, no `..`.
-pub fn check_dir(path: &str) -> Result<PathBuf, String> {
+pub fn check_dir(path: &str) -> Result<PathBuf, GuestError> {
     let p = PathBuf::from(path);
     if !p.is_absolute() || p.components().any(|c| c == std::path::Component::ParentDir) {
-        return Err(format!(
+        return Err(invalid(format!(
             "guest_hook_path {path:?} must be an absolute path without .."
-        ));
+        )));
     }
     Ok(p)
 }
@@ -118,7 +119,10 @@ mod tests {
         std::fs::set_permissions(pre.join("15-fails"), std::fs::Permissions::from_mode(0o755))
             .expect("chmod");
         let e = run(dir.path(), "prestart", &serde_json::json!({}), None).expect_err("fails");
-        assert!(e.contains("15-fails") && e.contains("refused"), "{e}");
+        assert!(
+            e.to_string().contains("15-fails") && e.to_string().contains("refused"),
+            "{e}"
+        );
         // No directory for a kind: nothing to run.
         run(dir.path(), "poststop", &serde_json::json!({}), None).expect("none");
         assert!(check_dir("relative").is_err() && check_dir("/a/../b").is_err());

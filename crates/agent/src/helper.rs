@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use std::os::fd::AsFd;
 
+use crate::error::{invalid, last_os_error, step, GuestError};
 use crate::mounts::mount_in;
 
 /// What the helper is asked to do.
@@ -49,32 +50,40 @@ pub struct HelperConfig {
 }
 
 /// Enters the ipc, uts, pid, cgroup and mount namespaces of `pid` (pid: for children).
-fn join_namespaces(pid: i32) -> Result<(), String> {
+fn join_namespaces(pid: i32) -> Result<(), GuestError> {
     use std::os::fd::AsFd;
     let files: Vec<(&str, File)> = ["ipc", "uts", "pid", "cgroup", "mnt"]
         .iter()
         .map(|ns| {
             File::open(format!("/proc/{pid}/ns/{ns}"))
                 .map(|f| (*ns, f))
-                .map_err(|e| format!("open /proc/{pid}/ns/{ns}: {e}"))
+                .map_err(step(format!("open /proc/{pid}/ns/{ns}")))
         })
         .collect::<Result<_, _>>()?;
     for (ns, f) in &files {
         nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::empty())
-            .map_err(|e| format!("join the {ns} namespace of {pid}: {e}"))?;
+            .map_err(step(format!("join the {ns} namespace of {pid}")))?;
     }
     Ok(())
 }
 
+/// The namespaces a spec lists.
+pub fn spec_namespaces(spec: &Spec) -> Vec<oci_spec::runtime::LinuxNamespace> {
+    spec.linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().clone())
+        .unwrap_or_default()
+}
+
 /// Joins the namespaces a new container's spec gives by path (in a pod: the sandbox
 /// container's ipc, uts or pid namespace in the guest).
-fn join_spec_namespaces(spec: &Spec) -> Result<(), String> {
+fn join_spec_namespaces(spec: &Spec) -> Result<(), GuestError> {
     use std::os::fd::AsFd;
-    for ns in crate::container::spec_namespaces(spec) {
+    for ns in spec_namespaces(spec) {
         let Some(path) = ns.path() else { continue };
-        let f = File::open(path).map_err(|e| format!("open namespace {}: {e}", path.display()))?;
+        let f = File::open(path).map_err(step(format!("open namespace {}", path.display())))?;
         nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::empty())
-            .map_err(|e| format!("join namespace {}: {e}", path.display()))?;
+            .map_err(step(format!("join namespace {}", path.display())))?;
     }
     Ok(())
 }
@@ -82,7 +91,7 @@ fn join_spec_namespaces(spec: &Spec) -> Result<(), String> {
 /// Whether the spec asks for a cgroup namespace of its own (Docker's `--cgroupns private`, the
 /// default of Docker and containerd's CRI on cgroup v2 hosts).
 pub fn wants_cgroup_namespace(spec: &Spec) -> bool {
-    crate::container::spec_namespaces(spec)
+    spec_namespaces(spec)
         .iter()
         .any(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Cgroup && n.path().is_none())
 }
@@ -127,12 +136,12 @@ pub fn main() -> ! {
     };
     if let Some(pid) = config.join_pid {
         if let Err(e) = join_namespaces(pid) {
-            fail(&mut status, &e);
+            fail(&mut status, &e.to_string());
         }
     }
     if let Some(spec) = &config.spec {
         if let Err(e) = join_spec_namespaces(spec) {
-            fail(&mut status, &e);
+            fail(&mut status, &e.to_string());
         }
         // A cgroup namespace is made here, not with the others at the helper's start: the
         // agent has moved this process into the container's cgroup by now (before it sent the
@@ -148,7 +157,7 @@ pub fn main() -> ! {
         Err(e) => fail(&mut status, &format!("fork: {e}")),
         Ok(ForkResult::Child) => {
             let err = child(&config, &mut status);
-            fail(&mut status, &err)
+            fail(&mut status, &err.to_string())
         }
         Ok(ForkResult::Parent { child }) => {
             CHILD.store(child.as_raw(), std::sync::atomic::Ordering::Relaxed);
@@ -207,7 +216,7 @@ fn fail(status: &mut File, msg: &str) -> ! {
 }
 
 /// Runs in the container's first process. Returns only on error.
-fn child(config: &HelperConfig, status: &mut File) -> String {
+fn child(config: &HelperConfig, status: &mut File) -> GuestError {
     // SAFETY: prctl with PR_SET_PDEATHSIG only sets a flag on this process; fcntl marks the
     // helper's pipes close-on-exec so the container never inherits them.
     unsafe {
@@ -222,7 +231,7 @@ fn child(config: &HelperConfig, status: &mut File) -> String {
         }
         if let Some(h) = spec.hostname() {
             if let Err(e) = nix::unistd::sethostname(h) {
-                return format!("sethostname {h}: {e}");
+                return step(format!("sethostname {h}"))(e);
             }
         }
     }
@@ -243,7 +252,7 @@ fn child(config: &HelperConfig, status: &mut File) -> String {
     let nnp = p.no_new_privileges().unwrap_or(false);
     if let (Some(filter), false) = (&config.seccomp, nnp) {
         if let Err(e) = crate::seccomp::install(filter) {
-            return e;
+            return e.into();
         }
     }
     if let Err(e) = setup_process(p) {
@@ -251,7 +260,7 @@ fn child(config: &HelperConfig, status: &mut File) -> String {
     }
     if config.wait_start {
         if status.write_all(b"R").is_err() {
-            return "status pipe closed".to_string();
+            return invalid("status pipe closed");
         }
         // SAFETY: fd 5 is the start pipe handed to us by the agent.
         let mut start = unsafe { File::from_raw_fd(START_FD) };
@@ -267,7 +276,7 @@ fn child(config: &HelperConfig, status: &mut File) -> String {
     };
     if let (Some(filter), true) = (&config.seccomp, nnp) {
         if let Err(e) = crate::seccomp::install(filter) {
-            return e;
+            return e.into();
         }
     }
     exec(prepared)
@@ -275,25 +284,25 @@ fn child(config: &HelperConfig, status: &mut File) -> String {
 
 /// Opens a pty in this (the container's) mount namespace, makes the slave our stdio and sends
 /// the master to the agent.
-fn setup_terminal() -> Result<(), String> {
+fn setup_terminal() -> Result<(), GuestError> {
     use nix::fcntl::OFlag;
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
     use std::os::fd::AsRawFd;
-    let master = nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY)
-        .map_err(|e| format!("open /dev/ptmx: {e}"))?;
-    nix::pty::grantpt(&master).map_err(|e| format!("grantpt: {e}"))?;
-    nix::pty::unlockpt(&master).map_err(|e| format!("unlockpt: {e}"))?;
-    let name = nix::pty::ptsname_r(&master).map_err(|e| format!("ptsname: {e}"))?;
+    let master =
+        nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY).map_err(step("open /dev/ptmx"))?;
+    nix::pty::grantpt(&master).map_err(step("grantpt"))?;
+    nix::pty::unlockpt(&master).map_err(step("unlockpt"))?;
+    let name = nix::pty::ptsname_r(&master).map_err(step("ptsname"))?;
     let slave = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .custom_flags(libc::O_NOCTTY)
         .open(&name)
-        .map_err(|e| format!("open {name}: {e}"))?;
+        .map_err(step(format!("open {name}")))?;
     for fd in 0..3 {
         // SAFETY: dup2 onto the standard descriptors.
         if unsafe { libc::dup2(slave.as_raw_fd(), fd) } < 0 {
-            return Err(format!("dup2 pty: {}", std::io::Error::last_os_error()));
+            return Err(last_os_error("dup2 pty"));
         }
     }
     let fds = [master.as_raw_fd()];
@@ -305,13 +314,13 @@ fn setup_terminal() -> Result<(), String> {
         MsgFlags::empty(),
         None,
     )
-    .map_err(|e| format!("send the pty to the agent: {e}"))?;
+    .map_err(step("send the pty to the agent"))?;
     // SAFETY: closing our copy of the socket.
     unsafe { libc::close(TTY_FD) };
     Ok(())
 }
 
-fn setup_rootfs(spec: &Spec, rootfs: &Path) -> Result<(), String> {
+fn setup_rootfs(spec: &Spec, rootfs: &Path) -> Result<(), GuestError> {
     mount(
         None::<&str>,
         "/",
@@ -319,7 +328,7 @@ fn setup_rootfs(spec: &Spec, rootfs: &Path) -> Result<(), String> {
         MsFlags::MS_REC | MsFlags::MS_PRIVATE,
         None::<&str>,
     )
-    .map_err(|e| format!("make / private: {e}"))?;
+    .map_err(step("make / private"))?;
     mount(
         Some(rootfs),
         rootfs,
@@ -327,11 +336,13 @@ fn setup_rootfs(spec: &Spec, rootfs: &Path) -> Result<(), String> {
         MsFlags::MS_BIND | MsFlags::MS_REC,
         None::<&str>,
     )
-    .map_err(|e| format!("bind rootfs {}: {e}", rootfs.display()))?;
+    .map_err(step(format!("bind rootfs {}", rootfs.display())))?;
     // Every mount point is resolved inside the root filesystem (an image's symlinks never lead
     // out of it) and mounted through a descriptor.
-    let root = kata_mount::open_dir(rootfs)
-        .map_err(|e| format!("open the root filesystem {}: {e}", rootfs.display()))?;
+    let root = kata_mount::open_dir(rootfs).map_err(step(format!(
+        "open the root filesystem {}",
+        rootfs.display()
+    )))?;
     let mut dev_is_tmpfs = false;
     for m in spec.mounts().iter().flatten() {
         let dest = m.destination();
@@ -376,8 +387,7 @@ fn setup_rootfs(spec: &Spec, rootfs: &Path) -> Result<(), String> {
         }
         if source.starts_with(EPHEMERAL_DIR) {
             // A pod's emptyDir in guest memory: made on first use, shared by the pod's containers.
-            std::fs::create_dir_all(&source)
-                .map_err(|e| format!("create emptyDir {source}: {e}"))?;
+            std::fs::create_dir_all(&source).map_err(step(format!("create emptyDir {source}")))?;
         }
         mount_in(root.as_fd(), &source, dest, &fstype, &options)?;
     }
@@ -396,11 +406,10 @@ fn setup_rootfs(spec: &Spec, rootfs: &Path) -> Result<(), String> {
         }
     }
     drop(root);
-    std::env::set_current_dir(rootfs).map_err(|e| format!("chdir {}: {e}", rootfs.display()))?;
-    nix::unistd::pivot_root(".", ".")
-        .map_err(|e| format!("pivot_root {}: {e}", rootfs.display()))?;
-    umount2(".", MntFlags::MNT_DETACH).map_err(|e| format!("detach old root: {e}"))?;
-    std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
+    std::env::set_current_dir(rootfs).map_err(step(format!("chdir {}", rootfs.display())))?;
+    nix::unistd::pivot_root(".", ".").map_err(step(format!("pivot_root {}", rootfs.display())))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(step("detach old root"))?;
+    std::env::set_current_dir("/").map_err(step("chdir /"))?;
     if let Some(linux) = spec.linux() {
         // Before /proc/sys is made read-only (runc's order).
         for (key, value) in linux.sysctl().iter().flatten() {
@@ -421,7 +430,7 @@ fn setup_rootfs(spec: &Spec, rootfs: &Path) -> Result<(), String> {
                 MsFlags::MS_BIND | MsFlags::MS_REC,
                 None::<&str>,
             )
-            .map_err(|e| format!("bind {path}: {e}"))?;
+            .map_err(step(format!("bind {path}")))?;
             mount(
                 None::<&str>,
                 p,
@@ -429,7 +438,7 @@ fn setup_rootfs(spec: &Spec, rootfs: &Path) -> Result<(), String> {
                 MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_REC,
                 None::<&str>,
             )
-            .map_err(|e| format!("make {path} read-only: {e}"))?;
+            .map_err(step(format!("make {path} read-only")))?;
         }
     }
     if spec
@@ -445,7 +454,7 @@ fn setup_rootfs(spec: &Spec, rootfs: &Path) -> Result<(), String> {
             MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
             None::<&str>,
         )
-        .map_err(|e| format!("make the root filesystem read-only: {e}"))?;
+        .map_err(step("make the root filesystem read-only"))?;
     }
     Ok(())
 }
@@ -471,26 +480,26 @@ pub fn sysctl_allowed(key: &str) -> bool {
 }
 
 /// `/proc/sys/<key with / for .>`, refusing what could name another file.
-pub fn sysctl_path(key: &str) -> Result<PathBuf, String> {
+pub fn sysctl_path(key: &str) -> Result<PathBuf, GuestError> {
     if key.is_empty() || key.contains('/') || key.split('.').any(|c| c.is_empty() || c == "..") {
-        return Err(format!("sysctl {key:?} is not a valid name"));
+        return Err(invalid(format!("sysctl {key:?} is not a valid name")));
     }
     if !sysctl_allowed(key) {
-        return Err(format!(
+        return Err(invalid(format!(
             "sysctl {key} is not in a separate kernel namespace of the container (allowed: \
              kernel.msg*, kernel.sem, kernel.shm*, fs.mqueue.*, net.*, kernel.hostname, \
              kernel.domainname)"
-        ));
+        )));
     }
     Ok(Path::new("/proc/sys").join(key.replace('.', "/")))
 }
 
-pub(crate) fn write_sysctl(key: &str, value: &str) -> Result<(), String> {
+pub(crate) fn write_sysctl(key: &str, value: &str) -> Result<(), GuestError> {
     let path = sysctl_path(key)?;
-    std::fs::write(&path, value).map_err(|e| format!("sysctl {key}={value}: {e}"))
+    std::fs::write(&path, value).map_err(step(format!("sysctl {key}={value}")))
 }
 
-fn mask(p: &Path) -> Result<(), String> {
+fn mask(p: &Path) -> Result<(), GuestError> {
     if p.is_dir() {
         mount(
             Some("tmpfs"),
@@ -499,7 +508,7 @@ fn mask(p: &Path) -> Result<(), String> {
             MsFlags::MS_RDONLY,
             None::<&str>,
         )
-        .map_err(|e| format!("mask {}: {e}", p.display()))
+        .map_err(step(format!("mask {}", p.display())))
     } else if p.exists() {
         mount(
             Some("/dev/null"),
@@ -508,7 +517,7 @@ fn mask(p: &Path) -> Result<(), String> {
             MsFlags::MS_BIND,
             None::<&str>,
         )
-        .map_err(|e| format!("mask {}: {e}", p.display()))
+        .map_err(step(format!("mask {}", p.display())))
     } else {
         Ok(())
     }
@@ -523,7 +532,7 @@ fn spec_device(
     root: std::os::fd::BorrowedFd<'_>,
     d: &oci_spec::runtime::LinuxDevice,
     privileged: bool,
-) -> Result<(), String> {
+) -> Result<(), GuestError> {
     use oci_spec::runtime::LinuxDeviceType as T;
     use std::os::fd::AsRawFd;
     let path = d.path();
@@ -531,7 +540,12 @@ fn spec_device(
         T::C | T::U => (libc::S_IFCHR, "char"),
         T::B => (libc::S_IFBLK, "block"),
         T::P => (libc::S_IFIFO, ""),
-        T::A => return Err(format!("device {}: type a is not a device", path.display())),
+        T::A => {
+            return Err(invalid(format!(
+                "device {}: type a is not a device",
+                path.display()
+            )))
+        }
     };
     let (major, minor) = (d.major() as u32, d.minor() as u32);
     if !sys.is_empty() && !Path::new(&format!("/sys/dev/{sys}/{major}:{minor}")).exists() {
@@ -545,19 +559,19 @@ fn spec_device(
             );
             return Ok(());
         }
-        return Err(format!(
+        return Err(invalid(format!(
             "device {} ({sys} {major}:{minor}) does not exist in the VM: a container gets the guest's devices, not the host's (block volumes: direct-volume; PCI devices: VFIO)",
             path.display()
-        ));
+        )));
     }
     let parent = path.parent().unwrap_or(Path::new("/"));
     let name = path
         .file_name()
-        .ok_or_else(|| format!("device path {} has no name", path.display()))?;
+        .ok_or_else(|| invalid(format!("device path {} has no name", path.display())))?;
     let dir = kata_mount::create_in_root(root, parent, kata_mount::Kind::Dir)
-        .map_err(|e| format!("device {}: {e}", path.display()))?;
+        .map_err(step(format!("device {}", path.display())))?;
     let n = CString::new(std::os::unix::ffi::OsStrExt::as_bytes(name))
-        .map_err(|_| format!("device path {} has a NUL byte", path.display()))?;
+        .map_err(|_| invalid(format!("device path {} has a NUL byte", path.display())))?;
     let mode = d.file_mode().unwrap_or(0o666) & 0o7777;
     // SAFETY: mknodat(2) relative to a descriptor we own.
     let rc = unsafe {
@@ -573,7 +587,7 @@ fn spec_device(
         if e.raw_os_error() == Some(libc::EEXIST) {
             return Ok(());
         }
-        return Err(format!("mknod {}: {e}", path.display()));
+        return Err(step(format!("mknod {}", path.display()))(e));
     }
     // SAFETY: fchmodat(2) and fchownat(2) of the node just made, relative to our descriptor.
     unsafe {
@@ -590,10 +604,10 @@ fn spec_device(
 }
 
 /// The devices runc makes in a tmpfs /dev (made below a descriptor of the container's /dev).
-fn make_devices(root: std::os::fd::BorrowedFd<'_>) -> Result<(), String> {
+fn make_devices(root: std::os::fd::BorrowedFd<'_>) -> Result<(), GuestError> {
     use std::os::fd::AsRawFd;
     let dev = kata_mount::open_in_root(root, Path::new("/dev"))
-        .map_err(|e| format!("open the container's /dev: {e}"))?;
+        .map_err(step("open the container's /dev"))?;
     let c = |s: &str| CString::new(s).unwrap_or_default();
     for (name, major, minor) in [
         ("null", 1, 3),
@@ -618,7 +632,7 @@ fn make_devices(root: std::os::fd::BorrowedFd<'_>) -> Result<(), String> {
             if e.raw_os_error() == Some(libc::EEXIST) {
                 continue;
             }
-            return Err(format!("mknod /dev/{name}: {e}"));
+            return Err(step(format!("mknod /dev/{name}"))(e));
         }
         // mknod honours the umask; make the mode exact (the node was just made: no symlink).
         unsafe { libc::fchmodat(dev.as_raw_fd(), n.as_ptr(), 0o666, 0) };
@@ -659,35 +673,29 @@ fn rlimit_resource(name: &str) -> Option<libc::__rlimit_resource_t> {
     })
 }
 
-fn set_rlimit(r: &PosixRlimit) -> Result<(), String> {
+fn set_rlimit(r: &PosixRlimit) -> Result<(), GuestError> {
     let name = serde_json::to_value(r.typ())
         .ok()
         .and_then(|v| v.as_str().map(str::to_string))
         .unwrap_or_default();
-    let res = rlimit_resource(&name).ok_or_else(|| format!("unknown rlimit {name}"))?;
+    let res = rlimit_resource(&name).ok_or_else(|| invalid(format!("unknown rlimit {name}")))?;
     let lim = libc::rlimit {
         rlim_cur: r.soft(),
         rlim_max: r.hard(),
     };
     // SAFETY: setrlimit reads a valid rlimit struct.
     if unsafe { libc::setrlimit(res, &lim) } != 0 {
-        return Err(format!(
-            "setrlimit {name}: {}",
-            std::io::Error::last_os_error()
-        ));
+        return Err(last_os_error(format!("setrlimit {name}")));
     }
     Ok(())
 }
 
-fn setup_process(p: &Process) -> Result<(), String> {
-    nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
+fn setup_process(p: &Process) -> Result<(), GuestError> {
+    nix::unistd::setsid().map_err(step("setsid"))?;
     if p.terminal().unwrap_or(false) {
         // SAFETY: TIOCSCTTY on stdin, which is the pty slave.
         if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } != 0 {
-            return Err(format!(
-                "set controlling terminal: {}",
-                std::io::Error::last_os_error()
-            ));
+            return Err(last_os_error("set controlling terminal"));
         }
     }
     for r in p.rlimits().iter().flatten() {
@@ -716,11 +724,11 @@ fn setup_process(p: &Process) -> Result<(), String> {
         .flatten()
         .map(|g| nix::unistd::Gid::from_raw(*g))
         .collect();
-    nix::unistd::setgroups(&gids).map_err(|e| format!("setgroups: {e}"))?;
+    nix::unistd::setgroups(&gids).map_err(step("setgroups"))?;
     nix::unistd::setresgid(user.gid().into(), user.gid().into(), user.gid().into())
-        .map_err(|e| format!("setgid {}: {e}", user.gid()))?;
+        .map_err(step(format!("setgid {}", user.gid())))?;
     nix::unistd::setresuid(user.uid().into(), user.uid().into(), user.uid().into())
-        .map_err(|e| format!("setuid {}: {e}", user.uid()))?;
+        .map_err(step(format!("setuid {}", user.uid())))?;
     if let Some(c) = p.capabilities() {
         let set = |list: &Option<oci_spec::runtime::Capabilities>| -> caps::CapsHashSet {
             list.iter()
@@ -731,11 +739,11 @@ fn setup_process(p: &Process) -> Result<(), String> {
         // Shrink in an order the kernel accepts: inheritable while the permitted set is
         // still full, effective before permitted (effective must stay within permitted).
         caps::set(None, caps::CapSet::Inheritable, &set(c.inheritable()))
-            .map_err(|e| format!("set inheritable capabilities: {e}"))?;
+            .map_err(step("set inheritable capabilities"))?;
         caps::set(None, caps::CapSet::Effective, &set(c.effective()))
-            .map_err(|e| format!("set effective capabilities: {e}"))?;
+            .map_err(step("set effective capabilities"))?;
         caps::set(None, caps::CapSet::Permitted, &set(c.permitted()))
-            .map_err(|e| format!("set permitted capabilities: {e}"))?;
+            .map_err(step("set permitted capabilities"))?;
         let _ = caps::set(None, caps::CapSet::Ambient, &set(c.ambient()));
     } else if user.uid() != 0 {
         let _ = caps::clear(None, caps::CapSet::Effective);
@@ -744,14 +752,11 @@ fn setup_process(p: &Process) -> Result<(), String> {
     if p.no_new_privileges().unwrap_or(false) {
         // SAFETY: sets a per-process flag.
         if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-            return Err(format!(
-                "no_new_privileges: {}",
-                std::io::Error::last_os_error()
-            ));
+            return Err(last_os_error("no_new_privileges"));
         }
     }
     let cwd = p.cwd();
-    std::env::set_current_dir(cwd).map_err(|e| format!("chdir {}: {e}", cwd.display()))?;
+    std::env::set_current_dir(cwd).map_err(step(format!("chdir {}", cwd.display())))?;
     Ok(())
 }
 
@@ -771,10 +776,10 @@ struct Prepared {
     envp: Vec<CString>,
 }
 
-fn prepare_exec(p: &Process) -> Result<Prepared, String> {
+fn prepare_exec(p: &Process) -> Result<Prepared, GuestError> {
     let args = p.args().clone().unwrap_or_default();
     let Some(program) = args.first() else {
-        return Err("the process has no args".to_string());
+        return Err(invalid("the process has no args"));
     };
     let env: Vec<String> = p.env().clone().unwrap_or_default();
     let path = env
@@ -792,13 +797,13 @@ fn prepare_exec(p: &Process) -> Result<Prepared, String> {
         {
             Some(p) => p,
             None => {
-                return Err(format!(
+                return Err(invalid(format!(
                     "executable file {program:?} not found in $PATH ({path})"
-                ))
+                )))
             }
         }
     };
-    let c = |s: &str| CString::new(s).map_err(|_| format!("{s:?} contains a NUL byte"));
+    let c = |s: &str| CString::new(s).map_err(|_| invalid(format!("{s:?} contains a NUL byte")));
     Ok(Prepared {
         prog: c(&resolved.display().to_string())?,
         argv: args.iter().map(|a| c(a)).collect::<Result<_, _>>()?,
@@ -824,9 +829,9 @@ fn reset_signals() {
     );
 }
 
-fn exec(p: Prepared) -> String {
+fn exec(p: Prepared) -> GuestError {
     match nix::unistd::execve(&p.prog, &p.argv, &p.envp) {
-        Err(e) => format!("exec {}: {e}", p.prog.to_string_lossy()),
+        Err(e) => step(format!("exec {}", p.prog.to_string_lossy()))(e),
         Ok(never) => match never {},
     }
 }
@@ -855,7 +860,10 @@ mod tests {
         sysctl_path("fs.mqueue.msg_max").expect("mqueue");
         for refused in ["kernel.panic", "vm.overcommit_memory", "fs.file-max"] {
             let e = sysctl_path(refused).expect_err(refused);
-            assert!(e.contains("not in a separate kernel namespace"), "{e}");
+            assert!(
+                e.to_string().contains("not in a separate kernel namespace"),
+                "{e}"
+            );
         }
         for bad in ["", "net..x", "net./../x", "net.ipv4/../../x", "net.."] {
             assert!(sysctl_path(bad).is_err(), "{bad:?}");

@@ -5,6 +5,7 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
+use crate::error::{invalid, step, GuestError};
 use nix::mount::{mount, MsFlags};
 
 /// File the image builder writes: kernel modules in load order, one path per line, relative to
@@ -61,9 +62,9 @@ fn copy_tree(src: &Path, dst: &Path) -> std::io::Result<()> {
 /// Moves the guest's root from the initramfs to a tmpfs (like `switch_root`) and re-executes
 /// the agent there, so containers can `pivot_root` out of it. The initramfs files are deleted
 /// as they are copied, so memory is not held twice.
-pub fn leave_initramfs() -> Result<(), String> {
+pub fn leave_initramfs() -> Result<(), GuestError> {
     let new = Path::new("/.newroot");
-    std::fs::create_dir_all(new).map_err(|e| format!("mkdir {}: {e}", new.display()))?;
+    std::fs::create_dir_all(new).map_err(step(format!("mkdir {}", new.display())))?;
     mount(
         Some("rootfs"),
         new,
@@ -71,8 +72,8 @@ pub fn leave_initramfs() -> Result<(), String> {
         MsFlags::MS_NOSUID,
         Some("mode=0755"),
     )
-    .map_err(|e| format!("mount tmpfs root: {e}"))?;
-    let entries = std::fs::read_dir("/").map_err(|e| format!("read /: {e}"))?;
+    .map_err(step("mount tmpfs root"))?;
+    let entries = std::fs::read_dir("/").map_err(step("read /"))?;
     for entry in entries.flatten() {
         let name = entry.file_name();
         if name == ".newroot" {
@@ -82,7 +83,7 @@ pub fn leave_initramfs() -> Result<(), String> {
         let to = new.join(&name);
         let ft = entry
             .file_type()
-            .map_err(|e| format!("stat {}: {e}", from.display()))?;
+            .map_err(step(format!("stat {}", from.display())))?;
         let r = if ft.is_dir() {
             std::fs::create_dir_all(&to)
                 .and_then(|_| copy_tree(&from, &to))
@@ -98,18 +99,18 @@ pub fn leave_initramfs() -> Result<(), String> {
         } else {
             Ok(())
         };
-        r.map_err(|e| format!("move {} to the new root: {e}", from.display()))?;
+        r.map_err(step(format!("move {} to the new root", from.display())))?;
     }
-    std::env::set_current_dir(new).map_err(|e| format!("chdir: {e}"))?;
+    std::env::set_current_dir(new).map_err(step("chdir"))?;
     mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
-        .map_err(|e| format!("move the new root to /: {e}"))?;
-    nix::unistd::chroot(".").map_err(|e| format!("chroot: {e}"))?;
-    std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
-    let init = CString::new("/init").map_err(|e| e.to_string())?;
+        .map_err(step("move the new root to /"))?;
+    nix::unistd::chroot(".").map_err(step("chroot"))?;
+    std::env::set_current_dir("/").map_err(step("chdir /"))?;
+    let init = CString::new("/init").map_err(step("/init"))?;
     let args: Vec<CString> = std::env::args()
         .filter_map(|a| CString::new(a).ok())
         .collect();
-    nix::unistd::execv(&init, &args).map_err(|e| format!("re-exec /init: {e}"))?;
+    nix::unistd::execv(&init, &args).map_err(step("re-exec /init"))?;
     Ok(())
 }
 
@@ -222,9 +223,11 @@ pub fn load_module(path: &Path, params: &str) -> bool {
 /// Loads a module by name (with parameters), finding it under /lib/modules. A module built into
 /// the kernel (it has `/sys/module/<name>`, or the kernel has no module support and the name is
 /// built in) needs no loading; parameters cannot be given to it then.
-pub fn modprobe(spec: &str) -> Result<(), String> {
+pub fn modprobe(spec: &str) -> Result<(), GuestError> {
     let mut parts = spec.split_whitespace();
-    let name = parts.next().ok_or("empty module specification")?;
+    let name = parts
+        .next()
+        .ok_or_else(|| invalid("empty module specification"))?;
     let params: Vec<&str> = parts.collect();
     let sys = Path::new("/sys/module").join(name.replace('-', "_"));
     if sys.exists() && !sys.join("initstate").exists() {
@@ -232,10 +235,10 @@ pub fn modprobe(spec: &str) -> Result<(), String> {
         if params.is_empty() {
             return Ok(());
         }
-        return Err(format!(
+        return Err(invalid(format!(
             "kernel module {name} is built into the guest kernel: its parameters ({}) can only be set on the kernel command line ({name}.<param>=<value> in [hypervisor].kernel_params)",
             params.join(" ")
-        ));
+        )));
     }
     let release = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().to_string())
@@ -245,10 +248,10 @@ pub fn modprobe(spec: &str) -> Result<(), String> {
     let found = find_file(&base, &file).or_else(|| find_file(&base, &format!("{name}.ko")));
     match found {
         Some(p) if load_module(&p, &params.join(" ")) => Ok(()),
-        Some(p) => Err(format!("failed to load {}", p.display())),
-        None => Err(format!(
+        Some(p) => Err(invalid(format!("failed to load {}", p.display()))),
+        None => Err(invalid(format!(
             "kernel module {name} is neither built into the guest kernel nor in the guest image"
-        )),
+        ))),
     }
 }
 

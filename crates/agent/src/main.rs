@@ -15,6 +15,7 @@
 mod channel;
 mod console;
 mod container;
+mod error;
 mod guest_hooks;
 mod helper;
 mod init;

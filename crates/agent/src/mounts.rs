@@ -4,6 +4,7 @@
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
 
+use crate::error::{step, GuestError};
 use kata_mount::{Kind, MountOptions};
 
 /// Mounts `source` (type `fstype`, OCI `options`) on `dest` resolved inside `root`: symlinks
@@ -16,8 +17,10 @@ pub fn mount_in(
     dest: &Path,
     fstype: &str,
     options: &[String],
-) -> Result<(), String> {
-    let what = |e: String| format!("mount {} ({fstype} {source}): {e}", dest.display());
+) -> Result<(), GuestError> {
+    let what = |e: kata_mount::MountError| {
+        step(format!("mount {} ({fstype} {source})", dest.display()))(e)
+    };
     let opts: MountOptions = kata_mount::parse(options, fstype == "bind").map_err(what)?;
     let kind = if opts.bind && !Path::new(source).is_dir() {
         Kind::File
@@ -40,7 +43,8 @@ pub fn mount_in(
     if !opts.all.is_empty() || !opts.propagation.is_empty() {
         // The new mount, found again inside the root: `rro` and the other recursive
         // attributes, and the propagation, which mount(2) cannot set with the filesystem.
-        let mounted = kata_mount::open_in_root(root, dest).map_err(|e| what(e.to_string()))?;
+        let mounted = kata_mount::open_in_root(root, dest)
+            .map_err(|e| what(kata_mount::MountError::io("find the new mount", e)))?;
         kata_mount::finish_fs_mount(mounted.as_fd(), &opts).map_err(what)?;
     }
     Ok(())
@@ -52,7 +56,7 @@ pub fn mount_one(
     dest: &Path,
     fstype: &str,
     options: &[String],
-) -> Result<(), String> {
-    let root = kata_mount::open_dir(Path::new("/")).map_err(|e| format!("open /: {e}"))?;
+) -> Result<(), GuestError> {
+    let root = kata_mount::open_dir(Path::new("/")).map_err(step("open /"))?;
     mount_in(root.as_fd(), source, dest, fstype, options)
 }

@@ -13,6 +13,7 @@ use std::process::{Command, Stdio};
 use nix::mount::{mount, MsFlags};
 use nix::unistd::{fork, ForkResult};
 
+use crate::error::{invalid, step, GuestError};
 use crate::reaper::Reaper;
 
 /// Where the pod's namespaces are bound in the guest (the shim's `POD_NAMESPACES_DIR`).
@@ -79,11 +80,11 @@ pub fn start(
     reaper: &Reaper,
     hostname: &str,
     sysctls: &std::collections::HashMap<String, String>,
-) -> Result<i32, String> {
+) -> Result<i32, GuestError> {
     let mut sorted: Vec<_> = sysctls.iter().collect();
     sorted.sort();
     for (key, _) in &sorted {
-        crate::helper::sysctl_path(key).map_err(|e| format!("the pod's {e}"))?;
+        crate::helper::sysctl_path(key).map_err(|e| invalid(format!("the pod's {e}")))?;
     }
     let mut cmd = Command::new("/proc/self/exe");
     cmd.arg(ARG)
@@ -105,7 +106,7 @@ pub fn start(
     }
     let mut child = cmd
         .spawn()
-        .map_err(|e| format!("start the pod's namespace holder: {e}"))?;
+        .map_err(step("start the pod's namespace holder"))?;
     // Its exit is the reaper's (the agent is PID 1); registered so it is not kept.
     let _exit = reaper.register(child.id() as i32);
     let mut out = String::new();
@@ -117,25 +118,25 @@ pub fn start(
         let _ = e.read_to_string(&mut err);
     }
     let pid: i32 = out.trim().parse().map_err(|_| {
-        format!(
+        GuestError::Missing(format!(
             "the pod's namespace holder did not start: {}",
             if err.trim().is_empty() {
                 out.trim()
             } else {
                 err.trim()
             }
-        )
+        ))
     })?;
     bind(pid, Path::new(POD_NS_DIR))?;
     Ok(pid)
 }
 
 /// Binds `/proc/<pid>/ns/{ipc,uts,pid}` at `dir/{ipc,uts,pid}`.
-fn bind(pid: i32, dir: &Path) -> Result<(), String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+fn bind(pid: i32, dir: &Path) -> Result<(), GuestError> {
+    std::fs::create_dir_all(dir).map_err(step(format!("create {}", dir.display())))?;
     for ns in ["ipc", "uts", "pid"] {
         let target = dir.join(ns);
-        std::fs::File::create(&target).map_err(|e| format!("create {}: {e}", target.display()))?;
+        std::fs::File::create(&target).map_err(step(format!("create {}", target.display())))?;
         let source = format!("/proc/{pid}/ns/{ns}");
         mount(
             Some(source.as_str()),
@@ -144,7 +145,7 @@ fn bind(pid: i32, dir: &Path) -> Result<(), String> {
             MsFlags::MS_BIND,
             None::<&str>,
         )
-        .map_err(|e| format!("bind {source} at {}: {e}", target.display()))?;
+        .map_err(step(format!("bind {source} at {}", target.display())))?;
     }
     Ok(())
 }

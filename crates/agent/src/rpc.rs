@@ -102,7 +102,7 @@ fn mount_storages(storages: &[Storage]) -> Result<Vec<PathBuf>, AgentError> {
             for m in done.iter().rev() {
                 let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
             }
-            return Err(AgentError::Failed(e));
+            return Err(AgentError::Guest(e));
         }
         done.push(dest);
     }
@@ -173,11 +173,11 @@ impl AgentService for Agent {
                 .map_err(|e| AgentError::Failed(format!("sethostname: {e}")))?;
         }
         for m in &req.kernel_modules {
-            crate::init::modprobe(m).map_err(AgentError::Failed)?;
+            crate::init::modprobe(m).map_err(AgentError::Guest)?;
         }
         if !req.guest_hook_path.is_empty() {
             let dir =
-                crate::guest_hooks::check_dir(&req.guest_hook_path).map_err(AgentError::Invalid)?;
+                crate::guest_hooks::check_dir(&req.guest_hook_path).map_err(AgentError::Guest)?;
             *self.guest_hooks.lock().unwrap_or_else(|e| e.into_inner()) = Some(dir);
         }
         if !req.dns.is_empty() {
@@ -191,7 +191,7 @@ impl AgentService for Agent {
             let (reaper, hostname) = (self.reaper.clone(), req.hostname.clone());
             let sysctls = req.sysctls.clone();
             let pid = blocking(move || {
-                crate::podns::start(&reaper, &hostname, &sysctls).map_err(AgentError::Invalid)
+                crate::podns::start(&reaper, &hostname, &sysctls).map_err(AgentError::Guest)
             })
             .await?;
             crate::init::debug(|| format!("CreateSandbox: pod namespaces held by pid {pid}"));
@@ -267,7 +267,7 @@ impl AgentService for Agent {
                 )
                 .map_err(|e| {
                     crate::volumes::release(&cid);
-                    AgentError::Failed(e)
+                    AgentError::Guest(e)
                 })?;
             }
             let mounts = mount_storages(&shared).inspect_err(|_| crate::volumes::release(&cid))?;
@@ -284,7 +284,7 @@ impl AgentService for Agent {
                 {
                     container::discard(&c);
                     crate::volumes::release(&cid);
-                    return Err(AgentError::Failed(e));
+                    return Err(AgentError::Guest(e));
                 }
             }
             Ok(c)
@@ -710,7 +710,7 @@ impl AgentService for Agent {
     ) -> R<GetIPTablesResponse> {
         let reaper = self.reaper.clone();
         let data = blocking(move || {
-            crate::iptables::save(&reaper, req.is_ipv6).map_err(AgentError::Failed)
+            crate::iptables::save(&reaper, req.is_ipv6).map_err(AgentError::Guest)
         })
         .await?;
         Ok(GetIPTablesResponse {
@@ -726,7 +726,7 @@ impl AgentService for Agent {
     ) -> R<SetIPTablesResponse> {
         let reaper = self.reaper.clone();
         let data = blocking(move || {
-            crate::iptables::restore(&reaper, req.is_ipv6, &req.data).map_err(AgentError::Failed)
+            crate::iptables::restore(&reaper, req.is_ipv6, &req.data).map_err(AgentError::Guest)
         })
         .await?;
         Ok(SetIPTablesResponse {
@@ -742,7 +742,7 @@ impl AgentService for Agent {
     ) -> R<VolumeStatsResponse> {
         let path = PathBuf::from(&req.volume_guest_path);
         let (bytes, inodes) =
-            blocking(move || crate::volumes::stats(&path).map_err(AgentError::Failed)).await?;
+            blocking(move || crate::volumes::stats(&path).map_err(AgentError::Guest)).await?;
         let usage = |v: [u64; 3], unit: volume_usage::Unit| VolumeUsage {
             available: v[0],
             total: v[1],
@@ -767,7 +767,7 @@ impl AgentService for Agent {
     async fn resize_volume(&self, _: &TtrpcContext, req: ResizeVolumeRequest) -> R<Empty> {
         let path = PathBuf::from(&req.volume_guest_path);
         let size = req.size;
-        blocking(move || crate::volumes::resize(&path, size).map_err(AgentError::Failed)).await?;
+        blocking(move || crate::volumes::resize(&path, size).map_err(AgentError::Guest)).await?;
         Ok(Empty::new())
     }
 

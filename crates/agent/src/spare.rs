@@ -18,6 +18,7 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
+use crate::error::{invalid, last_os_error, step, GuestError};
 use nix::sched::CloneFlags;
 use nix::sys::socket::{
     recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
@@ -127,7 +128,7 @@ impl Spare {
 /// In the spare helper: waits for the agent's hand-over, puts the descriptors where a helper
 /// started on demand has them (0-2 stdio when given, 3 configuration, 4 status, 5 start, 6
 /// terminal socket) and creates the namespaces. Exits when the agent goes away first.
-pub fn receive() -> Result<(), String> {
+pub fn receive() -> Result<(), GuestError> {
     let mut flags = [0u8; 8];
     let mut iov = [std::io::IoSliceMut::new(&mut flags)];
     let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
@@ -137,20 +138,17 @@ pub fn receive() -> Result<(), String> {
         Some(&mut space),
         MsgFlags::MSG_CMSG_CLOEXEC,
     )
-    .map_err(|e| format!("wait for the agent: {e}"))?;
+    .map_err(step("wait for the agent"))?;
     if msg.bytes == 0 {
         std::process::exit(0); // the agent closed the socket: not needed
     }
     // Back to the normal priority, which the container's processes inherit.
     // SAFETY: setpriority on this process; as guest root it may raise its priority.
     if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 0) } != 0 {
-        return Err(format!(
-            "restore the priority: {}",
-            std::io::Error::last_os_error()
-        ));
+        return Err(last_os_error("restore the priority"));
     }
     let mut fds: Vec<RawFd> = Vec::new();
-    for c in msg.cmsgs().map_err(|e| format!("hand-over: {e}"))? {
+    for c in msg.cmsgs().map_err(step("hand-over"))? {
         if let ControlMessageOwned::ScmRights(v) = c {
             fds.extend(v);
         }
@@ -158,7 +156,11 @@ pub fn receive() -> Result<(), String> {
     let targets: &[RawFd] = match fds.len() {
         6 => &[3, 4, 5, 0, 1, 2],
         4 => &[3, 4, 5, 6],
-        n => return Err(format!("hand-over carried {n} descriptors, not 4 or 6")),
+        n => {
+            return Err(invalid(format!(
+                "hand-over carried {n} descriptors, not 4 or 6"
+            )))
+        }
     };
     // Move them out of the way first, so no dup2 below closes one not yet moved.
     let mut high = Vec::new();
@@ -166,7 +168,7 @@ pub fn receive() -> Result<(), String> {
         // SAFETY: fcntl on descriptors this process just received.
         let h = unsafe { libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 100) };
         if h < 0 {
-            return Err(format!("dup: {}", std::io::Error::last_os_error()));
+            return Err(last_os_error("dup"));
         }
         // SAFETY: `fd` was received above and is ours to close.
         drop(unsafe { File::from_raw_fd(*fd) });
@@ -176,14 +178,14 @@ pub fn receive() -> Result<(), String> {
         // SAFETY: dup2 onto the helper's fixed descriptor numbers (the control socket, fd 3,
         // is replaced by the configuration pipe: it is not needed any more).
         if unsafe { libc::dup2(*h, *t) } < 0 {
-            return Err(format!("dup2: {}", std::io::Error::last_os_error()));
+            return Err(last_os_error("dup2"));
         }
         // SAFETY: closing the temporary copy.
         drop(unsafe { File::from_raw_fd(*h) });
     }
     let unshare = CloneFlags::from_bits_truncate(u64::from_le_bytes(flags) as libc::c_int);
     if !unshare.is_empty() {
-        nix::sched::unshare(unshare).map_err(|e| format!("unshare: {e}"))?;
+        nix::sched::unshare(unshare).map_err(step("unshare"))?;
     }
     Ok(())
 }

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::error::{invalid, step, GuestError};
 use crate::reaper::Reaper;
 
 /// What a program printed and how it ended.
@@ -28,7 +29,7 @@ pub fn run(
     args: &[&str],
     input: &[u8],
     timeout: Duration,
-) -> Result<Output, String> {
+) -> Result<Output, GuestError> {
     let what = program.display().to_string();
     let mut child = Command::new(program)
         .args(args)
@@ -41,7 +42,7 @@ pub fn run(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("{what}: {e}"))?;
+        .map_err(step(what.to_string()))?;
     let exit = reaper.map(|r| r.register(child.id() as i32));
     let mut stdin = child.stdin.take();
     let input = input.to_vec();
@@ -78,7 +79,7 @@ pub fn run(
             Some(rx) => rx.borrow().map(|e| e.status()),
             None => child
                 .try_wait()
-                .map_err(|e| format!("{what}: {e}"))?
+                .map_err(step(what.to_string()))?
                 .map(|s| s.code().unwrap_or(128)),
         };
         if let Some(s) = done {
@@ -86,7 +87,10 @@ pub fn run(
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            return Err(format!("{what} timed out after {} s", timeout.as_secs()));
+            return Err(invalid(format!(
+                "{what} timed out after {} s",
+                timeout.as_secs()
+            )));
         }
         std::thread::sleep(Duration::from_millis(5));
     };

@@ -3,6 +3,7 @@
 //! order), mount it once per mount point and count the containers using it, report statfs,
 //! and grow its filesystem online (ext4, xfs).
 
+use crate::error::{invalid, step, GuestError};
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -41,12 +42,12 @@ pub fn acquire(
     fstype: &str,
     options: &[String],
     mount_point: &Path,
-) -> Result<(), String> {
+) -> Result<(), GuestError> {
     let mut guard = TABLE.lock().unwrap_or_else(|e| e.into_inner());
     let t = guard.get_or_insert_with(Table::default);
     if t.users.get(mount_point).copied().unwrap_or(0) == 0 {
         std::fs::create_dir_all(mount_point)
-            .map_err(|e| format!("create {}: {e}", mount_point.display()))?;
+            .map_err(step(format!("create {}", mount_point.display())))?;
         // A disk can show in sysfs while its driver is still setting it up (or, when the
         // virtio-scsi controller arrives with it, while the controller's own scan and the
         // hot-plug event race over the same target): opening it then fails with ENXIO or
@@ -60,13 +61,18 @@ pub fn acquire(
             {
                 Ok(()) => break,
                 Err(e)
-                    if (e.contains("ENXIO") || e.contains("ENODEV"))
+                    if matches!(e.errno(), Some(nix::Error::ENXIO | nix::Error::ENODEV))
                         && Instant::now() < deadline =>
                 {
                     crate::init::debug(|| format!("volume {driver} {address}: {e}; retrying"));
                     std::thread::sleep(Duration::from_millis(100));
                 }
-                Err(e) => return Err(format!("mount {} ({driver} {address}): {e}", dev.display())),
+                Err(e) => {
+                    return Err(step(format!(
+                        "mount {} ({driver} {address})",
+                        dev.display()
+                    ))(e))
+                }
             }
         }
     }
@@ -109,14 +115,14 @@ pub fn release(container: &str) {
 }
 
 /// The block device for an address, waiting for it to appear.
-pub fn find_device(driver: &str, address: &str, timeout: Duration) -> Result<PathBuf, String> {
+pub fn find_device(driver: &str, address: &str, timeout: Duration) -> Result<PathBuf, GuestError> {
     let deadline = Instant::now() + timeout;
     let mut rescanned = false;
     loop {
         let found = match driver {
             "blk" => pci_block_device(Path::new("/sys/devices/pci0000:00"), address)?,
             "scsi" => scsi_block_device(Path::new("/sys/bus/scsi/devices"), address)?,
-            other => return Err(format!("unknown block volume driver {other:?}")),
+            other => return Err(invalid(format!("unknown block volume driver {other:?}"))),
         };
         // A disk whose capacity is not known yet is not ready.
         let found = found.filter(|name| {
@@ -139,23 +145,23 @@ pub fn find_device(driver: &str, address: &str, timeout: Duration) -> Result<Pat
             rescanned = true;
         }
         if Instant::now() >= deadline {
-            return Err(format!(
+            return Err(invalid(format!(
                 "{driver} device {address} did not appear in the guest within {} s",
                 timeout.as_secs()
-            ));
+            )));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
-fn make_node(name: &str, dev: &Path) -> Result<(), String> {
+fn make_node(name: &str, dev: &Path) -> Result<(), GuestError> {
     let nums = std::fs::read_to_string(format!("/sys/class/block/{name}/dev"))
-        .map_err(|e| format!("{name}: {e}"))?;
+        .map_err(step(name.to_string()))?;
     let (maj, min) = nums
         .trim()
         .split_once(':')
         .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)))
-        .ok_or_else(|| format!("{name}: bad device numbers {nums:?}"))?;
+        .ok_or_else(|| invalid(format!("{name}: bad device numbers {nums:?}")))?;
     match nix::sys::stat::mknod(
         dev,
         nix::sys::stat::SFlag::S_IFBLK,
@@ -164,12 +170,12 @@ fn make_node(name: &str, dev: &Path) -> Result<(), String> {
     ) {
         // devtmpfs made it meanwhile (the kernel adds the node right after the disk).
         Ok(()) | Err(nix::errno::Errno::EEXIST) => Ok(()),
-        Err(e) => Err(format!("mknod {}: {e}", dev.display())),
+        Err(e) => Err(step(format!("mknod {}", dev.display()))(e)),
     }
 }
 
 /// Parses a PCI path: slots from the root bus down, two hex digits each (`02/01`).
-pub fn parse_pci_path(path: &str) -> Result<Vec<u8>, String> {
+pub fn parse_pci_path(path: &str) -> Result<Vec<u8>, GuestError> {
     let slots: Result<Vec<u8>, _> = path
         .split('/')
         .map(|s| {
@@ -183,14 +189,14 @@ pub fn parse_pci_path(path: &str) -> Result<Vec<u8>, String> {
         .collect();
     match slots {
         Ok(v) if !v.is_empty() => Ok(v),
-        _ => Err(format!(
+        _ => Err(invalid(format!(
             "bad PCI path {path:?} (expected slots like \"02/01\")"
-        )),
+        ))),
     }
 }
 
 /// Walks the PCI path from `root` (`/sys/devices/pci0000:00`); the virtio-blk disk's name.
-fn pci_block_device(root: &Path, address: &str) -> Result<Option<String>, String> {
+fn pci_block_device(root: &Path, address: &str) -> Result<Option<String>, GuestError> {
     let slots = parse_pci_path(address)?;
     let mut dir = root.to_path_buf();
     for slot in slots {
@@ -224,7 +230,7 @@ fn pci_block_device(root: &Path, address: &str) -> Result<Option<String>, String
 }
 
 /// `<host>:0:<id>:<lun>/block/<name>` under `/sys/bus/scsi/devices`.
-fn scsi_block_device(root: &Path, address: &str) -> Result<Option<String>, String> {
+fn scsi_block_device(root: &Path, address: &str) -> Result<Option<String>, GuestError> {
     let (id, lun) = parse_scsi_address(address)?;
     let want = ["0".to_string(), id.to_string(), lun.to_string()];
     for e in std::fs::read_dir(root).ok().into_iter().flatten().flatten() {
@@ -240,11 +246,15 @@ fn scsi_block_device(root: &Path, address: &str) -> Result<Option<String>, Strin
 }
 
 /// Parses `<scsi-id>:<lun>`.
-pub fn parse_scsi_address(address: &str) -> Result<(u32, u32), String> {
+pub fn parse_scsi_address(address: &str) -> Result<(u32, u32), GuestError> {
     address
         .split_once(':')
         .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
-        .ok_or_else(|| format!("bad SCSI address {address:?} (expected \"<scsi-id>:<lun>\")"))
+        .ok_or_else(|| {
+            invalid(format!(
+                "bad SCSI address {address:?} (expected \"<scsi-id>:<lun>\")"
+            ))
+        })
 }
 
 fn scan_scsi(address: &str) {
@@ -270,9 +280,9 @@ fn first_entry(dir: &Path) -> Option<String> {
 }
 
 /// statfs of a guest mount: (bytes available, total, used), (inodes free, total, used).
-pub fn stats(path: &Path) -> Result<([u64; 3], [u64; 3]), String> {
+pub fn stats(path: &Path) -> Result<([u64; 3], [u64; 3]), GuestError> {
     let st =
-        nix::sys::statvfs::statvfs(path).map_err(|e| format!("statfs {}: {e}", path.display()))?;
+        nix::sys::statvfs::statvfs(path).map_err(step(format!("statfs {}", path.display())))?;
     let f = st.fragment_size();
     let total = st.blocks() * f;
     let avail = st.blocks_available() * f;
@@ -287,9 +297,8 @@ pub fn stats(path: &Path) -> Result<([u64; 3], [u64; 3]), String> {
 
 /// The block device a guest path is mounted from (from /proc/self/mountinfo), and its
 /// filesystem type.
-fn mounted_device(path: &Path) -> Result<(PathBuf, String), String> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|e| format!("read mountinfo: {e}"))?;
+fn mounted_device(path: &Path) -> Result<(PathBuf, String), GuestError> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").map_err(step("read mountinfo"))?;
     let want = path.display().to_string();
     let mut found = None;
     for line in info.lines() {
@@ -301,12 +310,12 @@ fn mounted_device(path: &Path) -> Result<(PathBuf, String), String> {
             found = Some((PathBuf::from(f[dash + 2]), f[dash + 1].to_string()));
         }
     }
-    found.ok_or_else(|| format!("{want} is not a mount point in the guest"))
+    found.ok_or_else(|| invalid(format!("{want} is not a mount point in the guest")))
 }
 
 /// Grows the filesystem mounted at `path` to `size` bytes (or to the device's size, if
 /// smaller), online. The device must already have the new size (the runtime resized it).
-pub fn resize(path: &Path, size: u64) -> Result<(), String> {
+pub fn resize(path: &Path, size: u64) -> Result<(), GuestError> {
     let (dev, fstype) = mounted_device(path)?;
     let name = dev
         .file_name()
@@ -328,28 +337,27 @@ pub fn resize(path: &Path, size: u64) -> Result<(), String> {
         dev_bytes = sectors(&name) * 512;
     }
     if dev_bytes < size {
-        return Err(format!(
+        return Err(invalid(format!(
             "{} has {dev_bytes} bytes in the guest, fewer than the {size} requested (was the host device grown first?)",
             dev.display()
-        ));
+        )));
     }
-    let dir = std::fs::File::open(path).map_err(|e| format!("open {}: {e}", path.display()))?;
+    let dir = std::fs::File::open(path).map_err(step(format!("open {}", path.display())))?;
     let fd = dir.as_raw_fd();
     match fstype.as_str() {
         "ext4" | "ext3" => {
-            let st = nix::sys::statvfs::statvfs(path).map_err(|e| format!("statfs: {e}"))?;
+            let st = nix::sys::statvfs::statvfs(path).map_err(step("statfs"))?;
             let blocks: u64 = size / st.block_size().max(1);
             nix::ioctl_write_ptr!(ext4_resize_fs, b'f', 16, u64);
             // SAFETY: EXT4_IOC_RESIZE_FS takes a pointer to the new block count.
             unsafe { ext4_resize_fs(fd, &blocks) }
-                .map_err(|e| format!("EXT4_IOC_RESIZE_FS to {blocks} blocks: {e}"))?;
+                .map_err(step(format!("EXT4_IOC_RESIZE_FS to {blocks} blocks")))?;
         }
         "xfs" => {
             let mut geom = [0u8; 256];
             nix::ioctl_read!(xfs_fsgeometry, b'X', 126, [u8; 256]);
             // SAFETY: XFS_IOC_FSGEOMETRY fills the 256-byte struct xfs_fsop_geom.
-            unsafe { xfs_fsgeometry(fd, &mut geom) }
-                .map_err(|e| format!("XFS_IOC_FSGEOMETRY: {e}"))?;
+            unsafe { xfs_fsgeometry(fd, &mut geom) }.map_err(step("XFS_IOC_FSGEOMETRY"))?;
             let blocksize = u32::from_ne_bytes([geom[0], geom[1], geom[2], geom[3]]);
             let imaxpct = u32::from_ne_bytes([geom[28], geom[29], geom[30], geom[31]]);
             #[repr(C)]
@@ -363,13 +371,15 @@ pub fn resize(path: &Path, size: u64) -> Result<(), String> {
             };
             nix::ioctl_write_ptr!(xfs_growfs_data, b'X', 110, GrowData);
             // SAFETY: XFS_IOC_FSGROWFSDATA takes a struct xfs_growfs_data.
-            unsafe { xfs_growfs_data(fd, &req) }
-                .map_err(|e| format!("XFS_IOC_FSGROWFSDATA to {} blocks: {e}", req.newblocks))?;
+            unsafe { xfs_growfs_data(fd, &req) }.map_err(step(format!(
+                "XFS_IOC_FSGROWFSDATA to {} blocks",
+                req.newblocks
+            )))?;
         }
         other => {
-            return Err(format!(
+            return Err(invalid(format!(
                 "cannot grow a {other} filesystem online (ext4 and xfs can be)"
-            ))
+            )))
         }
     }
     Ok(())
@@ -381,8 +391,8 @@ mod tests {
 
     #[test]
     fn pci_paths() {
-        assert_eq!(parse_pci_path("02/01"), Ok(vec![2, 1]));
-        assert_eq!(parse_pci_path("1f"), Ok(vec![31]));
+        assert_eq!(parse_pci_path("02/01").ok(), Some(vec![2, 1]));
+        assert_eq!(parse_pci_path("1f").ok(), Some(vec![31]));
         for bad in ["", "2/1", "02/", "20", "zz", "02//01"] {
             assert!(parse_pci_path(bad).is_err(), "{bad:?}");
         }
@@ -390,7 +400,7 @@ mod tests {
 
     #[test]
     fn scsi_addresses() {
-        assert_eq!(parse_scsi_address("3:0"), Ok((3, 0)));
+        assert_eq!(parse_scsi_address("3:0").ok(), Some((3, 0)));
         assert!(parse_scsi_address("3").is_err());
         assert!(parse_scsi_address("a:b").is_err());
     }

@@ -374,7 +374,7 @@ impl Config {
     }
 
     fn hypervisor_list(&self, list_key: &str) -> Vec<String> {
-        crate::load::to_table(&self.hypervisor)
+        crate::schema::to_table(&self.hypervisor)
             .and_then(|t| t.get(list_key).cloned())
             .and_then(|v| v.try_into::<Vec<String>>().ok())
             .unwrap_or_default()
@@ -389,7 +389,7 @@ fn lookup(
 ) -> Result<&'static KeySpec, AnnotationError> {
     find_key(keys, key).ok_or_else(|| AnnotationError::Unknown {
         annotation: name.to_string(),
-        suggestion: crate::load::suggest(
+        suggestion: crate::schema::suggest(
             key,
             keys.iter()
                 .filter(|k| k.dynamic != Dynamic::No)
@@ -412,7 +412,7 @@ fn dynamic_or_refuse(spec: &KeySpec, name: &str, section: &str) -> Result<(), An
 
 fn suggest_annotation(name: &str) -> Option<String> {
     let known = known_annotations();
-    crate::load::suggest(name, known.iter().map(String::as_str)).map(str::to_string)
+    crate::schema::suggest(name, known.iter().map(String::as_str)).map(str::to_string)
 }
 
 fn bad(name: &str, value: &str, reason: &str) -> AnnotationError {
@@ -452,13 +452,13 @@ fn set_field<T>(section: &mut T, key: &str, name: &str, value: &str) -> Result<(
 where
     T: Serialize + serde::de::DeserializeOwned,
 {
-    let mut table = crate::load::to_table(section)
+    let mut table = crate::schema::to_table(section)
         .ok_or_else(|| bad(name, value, "internal: section does not serialise"))?;
     let current = table
         .get(key)
         .cloned()
         .unwrap_or(toml::Value::String(String::new()));
-    let parsed = parse_like(&current, value).map_err(|reason| bad(name, value, &reason))?;
+    let parsed = parse_like(&current, value).map_err(|e| bad(name, value, &e.to_string()))?;
     table.insert(key.to_string(), parsed);
     *section = toml::Value::Table(table)
         .try_into()
@@ -466,24 +466,34 @@ where
     Ok(())
 }
 
-fn parse_like(current: &toml::Value, value: &str) -> Result<toml::Value, String> {
+/// Why an annotation's value does not fit its key's type.
+#[derive(Debug, thiserror::Error)]
+enum ValueError {
+    /// Not a value of the key's type (`expected true or false`...).
+    #[error("expected {0}")]
+    Expected(&'static str),
+    /// Not a JSON array of strings.
+    #[error("expected a JSON array of strings: {0}")]
+    Array(#[source] serde_json::Error),
+}
+
+fn parse_like(current: &toml::Value, value: &str) -> Result<toml::Value, ValueError> {
     let v = value.trim();
     Ok(match current {
         toml::Value::Boolean(_) => {
-            toml::Value::Boolean(parse_bool(v).ok_or("expected true or false")?)
+            toml::Value::Boolean(parse_bool(v).ok_or(ValueError::Expected("true or false"))?)
         }
         toml::Value::Integer(_) => toml::Value::Integer(
             v.parse::<i64>()
-                .map_err(|_| "expected an integer".to_string())?,
+                .map_err(|_| ValueError::Expected("an integer"))?,
         ),
         toml::Value::Float(_) => toml::Value::Float(
             v.parse::<f64>()
-                .map_err(|_| "expected a number".to_string())?,
+                .map_err(|_| ValueError::Expected("a number"))?,
         ),
         toml::Value::Array(_) => {
             let items: Vec<String> = if v.starts_with('[') {
-                serde_json::from_str(v)
-                    .map_err(|e| format!("expected a JSON array of strings: {e}"))?
+                serde_json::from_str(v).map_err(ValueError::Array)?
             } else {
                 v.split(';')
                     .map(str::trim)

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::annotations::{AGENT_PREFIX, HYPERVISOR_PREFIX, RUNTIME_PREFIX};
 use crate::hypervisor::BlockDeviceDriver;
-use crate::load::to_table;
+use crate::schema::to_table;
 use crate::schema::{Applies, Dynamic, KeySpec, Support};
 use crate::{
     AgentConfig, FactoryConfig, HypervisorConfig, HypervisorKind, ImageConfig, RuntimeConfig,

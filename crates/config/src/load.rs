@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::annotations::{AnnotationError, AnnotationErrors, CONFIG_PATH};
+pub use crate::schema::suggest;
+use crate::schema::to_table;
 use crate::schema::{KeySpec, Support};
 use crate::{
     AgentConfig, Config, ConfigError, FactoryConfig, HypervisorConfig, HypervisorKind, ImageConfig,
@@ -370,14 +372,6 @@ fn diff_unsupported<T: Serialize>(
     }
 }
 
-/// Serialises a section to a TOML table.
-pub(crate) fn to_table<T: Serialize>(value: &T) -> Option<toml::Table> {
-    match toml::Value::try_from(value) {
-        Ok(toml::Value::Table(t)) => Some(t),
-        _ => None,
-    }
-}
-
 fn read(path: &Path) -> Result<String, ConfigError> {
     std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
@@ -573,15 +567,6 @@ fn check_section(
         }
     }
     Ok(())
-}
-
-/// The closest candidate by edit distance, when it is close enough to be a likely typo.
-pub fn suggest<'a>(word: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
-    candidates
-        .map(|c| (strsim::damerau_levenshtein(word, c), c))
-        .filter(|(d, c)| *d <= 3.max(c.len() / 4) && *d < c.len().max(word.len()))
-        .min_by_key(|(d, _)| *d)
-        .map(|(_, c)| c)
 }
 
 /// Best-effort 1-based line of `key` in `[section]` (or of the header when `key` is None).

@@ -113,3 +113,20 @@ macro_rules! config_section {
 }
 
 pub(crate) use config_section;
+
+/// Serialises a section to a TOML table.
+pub(crate) fn to_table<T: serde::Serialize>(value: &T) -> Option<toml::Table> {
+    match toml::Value::try_from(value) {
+        Ok(toml::Value::Table(t)) => Some(t),
+        _ => None,
+    }
+}
+
+/// The closest candidate by edit distance, when it is close enough to be a likely typo.
+pub fn suggest<'a>(word: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    candidates
+        .map(|c| (strsim::damerau_levenshtein(word, c), c))
+        .filter(|(d, c)| *d <= 3.max(c.len() / 4) && *d < c.len().max(word.len()))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}

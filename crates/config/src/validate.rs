@@ -476,7 +476,7 @@ impl Config {
                 return Err(ValidationError::TemplateNeedsInitrd(kind));
             }
             if self.hypervisor.shared_fs != SharedFs::Virtio9p {
-                let shared_fs = crate::load::to_table(&self.hypervisor)
+                let shared_fs = crate::schema::to_table(&self.hypervisor)
                     .and_then(|t| {
                         t.get("shared_fs")
                             .and_then(|v| v.as_str().map(str::to_string))

@@ -208,16 +208,21 @@ pub fn has_vhost_vsock() -> bool {
     Path::new("/dev/vhost-vsock").exists()
 }
 
+/// `[agent.kata].channel = "vsock"` on a host without vhost-vsock.
+#[derive(Debug, thiserror::Error)]
+#[error("[agent.kata].channel = \"vsock\" but /dev/vhost-vsock does not exist; load vhost_vsock or use \"auto\"")]
+pub struct NoVsock;
+
 /// The agent transport a configured channel resolves to on this host: `"vsock"` or
 /// `"virtio-serial"`, or why it cannot be used.
 pub fn resolve_agent_channel(
     kind: kata_config::runtime::AgentChannelKind,
-) -> Result<&'static str, String> {
+) -> Result<&'static str, NoVsock> {
     use kata_config::runtime::AgentChannelKind as K;
     match kind {
         K::VirtioSerial => Ok("virtio-serial"),
         K::Vsock if has_vhost_vsock() => Ok("vsock"),
-        K::Vsock => Err("[agent.kata].channel = \"vsock\" but /dev/vhost-vsock does not exist; load vhost_vsock or use \"auto\"".to_string()),
+        K::Vsock => Err(NoVsock),
         K::Auto if has_vhost_vsock() => Ok("vsock"),
         K::Auto => Ok("virtio-serial"),
     }
@@ -228,8 +233,24 @@ pub fn has_vhost_net() -> bool {
     Path::new("/dev/vhost-net").exists()
 }
 
+/// Why `<binary> --version` gave no version.
+#[derive(Debug, thiserror::Error)]
+pub enum VersionError {
+    /// It ran and failed.
+    #[error("exited with {status}: {stderr}")]
+    Failed {
+        /// How it exited.
+        status: std::process::ExitStatus,
+        /// What it said.
+        stderr: String,
+    },
+    /// It could not be run.
+    #[error("{0}")]
+    Run(#[source] std::io::Error),
+}
+
 /// First line of `<binary> --version`, or the error.
-pub fn binary_version(path: &Path) -> Result<String, String> {
+pub fn binary_version(path: &Path) -> Result<String, VersionError> {
     match std::process::Command::new(path).arg("--version").output() {
         Ok(out) if out.status.success() => Ok(String::from_utf8_lossy(&out.stdout)
             .lines()
@@ -237,12 +258,11 @@ pub fn binary_version(path: &Path) -> Result<String, String> {
             .unwrap_or("")
             .trim()
             .to_string()),
-        Ok(out) => Err(format!(
-            "exited with {}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )),
-        Err(e) => Err(e.to_string()),
+        Ok(out) => Err(VersionError::Failed {
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        }),
+        Err(e) => Err(VersionError::Run(e)),
     }
 }
 

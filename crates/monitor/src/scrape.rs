@@ -65,21 +65,46 @@ impl Own {
     }
 }
 
+/// Why a shim's metrics could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ScrapeError {
+    /// The shim did not answer in time.
+    #[error("no answer within {0} ms")]
+    Timeout(u128),
+    /// The request failed (no socket, a broken connection).
+    #[error("{0}")]
+    Request(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The answer is not text.
+    #[error("not text: {0}")]
+    NotText(#[source] std::string::FromUtf8Error),
+    /// The shim answered with an error status.
+    #[error("status {status}: {body}")]
+    Status {
+        /// The HTTP status.
+        status: u16,
+        /// What it said.
+        body: String,
+    },
+}
+
 /// One shim's `/metrics` (its text) from its monitor socket, or why not.
-pub async fn shim_metrics(sock: &std::path::Path, timeout: Duration) -> Result<String, String> {
+pub async fn shim_metrics(
+    sock: &std::path::Path,
+    timeout: Duration,
+) -> Result<String, ScrapeError> {
     let got = tokio::time::timeout(
         timeout,
         kata_sandbox::monitor_client::request(sock, hyper::Method::GET, "/metrics", Vec::new()),
     )
     .await;
     match got {
-        Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
-        Ok(Err(e)) => Err(kata_config_free_chain(&e)),
-        Ok(Ok((200, body))) => String::from_utf8(body).map_err(|e| format!("not text: {e}")),
-        Ok(Ok((status, body))) => Err(format!(
-            "status {status}: {}",
-            String::from_utf8_lossy(&body).trim()
-        )),
+        Err(_) => Err(ScrapeError::Timeout(timeout.as_millis())),
+        Ok(Err(e)) => Err(ScrapeError::Request(kata_config_free_chain(&e).into())),
+        Ok(Ok((200, body))) => String::from_utf8(body).map_err(ScrapeError::NotText),
+        Ok(Ok((status, body))) => Err(ScrapeError::Status {
+            status,
+            body: String::from_utf8_lossy(&body).trim().to_string(),
+        }),
     }
 }
 
@@ -218,7 +243,10 @@ mod tests {
         let own = Own::new().expect("own");
         let t = Instant::now();
         let r = shim_metrics(&sb.join("shim-monitor.sock"), Duration::from_millis(200)).await;
-        assert_eq!(r, Err("no answer within 200 ms".to_string()));
+        assert_eq!(
+            r.err().map(|e| e.to_string()).as_deref(),
+            Some("no answer within 200 ms")
+        );
         assert!(t.elapsed() < Duration::from_secs(2));
         let text = all(&disc, &own, Duration::from_millis(100), &[]).await;
         assert!(text.contains("kata_monitor_running_shim_count 1"), "{text}");

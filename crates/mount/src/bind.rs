@@ -15,6 +15,7 @@ use std::path::Path;
 
 use nix::mount::MsFlags;
 
+use crate::error::MountError;
 use crate::options::{Attr, MountOptions};
 
 const OPEN_TREE_CLONE: libc::c_uint = 1;
@@ -65,8 +66,9 @@ fn setattr(fd: BorrowedFd<'_>, recursive: bool, attr: Attr, propagation: u64) ->
 }
 
 /// Bind-mounts `source` on the mount point `target` with `o`'s attributes (see the module doc).
-pub fn bind(source: &Path, target: BorrowedFd<'_>, o: &MountOptions) -> Result<(), String> {
-    let src = cstr(source).map_err(|e| e.to_string())?;
+pub fn bind(source: &Path, target: BorrowedFd<'_>, o: &MountOptions) -> Result<(), MountError> {
+    let step = |what: &str| format!("bind {}: {what}", source.display());
+    let src = cstr(source).map_err(|e| MountError::io(step("its path"), e))?;
     let mut flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint;
     if o.recursive {
         flags |= AT_RECURSIVE;
@@ -74,10 +76,9 @@ pub fn bind(source: &Path, target: BorrowedFd<'_>, o: &MountOptions) -> Result<(
     // SAFETY: open_tree(2) with a valid C string; the descriptor is owned below.
     let fd = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, src.as_ptr(), flags) };
     if fd < 0 {
-        return Err(format!(
-            "bind {}: open_tree: {}",
-            source.display(),
-            io::Error::last_os_error()
+        return Err(MountError::io(
+            step("open_tree"),
+            io::Error::last_os_error(),
         ));
     }
     // SAFETY: a descriptor just returned by open_tree(2).
@@ -85,15 +86,11 @@ pub fn bind(source: &Path, target: BorrowedFd<'_>, o: &MountOptions) -> Result<(
     use std::os::fd::AsFd;
     if !o.top.is_empty() {
         setattr(tree.as_fd(), false, o.top, 0)
-            .map_err(|e| format!("bind {}: set its attributes: {e}", source.display()))?;
+            .map_err(|e| MountError::io(step("set its attributes"), e))?;
     }
     if !o.all.is_empty() {
-        setattr(tree.as_fd(), true, o.all, 0).map_err(|e| {
-            format!(
-                "bind {}: set the attributes of it and its submounts: {e}",
-                source.display()
-            )
-        })?;
+        setattr(tree.as_fd(), true, o.all, 0)
+            .map_err(|e| MountError::io(step("set the attributes of it and its submounts"), e))?;
     }
     // SAFETY: move_mount(2) between two descriptors we own, with empty paths.
     let rc = unsafe {
@@ -107,10 +104,9 @@ pub fn bind(source: &Path, target: BorrowedFd<'_>, o: &MountOptions) -> Result<(
         )
     };
     if rc < 0 {
-        return Err(format!(
-            "bind {}: attach it: {}",
-            source.display(),
-            io::Error::last_os_error()
+        return Err(MountError::io(
+            step("attach it"),
+            io::Error::last_os_error(),
         ));
     }
     if !o.propagation.is_empty() {
@@ -118,7 +114,7 @@ pub fn bind(source: &Path, target: BorrowedFd<'_>, o: &MountOptions) -> Result<(
         let rec = o.propagation.contains(MsFlags::MS_REC);
         let p = (o.propagation & !MsFlags::MS_REC).bits();
         setattr(tree.as_fd(), rec, Attr::default(), p)
-            .map_err(|e| format!("bind {}: set its propagation: {e}", source.display()))?;
+            .map_err(|e| MountError::io(step("set its propagation"), e))?;
     }
     Ok(())
 }
@@ -126,16 +122,16 @@ pub fn bind(source: &Path, target: BorrowedFd<'_>, o: &MountOptions) -> Result<(
 /// What `mount(2)` cannot set on a new filesystem's mount, applied once it is mounted
 /// (`mounted`: its root, found again): the recursive attributes (`rro`, `rnosuid`...) and the
 /// propagation.
-pub fn finish_fs_mount(mounted: BorrowedFd<'_>, o: &MountOptions) -> Result<(), String> {
+pub fn finish_fs_mount(mounted: BorrowedFd<'_>, o: &MountOptions) -> Result<(), MountError> {
     if !o.all.is_empty() {
         setattr(mounted, true, o.all, 0)
-            .map_err(|e| format!("set the attributes of it and its submounts: {e}"))?;
+            .map_err(|e| MountError::io("set the attributes of it and its submounts", e))?;
     }
     if !o.propagation.is_empty() {
         let rec = o.propagation.contains(MsFlags::MS_REC);
         let p = (o.propagation & !MsFlags::MS_REC).bits();
         setattr(mounted, rec, Attr::default(), p)
-            .map_err(|e| format!("set its propagation: {e}"))?;
+            .map_err(|e| MountError::io("set its propagation", e))?;
     }
     Ok(())
 }
@@ -147,7 +143,7 @@ pub fn mount_fs(
     fstype: &str,
     target: &OwnedFd,
     o: &MountOptions,
-) -> Result<(), String> {
+) -> Result<(), MountError> {
     let at = crate::safe::proc_path(target);
     let data = o.data();
     nix::mount::mount(
@@ -157,7 +153,11 @@ pub fn mount_fs(
         o.flags,
         data.as_deref(),
     )
-    .map_err(|e| format!("mount {fstype} {source}: {e}"))
+    .map_err(|e| MountError::Filesystem {
+        fstype: fstype.to_string(),
+        source_name: source.to_string(),
+        source: e,
+    })
 }
 
 #[cfg(test)]
@@ -168,7 +168,7 @@ mod tests {
 
     /// Runs `f` as root in a private mount namespace (a child process), so the host's mounts
     /// are untouched, with a fresh temporary directory; skipped when not root.
-    fn in_private_ns(f: impl FnOnce(&Path) -> Result<(), String>) {
+    fn in_private_ns(f: impl FnOnce(&Path) -> Result<(), Box<dyn std::error::Error>>) {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             eprintln!("skipped: needs root (make test runs it as root)");
@@ -180,7 +180,7 @@ mod tests {
         match unsafe { nix::unistd::fork() }.expect("fork") {
             nix::unistd::ForkResult::Child => {
                 let code = match nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
-                    .map_err(|e| e.to_string())
+                    .map_err(Box::<dyn std::error::Error>::from)
                     .and_then(|_| {
                         nix::mount::mount(
                             None::<&str>,
@@ -189,7 +189,7 @@ mod tests {
                             MsFlags::MS_REC | MsFlags::MS_PRIVATE,
                             None::<&str>,
                         )
-                        .map_err(|e| e.to_string())
+                        .map_err(Box::<dyn std::error::Error>::from)
                     })
                     .and_then(|_| f(base))
                 {
@@ -246,7 +246,8 @@ mod tests {
                         "{name}: top writable {}, submount writable {}",
                         writable(&at),
                         writable(&at.join("sub"))
-                    ));
+                    )
+                    .into());
                 }
             }
             Ok(())
@@ -286,10 +287,10 @@ mod tests {
                 Ok(fd) => {
                     let at = std::fs::read_link(crate::safe::proc_path(&fd))
                         .map_err(|e| e.to_string())?;
-                    return Err(format!("followed the magic link to {}", at.display()));
+                    return Err(format!("followed the magic link to {}", at.display()).into());
                 }
-                Err(e) if e.contains("/magic") => {}
-                Err(e) => return Err(format!("unexpected error: {e}")),
+                Err(e) if e.to_string().contains("/magic") => {}
+                Err(e) => return Err(format!("unexpected error: {e}").into()),
             }
             if Path::new("/etc/y").exists() {
                 return Err("made /etc/y on the host".into());

@@ -7,6 +7,7 @@
 //! error naming it, never silently dropped (a dropped `rro` once made a read-only volume
 //! writable).
 
+use crate::error::MountError;
 use nix::mount::MsFlags;
 
 /// `MOUNT_ATTR_RDONLY`.
@@ -161,7 +162,7 @@ fn propagation(o: &str) -> Option<MsFlags> {
 
 /// Parses `options` of a mount; `bind`: the mount's type is `bind` (a bind mount also when
 /// the options say `bind`/`rbind`).
-pub fn parse(options: &[String], bind_type: bool) -> Result<MountOptions, String> {
+pub fn parse(options: &[String], bind_type: bool) -> Result<MountOptions, MountError> {
     let mut m = MountOptions {
         bind: bind_type,
         recursive: false,
@@ -207,9 +208,10 @@ pub fn parse(options: &[String], bind_type: bool) -> Result<MountOptions, String
         }
         if let Some((flag, set)) = superblock_flag(o) {
             if m.bind {
-                return Err(format!(
-                    "mount option {o:?} applies to a filesystem, not to a bind mount; remove it"
-                ));
+                return Err(MountError::Option {
+                    option: o.to_string(),
+                    why: "applies to a filesystem, not to a bind mount; remove it",
+                });
             }
             if set {
                 m.flags |= flag;
@@ -219,15 +221,17 @@ pub fn parse(options: &[String], bind_type: bool) -> Result<MountOptions, String
             continue;
         }
         if matches!(o, "idmap" | "ridmap" | "tmpcopyup") {
-            return Err(format!(
-                "mount option {o:?} is not supported by this runtime; remove it"
-            ));
+            return Err(MountError::Option {
+                option: o.to_string(),
+                why: "is not supported by this runtime; remove it",
+            });
         }
         if m.bind {
-            return Err(format!(
-                "mount option {o:?} is not understood for a bind mount (known: ro, rw, rro, \
-                 nosuid, nodev, noexec, the atime options, their r-forms, and propagation)"
-            ));
+            return Err(MountError::Option {
+                option: o.to_string(),
+                why: "is not understood for a bind mount (known: ro, rw, rro, nosuid, nodev, \
+                      noexec, the atime options, their r-forms, and propagation)",
+            });
         }
         m.data.push(o.to_string());
     }
@@ -282,7 +286,7 @@ mod tests {
     fn a_bind_mount_refuses_what_it_cannot_honour() {
         for bad in ["size=1m", "sync", "rfoo", "idmap", "x-foo"] {
             let e = parse(&opts(&["rbind", bad]), true).expect_err(bad);
-            assert!(e.contains(bad), "{e}");
+            assert!(e.to_string().contains(bad), "{e}");
         }
         // The same options are filesystem data for a tmpfs.
         assert!(parse(&opts(&["size=1m", "x-foo"]), false).is_ok());

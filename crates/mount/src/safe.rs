@@ -5,6 +5,7 @@
 //! `/proc/self/fd/N` then mounts on exactly what was resolved, even if a symlink is swapped in
 //! afterwards (CVE-2020-2026, kata-containers#885).
 
+use crate::error::MountError;
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -98,14 +99,18 @@ pub fn open_in_root(root: BorrowedFd<'_>, rel: &Path) -> io::Result<OwnedFd> {
 }
 
 /// Why `path` could not be resolved, and what to do about the common case.
-fn resolve_error(path: &Path, e: &io::Error) -> String {
+fn resolve_error(path: &Path, e: io::Error) -> MountError {
     let hint = if e.raw_os_error() == Some(libc::ELOOP) {
         " (a symlink on the way leads through a /proc magic link such as /proc/self/root, or \
          loops; change the image or the mount's destination)"
     } else {
         ""
     };
-    format!("resolve {} in the root: {e}{hint}", path.display())
+    MountError::Io {
+        context: format!("resolve {} in the root", path.display()),
+        hint,
+        source: e,
+    }
 }
 
 fn is_symlink(fd: BorrowedFd<'_>) -> io::Result<bool> {
@@ -118,7 +123,11 @@ fn is_symlink(fd: BorrowedFd<'_>) -> io::Result<bool> {
 /// Opens `dest` below `root` like [`open_in_root`], first creating what is missing (directories,
 /// and the last component as `kind`) one component at a time below descriptors: a component
 /// that turns into a symlink meanwhile is an error, never followed.
-pub fn create_in_root(root: BorrowedFd<'_>, dest: &Path, kind: Kind) -> Result<OwnedFd, String> {
+pub fn create_in_root(
+    root: BorrowedFd<'_>,
+    dest: &Path,
+    kind: Kind,
+) -> Result<OwnedFd, MountError> {
     create_inner(root, dest, kind, 0)
 }
 
@@ -127,11 +136,11 @@ fn create_inner(
     dest: &Path,
     kind: Kind,
     depth: u32,
-) -> Result<OwnedFd, String> {
+) -> Result<OwnedFd, MountError> {
     if depth > 40 {
-        return Err(format!(
-            "too many levels of symbolic links resolving {}",
-            dest.display()
+        return Err(resolve_error(
+            dest,
+            io::Error::from_raw_os_error(libc::ELOOP),
         ));
     }
     let rel = clean(dest);
@@ -139,7 +148,7 @@ fn create_inner(
     match open_in_root(root, &rel) {
         Ok(fd) => return Ok(fd),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-        Err(e) => return Err(resolve_error(&shown, &e)),
+        Err(e) => return Err(resolve_error(&shown, e)),
     }
     let comps: Vec<&std::ffi::OsStr> = rel.iter().collect();
     // The deepest part that exists.
@@ -149,12 +158,12 @@ fn create_inner(
         match open_in_root(root, &prefix) {
             Ok(fd) => break fd,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) && have > 0 => have -= 1,
-            Err(e) => return Err(resolve_error(&Path::new("/").join(prefix), &e)),
+            Err(e) => return Err(resolve_error(&Path::new("/").join(prefix), e)),
         }
     };
     for (i, name) in comps.iter().enumerate().skip(have) {
         let last = i + 1 == comps.len();
-        let c = cstr(name.as_bytes()).map_err(|e| e.to_string())?;
+        let c = cstr(name.as_bytes()).map_err(|e| resolve_error(&shown, e))?;
         let made = if last && kind == Kind::File {
             // SAFETY: openat(2) relative to a descriptor we own; closed right away.
             let fd = unsafe {
@@ -184,9 +193,9 @@ fn create_inner(
             existed = e.raw_os_error() == Some(libc::EEXIST);
             if !existed {
                 let at: PathBuf = comps[..=i].iter().collect();
-                return Err(format!(
-                    "create {} in the root: {e}",
-                    Path::new("/").join(at).display()
+                return Err(MountError::io(
+                    format!("create {} in the root", Path::new("/").join(at).display()),
+                    e,
                 ));
             }
         }
@@ -221,19 +230,20 @@ fn create_inner(
         // SAFETY: openat(2) relative to a descriptor we own.
         let fd = unsafe { libc::openat(parent.as_raw_fd(), c.as_ptr(), flags) };
         if fd < 0 {
-            return Err(format!(
-                "open {} in the root: {} (did it change while it was being made?)",
-                Path::new("/").join(at).display(),
-                io::Error::last_os_error()
-            ));
+            return Err(MountError::Io {
+                context: format!("open {} in the root", Path::new("/").join(at).display()),
+                hint: " (did it change while it was being made?)",
+                source: io::Error::last_os_error(),
+            });
         }
         // SAFETY: a descriptor just returned by openat(2).
         let next = unsafe { OwnedFd::from_raw_fd(fd) };
         use std::os::fd::AsFd;
-        if is_symlink(next.as_fd()).map_err(|e| e.to_string())? {
-            return Err(format!(
-                "{} turned into a symlink while it was being made; refusing to follow it",
-                Path::new("/").join(at).display()
+        let shown_at = Path::new("/").join(&at);
+        if is_symlink(next.as_fd()).map_err(|e| resolve_error(&shown_at, e))? {
+            return Err(MountError::raced(
+                &shown_at,
+                "turned into a symlink while it was being made; refusing to follow it",
             ));
         }
         parent = next;

@@ -49,14 +49,15 @@ pub enum SandboxError {
     },
     /// A host path could not be shared with the guest (a bad option, a mount point that cannot
     /// be made safely, or the bind itself).
-    #[error("cannot share {source_path} with the guest (at {target}): {reason}")]
+    #[error("cannot share {source_path} with the guest (at {target}): {source}")]
     Share {
         /// Source.
         source_path: String,
         /// Target.
         target: String,
         /// Why.
-        reason: String,
+        #[source]
+        source: kata_mount::MountError,
     },
     /// virtiofsd failed.
     #[error("virtiofsd")]

@@ -20,11 +20,9 @@ use std::time::{Duration, Instant};
 use kata_config::Config;
 use kata_hypervisor::probe::Accel;
 use kata_hypervisor::qemu::argv::{AgentChannel, MemoryFile, SharedFsDevice};
-use kata_hypervisor::qemu::vm::Vm;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use tracing::Instrument;
 
-use crate::agent::AgentClient;
 use crate::error::SandboxError;
 
 /// The template's RAM.
@@ -92,7 +90,7 @@ fn stamp(path: &str) -> String {
 /// every hypervisor and guest setting. A template is used only if this matches exactly.
 pub fn identity(config: &Config, accel: Accel) -> String {
     let h = &config.hypervisor;
-    let shape = crate::sandbox::guest_shape(config);
+    let shape = crate::launch::guest_shape(config);
     format!(
         "runtime {}\naccel {}\nqemu {}\nkernel {}\ninitrd {}\nguest {:?} debug_console={}\nhypervisor {:?}\n",
         env!("CARGO_PKG_VERSION"),
@@ -302,7 +300,7 @@ impl Template {
             .mode(0o500)
             .create(&share)
             .map_err(io("failed to create", &share))?;
-        let mut spec = crate::sandbox::launch_spec(
+        let mut spec = crate::launch::launch_spec(
             "template",
             config,
             accel,
@@ -316,17 +314,15 @@ impl Template {
             path: dir.join(MEMORY_FILE),
             shared: true,
         });
-        let qemu = PathBuf::from(h.effective_path(config.hypervisor_kind));
-        let vm = Vm::start(&qemu, h, &spec, &dir.join("qemu.stderr"))
+        let vm = crate::launch::start_qemu(config, &spec, dir)
             .instrument(tracing::info_span!("template_qemu_start"))
             .await?;
         let saved = async {
-            let deadline = Instant::now() + Duration::from_secs(config.agent.dial_timeout.into());
-            let socket = dir.join("agent.sock");
-            let agent = tokio::select! {
-                r = AgentClient::dial_serial(&socket, deadline) => r?,
-                e = vm.wait_exit() => return Err(SandboxError::Vm(e)),
+            let channel = AgentChannel::Serial {
+                socket: dir.join("agent.sock"),
             };
+            let agent =
+                crate::launch::wait_for_agent(&vm, &channel, config.agent.dial_timeout).await?;
             // The agent goes back to waiting for a host: every clone connects afresh.
             drop(agent);
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -27,7 +27,6 @@ use std::time::{Duration, Instant};
 use hyper_util::rt::TokioIo;
 use kata_config::Config;
 use kata_hypervisor::probe::Accel;
-use kata_hypervisor::qemu::argv::{AgentChannel, SharedFsDevice};
 use kata_hypervisor::qemu::vm::Vm;
 use kata_hypervisor::virtiofsd::Virtiofsd;
 use serde::{Deserialize, Serialize};
@@ -36,7 +35,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::error::SandboxError;
-use crate::sandbox::{cleanup_paths, cleanup_stale, SandboxPaths, VM_STATE_ROOT};
+use crate::host::{cleanup_paths, cleanup_stale, SandboxPaths, VM_STATE_ROOT};
 
 /// The generated `cache.CacheService` API (Kata's field numbers).
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
@@ -94,11 +93,53 @@ pub struct Taken {
     pub memory: u32,
 }
 
+/// Why the VMCache server could not be asked, or its answer not used.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// No server socket.
+    #[error("{} does not exist (is kata-runtime factory init running?)", .0.display())]
+    NoServer(PathBuf),
+    /// The socket did not take the connection.
+    #[error("cannot connect to {}: {source}", endpoint.display())]
+    Connect {
+        /// The server's socket.
+        endpoint: PathBuf,
+        /// Why.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// A call that the server answered with an error.
+    #[error("{call}: {}", status.message())]
+    Call {
+        /// The call (`GetBaseVM`, `Status`...).
+        call: &'static str,
+        /// The server's status.
+        #[source]
+        status: Box<tonic::Status>,
+    },
+    /// A call that the server did not answer in time.
+    #[error("{} did not answer {call} within {} s", endpoint.display(), TAKE_TIMEOUT.as_secs())]
+    Timeout {
+        /// The server's socket.
+        endpoint: PathBuf,
+        /// The call.
+        call: &'static str,
+    },
+    /// An answer this runtime cannot use, and why.
+    #[error("{0}")]
+    Declined(String),
+    /// The server did not stop.
+    #[error("the VMCache server (pid {0}) did not stop within 30 s")]
+    DidNotStop(i64),
+}
+
 /// Why no VM came from the cache.
-#[derive(Debug, Clone)]
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
 pub struct Miss {
     /// Said in the shim's log.
-    pub reason: String,
+    #[source]
+    pub error: CacheError,
     /// The server did not answer at all (its VMs may be orphans).
     pub server_gone: bool,
 }
@@ -111,16 +152,18 @@ struct ServedConfig {
     vm_cache_number: u32,
 }
 
-async fn connect(endpoint: &Path) -> Result<CacheServiceClient<tonic::transport::Channel>, String> {
+async fn connect(
+    endpoint: &Path,
+) -> Result<CacheServiceClient<tonic::transport::Channel>, CacheError> {
     if !endpoint.exists() {
-        return Err(format!(
-            "{} does not exist (is kata-runtime factory init running?)",
-            endpoint.display()
-        ));
+        return Err(CacheError::NoServer(endpoint.to_path_buf()));
     }
     let path = endpoint.to_path_buf();
-    let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")
-        .map_err(|e| e.to_string())?
+    let connect = |source| CacheError::Connect {
+        endpoint: endpoint.to_path_buf(),
+        source,
+    };
+    let channel = tonic::transport::Endpoint::from_static("http://[::]:50051")
         .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
             let path = path.clone();
             async move {
@@ -128,68 +171,78 @@ async fn connect(endpoint: &Path) -> Result<CacheServiceClient<tonic::transport:
             }
         }))
         .await
-        .map_err(|e| {
-            format!(
-                "cannot connect to {}: {}",
-                endpoint.display(),
-                kata_config::error_chain(&e)
-            )
-        })?;
+        .map_err(connect)?;
     Ok(CacheServiceClient::new(channel))
 }
 
 /// Takes a VM from the server at `endpoint` if it serves VMs booted from a configuration whose
 /// identity is `identity`.
 pub async fn take(endpoint: &Path, identity: &str) -> Result<Taken, Miss> {
-    let gone = |reason: String| Miss {
-        reason,
+    let gone = |error| Miss {
+        error,
         server_gone: true,
     };
-    let declined = |reason: String| Miss {
-        reason,
+    let declined = |error| Miss {
+        error,
         server_gone: false,
+    };
+    let call = |call: &'static str| {
+        move |status| {
+            declined(CacheError::Call {
+                call,
+                status: Box::new(status),
+            })
+        }
     };
     let work = async {
         let mut client = connect(endpoint).await.map_err(gone)?;
         let served = client
             .config(())
             .await
-            .map_err(|s| declined(format!("Config: {}", s.message())))?
+            .map_err(call("Config"))?
             .into_inner();
-        let served: ServedConfig = serde_json::from_slice(&served.data)
-            .map_err(|e| declined(format!("the server's Config is not this runtime's: {e}")))?;
+        let served: ServedConfig = serde_json::from_slice(&served.data).map_err(|e| {
+            declined(CacheError::Declined(format!(
+                "the server's Config is not this runtime's: {e}"
+            )))
+        })?;
         if served.identity != identity {
-            return Err(declined(
+            return Err(declined(CacheError::Declined(
                 "this pod's VM settings (annotations, static resources) or the runtime, kernel, initrd or QEMU differ from the cached VMs'"
                     .into(),
-            ));
+            )));
         }
         let vm = client
             .get_base_vm(())
             .await
-            .map_err(|s| declined(format!("GetBaseVM: {}", s.message())))?
+            .map_err(call("GetBaseVM"))?
             .into_inner();
         parse_handed(&vm).map_err(declined)
     };
     match tokio::time::timeout(TAKE_TIMEOUT, work).await {
         Ok(r) => r,
-        Err(_) => Err(declined(format!(
-            "the VMCache server {} did not answer within {} s",
-            endpoint.display(),
-            TAKE_TIMEOUT.as_secs()
-        ))),
+        Err(_) => Err(declined(CacheError::Timeout {
+            endpoint: endpoint.to_path_buf(),
+            call: "GetBaseVM",
+        })),
     }
 }
 
 /// Checks a `GetBaseVM` answer: a cache VM id (it becomes paths), pids.
-fn parse_handed(vm: &GrpcVm) -> Result<Taken, String> {
-    let h: HandedVm = serde_json::from_slice(&vm.hypervisor)
-        .map_err(|e| format!("GetBaseVM: the hypervisor field is not this runtime's: {e}"))?;
+fn parse_handed(vm: &GrpcVm) -> Result<Taken, CacheError> {
+    let h: HandedVm = serde_json::from_slice(&vm.hypervisor).map_err(|e| {
+        CacheError::Declined(format!(
+            "GetBaseVM: the hypervisor field is not this runtime's: {e}"
+        ))
+    })?;
     if h.id != vm.id || !h.id.starts_with(CACHE_ID_PREFIX) || !crate::ids::is_valid(&h.id) {
-        return Err(format!("GetBaseVM: {:?} is not a cached VM's id", vm.id));
+        return Err(CacheError::Declined(format!(
+            "GetBaseVM: {:?} is not a cached VM's id",
+            vm.id
+        )));
     }
     if h.qemu_pid == 0 {
-        return Err("GetBaseVM: no QEMU pid".into());
+        return Err(CacheError::Declined("GetBaseVM: no QEMU pid".into()));
     }
     Ok(Taken {
         id: h.id,
@@ -202,18 +255,24 @@ fn parse_handed(vm: &GrpcVm) -> Result<Taken, String> {
 }
 
 /// The server's answer to `Status`, for `kata-runtime factory status`.
-pub async fn status(endpoint: &Path) -> Result<GrpcStatus, String> {
+pub async fn status(endpoint: &Path) -> Result<GrpcStatus, CacheError> {
     let mut client = connect(endpoint).await?;
     let s = tokio::time::timeout(TAKE_TIMEOUT, client.status(()))
         .await
-        .map_err(|_| format!("{} did not answer Status", endpoint.display()))?
-        .map_err(|s| format!("Status: {}", s.message()))?;
+        .map_err(|_| CacheError::Timeout {
+            endpoint: endpoint.to_path_buf(),
+            call: "Status",
+        })?
+        .map_err(|status| CacheError::Call {
+            call: "Status",
+            status: Box::new(status),
+        })?;
     Ok(s.into_inner())
 }
 
 /// Asks the server to stop (`kata-runtime factory destroy`) and waits until it has stopped its
 /// VMs and removed its socket. Returns false when no server answered.
-pub async fn quit(endpoint: &Path) -> Result<bool, String> {
+pub async fn quit(endpoint: &Path) -> Result<bool, CacheError> {
     let mut client = match connect(endpoint).await {
         Ok(c) => c,
         Err(_) => return Ok(false),
@@ -225,18 +284,21 @@ pub async fn quit(endpoint: &Path) -> Result<bool, String> {
         .map(|s| s.into_inner().pid);
     tokio::time::timeout(TAKE_TIMEOUT, client.quit(()))
         .await
-        .map_err(|_| format!("{} did not answer Quit", endpoint.display()))?
-        .map_err(|s| format!("Quit: {}", s.message()))?;
+        .map_err(|_| CacheError::Timeout {
+            endpoint: endpoint.to_path_buf(),
+            call: "Quit",
+        })?
+        .map_err(|status| CacheError::Call {
+            call: "Quit",
+            status: Box::new(status),
+        })?;
     drop(client);
     let deadline = Instant::now() + Duration::from_secs(30);
     while endpoint.exists()
-        || pid.is_some_and(|p| !crate::sandbox::zombie(i32::try_from(p).unwrap_or(0)))
+        || pid.is_some_and(|p| !crate::host::zombie(i32::try_from(p).unwrap_or(0)))
     {
         if Instant::now() > deadline {
-            return Err(format!(
-                "the VMCache server (pid {}) did not stop within 30 s",
-                pid.unwrap_or_default()
-            ));
+            return Err(CacheError::DidNotStop(pid.unwrap_or_default()));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -370,27 +432,13 @@ async fn boot_one(config: &Config, accel: Accel) -> Result<Cached, SandboxError>
     let mut virtiofsd = None;
     let mut vm = None;
     let r = async {
-        crate::sandbox::create_private_dirs(&paths)?;
+        crate::host::create_private_dirs(&paths)?;
         let owner = paths.vm_dir.join(OWNER_FILE);
         std::fs::write(&owner, owner_record()).map_err(io("failed to write", &owner))?;
-        let h = &config.hypervisor;
-        let shared_fs = crate::sandbox::shared_fs_device(h, &paths)?;
-        if shared_fs != SharedFsDevice::None {
-            crate::sandbox::prepare_share(&paths)?;
-        }
-        if let SharedFsDevice::VirtioFs { socket } = &shared_fs {
-            virtiofsd = Some(
-                Virtiofsd::start(
-                    h,
-                    socket,
-                    &paths.export_dir(),
-                    &paths.vm_dir.join("virtiofsd.log"),
-                )
-                .await?,
-            );
-        }
-        let channel = crate::sandbox::agent_channel(config, &paths.vm_dir)?;
-        let spec = crate::sandbox::launch_spec(
+        let (shared_fs, v) = crate::launch::start_share(&config.hypervisor, &paths).await?;
+        virtiofsd = v;
+        let channel = crate::launch::agent_channel(config, &paths.vm_dir)?;
+        let spec = crate::launch::launch_spec(
             &id,
             config,
             accel,
@@ -398,20 +446,12 @@ async fn boot_one(config: &Config, accel: Accel) -> Result<Cached, SandboxError>
             channel.clone(),
             shared_fs,
         );
-        let qemu = PathBuf::from(h.effective_path(config.hypervisor_kind));
-        let started =
-            vm.insert(Vm::start(&qemu, h, &spec, &paths.vm_dir.join("qemu.stderr")).await?);
-        let deadline = Instant::now() + Duration::from_secs(config.agent.dial_timeout.into());
-        let agent = tokio::select! {
-            r = crate::sandbox::dial_agent(&channel, deadline) => r?,
-            e = started.wait_exit() => return Err(SandboxError::Vm(e)),
-        };
+        let started = vm.insert(crate::launch::start_qemu(config, &spec, &paths.vm_dir).await?);
+        let agent =
+            crate::launch::wait_for_agent(started, &channel, config.agent.dial_timeout).await?;
         // The agent goes back to waiting for a host: the sandbox connects afresh.
         drop(agent);
-        Ok(match channel {
-            AgentChannel::Serial { socket } => format!("unix://{}", socket.display()),
-            AgentChannel::Vsock { cid } => format!("vsock://{cid}:{}", kata_protocols::VSOCK_PORT),
-        })
+        Ok(crate::launch::agent_url(&channel))
     }
     .await;
     match r {
@@ -743,12 +783,16 @@ mod tests {
         );
         for bad in ["../etc", "vmcache-../x", "sandbox-1", ""] {
             let e = parse_handed(&handed(bad)).expect_err(bad);
-            assert!(e.contains("is not a cached VM's id"), "{bad}: {e}");
+            assert!(
+                e.to_string().contains("is not a cached VM's id"),
+                "{bad}: {e}"
+            );
         }
         let mut garbled = handed("vmcache-00");
         garbled.hypervisor = b"{}".to_vec();
         assert!(parse_handed(&garbled)
             .expect_err("garbled")
+            .to_string()
             .contains("not this runtime's"));
     }
 

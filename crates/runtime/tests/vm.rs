@@ -131,8 +131,8 @@ async fn sandbox_runs_containers_end_to_end() {
     eprintln!(
         "sandbox ready in {:?} ({:?}, accel {:?})",
         t.elapsed(),
-        sb.timings,
-        sb.accel
+        sb.timings(),
+        sb.accel()
     );
 
     // stdout, stderr and the exit code of a process.
@@ -171,19 +171,12 @@ async fn sandbox_runs_containers_end_to_end() {
     assert_eq!(String::from_utf8_lossy(&out), "hello from kata-test\n0\n");
     assert_eq!(sb.wait("c2", "e1").await.expect("wait exec"), (0, 0));
     // UpdateContainer changes the guest cgroup; StatsContainer reads it.
-    let req = kata_protocols::agent::UpdateContainerRequest {
-        container_id: "c2".into(),
-        resources_json: br#"{"memory":{"limit":268435456},"pids":{"limit":64}}"#.to_vec(),
-        ..Default::default()
-    };
-    sb.agent
-        .agent
-        .update_container(
-            kata_sandbox::agent::ctx(std::time::Duration::from_secs(5)),
-            &req,
-        )
-        .await
-        .expect("update");
+    sb.update(
+        "c2",
+        br#"{"memory":{"limit":268435456},"pids":{"limit":64}}"#.to_vec(),
+    )
+    .await
+    .expect("update");
     let limits = read_guest(
         &sb,
         "c2",
@@ -194,19 +187,7 @@ async fn sandbox_runs_containers_end_to_end() {
     // The spec asks for a cgroup namespace (oci-spec's default, as runc's): the container's
     // own cgroup is its root, mounted at /sys/fs/cgroup.
     assert_eq!(limits, "0::/\n268435456\n64\n");
-    let req = kata_protocols::agent::StatsContainerRequest {
-        container_id: "c2".into(),
-        ..Default::default()
-    };
-    let stats = sb
-        .agent
-        .agent
-        .stats_container(
-            kata_sandbox::agent::ctx(std::time::Duration::from_secs(5)),
-            &req,
-        )
-        .await
-        .expect("stats");
+    let stats = sb.stats("c2").await.expect("stats");
     assert_eq!(stats.memory_limit, 268435456);
     assert!(
         stats.memory_usage > 0 && stats.pids_current >= 1,
@@ -234,9 +215,9 @@ async fn sandbox_runs_containers_end_to_end() {
     .sum();
     eprintln!(
         "idle PSS: QEMU {} KiB, virtiofsd {} KiB (default_memory {} MiB)",
-        pss(&sb.vm.pid.to_string()),
+        pss(&sb.host_pid().to_string()),
         vfsd,
-        sb.config.hypervisor.default_memory
+        sb.config().hypervisor.default_memory
     );
 
     let e = sb
@@ -271,7 +252,7 @@ async fn sandbox_runs_containers_end_to_end() {
     // unplugged under KVM and stays under TCG (QEMU 7.2 cannot plug one again there).
     sb.set_hotplugged(0, 0).await.expect("unplug");
     let (online, back_kb) = sb.guest_resources().await.expect("guest resources");
-    let kept = u32::from(sb.accel == kata_hypervisor::Accel::Tcg);
+    let kept = u32::from(sb.accel() == kata_hypervisor::Accel::Tcg);
     assert_eq!(online, cpus_before + kept);
     assert_eq!(back_kb, kb(&mem_before), "MemTotal back to the boot size");
     assert_eq!(sb.resources().0, cpus_before + kept);
@@ -522,21 +503,7 @@ async fn oci_process_and_filesystem_semantics() {
     let mut p = process(&["sh", "-c", "tty; sleep 0.5; stty size"]);
     p.set_terminal(Some(true));
     sb.exec("oci3", "t1", &p).await.expect("exec tty");
-    let req = kata_protocols::agent::TtyWinResizeRequest {
-        container_id: "oci3".into(),
-        exec_id: "t1".into(),
-        row: 40,
-        column: 100,
-        ..Default::default()
-    };
-    sb.agent
-        .agent
-        .tty_win_resize(
-            kata_sandbox::agent::ctx(std::time::Duration::from_secs(5)),
-            &req,
-        )
-        .await
-        .expect("resize");
+    sb.resize("oci3", "t1", 40, 100).await.expect("resize");
     let out = String::from_utf8_lossy(&sb.read_all("oci3", "t1", false).await.expect("tty out"))
         .to_string();
     assert!(out.contains("/dev/pts/"), "{out:?}");
@@ -626,7 +593,7 @@ async fn the_default_kernel_has_everything_built_in() {
     let id = "it-kernel";
     kata_sandbox::sandbox::cleanup_stale(id);
     let sb = Sandbox::create(id, &c).await.expect("sandbox boots");
-    let console = std::fs::read_to_string(sb.paths.vm_dir.join("console.log")).expect("console");
+    let console = std::fs::read_to_string(sb.paths().vm_dir.join("console.log")).expect("console");
     assert!(
         console.contains("kata-agent: loaded 0 kernel modules"),
         "{console}"
@@ -684,7 +651,7 @@ async fn debians_generic_kernel_still_boots() {
     let sb = Sandbox::create(id, &c)
         .await
         .expect("sandbox boots Debian's kernel");
-    let console = std::fs::read_to_string(sb.paths.vm_dir.join("console.log")).expect("console");
+    let console = std::fs::read_to_string(sb.paths().vm_dir.join("console.log")).expect("console");
     let loaded = console
         .lines()
         .find_map(|l| {
@@ -758,7 +725,7 @@ async fn a_sandbox_on_a_cgroup_v2_host() {
     let sb = Sandbox::create_in(id, &config(&[]), &placement)
         .await
         .expect("a sandbox on cgroup v2");
-    let cg = sb.cgroups.clone().expect("host cgroups");
+    let cg = sb.cgroups().cloned().expect("host cgroups");
     // Kata's rule: the sandbox cgroup replaces the last component of the cgroupsPath.
     let sandbox_dir = PathBuf::from("/sys/fs/cgroup/kata-test-v2/kata_it-cgroup2");
     let overhead = PathBuf::from("/sys/fs/cgroup/kata_overhead/it-cgroup2");
@@ -774,7 +741,7 @@ async fn a_sandbox_on_a_cgroup_v2_host() {
     let dirs = (cg.sandbox_dirs(), cg.overhead_dirs());
     // v2 moves whole processes: QEMU (its vCPUs with it) into the sandbox cgroup, the caller
     // (the shim; here the test) into the overhead cgroup.
-    let qemu_in = procs(&sandbox_dir).contains(&sb.vm.pid);
+    let qemu_in = procs(&sandbox_dir).contains(&sb.host_pid());
     let me_in = procs(&overhead).contains(&std::process::id());
     // The v2 CPU limit is written where the controller is enabled; here it is not (see above).
     let limit = cg.set_cpu_limit(Some(kata_sandbox::cgroups::CpuLimit {
@@ -872,25 +839,15 @@ async fn a_slow_reader_holds_the_writer_back_and_loses_nothing() {
     let mut reads = 0u64;
     let t = Instant::now();
     loop {
-        let req = kata_protocols::agent::ReadStreamRequest {
-            container_id: "w".into(),
-            len: 64 * 1024,
-            ..Default::default()
-        };
-        let r = sb
-            .agent
-            .agent
-            .read_stdout(ttrpc::context::with_timeout(0), &req)
-            .await
-            .expect("ReadStdout");
-        if r.data.is_empty() {
+        let data = sb.read_output("w", "", false).await.expect("ReadStdout");
+        if data.is_empty() {
             break;
         }
-        for (i, b) in r.data.iter().enumerate() {
+        for (i, b) in data.iter().enumerate() {
             let at = (got + i as u64) % line.len() as u64;
             assert_eq!(*b, line[at as usize], "byte {} is wrong", got + i as u64);
         }
-        got += r.data.len() as u64;
+        got += data.len() as u64;
         reads += 1;
 
         // A slow host: a pause after every 64 KiB read, and the agent's RSS now and then.
@@ -974,7 +931,7 @@ fn template_config(kernel: &Path, template: &str) -> Config {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root, QEMU and the installed guest (make test runs it)"]
 async fn vm_templating_clones_serve_sandboxes() {
-    use kata_sandbox::sandbox::VmSource;
+    use kata_sandbox::sandbox::SourceKind;
     use kata_sandbox::template::{identity, Template};
     let tmp = tempfile::tempdir().expect("tmp");
     let rootfs = busybox_rootfs(tmp.path());
@@ -991,9 +948,14 @@ async fn vm_templating_clones_serve_sandboxes() {
 
     // The first sandbox makes the template, then is cloned from it.
     let sb1 = Sandbox::create(ids[0], &c).await.expect("first sandbox");
-    assert_eq!(sb1.timings.source, VmSource::Template, "{:?}", sb1.timings);
+    assert_eq!(
+        sb1.timings().source,
+        SourceKind::Template,
+        "{:?}",
+        sb1.timings()
+    );
     assert!(template.exists(), "the first sandbox created the template");
-    let accel = sb1.accel;
+    let accel = sb1.accel();
     assert_eq!(
         template.recorded_identity().as_deref(),
         Some(identity(&c, accel).as_str())
@@ -1023,7 +985,7 @@ async fn vm_templating_clones_serve_sandboxes() {
 
     // A second clone: its own randomness, exec, memory hot-plug.
     let sb2 = Sandbox::create(ids[1], &c).await.expect("second sandbox");
-    assert_eq!(sb2.timings.source, VmSource::Template);
+    assert_eq!(sb2.timings().source, SourceKind::Template);
     let r2 = guest_random(&sb2, &rootfs, "r2").await;
     assert_ne!(
         r1, r2,
@@ -1054,7 +1016,7 @@ async fn vm_templating_clones_serve_sandboxes() {
         "a touched kernel changes the identity"
     );
     let sb3 = Sandbox::create(ids[2], &c).await.expect("third sandbox");
-    assert_eq!(sb3.timings.source, VmSource::Template);
+    assert_eq!(sb3.timings().source, SourceKind::Template);
     assert_eq!(
         template.recorded_identity().as_deref(),
         Some(identity(&c, accel).as_str()),
@@ -1077,7 +1039,7 @@ async fn vm_templating_clones_serve_sandboxes() {
     let cold = Sandbox::create(ids[3], &c)
         .await
         .expect("a cold sandbox despite the broken template");
-    assert_eq!(cold.timings.source, VmSource::Cold);
+    assert_eq!(cold.timings().source, SourceKind::Cold);
     assert!(
         !template.exists(),
         "a template that failed a clone is not used again"
@@ -1091,7 +1053,7 @@ async fn vm_templating_clones_serve_sandboxes() {
     let sb5 = Sandbox::create(ids[4], &bigger)
         .await
         .expect("sandbox with more memory");
-    assert_eq!(sb5.timings.source, VmSource::Template);
+    assert_eq!(sb5.timings().source, SourceKind::Template);
     assert_eq!(
         template.recorded_identity().as_deref(),
         Some(identity(&bigger, accel).as_str()),
@@ -1104,7 +1066,7 @@ async fn vm_templating_clones_serve_sandboxes() {
     assert!(!template.exists() && !template.dir.exists());
     let (out, status) = run_container(&sb3, &rootfs, "c3", "cat /etc/greeting", |_| {}).await;
     assert_eq!((out.as_str(), status), ("from a clone\n", 0));
-    if let Some(e) = sb2.vm.exit_error() {
+    if let Some(e) = sb2.vm_exit() {
         panic!(
             "the second clone's VM died: {}",
             kata_config::error_chain(&e)
@@ -1215,7 +1177,7 @@ fn cache_dirs() -> Vec<String> {
 #[ignore = "needs root, QEMU and the installed guest (make test runs it)"]
 async fn vmcache_hands_booted_vms_to_sandboxes() {
     let _one = CACHE_TESTS.lock().await;
-    use kata_sandbox::sandbox::VmSource;
+    use kata_sandbox::sandbox::SourceKind;
     let tmp = tempfile::tempdir().expect("tmp");
     let rootfs = busybox_rootfs(tmp.path());
     std::fs::write(rootfs.join("etc/greeting"), "from a cached VM\n").expect("write");
@@ -1255,15 +1217,15 @@ async fn vmcache_hands_booted_vms_to_sandboxes() {
     let sb1 = Sandbox::create(ids[0], &c).await.expect("first sandbox");
     let sb2 = Sandbox::create(ids[1], &c).await.expect("second sandbox");
     for sb in [&sb1, &sb2] {
-        assert_eq!(sb.timings.source, VmSource::Cache, "{:?}", sb.timings);
+        assert_eq!(sb.timings().source, SourceKind::Cache, "{:?}", sb.timings());
         assert!(
-            ready.contains(&i64::from(sb.vm.pid)),
+            ready.contains(&i64::from(sb.host_pid())),
             "{} is not a cached QEMU {ready:?}",
-            sb.vm.pid
+            sb.host_pid()
         );
         assert!(sb.virtiofsd_pid().is_some(), "virtiofsd taken over");
     }
-    assert_ne!(sb1.vm.pid, sb2.vm.pid, "one VM handed out twice");
+    assert_ne!(sb1.host_pid(), sb2.host_pid(), "one VM handed out twice");
     let (out, status) = run_container(
         &sb1,
         &rootfs,
@@ -1298,15 +1260,19 @@ async fn vmcache_hands_booted_vms_to_sandboxes() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     let sb3 = Sandbox::create(ids[2], &c).await.expect("third sandbox");
-    assert_eq!(sb3.timings.source, VmSource::Cache);
-    assert_ne!(i64::from(sb3.vm.pid), victim, "a dead VM was handed out");
+    assert_eq!(sb3.timings().source, SourceKind::Cache);
+    assert_ne!(
+        i64::from(sb3.host_pid()),
+        victim,
+        "a dead VM was handed out"
+    );
     sb3.stop().await;
 
     // A pod whose VM settings differ (an annotation's memory) boots its own VM.
     let mut bigger = c.clone();
     bigger.hypervisor.default_memory += 256;
     let own = Sandbox::create(ids[3], &bigger).await.expect("own VM");
-    assert_eq!(own.timings.source, VmSource::Cold);
+    assert_eq!(own.timings().source, SourceKind::Cold);
     own.stop().await;
 
     // A killed server: sandboxes boot cold, and the first one stops the VMs it left.
@@ -1321,7 +1287,7 @@ async fn vmcache_hands_booted_vms_to_sandboxes() {
     let after = Sandbox::create(ids[3], &c)
         .await
         .expect("sandbox after the server died");
-    assert_eq!(after.timings.source, VmSource::Cold);
+    assert_eq!(after.timings().source, SourceKind::Cold);
     assert!(
         cache_dirs().is_empty(),
         "the dead server's VMs were not stopped: {:?}",
@@ -1359,7 +1325,7 @@ async fn vmcache_hands_booted_vms_to_sandboxes() {
 #[ignore = "needs root, QEMU and the installed guest (make test runs it)"]
 async fn vmcache_with_virtio_9p_and_a_server_that_quits() {
     let _one = CACHE_TESTS.lock().await;
-    use kata_sandbox::sandbox::VmSource;
+    use kata_sandbox::sandbox::SourceKind;
     let tmp = tempfile::tempdir().expect("tmp");
     let rootfs = busybox_rootfs(tmp.path());
     std::fs::write(rootfs.join("etc/greeting"), "over 9p\n").expect("write");
@@ -1375,7 +1341,7 @@ async fn vmcache_with_virtio_9p_and_a_server_that_quits() {
     let (_, code) = factory(&file, "init");
     assert_ne!(code, 0, "a second server started");
     let sb = Sandbox::create(id, &c).await.expect("sandbox");
-    assert_eq!(sb.timings.source, VmSource::Cache);
+    assert_eq!(sb.timings().source, SourceKind::Cache);
     sb.create_container("long", spec(&["sleep", "600"]), &rootfs, Vec::new())
         .await
         .expect("create");

@@ -1,6 +1,7 @@
 //! containerd's Go-style shim flags: `-namespace N -address A -publish-binary B -id ID
 //! [-bundle P] [-debug] start|delete`.
 
+use crate::error::{invalid, ShimError};
 /// Parsed command line.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Args {
@@ -22,14 +23,14 @@ pub struct Args {
 
 impl Args {
     /// Parses the flags.
-    pub fn parse(args: impl Iterator<Item = String>) -> Result<Args, String> {
+    pub fn parse(args: impl Iterator<Item = String>) -> Result<Args, ShimError> {
         let mut a = Args::default();
         let mut it = args.peekable();
         while let Some(arg) = it.next() {
             let flag = arg.trim_start_matches('-');
             if !arg.starts_with('-') {
                 if !a.action.is_empty() {
-                    return Err(format!("unexpected argument {arg:?}"));
+                    return Err(invalid(format!("unexpected argument {arg:?}")));
                 }
                 a.action = arg;
                 continue;
@@ -50,7 +51,7 @@ impl Args {
                 Some(v) => v,
                 None => it
                     .next()
-                    .ok_or_else(|| format!("flag -{name} needs a value"))?,
+                    .ok_or_else(|| invalid(format!("flag -{name} needs a value")))?,
             };
             match name.as_str() {
                 "namespace" => a.namespace = value,
@@ -60,17 +61,17 @@ impl Args {
                 "bundle" => a.bundle = value,
                 // Accepted for compatibility, unused.
                 "socket" | "containerd-binary" | "runtime-root" | "criu" | "systemd-cgroup" => {}
-                other => return Err(format!("unknown flag -{other}")),
+                other => return Err(invalid(format!("unknown flag -{other}"))),
             }
         }
         if a.id.is_empty() && !a.action.is_empty() {
-            return Err("missing -id".into());
+            return Err(invalid("missing -id"));
         }
         if !matches!(a.action.as_str(), "" | "start" | "delete") {
-            return Err(format!(
+            return Err(invalid(format!(
                 "unknown action {:?} (expected start or delete)",
                 a.action
-            ));
+            )));
         }
         Ok(a)
     }
@@ -80,7 +81,7 @@ impl Args {
 mod tests {
     use super::*;
 
-    fn p(v: &[&str]) -> Result<Args, String> {
+    fn p(v: &[&str]) -> Result<Args, ShimError> {
         Args::parse(v.iter().map(|s| s.to_string()))
     }
 

@@ -20,6 +20,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
+use crate::error::{invalid, step, ShimError};
 use oci_spec::runtime::{Hook, Hooks};
 use serde::Serialize;
 use tokio::io::AsyncWriteExt;
@@ -44,18 +45,17 @@ pub struct HookState {
 }
 
 /// Refuses what cannot run: `startContainer` hooks, and hooks whose path is not absolute.
-pub fn check(hooks: &Hooks) -> Result<(), String> {
+pub fn check(hooks: &Hooks) -> Result<(), ShimError> {
     if hooks
         .start_container()
         .as_ref()
         .is_some_and(|h| !h.is_empty())
     {
-        return Err(
+        return Err(invalid(
             "startContainer hooks run inside the container's namespaces, which are in \
                     the VM, where the host's hook binaries are not; remove them, or use guest \
-                    hooks ([hypervisor.qemu].guest_hook_path)"
-                .into(),
-        );
+                    hooks ([hypervisor.qemu].guest_hook_path)",
+        ));
     }
     let all = [
         hooks.prestart(),
@@ -66,10 +66,10 @@ pub fn check(hooks: &Hooks) -> Result<(), String> {
     ];
     for h in all.iter().filter_map(|l| l.as_ref()).flatten() {
         if !h.path().is_absolute() {
-            return Err(format!(
+            return Err(invalid(format!(
                 "hook path {} is not absolute (the OCI spec requires it)",
                 h.path().display()
-            ));
+            )));
         }
     }
     Ok(())
@@ -91,10 +91,10 @@ pub fn create_hooks(hooks: &Hooks) -> Vec<(&'static str, Hook)> {
 }
 
 /// Runs one hook; the error names it and carries its stderr.
-pub async fn run(kind: &str, hook: &Hook, state: &HookState) -> Result<(), String> {
+pub async fn run(kind: &str, hook: &Hook, state: &HookState) -> Result<(), ShimError> {
     let path = hook.path();
     let what = || format!("{kind} hook {}", path.display());
-    let json = serde_json::to_vec(state).map_err(|e| format!("{}: {e}", what()))?;
+    let json = serde_json::to_vec(state).map_err(step(what()))?;
     let mut cmd = std::process::Command::new(path);
     if let Some(args) = hook.args() {
         if let Some((arg0, rest)) = args.split_first() {
@@ -114,7 +114,7 @@ pub async fn run(kind: &str, hook: &Hook, state: &HookState) -> Result<(), Strin
         .stderr(Stdio::piped());
     let mut cmd = tokio::process::Command::from(cmd);
     cmd.kill_on_drop(true);
-    let mut child = cmd.spawn().map_err(|e| format!("{}: {e}", what()))?;
+    let mut child = cmd.spawn().map_err(step(what()))?;
     if let Some(mut stdin) = child.stdin.take() {
         // A hook that does not read its stdin is fine.
         let _ = stdin.write_all(&json).await;
@@ -123,17 +123,17 @@ pub async fn run(kind: &str, hook: &Hook, state: &HookState) -> Result<(), Strin
     let out = match hook.timeout().filter(|t| *t > 0) {
         Some(secs) => tokio::time::timeout(Duration::from_secs(secs as u64), wait)
             .await
-            .map_err(|_| format!("{} timed out after {secs} s", what()))?,
+            .map_err(|_| invalid(format!("{} timed out after {secs} s", what())))?,
         None => wait.await,
     }
-    .map_err(|e| format!("{}: {e}", what()))?;
+    .map_err(step(what()))?;
     if !out.status.success() {
-        return Err(format!(
+        return Err(invalid(format!(
             "{} failed ({}): {}",
             what(),
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
-        ));
+        )));
     }
     Ok(())
 }
@@ -212,25 +212,32 @@ mod tests {
         let h = hook(r#"{"path":"/bin/sh","args":["sh","-c","echo broken >&2; exit 3"]}"#);
         let e = run("createRuntime", &h, &st()).await.expect_err("fails");
         assert!(
-            e.contains("createRuntime hook /bin/sh failed") && e.contains("broken"),
+            e.to_string().contains("createRuntime hook /bin/sh failed")
+                && e.to_string().contains("broken"),
             "{e}"
         );
         let h = hook(r#"{"path":"/bin/sleep","args":["sleep","10"],"timeout":1}"#);
         let e = run("poststart", &h, &st()).await.expect_err("times out");
-        assert!(e.contains("timed out after 1 s"), "{e}");
+        assert!(e.to_string().contains("timed out after 1 s"), "{e}");
         let e = run("prestart", &hook(r#"{"path":"/no/such/hook"}"#), &st())
             .await
             .expect_err("missing");
-        assert!(e.contains("/no/such/hook"), "{e}");
+        assert!(e.to_string().contains("/no/such/hook"), "{e}");
     }
 
     #[test]
     fn start_container_hooks_and_relative_paths_are_refused() {
         let h: Hooks =
             serde_json::from_str(r#"{"startContainer":[{"path":"/bin/true"}]}"#).expect("hooks");
-        assert!(check(&h).expect_err("refused").contains("guest_hook_path"));
+        assert!(check(&h)
+            .expect_err("refused")
+            .to_string()
+            .contains("guest_hook_path"));
         let h: Hooks = serde_json::from_str(r#"{"poststop":[{"path":"true"}]}"#).expect("hooks");
-        assert!(check(&h).expect_err("refused").contains("not absolute"));
+        assert!(check(&h)
+            .expect_err("refused")
+            .to_string()
+            .contains("not absolute"));
         let h: Hooks = serde_json::from_str(
             r#"{"prestart":[{"path":"/a"}],"createRuntime":[{"path":"/b"}],"createContainer":[{"path":"/c"}]}"#,
         )

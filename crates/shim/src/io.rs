@@ -47,22 +47,10 @@ async fn copy_out(sb: Arc<Sandbox>, cid: String, exec_id: String, path: String, 
         open_fifo(&path, true).await
     };
     loop {
-        let req = kata_protocols::agent::ReadStreamRequest {
-            container_id: cid.clone(),
-            exec_id: exec_id.clone(),
-            len: 64 * 1024,
-            ..Default::default()
-        };
-        let ctx = ttrpc::context::with_timeout(0);
-        let r = if stderr {
-            sb.agent.agent.read_stderr(ctx, &req).await
-        } else {
-            sb.agent.agent.read_stdout(ctx, &req).await
-        };
-        match r {
-            Ok(resp) if !resp.data.is_empty() => {
+        match sb.read_output(&cid, &exec_id, stderr).await {
+            Ok(data) if !data.is_empty() => {
                 if let Some(f) = fifo.as_mut() {
-                    if f.write_all(&resp.data).await.is_err() {
+                    if f.write_all(&data).await.is_err() {
                         fifo = None; // the reader went away; keep draining
                     }
                 }
@@ -82,19 +70,8 @@ async fn copy_in(sb: Arc<Sandbox>, cid: String, exec_id: String, path: String) {
             match fifo.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    let req = kata_protocols::agent::WriteStreamRequest {
-                        container_id: cid.clone(),
-                        exec_id: exec_id.clone(),
-                        data: buf[..n].to_vec(),
-                        ..Default::default()
-                    };
                     if sb
-                        .agent
-                        .agent
-                        .write_stdin(
-                            kata_sandbox::agent::ctx(std::time::Duration::from_secs(30)),
-                            &req,
-                        )
+                        .write_stdin(&cid, &exec_id, buf[..n].to_vec())
                         .await
                         .is_err()
                     {

@@ -9,6 +9,7 @@
 //! - [`metrics`]: what `/metrics` answers (shim, hypervisor, virtiofsd, agent and guest).
 
 pub mod args;
+pub mod error;
 pub mod events;
 pub mod hooks;
 pub mod io;
@@ -24,6 +25,7 @@ use std::process::{ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::error::{invalid, step, ShimError};
 use args::Args;
 use protobuf::Message;
 
@@ -91,8 +93,8 @@ fn runtime_options_config_path() -> Option<PathBuf> {
     rootfs::config_path(Some(&any))
 }
 
-fn start(args: &Args) -> Result<(), String> {
-    let cwd = std::env::current_dir().map_err(|e| format!("working directory: {e}"))?;
+fn start(args: &Args) -> Result<(), ShimError> {
+    let cwd = std::env::current_dir().map_err(step("working directory"))?;
     // A pod's application container joins the shim (and VM) of its sandbox.
     if let Ok(pod::Role::Container { sandbox_id }) = pod::role_of_bundle(&cwd) {
         let sandbox_args = Args {
@@ -101,23 +103,23 @@ fn start(args: &Args) -> Result<(), String> {
         };
         let socket = socket_path(&sandbox_args);
         if std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            return Err(format!(
+            return Err(invalid(format!(
                 "container {} belongs to pod sandbox {sandbox_id}, whose shim is not running ({} does not answer); create the pod's sandbox first",
                 args.id,
                 socket.display()
-            ));
+            )));
         }
         return announce(&cwd, &socket);
     }
     let socket = socket_path(args);
-    std::fs::create_dir_all(SOCKET_DIR).map_err(|e| format!("create {SOCKET_DIR}: {e}"))?;
+    std::fs::create_dir_all(SOCKET_DIR).map_err(step(format!("create {SOCKET_DIR}")))?;
     if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
         // A shim for this task already runs: containerd reconnects to it.
         println!("unix://{}", socket.display());
         return Ok(());
     }
     let _ = std::fs::remove_file(&socket);
-    let exe = std::env::current_exe().map_err(|e| format!("find own binary: {e}"))?;
+    let exe = std::env::current_exe().map_err(step("find own binary"))?;
     // containerd reads the shim's log from the bundle's `log` FIFO when it exists.
     let log = std::fs::OpenOptions::new()
         .write(true)
@@ -156,34 +158,32 @@ fn start(args: &Args) -> Result<(), String> {
                 .map_err(std::io::Error::from)
         });
     }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("start the shim daemon: {e}"))?;
+    let mut child = cmd.spawn().map_err(step("start the shim daemon"))?;
     for _ in 0..1000 {
         if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
             return announce(&cwd, &socket);
         }
         if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!(
+            return Err(invalid(format!(
                 "the shim daemon exited ({status}) before listening on {}",
                 socket.display()
-            ));
+            )));
         }
         std::thread::sleep(Duration::from_millis(10));
     }
     let _ = child.kill();
-    Err(format!(
+    Err(invalid(format!(
         "the shim daemon did not listen on {} within 10 s",
         socket.display()
-    ))
+    )))
 }
 
 /// Tells containerd the shim's address: on stdout, and in the bundle's `address` file, which
 /// containerd reads back to reconnect after it restarts.
-fn announce(bundle: &Path, socket: &Path) -> Result<(), String> {
+fn announce(bundle: &Path, socket: &Path) -> Result<(), ShimError> {
     let address = format!("unix://{}", socket.display());
     std::fs::write(bundle.join("address"), &address)
-        .map_err(|e| format!("write {}/address: {e}", bundle.display()))?;
+        .map_err(step(format!("write {}/address", bundle.display())))?;
     println!("{address}");
     let _ = std::io::stdout().flush();
     Ok(())
@@ -201,9 +201,9 @@ impl NonBlock for std::fs::OpenOptions {
 }
 
 /// `delete`: after a crash, kill the sandbox's VM, unmount and remove its state. Idempotent.
-fn delete(args: &Args) -> Result<(), String> {
+fn delete(args: &Args) -> Result<(), ShimError> {
     let bundle = if args.bundle.is_empty() {
-        std::env::current_dir().map_err(|e| e.to_string())?
+        std::env::current_dir().map_err(step("working directory"))?
     } else {
         PathBuf::from(&args.bundle)
     };
@@ -218,10 +218,10 @@ fn delete(args: &Args) -> Result<(), String> {
     };
     let bytes = resp
         .write_to_bytes()
-        .map_err(|e| format!("encode DeleteResponse: {e}"))?;
+        .map_err(step("encode DeleteResponse"))?;
     std::io::stdout()
         .write_all(&bytes)
-        .map_err(|e| format!("write DeleteResponse: {e}"))?;
+        .map_err(step("write DeleteResponse"))?;
     Ok(())
 }
 
@@ -237,7 +237,7 @@ pub(crate) fn set_debug_logging() {
     }
 }
 
-fn daemon(args: &Args) -> Result<(), String> {
+fn daemon(args: &Args) -> Result<(), ShimError> {
     let socket = std::env::var_os(SOCKET_ENV)
         .map(PathBuf::from)
         .unwrap_or_else(|| socket_path(args));
@@ -264,7 +264,7 @@ fn daemon(args: &Args) -> Result<(), String> {
         .worker_threads(2)
         .enable_all()
         .build()
-        .map_err(|e| format!("start the async runtime: {e}"))?;
+        .map_err(step("start the async runtime"))?;
     let result = rt.block_on(async move {
         let publisher =
             events::Publisher::new(std::env::var("TTRPC_ADDRESS").ok(), args.namespace.clone());
@@ -294,9 +294,9 @@ fn daemon(args: &Args) -> Result<(), String> {
         let _ = std::fs::remove_file(&socket);
         let mut server = ttrpc::asynchronous::Server::new()
             .bind(&format!("unix://{}", socket.display()))
-            .map_err(|e| format!("listen on {}: {e}", socket.display()))?
+            .map_err(step(format!("listen on {}", socket.display())))?
             .register_service(services);
-        server.start().await.map_err(|e| format!("serve: {e}"))?;
+        server.start().await.map_err(step("serve"))?;
         tracing::info!(socket = %socket.display(), "shim serving");
         shutdown.notified().await;
         // Let the Shutdown reply go out, then stop serving (bounded: containerd may keep its
@@ -308,7 +308,7 @@ fn daemon(args: &Args) -> Result<(), String> {
             task.abort();
         }
         monitor::remove(&args.id);
-        Ok::<(), String>(())
+        Ok::<(), ShimError>(())
     });
     // Blocking FIFO opens that never completed (a stdin nobody wrote) must not keep the shim
     // alive.

@@ -115,7 +115,7 @@ pub async fn render(sandbox: Option<&Sandbox>) -> String {
     let mut agent_text = String::new();
     let mut host = vec![shim.clone()];
     if let Some(sb) = sandbox {
-        let qemu = ProcessSource::pid(sb.vm.pid);
+        let qemu = ProcessSource::pid(sb.host_pid());
         if qemu.exists() {
             let _ = process::register(&registry, "kata_hypervisor", "Hypervisor", &qemu, true);
             host.push(qemu);

@@ -21,6 +21,7 @@ use hyper_util::rt::TokioIo;
 
 use crate::service::Service;
 
+use crate::error::{invalid, step, ShimError};
 use kata_sandbox::monitor_client::query_param;
 pub use kata_sandbox::sandbox::{monitor_socket as socket_path, MONITOR_DIR as SANDBOXES_DIR};
 
@@ -68,17 +69,17 @@ pub const ROUTES: &[(&str, Route, &[Method])] = &[
 
 /// A resize request in either client's shape: Kata's Go `{"VolumePath","Size"}` or
 /// runtime-rs' `{"volume_guest_path","size"}`.
-pub fn parse_resize(body: &[u8]) -> Result<(String, u64), String> {
+pub fn parse_resize(body: &[u8]) -> Result<(String, u64), ShimError> {
     let v: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| format!("the resize request is not JSON: {e}"))?;
+        serde_json::from_slice(body).map_err(step("the resize request is not JSON"))?;
     let path = ["VolumePath", "volume_path", "volume_guest_path"]
         .iter()
         .find_map(|k| v.get(k).and_then(|p| p.as_str()))
-        .ok_or("the resize request has no \"VolumePath\"")?;
+        .ok_or_else(|| invalid("the resize request has no \"VolumePath\""))?;
     let size = ["Size", "size"]
         .iter()
         .find_map(|k| v.get(k).and_then(|s| s.as_u64()))
-        .ok_or("the resize request has no \"Size\" (bytes, a positive integer)")?;
+        .ok_or_else(|| invalid("the resize request has no \"Size\" (bytes, a positive integer)"))?;
     Ok((path.to_string(), size))
 }
 
@@ -115,19 +116,19 @@ pub fn remove(id: &str) {
 }
 
 /// Serves the monitor socket of sandbox `id` until the task is aborted.
-pub fn start(id: &str, service: Arc<Service>) -> Result<tokio::task::JoinHandle<()>, String> {
+pub fn start(id: &str, service: Arc<Service>) -> Result<tokio::task::JoinHandle<()>, ShimError> {
     let path = socket_path(id);
     let dir = path
         .parent()
-        .ok_or_else(|| format!("no directory for {}", path.display()))?;
-    std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+        .ok_or_else(|| invalid(format!("no directory for {}", path.display())))?;
+    std::fs::create_dir_all(dir).map_err(step(format!("create {}", dir.display())))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .map_err(|e| format!("chmod {}: {e}", dir.display()))?;
+        .map_err(step(format!("chmod {}", dir.display())))?;
     let _ = std::fs::remove_file(&path);
     let listener = tokio::net::UnixListener::bind(&path)
-        .map_err(|e| format!("listen on {}: {e}", path.display()))?;
+        .map_err(step(format!("listen on {}", path.display())))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| format!("chmod {}: {e}", path.display()))?;
+        .map_err(step(format!("chmod {}", path.display())))?;
     Ok(tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
@@ -243,7 +244,7 @@ async fn handle(req: Request<Incoming>, service: &Service) -> Response<Full<Byte
             };
             let (path, size) = match parse_resize(&body) {
                 Ok(x) => x,
-                Err(e) => return text(StatusCode::BAD_REQUEST, e),
+                Err(e) => return text(StatusCode::BAD_REQUEST, e.to_string()),
             };
             let Some(sb) = service.current_sandbox().await else {
                 return text(
@@ -276,15 +277,16 @@ mod tests {
     #[test]
     fn resize_requests_of_both_clients() {
         assert_eq!(
-            parse_resize(br#"{"VolumePath":"/dev/loop3","Size":2048}"#),
-            Ok(("/dev/loop3".into(), 2048))
+            parse_resize(br#"{"VolumePath":"/dev/loop3","Size":2048}"#).ok(),
+            Some(("/dev/loop3".into(), 2048))
         );
         assert_eq!(
-            parse_resize(br#"{"volume_guest_path":"/dev/sdb","size":1}"#),
-            Ok(("/dev/sdb".into(), 1))
+            parse_resize(br#"{"volume_guest_path":"/dev/sdb","size":1}"#).ok(),
+            Some(("/dev/sdb".into(), 1))
         );
         assert!(parse_resize(br#"{"VolumePath":"/x"}"#)
             .expect_err("size")
+            .to_string()
             .contains("Size"));
         assert!(parse_resize(b"nope").is_err());
     }

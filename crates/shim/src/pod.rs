@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use crate::error::{invalid, step, ShimError};
 use oci_spec::runtime::{LinuxNamespaceType, Mount, Spec};
 
 /// containerd CRI: `sandbox` or `container`.
@@ -53,7 +54,7 @@ pub fn configures_netns_by_pid(containerd_namespace: &str, spec: &Spec) -> bool 
 }
 
 /// The role the annotations give a container.
-pub fn role(annotations: &HashMap<String, String>) -> Result<Role, String> {
+pub fn role(annotations: &HashMap<String, String>) -> Result<Role, ShimError> {
     let get = |k: &str| annotations.get(k).map(String::as_str);
     let is_container = matches!(get(CRI_CONTAINER_TYPE), Some("container"))
         || matches!(get(CRIO_CONTAINER_TYPE), Some("container"))
@@ -65,7 +66,7 @@ pub fn role(annotations: &HashMap<String, String>) -> Result<Role, String> {
         .or_else(|| get(CRIO_SANDBOX_ID))
         .filter(|s| !s.is_empty())
         .ok_or_else(|| {
-            format!("a pod container needs its sandbox id in the {CRI_SANDBOX_ID} (or {CRIO_SANDBOX_ID}) annotation")
+            invalid(format!("a pod container needs its sandbox id in the {CRI_SANDBOX_ID} (or {CRIO_SANDBOX_ID}) annotation"))
         })?;
     Ok(Role::Container {
         sandbox_id: id.to_string(),
@@ -81,17 +82,16 @@ pub fn is_pod_sandbox(annotations: &HashMap<String, String>) -> bool {
 }
 
 /// The role of the container whose bundle is `bundle` (its config.json's annotations).
-pub fn role_of_bundle(bundle: &std::path::Path) -> Result<Role, String> {
+pub fn role_of_bundle(bundle: &std::path::Path) -> Result<Role, ShimError> {
     let path = bundle.join("config.json");
-    let text =
-        std::fs::read_to_string(&path).map_err(|e| format!("read {}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(&path).map_err(step(format!("read {}", path.display())))?;
     #[derive(serde::Deserialize)]
     struct Partial {
         #[serde(default)]
         annotations: HashMap<String, String>,
     }
     let p: Partial =
-        serde_json::from_str(&text).map_err(|e| format!("parse {}: {e}", path.display()))?;
+        serde_json::from_str(&text).map_err(step(format!("parse {}", path.display())))?;
     role(&p.annotations)
 }
 
@@ -292,17 +292,18 @@ mod tests {
 
     #[test]
     fn roles() {
-        assert_eq!(role(&ann(&[])), Ok(Role::Sandbox));
+        assert_eq!(role(&ann(&[])).ok(), Some(Role::Sandbox));
         assert_eq!(
-            role(&ann(&[(CRI_CONTAINER_TYPE, "sandbox")])),
-            Ok(Role::Sandbox)
+            role(&ann(&[(CRI_CONTAINER_TYPE, "sandbox")])).ok(),
+            Some(Role::Sandbox)
         );
         assert_eq!(
             role(&ann(&[
                 (CRI_CONTAINER_TYPE, "container"),
                 (CRI_SANDBOX_ID, "p1")
-            ])),
-            Ok(Role::Container {
+            ]))
+            .ok(),
+            Some(Role::Container {
                 sandbox_id: "p1".into()
             })
         );
@@ -310,13 +311,14 @@ mod tests {
             role(&ann(&[
                 (KATA_CONTAINER_TYPE, "pod_container"),
                 (CRIO_SANDBOX_ID, "p2")
-            ])),
-            Ok(Role::Container {
+            ]))
+            .ok(),
+            Some(Role::Container {
                 sandbox_id: "p2".into()
             })
         );
         let e = role(&ann(&[(CRI_CONTAINER_TYPE, "container")])).expect_err("no sandbox id");
-        assert!(e.contains(CRI_SANDBOX_ID), "{e}");
+        assert!(e.to_string().contains(CRI_SANDBOX_ID), "{e}");
     }
 
     fn ns(t: LinuxNamespaceType, path: Option<&str>) -> oci_spec::runtime::LinuxNamespace {

@@ -2,12 +2,13 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::error::{step, ShimError};
 use containerd_shim_protos::api::Mount;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
 /// Mounts the snapshotter's mounts (usually one overlay) on `target`.
-pub fn mount_rootfs(mounts: &[Mount], target: &Path) -> Result<(), String> {
-    std::fs::create_dir_all(target).map_err(|e| format!("create {}: {e}", target.display()))?;
+pub fn mount_rootfs(mounts: &[Mount], target: &Path) -> Result<(), ShimError> {
+    std::fs::create_dir_all(target).map_err(step(format!("create {}", target.display())))?;
     for m in mounts {
         let mut flags = MsFlags::empty();
         let mut data = Vec::new();
@@ -39,14 +40,12 @@ pub fn mount_rootfs(mounts: &[Mount], target: &Path) -> Result<(), String> {
             flags,
             (!data.is_empty()).then_some(data.as_str()),
         )
-        .map_err(|e| {
-            format!(
-                "mount {} {} on {}: {e}",
-                m.type_,
-                m.source,
-                target.display()
-            )
-        })?;
+        .map_err(step(format!(
+            "mount {} {} on {}",
+            m.type_,
+            m.source,
+            target.display()
+        )))?;
     }
     Ok(())
 }

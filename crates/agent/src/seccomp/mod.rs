@@ -25,6 +25,20 @@ use oci_spec::runtime::{
 };
 use serde::{Deserialize, Serialize};
 
+/// Why a seccomp profile cannot be compiled or installed.
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    /// The profile asks for what the guest cannot do, and what to change.
+    #[error("{0}")]
+    Profile(String),
+    /// The compiled program is not valid (too long for the kernel, or a compiler bug).
+    #[error("{0}")]
+    Program(String),
+    /// The kernel refused the filter.
+    #[error("install the seccomp filter: {0}")]
+    Install(#[source] std::io::Error),
+}
+
 /// One classic BPF instruction (`struct sock_filter`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Insn {
@@ -90,7 +104,7 @@ const ENOSYS: u32 = 38;
 /// Longest run of syscall numbers that share one return (jump offsets are 8-bit).
 const CHUNK: usize = 200;
 
-fn action(a: LinuxSeccompAction, errno: Option<u32>) -> Result<u32, String> {
+fn action(a: LinuxSeccompAction, errno: Option<u32>) -> Result<u32, SeccompError> {
     use LinuxSeccompAction::*;
     let data = errno.unwrap_or(EPERM) & 0xffff;
     Ok(match a {
@@ -102,11 +116,11 @@ fn action(a: LinuxSeccompAction, errno: Option<u32>) -> Result<u32, String> {
         ScmpActLog => RET_LOG,
         ScmpActAllow => RET_ALLOW,
         ScmpActNotify => {
-            return Err(
+            return Err(SeccompError::Profile(
                 "SCMP_ACT_NOTIFY needs a seccomp agent on the host (listenerPath), which a VM \
                  guest cannot reach; remove it from the profile"
                     .into(),
-            )
+            ))
         }
     })
 }
@@ -174,7 +188,7 @@ fn number(table: &[(&str, u32)], name: &str) -> Option<u32> {
 }
 
 /// Reduces an OCI profile to rules (validates it).
-pub fn rules(s: &LinuxSeccomp) -> Result<Rules, String> {
+pub fn rules(s: &LinuxSeccomp) -> Result<Rules, SeccompError> {
     let default = action(s.default_action(), s.default_errno_ret())?;
     let arches = s.architectures().clone().unwrap_or_default();
     let want_i386 = arches.contains(&Arch::ScmpArchX86);
@@ -186,14 +200,14 @@ pub fn rules(s: &LinuxSeccomp) -> Result<Rules, String> {
     };
     for (i, entry) in s.syscalls().iter().flatten().enumerate() {
         let ret = action(entry.action(), entry.errno_ret())
-            .map_err(|e| format!("seccomp syscalls[{i}]: {e}"))?;
+            .map_err(|e| SeccompError::Profile(format!("seccomp syscalls[{i}]: {e}")))?;
         let mut conds = Vec::new();
         for a in entry.args().iter().flatten() {
             if a.index() > 5 {
-                return Err(format!(
+                return Err(SeccompError::Profile(format!(
                     "seccomp syscalls[{i}]: argument index {} is out of range (0-5)",
                     a.index()
-                ));
+                )));
             }
             conds.push(Cond {
                 index: a.index() as u32,
@@ -277,12 +291,14 @@ impl Asm {
         self.fixups.push((self.insns.len(), jt, jf));
         self.stmt(code, k);
     }
-    fn finish(mut self) -> Result<Vec<Insn>, String> {
+    fn finish(mut self) -> Result<Vec<Insn>, SeccompError> {
         for (at, jt, jf) in std::mem::take(&mut self.fixups) {
-            let off = |l: Option<usize>| -> Result<u8, String> {
+            let off = |l: Option<usize>| -> Result<u8, SeccompError> {
                 let Some(l) = l else { return Ok(0) };
-                let target = self.labels[l].ok_or("internal: unbound label")?;
-                u8::try_from(target - at - 1).map_err(|_| "internal: jump too far".to_string())
+                let target = self.labels[l]
+                    .ok_or_else(|| SeccompError::Program("internal: unbound label".into()))?;
+                u8::try_from(target - at - 1)
+                    .map_err(|_| SeccompError::Program("internal: jump too far".into()))
             };
             self.insns[at].jt = off(jt)?;
             self.insns[at].jf = off(jf)?;
@@ -402,7 +418,7 @@ fn emit_section(a: &mut Asm, rules: &[Rule], wide: bool, default: u32, x32_check
 
 /// Compiles rules to a program: the architecture checks, then the x86-64 section, then the
 /// i386 one (each section ends with the default RET, so sections never fall into each other).
-pub fn assemble(r: &Rules) -> Result<Vec<Insn>, String> {
+pub fn assemble(r: &Rules) -> Result<Vec<Insn>, SeccompError> {
     let mut x86_64 = Asm::default();
     emit_section(&mut x86_64, &r.x86_64, true, r.default, true);
     let x86_64 = x86_64.finish()?;
@@ -430,19 +446,19 @@ pub fn assemble(r: &Rules) -> Result<Vec<Insn>, String> {
     check_len(insns)
 }
 
-fn check_len(insns: Vec<Insn>) -> Result<Vec<Insn>, String> {
+fn check_len(insns: Vec<Insn>) -> Result<Vec<Insn>, SeccompError> {
     // BPF_MAXINSNS
     if insns.len() > 4096 {
-        return Err(format!(
+        return Err(SeccompError::Program(format!(
             "the seccomp profile compiles to {} BPF instructions, more than the kernel's 4096",
             insns.len()
-        ));
+        )));
     }
     Ok(insns)
 }
 
 /// Compiles an OCI profile.
-pub fn compile(s: &LinuxSeccomp) -> Result<Program, String> {
+pub fn compile(s: &LinuxSeccomp) -> Result<Program, SeccompError> {
     let r = rules(s)?;
     let insns = assemble(&r)?;
     let mut flags = 0;
@@ -462,7 +478,7 @@ pub fn compile(s: &LinuxSeccomp) -> Result<Program, String> {
 
 /// Installs a program on the calling thread (`seccomp(SECCOMP_SET_MODE_FILTER)`). Needs
 /// no_new_privs or CAP_SYS_ADMIN.
-pub fn install(p: &Program) -> Result<(), String> {
+pub fn install(p: &Program) -> Result<(), SeccompError> {
     let filters: Vec<libc::sock_filter> = p
         .insns
         .iter()
@@ -474,7 +490,8 @@ pub fn install(p: &Program) -> Result<(), String> {
         })
         .collect();
     let prog = libc::sock_fprog {
-        len: u16::try_from(filters.len()).map_err(|_| "seccomp program too long".to_string())?,
+        len: u16::try_from(filters.len())
+            .map_err(|_| SeccompError::Program("seccomp program too long".into()))?,
         filter: filters.as_ptr() as *mut libc::sock_filter,
     };
     // SAFETY: seccomp(2) reads `prog`, which points at `filters`, alive for the call.
@@ -487,16 +504,13 @@ pub fn install(p: &Program) -> Result<(), String> {
         )
     };
     if rc != 0 {
-        return Err(format!(
-            "install the seccomp filter: {}",
-            std::io::Error::last_os_error()
-        ));
+        return Err(SeccompError::Install(std::io::Error::last_os_error()));
     }
     Ok(())
 }
 
 /// A classic BPF interpreter for seccomp programs (tests and fuzzing): what the kernel returns.
-pub fn run(insns: &[Insn], arch: u32, nr: u32, args: &[u64; 6]) -> Result<u32, String> {
+pub fn run(insns: &[Insn], arch: u32, nr: u32, args: &[u64; 6]) -> Result<u32, SeccompError> {
     let mut data = [0u8; 64];
     data[0..4].copy_from_slice(&nr.to_le_bytes());
     data[4..8].copy_from_slice(&arch.to_le_bytes());
@@ -506,12 +520,16 @@ pub fn run(insns: &[Insn], arch: u32, nr: u32, args: &[u64; 6]) -> Result<u32, S
     let mut acc: u32 = 0;
     let mut pc = 0usize;
     loop {
-        let i = insns.get(pc).ok_or("ran off the end of the program")?;
+        let i = insns
+            .get(pc)
+            .ok_or_else(|| SeccompError::Program("ran off the end of the program".into()))?;
         pc += 1;
         match i.code {
             LD_W_ABS => {
                 let o = i.k as usize;
-                let w = data.get(o..o + 4).ok_or("load out of range")?;
+                let w = data
+                    .get(o..o + 4)
+                    .ok_or_else(|| SeccompError::Program("load out of range".into()))?;
                 acc = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
             }
             AND_K => acc &= i.k,
@@ -525,7 +543,7 @@ pub fn run(insns: &[Insn], arch: u32, nr: u32, args: &[u64; 6]) -> Result<u32, S
                 };
                 pc += usize::from(if t { i.jt } else { i.jf });
             }
-            other => return Err(format!("unknown opcode {other:#x}")),
+            other => return Err(SeccompError::Program(format!("unknown opcode {other:#x}"))),
         }
     }
 }

@@ -273,14 +273,15 @@ pub fn collect(c: &Config) -> EnvInfo {
         "not enabled".to_string()
     } else {
         let endpoint = std::path::PathBuf::from(&c.factory.vm_cache_endpoint);
-        let status = tokio::runtime::Builder::new_current_thread()
+        match tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| e.to_string())
-            .and_then(|rt| rt.block_on(kata_sandbox::vmcache::status(&endpoint)));
-        match status {
-            Ok(s) => format!("serving {} VMs (server pid {})", s.vmstatus.len(), s.pid),
-            Err(e) => format!("no server ({e})"),
+        {
+            Err(e) => format!("unknown (no async runtime: {e})"),
+            Ok(rt) => match rt.block_on(kata_sandbox::vmcache::status(&endpoint)) {
+                Ok(s) => format!("serving {} VMs (server pid {})", s.vmstatus.len(), s.pid),
+                Err(e) => format!("no server ({e})"),
+            },
         }
     };
     EnvInfo {

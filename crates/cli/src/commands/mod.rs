@@ -33,10 +33,15 @@ pub fn default_config_paths() -> Vec<PathBuf> {
     s.env_file.into_iter().chain(s.default_paths).collect()
 }
 
+/// An `--annotation` that is not `KEY=VALUE`.
+#[derive(Debug, thiserror::Error)]
+#[error("expected KEY=VALUE, got {0:?}")]
+pub struct NotKeyValue(String);
+
 /// Parses `KEY=VALUE`.
-pub fn parse_annotation(s: &str) -> Result<(String, String), String> {
+pub fn parse_annotation(s: &str) -> Result<(String, String), NotKeyValue> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+        _ => Err(NotKeyValue(s.to_string())),
     }
 }

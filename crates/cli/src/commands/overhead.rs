@@ -135,8 +135,8 @@ scheduling:
 /// Idle CPU (millicores) over `seconds`, then the PSS (KiB) of QEMU, virtiofsd and this process.
 async fn measure(sb: &Sandbox, seconds: u64) -> (u64, u64, u64, u64) {
     let me = std::process::id();
-    let vfsd = virtiofsd_pid(&sb.paths.vm_dir);
-    let pids: Vec<u32> = [Some(sb.vm.pid), vfsd, Some(me)]
+    let vfsd = virtiofsd_pid(&sb.paths().vm_dir);
+    let pids: Vec<u32> = [Some(sb.host_pid()), vfsd, Some(me)]
         .into_iter()
         .flatten()
         .collect();
@@ -156,7 +156,7 @@ async fn measure(sb: &Sandbox, seconds: u64) -> (u64, u64, u64, u64) {
     let millicores = ticks * 1000 * 1000 / hz / (t.elapsed().as_millis().max(1) as u64);
     (
         millicores,
-        pss_kib(sb.vm.pid),
+        pss_kib(sb.host_pid()),
         vfsd.map(pss_kib).unwrap_or(0),
         pss_kib(me),
     )
@@ -195,7 +195,7 @@ pub fn run(config: Option<PathBuf>, args: OverheadArgs) -> anyhow::Result<ExitCo
             m = watched => Ok(m),
             _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted; the measurement sandbox was stopped")),
         };
-        let accelerator = sb.accel.name().to_string();
+        let accelerator = sb.accel().name().to_string();
         sb.stop().await;
         let (idle_millicores, qemu, vfsd, own) = measured?;
         let total_mib = (qemu + vfsd + own).div_ceil(1024);

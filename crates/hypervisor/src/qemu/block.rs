@@ -123,16 +123,20 @@ pub fn scsi_hd_args(dev: &BlockDevice, target: u32, lun: u32) -> Value {
     })
 }
 
+/// A `block_device_driver` this runtime cannot hot-plug.
+#[derive(Debug, thiserror::Error)]
+#[error("block_device_driver = {0:?} cannot be hot-plugged into a q35 VM; use \"virtio-blk\" or \"virtio-scsi\"")]
+pub struct UnpluggableDriver(pub String);
+
 /// The driver names this runtime can hot-plug, for errors.
-pub fn check_driver(d: BlockDeviceDriver) -> Result<(), String> {
+pub fn check_driver(d: BlockDeviceDriver) -> Result<(), UnpluggableDriver> {
     match d {
         BlockDeviceDriver::VirtioBlk | BlockDeviceDriver::VirtioScsi => Ok(()),
-        other => Err(format!(
-            "block_device_driver = {:?} cannot be hot-plugged into a q35 VM; use \"virtio-blk\" or \"virtio-scsi\"",
+        other => Err(UnpluggableDriver(
             serde_json::to_value(other)
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default()
+                .unwrap_or_default(),
         )),
     }
 }
@@ -184,9 +188,19 @@ pub fn has_device(query_pci: &Value, qdev_id: &str) -> bool {
     pci_path(query_pci, qdev_id).is_some()
 }
 
+/// No PCI bridge or root port has a free slot for one more device.
+#[derive(Debug, thiserror::Error)]
+#[error("no free hot-pluggable PCI slot ({bridges} PCI bridges, {root_ports} PCIe root ports): raise [hypervisor.qemu].default_bridges or pcie_root_port")]
+pub struct NoFreeSlot {
+    /// `default_bridges`.
+    pub bridges: u32,
+    /// `pcie_root_port`.
+    pub root_ports: u32,
+}
+
 /// A hot-pluggable bus for a new PCI device: the first PCI bridge (`pci-bridge-N`, 31 slots)
 /// with a free slot, else an empty PCIe root port (`rpN`).
-pub fn hotplug_bus(h: &HypervisorConfig, query_pci: &Value) -> Result<String, String> {
+pub fn hotplug_bus(h: &HypervisorConfig, query_pci: &Value) -> Result<String, NoFreeSlot> {
     let devices = all_devices(query_pci);
     let children = |id: &str| -> Option<usize> {
         devices
@@ -211,10 +225,10 @@ pub fn hotplug_bus(h: &HypervisorConfig, query_pci: &Value) -> Result<String, St
             return Ok(id);
         }
     }
-    Err(format!(
-        "no free hot-pluggable PCI slot ({} PCI bridges, {} PCIe root ports): raise [hypervisor.qemu].default_bridges or pcie_root_port",
-        h.default_bridges, h.pcie_root_port
-    ))
+    Err(NoFreeSlot {
+        bridges: h.default_bridges,
+        root_ports: h.pcie_root_port,
+    })
 }
 
 #[cfg(test)]
@@ -299,12 +313,12 @@ mod tests {
         let q = query_pci();
         let mut h = cfg();
         h.default_bridges = 1;
-        assert_eq!(hotplug_bus(&h, &q).as_deref(), Ok("pci-bridge-0"));
+        assert_eq!(hotplug_bus(&h, &q).ok().as_deref(), Some("pci-bridge-0"));
         h.default_bridges = 0;
         h.pcie_root_port = 1;
-        assert_eq!(hotplug_bus(&h, &q).as_deref(), Ok("rp0"));
+        assert_eq!(hotplug_bus(&h, &q).ok().as_deref(), Some("rp0"));
         h.pcie_root_port = 0;
         let e = hotplug_bus(&h, &q).expect_err("none");
-        assert!(e.contains("default_bridges"), "{e}");
+        assert!(e.to_string().contains("default_bridges"), "{e}");
     }
 }

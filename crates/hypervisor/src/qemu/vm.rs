@@ -66,6 +66,12 @@ pub enum VmError {
     /// Hot-plug is impossible.
     #[error("cannot hot-plug: {0}")]
     Hotplug(String),
+    /// The configured block driver cannot be hot-plugged.
+    #[error("cannot hot-plug: {0}")]
+    Driver(#[from] super::block::UnpluggableDriver),
+    /// No slot is free for one more device.
+    #[error("cannot hot-plug: {0}")]
+    NoSlot(#[from] super::block::NoFreeSlot),
     /// A QEMU started by another process (the VMCache server) cannot be taken over.
     #[error("cannot take over QEMU (pid {pid}): {reason}")]
     Adopt {
@@ -630,7 +636,7 @@ impl Vm {
     /// configured driver; returns where the guest finds it. Nothing stays behind on failure.
     pub async fn add_block(&self, dev: &BlockDevice) -> Result<GuestBlockAddr, VmError> {
         let h = &self.hypervisor;
-        block::check_driver(h.block_device_driver).map_err(VmError::Hotplug)?;
+        block::check_driver(h.block_device_driver)?;
         self.qmp("blockdev-add", Some(block::blockdev_add_args(h, dev)))
             .await?;
         let plugged = async {
@@ -652,7 +658,7 @@ impl Vm {
                 }
                 _ => {
                     let pci = self.qmp("query-pci", None).await?;
-                    let bus = block::hotplug_bus(h, &pci).map_err(VmError::Hotplug)?;
+                    let bus = block::hotplug_bus(h, &pci)?;
                     self.qmp("device_add", Some(block::virtio_blk_args(h, dev, &bus)))
                         .await?;
                     let pci = self.qmp("query-pci", None).await?;
@@ -687,7 +693,7 @@ impl Vm {
         if block::has_device(&pci, block::SCSI_CONTROLLER) {
             return Ok(());
         }
-        let bus = block::hotplug_bus(&self.hypervisor, &pci).map_err(VmError::Hotplug)?;
+        let bus = block::hotplug_bus(&self.hypervisor, &pci)?;
         let mut args =
             json!({ "driver": "virtio-scsi-pci", "id": block::SCSI_CONTROLLER, "bus": bus });
         if self.hypervisor.enable_iommu_platform {
@@ -912,7 +918,7 @@ impl Vm {
     async fn plug_nic(&self, index: usize, nic: &argv::Nic, netdev: &str) -> Result<(), VmError> {
         let added = async {
             let pci = self.qmp("query-pci", None).await?;
-            let bus = block::hotplug_bus(&self.hypervisor, &pci).map_err(VmError::Hotplug)?;
+            let bus = block::hotplug_bus(&self.hypervisor, &pci)?;
             let mut args = json!({
                 "driver": "virtio-net-pci", "id": format!("nic{index}"), "netdev": netdev,
                 "mac": nic.mac, "romfile": "", "bus": bus,

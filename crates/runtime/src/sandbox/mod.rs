@@ -1,19 +1,17 @@
 //! A sandbox: one VM with its agent. Every error path stops what was started and removes the
 //! sandbox's state directories.
 
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use kata_config::hypervisor::SharedFs;
 use kata_config::Config;
 use kata_hypervisor::probe::Accel;
 use kata_hypervisor::qemu::argv::{AgentChannel, LaunchSpec, Nic, SharedFsDevice, SHARED_FS_TAG};
 use kata_hypervisor::qemu::vm::Vm;
 use kata_hypervisor::virtiofsd::Virtiofsd;
 use kata_protocols::agent::*;
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::mount::MsFlags;
 use oci_spec::runtime::{Process, Spec};
 use tracing::Instrument;
 
@@ -25,34 +23,29 @@ use crate::network::PodNetwork;
 mod boot;
 mod demand;
 mod fence;
-mod paths;
+mod net;
 mod resources;
+mod sources;
+pub mod volumes;
 
-pub use boot::ADOPTED_FROM;
-pub(crate) use boot::{agent_channel, dial_agent, shared_fs_device};
-pub use boot::{guest_shape, launch_spec, GuestShape, VmSource};
+pub use crate::host::*;
+pub use crate::launch::{guest_shape, launch_spec, GuestShape, DEBUG_CONSOLE_SOCKET};
+pub use crate::source::SourceKind;
 use boot::{place_vcpus, Started};
 pub use demand::{cpu_limit, Demand};
 pub use fence::{Killed, SANDBOX_KILL_GRACE};
-pub use paths::*;
 use resources::Plugged;
 
 /// Where the agent mounts the shared filesystem in the guest.
 pub const GUEST_SHARED_DIR: &str = "/run/kata-containers/shared/containers";
-/// Host directory of VM files (sockets, logs) per sandbox.
-pub const VM_STATE_ROOT: &str = "/run/vc/vm";
-/// Host directory shared with each sandbox's guest.
-pub const SHARED_ROOT: &str = "/run/kata-containers/shared/sandboxes";
 /// Memory hot-plug granularity (x86 memory block size).
 pub const MEMORY_BLOCK_MIB: u32 = 128;
+/// How long the guest has to take a chunk of a process's stdin.
+const STDIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the guest has to bring hot-plugged vCPUs and memory online.
 const HOTPLUG_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the guest has to give back an unplugged vCPU or memory.
 const UNPLUG_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The debug console's socket in a sandbox's VM directory (beside the agent's `agent.sock`),
-/// with the virtio-serial agent channel.
-pub const DEBUG_CONSOLE_SOCKET: &str = "debug-console.sock";
 
 /// Where on the host a sandbox runs.
 #[derive(Debug, Clone, Default)]
@@ -113,22 +106,18 @@ pub struct BootTimings {
     /// A clone's reseed, clock and NICs.
     pub personalize_ms: u64,
     /// Where the VM came from.
-    pub source: VmSource,
+    pub source: SourceKind,
 }
 
 /// A running sandbox.
 #[derive(Debug)]
 pub struct Sandbox {
-    /// Id.
-    pub id: String,
+    id: String,
     /// Effective configuration.
-    pub config: Config,
-    /// Accelerator in use.
-    pub accel: Accel,
-    /// Directories.
-    pub paths: SandboxPaths,
-    /// The VM.
-    pub vm: Vm,
+    config: Config,
+    accel: Accel,
+    paths: SandboxPaths,
+    vm: Vm,
     virtiofsd: tokio::sync::Mutex<Option<Virtiofsd>>,
     /// The agent channel.
     channel: AgentChannel,
@@ -137,17 +126,15 @@ pub struct Sandbox {
     network: std::sync::Mutex<Option<PodNetwork>>,
     /// The network namespace the sandbox made for itself (deleted with it).
     owned_netns: Option<PathBuf>,
-    /// The agent.
-    pub agent: AgentClient,
+    agent: AgentClient,
     /// The host cgroups, when the sandbox manages them.
-    pub cgroups: Option<std::sync::Arc<HostCgroups>>,
+    cgroups: Option<std::sync::Arc<HostCgroups>>,
     vcpus: AtomicU32,
     memory_mib: AtomicU32,
     plugged: tokio::sync::Mutex<Plugged>,
-    /// Boot timings.
-    pub timings: BootTimings,
-    /// Direct volumes hot-plugged into the VM (see [`crate::volumes`]).
-    pub(crate) volumes: tokio::sync::Mutex<crate::volumes::Attached>,
+    timings: BootTimings,
+    /// Direct volumes hot-plugged into the VM (see [`volumes`]).
+    pub(crate) volumes: tokio::sync::Mutex<volumes::Attached>,
     /// What each container asks of the VM (see [`Sandbox::reserve`]).
     ledger: std::sync::Mutex<demand::Ledger>,
     /// Held while the VM is resized to the ledger's sum, so that resizes apply in order.
@@ -156,14 +143,6 @@ pub struct Sandbox {
 
 fn ms(since: Instant) -> u64 {
     since.elapsed().as_millis() as u64
-}
-
-fn io_err<'a>(what: &'static str, path: &'a Path) -> impl Fn(std::io::Error) -> SandboxError + 'a {
-    move |source| SandboxError::Io {
-        what,
-        path: path.display().to_string(),
-        source,
-    }
 }
 
 impl Sandbox {
@@ -224,10 +203,54 @@ impl Sandbox {
     /// How the host reaches the agent: `vsock://<cid>:<port>` over kernel vsock, or
     /// `unix://<socket>` for the unix socket QEMU bridges to the agent's virtio-serial port.
     pub fn agent_url(&self) -> String {
-        match &self.channel {
-            AgentChannel::Vsock { cid } => format!("vsock://{cid}:{}", kata_protocols::VSOCK_PORT),
-            AgentChannel::Serial { socket } => format!("unix://{}", socket.display()),
-        }
+        crate::launch::agent_url(&self.channel)
+    }
+
+    /// The sandbox's pid on the host, the one a container manager is given for every task
+    /// and process of the pod (as Kata does): QEMU's. Its `/proc/<pid>/ns/net` is the
+    /// sandbox's network namespace.
+    pub fn host_pid(&self) -> u32 {
+        self.vm.pid
+    }
+
+    /// The sandbox's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The configuration the sandbox runs with (files, then the pod's annotations).
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The accelerator its VM runs with.
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    /// Its host directories.
+    pub fn paths(&self) -> &SandboxPaths {
+        &self.paths
+    }
+
+    /// Its host cgroups, when it manages them.
+    pub fn cgroups(&self) -> Option<&std::sync::Arc<HostCgroups>> {
+        self.cgroups.as_ref()
+    }
+
+    /// How long each phase of its boot took, and which source served its VM.
+    pub fn timings(&self) -> &BootTimings {
+        &self.timings
+    }
+
+    /// Why its VM stopped, once it has (None while it runs).
+    pub fn vm_exit(&self) -> Option<kata_hypervisor::qemu::vm::VmError> {
+        self.vm.exit_error()
+    }
+
+    /// Waits until its VM stops; why it did.
+    pub async fn wait_vm_exit(&self) -> kata_hypervisor::qemu::vm::VmError {
+        self.vm.wait_exit().await
     }
 
     /// virtiofsd's pid, when the sandbox runs one (never waits: `None` while it is being
@@ -273,10 +296,10 @@ impl Sandbox {
         options: &[String],
     ) -> Result<(), SandboxError> {
         let mounts = self.paths.mounts_dir();
-        let fail = |reason: String| SandboxError::Share {
+        let fail = |e: kata_mount::MountError| SandboxError::Share {
             source_path: source.display().to_string(),
             target: mounts.join(rel).display().to_string(),
-            reason,
+            source: e,
         };
         let mut opts = kata_mount::parse(options, true).map_err(fail)?;
         // Propagation is the container's business (applied in the guest); here the bind must
@@ -287,7 +310,12 @@ impl Sandbox {
         } else {
             kata_mount::Kind::File
         };
-        let root = kata_mount::open_dir(&mounts).map_err(|e| fail(e.to_string()))?;
+        let root = kata_mount::open_dir(&mounts).map_err(|e| {
+            fail(kata_mount::MountError::io(
+                format!("open {}", mounts.display()),
+                e,
+            ))
+        })?;
         use std::os::fd::AsFd;
         let target = kata_mount::create_in_root(root.as_fd(), rel, kind).map_err(fail)?;
         kata_mount::bind(source, target.as_fd(), &opts).map_err(fail)
@@ -426,6 +454,37 @@ impl Sandbox {
         Ok((r.status, r.signal))
     }
 
+    /// The next chunk of a process's stdout (or stderr), waiting for it; empty once the
+    /// stream ended.
+    pub async fn read_output(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        stderr: bool,
+    ) -> Result<Vec<u8>, SandboxError> {
+        let req = ReadStreamRequest {
+            container_id: container_id.into(),
+            exec_id: exec_id.into(),
+            len: 64 * 1024,
+            ..Default::default()
+        };
+        let ctx = ttrpc::context::with_timeout(0);
+        let r = if stderr {
+            self.agent
+                .agent
+                .read_stderr(ctx, &req)
+                .await
+                .map_err(agent_err("ReadStderr"))?
+        } else {
+            self.agent
+                .agent
+                .read_stdout(ctx, &req)
+                .await
+                .map_err(agent_err("ReadStdout"))?
+        };
+        Ok(r.data)
+    }
+
     /// Reads a process's stdout (or stderr) to the end.
     pub async fn read_all(
         &self,
@@ -435,29 +494,11 @@ impl Sandbox {
     ) -> Result<Vec<u8>, SandboxError> {
         let mut out = Vec::new();
         loop {
-            let req = ReadStreamRequest {
-                container_id: container_id.into(),
-                exec_id: exec_id.into(),
-                len: 64 * 1024,
-                ..Default::default()
-            };
-            let r = if stderr {
-                self.agent
-                    .agent
-                    .read_stderr(ttrpc::context::with_timeout(0), &req)
-                    .await
-                    .map_err(agent_err("ReadStderr"))?
-            } else {
-                self.agent
-                    .agent
-                    .read_stdout(ttrpc::context::with_timeout(0), &req)
-                    .await
-                    .map_err(agent_err("ReadStdout"))?
-            };
-            if r.data.is_empty() {
+            let data = self.read_output(container_id, exec_id, stderr).await?;
+            if data.is_empty() {
                 return Ok(out);
             }
-            out.extend(r.data);
+            out.extend(data);
         }
     }
 
@@ -559,6 +600,28 @@ impl Sandbox {
             .update_container(ctx(CALL_TIMEOUT), &req)
             .await
             .map_err(agent_err("UpdateContainer"))?;
+        Ok(())
+    }
+
+    /// Writes `data` to a process's stdin (waiting up to 30 s for the guest to take it: a
+    /// process that does not read holds the writer back).
+    pub async fn write_stdin(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        data: Vec<u8>,
+    ) -> Result<(), SandboxError> {
+        let req = WriteStreamRequest {
+            container_id: container_id.into(),
+            exec_id: exec_id.into(),
+            data,
+            ..Default::default()
+        };
+        self.agent
+            .agent
+            .write_stdin(ctx(STDIN_TIMEOUT), &req)
+            .await
+            .map_err(agent_err("WriteStdin"))?;
         Ok(())
     }
 

@@ -70,7 +70,7 @@ impl Service {
             if !is_bind(m) {
                 continue;
             }
-            if !sb.config.runtime.disable_guest_empty_dir {
+            if !sb.config().runtime.disable_guest_empty_dir {
                 if let Some(name) = crate::pod::empty_dir_name(m) {
                     m.set_source(Some(
                         std::path::Path::new(crate::pod::GUEST_EPHEMERAL_DIR).join(name),
@@ -141,7 +141,7 @@ impl Service {
             // which the CRI plugin copies into every container, were applied (or refused) then.
             (crate::pod::Role::Container { sandbox_id }, Some(sb)) if *sandbox_id == self.id => {
                 SandboxConfig {
-                    config: sb.config.clone(),
+                    config: sb.config().clone(),
                     template: None,
                 }
             }
@@ -237,7 +237,7 @@ impl Service {
                         let sb = Arc::new(sb);
                         self.state.lock().await.sandbox = Some(sb.clone());
                         self.watch_oom(sb.clone());
-                        tracing::info!(id = %req.id, source = sb.timings.source.name(), timings = ?sb.timings, accel = ?sb.accel, "sandbox ready");
+                        tracing::info!(id = %req.id, source = sb.timings().source.name(), timings = ?sb.timings(), accel = ?sb.accel(), "sandbox ready");
                         sb
                     }
                     Err(e) => {
@@ -257,7 +257,7 @@ impl Service {
             }
             return Err(runtime_err(e));
         }
-        guest_seccomp(&sb.config, &req.id, &mut spec);
+        guest_seccomp(sb.config(), &req.id, &mut spec);
         // The host's hooks stay on the host: the agent never sees them.
         let hooks = spec.hooks().clone();
         spec.set_hooks(None);
@@ -269,7 +269,7 @@ impl Service {
                     &oci_version,
                     &req.id,
                     "creating",
-                    sb.vm.pid,
+                    sb.host_pid(),
                     &bundle,
                     &annotations,
                 );

@@ -251,7 +251,7 @@ impl Task for Service {
             rootfs::unmount_rootfs(r);
         }
         if let Some(poststop) = t.hooks.as_ref().and_then(|h| h.poststop().as_ref()) {
-            let pid = sb.as_ref().map_or(0, |sb| sb.vm.pid);
+            let pid = sb.as_ref().map_or(0, |sb| sb.host_pid());
             let state = crate::hooks::state(
                 &t.oci_version,
                 &req.id,

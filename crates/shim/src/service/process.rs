@@ -41,7 +41,7 @@ impl Service {
             &t.oci_version,
             &req.id,
             "created",
-            sb.vm.pid,
+            sb.host_pid(),
             &t.bundle,
             &t.annotations,
         );

@@ -126,7 +126,7 @@ impl Service {
             .await
             .map_err(runtime_err)?;
         let sb = Arc::new(sb);
-        tracing::info!(id = %req.sandbox_id, source = sb.timings.source.name(), timings = ?sb.timings, accel = ?sb.accel, "sandbox ready (sandbox API: no pause container)");
+        tracing::info!(id = %req.sandbox_id, source = sb.timings().source.name(), timings = ?sb.timings(), accel = ?sb.accel(), "sandbox ready (sandbox API: no pause container)");
         let mut st = self.state.lock().await;
         st.sandbox = Some(sb.clone());
         st.pod = Some(Pod {
@@ -180,7 +180,7 @@ impl SandboxApi for Service {
         if let Some(exit) = exit {
             tokio::spawn(async move {
                 let Some(sb) = vm.upgrade() else { return };
-                let died = sb.vm.wait_exit().await;
+                let died = sb.wait_vm_exit().await;
                 exit.send_if_modified(|e| {
                     if e.is_none() {
                         tracing::error!(error = %kata_config::error_chain(&died), "the pod's VM stopped");

@@ -73,7 +73,7 @@ impl Service {
             let status = match sb.wait(&cid, &exec_id).await {
                 Ok((status, _)) => status as u32,
                 Err(e) => {
-                    match sb.vm.exit_error() {
+                    match sb.vm_exit() {
                         // The VM died: say why, with the guest console's last lines.
                         Some(vm) => tracing::error!(
                             container = %cid,

@@ -1,6 +1,35 @@
-//! A sandbox's host directories, its share, and the cleanup of what a crashed sandbox left.
+//! Host primitives every VM source shares: a sandbox's (or a cached VM's) directories, its
+//! share, and the cleanup of what a crashed one left. Calls only leaf modules
+//! ([`crate::cgroups`], [`crate::network`], [`crate::ids`]).
 
-use super::*;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+use crate::error::SandboxError;
+
+/// Host directory of VM files (sockets, logs) per sandbox.
+pub const VM_STATE_ROOT: &str = "/run/vc/vm";
+/// Host directory shared with each sandbox's guest.
+pub const SHARED_ROOT: &str = "/run/kata-containers/shared/sandboxes";
+
+/// Written in a sandbox's VM directory when its VM came from the VMCache: the VM's id there
+/// (QEMU's `-name` and virtiofsd's socket path still carry it).
+pub const ADOPTED_FROM: &str = "adopted-from";
+
+/// An I/O error of `what` on `path`.
+pub(crate) fn io_err<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl Fn(std::io::Error) -> SandboxError + 'a {
+    move |source| SandboxError::Io {
+        what,
+        path: path.display().to_string(),
+        source,
+    }
+}
 
 /// A sandbox's host directories.
 #[derive(Debug, Clone)]
@@ -105,7 +134,7 @@ pub fn cleanup_stale(id: &str) -> bool {
     let paths = SandboxPaths::for_id(id);
     let existed = paths.vm_dir.exists() || paths.shared_dir.exists();
     // A VM taken from the VMCache carries the cache's id on its command lines.
-    let born_as = std::fs::read_to_string(paths.vm_dir.join(super::boot::ADOPTED_FROM))
+    let born_as = std::fs::read_to_string(paths.vm_dir.join(ADOPTED_FROM))
         .ok()
         .map(|s| s.trim().to_string())
         .filter(|s| crate::ids::is_valid(s))

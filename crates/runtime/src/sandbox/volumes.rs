@@ -20,9 +20,9 @@ use crate::agent::{agent_err, ctx, CALL_TIMEOUT};
 /// How long the guest may take to grow a direct volume's filesystem online: under TCG a large
 /// ext4 or xfs takes tens of seconds.
 pub const RESIZE_VOLUME_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+use super::Sandbox;
 use crate::direct_volume::{encode, MountInfo, Store};
 use crate::error::SandboxError;
-use crate::sandbox::Sandbox;
 
 /// Where the agent mounts direct volumes in the guest (Kata's).
 pub const GUEST_STORAGE_DIR: &str = "/run/kata-containers/sandbox/storage";
