@@ -89,8 +89,8 @@ soak: install
 	KATA_SOAK_CYCLES=$(SOAK_CYCLES) KATA_SOAK_OUT=$(CURDIR)/bench/soak.json KATA_TEST_KERNEL_DIR=$(CURDIR)/build/kernel \
 	  $(CARGO) test -p containerd-shim-kata-v2 --test soak -- --include-ignored --nocapture || rc=1; \
 	KATA_TEST_CYCLES=50 KATA_GIVE_BACK_OUT=$(CURDIR)/bench/give-back.json KATA_TEST_KERNEL_DIR=$(CURDIR)/build/kernel \
-	  $(CARGO) test -p containerd-shim-kata-v2 --test cri -- --include-ignored --nocapture --exact a_removed_containers_vcpus_and_memory_go_back || rc=1; \
+	  $(CARGO) test -p containerd-shim-kata-v2 --test cri -- --include-ignored --nocapture --exact resources::a_removed_containers_vcpus_and_memory_go_back || rc=1; \
 	KATA_TEST_SLOW_READER_MIB=1024 KATA_SLOW_READER_OUT=$(CURDIR)/bench/slow-reader.json KATA_TEST_KERNEL_DIR=$(CURDIR)/build/kernel \
-	  $(CARGO) test -p kata-sandbox --test vm -- --include-ignored --nocapture --exact a_slow_reader_holds_the_writer_back_and_loses_nothing || rc=1; \
+	  $(CARGO) test -p kata-sandbox --test vm -- --include-ignored --nocapture --exact lifecycle::a_slow_reader_holds_the_writer_back_and_loses_nothing || rc=1; \
 	/usr/bin/python3 scripts/soak-report.py bench/soak.json bench/slow-reader.json bench/give-back.json BENCHMARKS.md; \
 	exit $$rc
