@@ -1,0 +1,114 @@
+"""`scripts/bench.py`: runs every measurement (or one, `--only`) and writes the results, BENCHMARKS.md and the chart."""
+import argparse
+import json
+import os
+import shutil
+import tempfile
+
+from .config import HERE, IMAGE, RUNTIMES, guest_configs, guest_memory_mib
+from .factory import bench_factory
+from .host import containerd_log_since, ctr, kernel_release, log_size, machine, sh, spans
+from .memory import bench_memory, guest_meminfo
+from .metrics import bench_scrape
+from .report import chart, generated, targets, write_markdown
+from .seccomp import bench_seccomp
+from .starts import bench_cold_start, bench_exec, bench_floor, bench_pod_start
+from .storage import bench_direct_volume, bench_fs
+
+
+DESCRIPTION = """Benchmarks kata against runc on this machine (see BENCHMARKS.md).
+
+Measures, with the real containerd, kata against runc: cold start (`ctr run --rm IMAGE true`)
+with its breakdown from the shim's tracing spans, the raw-QEMU floor (the sandbox's own QEMU
+command line replayed to the agent's first console line), exec latency, the pod start through
+the CRI, idle host memory (PSS) of 1 and N sandboxes at once, the metrics path, shared-filesystem
+and direct-volume throughput, seccomp's cost and the VM factory. Writes every sample to a JSON
+file, the tables into a Markdown file (between its bench markers) and a PNG chart.
+
+    scripts/bench.py [--iterations N] [--concurrent N] [--fs-mib N] [--files N] [--only pod_start]
+                     [--out bench/results.json] [--markdown BENCHMARKS.md] [--chart bench/chart.png]
+"""
+
+
+def main():
+    p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--iterations", type=int, default=10)
+    p.add_argument("--concurrent", type=int, default=10, help="sandboxes at once for the memory figure")
+    p.add_argument("--fs-mib", type=int, default=256, help="size of the sequential file")
+    p.add_argument("--files", type=int, default=2000, help="small files for the metadata workload")
+    p.add_argument("--out", default=os.path.join(HERE, "bench", "results.json"))
+    p.add_argument("--markdown", default=os.path.join(HERE, "BENCHMARKS.md"))
+    p.add_argument("--chart", default=os.path.join(HERE, "bench", "chart.png"))
+    p.add_argument("--only", choices=["pod_start"],
+                   help="run this part only and update it in --out (the rest is kept as measured)")
+    a = p.parse_args()
+    if a.iterations < 1 or a.concurrent < 1 or a.fs_mib < 1 or a.files < 1:
+        p.error("--iterations, --concurrent, --fs-mib and --files must be at least 1")
+    if a.only:
+        with open(a.out) as f:
+            r = json.load(f)
+        r[a.only] = bench_pod_start(a.iterations)
+        r[a.only]["iterations"] = a.iterations
+        r[a.only]["date"] = machine()["date"]
+        r["targets"] = [{"target": t, "measured": m, "met": ok} for t, m, ok in targets(r)]
+        with open(a.out, "w") as f:
+            json.dump(r, f, indent=2)
+            f.write("\n")
+        write_markdown(a.markdown, r)
+        print(generated(r))
+        return 0
+    sock = sh(os.path.join(HERE, "scripts", "containerd.sh"), "start").stdout.strip()
+    tar = "/tmp/kata-bench-busybox.tar"
+    sh(os.path.join(HERE, "scripts", "busybox-image.sh"), tar, IMAGE)
+    ctr(sock, "images", "import", tar)
+    r = {"iterations": a.iterations, "concurrent": a.concurrent, "machine": machine()}
+    r["guest_memory_mib"] = guest_memory_mib()
+    work = tempfile.mkdtemp(prefix="kata-bench-")
+    counts = [1, a.concurrent] if a.concurrent > 1 else [1]
+    try:
+        guests = guest_configs(work)
+        r["cold_start_ms"] = {"runc": bench_cold_start(sock, a.iterations, "runc", RUNTIMES["runc"])}
+        r["guests"] = {}
+        for name, (cfg, kernel, root) in guests.items():
+            if cfg is None:
+                r["default_guest"] = name
+            k = {"kernel": kernel, "kernel_file_bytes": os.path.getsize(kernel), "release": kernel_release(kernel),
+                 "root": root}
+            log_before = log_size()
+            tag = name.replace(" ", "-")
+            k["cold_start_ms"] = bench_cold_start(sock, a.iterations, f"kata-{tag}", RUNTIMES["kata"], cfg)
+            ids = {f"bench-start-kata-{tag}-{i}" for i in range(a.iterations)}
+            k["breakdown_ms"] = spans(containerd_log_since(log_before), ids)
+            k["floor"] = bench_floor(sock, a.iterations, cfg)
+            k["memory"] = bench_memory(sock, counts, [(f"kata {name}", RUNTIMES["kata"], cfg)])[f"kata {name}"]
+            k["meminfo"] = guest_meminfo(sock, cfg)
+            r["guests"][name] = k
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    default = r["guests"][r["default_guest"]]
+    r["cold_start_ms"]["kata"] = default["cold_start_ms"]
+    r["breakdown_ms"] = default["breakdown_ms"]
+    r["floor"] = default["floor"]
+    r["exec_ms"] = bench_exec(sock, a.iterations)
+    r["memory"] = bench_memory(sock, counts, [("runc", RUNTIMES["runc"], None)])
+    r["memory"]["kata"] = default["memory"]
+    r["fs"] = bench_fs(sock, a.fs_mib, a.files)
+    r["direct_volume"] = bench_direct_volume(sock, a.fs_mib, a.iterations)
+    r["seccomp"] = bench_seccomp(sock, a.iterations)
+    r["scrape"] = bench_scrape(sock, counts)
+    r["pod_start"] = bench_pod_start(a.iterations)
+    r["pod_start"]["iterations"] = a.iterations
+    work = tempfile.mkdtemp(prefix="kata-bench-")
+    try:
+        r["factory"] = bench_factory(sock, a.iterations, counts, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    r["targets"] = [{"target": t, "measured": m, "met": ok} for t, m, ok in targets(r)]
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(r, f, indent=2)
+        f.write("\n")
+    write_markdown(a.markdown, r)
+    chart(a.chart, r)
+    print(generated(r))
+    return 0

@@ -1,0 +1,140 @@
+"""Start latency: cold starts, the pod start through the CRI (containerd 2.1, both handlers), exec, and the raw-QEMU floor."""
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+
+from .config import HERE, IMAGE, RUNTIMES, runtime_args
+from .host import cmdline, ctr, pss_kib, sandbox_pids, sh, summary, timed
+
+
+def wait_running(sock, cid):
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        out = ctr(sock, "task", "ls").stdout
+        if any(l.startswith(cid) and "RUNNING" in l for l in out.splitlines()):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"task {cid} never ran")
+
+
+def start_detached(sock, rt, cid, cfg=None):
+    remove(sock, cid)
+    ctr(sock, "run", "-d", "--runtime", rt, *runtime_args(cfg), IMAGE, cid, "sleep", "1000")
+    wait_running(sock, cid)
+
+
+def remove(sock, cid):
+    if cid in ctr(sock, "task", "ls", "-q").stdout.split():
+        ctr(sock, "task", "kill", "-s", "SIGKILL", cid, check=False)
+        deadline = time.time() + 30
+        while ctr(sock, "task", "rm", cid, check=False).returncode != 0 and time.time() < deadline:
+            time.sleep(0.2)
+    if cid in ctr(sock, "container", "ls", "-q").stdout.split():
+        ctr(sock, "container", "rm", cid, check=False)
+
+
+def bench_cold_start(sock, n, name, rt, cfg=None):
+    samples = [timed(lambda i=i: ctr(sock, "run", "--runtime", rt, *runtime_args(cfg), "--rm", IMAGE,
+                                     f"bench-start-{name}-{i}", "true")) for i in range(n)]
+    return summary(samples)
+
+
+def bench_pod_start(n, version="2.1"):
+    """A CRI pod (RunPodSandbox, then one container running, then stop and remove) through
+    containerd VERSION's CRI plugin, with the `kata` handler (containerd runs a pause container
+    in the VM) and `kata-sandbox-api` (containerd 2.x's sandbox API: the shim is asked for the
+    pod, no pause container); crates/shim/examples/pod_start.rs drives it as a kubelet would."""
+    cs = os.path.join(HERE, "scripts", "containerd.sh")
+    sock = sh(cs, "start", version).stdout.strip()
+    ctr_bin = os.path.join(sh(cs, "bin", version).stdout.strip(), "ctr")
+    pause = '["/bin/sh","-c","trap \'exit 0\' TERM INT; while :; do sleep 3600 & wait $!; done"]'
+    for ref, entry in ((IMAGE, None), ("kata.local/pause:3.6", pause)):
+        tar = f"/tmp/kata-bench-pod-{ref.replace('/', '_').replace(':', '_')}.tar"
+        sh(os.path.join(HERE, "scripts", "busybox-image.sh"), tar, ref, *([entry] if entry else []))
+        sh(ctr_bin, "-a", sock, "-n", "k8s.io", "images", "import", tar)
+        os.unlink(tar)
+    sh("cargo", "build", "--quiet", "--manifest-path", os.path.join(HERE, "Cargo.toml"),
+       "-p", "containerd-shim-kata-v2", "--example", "pod_start")
+    tool = os.path.join(HERE, "target", "debug", "examples", "pod_start")
+    res = {"containerd": version}
+    for handler in ("kata", "kata-sandbox-api"):
+        out = json.loads(sh(tool, sock, handler, str(n)).stdout)
+        res[handler] = {k: summary(v) for k, v in out.items()}
+    return res
+
+
+def bench_exec(sock, n):
+    res = {}
+    for name, rt in RUNTIMES.items():
+        cid = f"bench-exec-{name}"
+        start_detached(sock, rt, cid)
+        samples = [timed(lambda i=i: ctr(sock, "task", "exec", "--exec-id", f"e{i}", cid, "true")) for i in range(n)]
+        remove(sock, cid)
+        res[name] = summary(samples)
+    return res
+
+
+def bench_floor(sock, n, cfg=None):
+    """Replays the exact QEMU and virtiofsd command lines of a kata sandbox (same kernel, initrd,
+    accelerator, memory and devices), started by the bench, to the agent's first console line."""
+    cid = "bench-floor-src"
+    start_detached(sock, RUNTIMES["kata"], cid, cfg)
+    _, qemu, vfsd = sandbox_pids(cid)
+    if len(qemu) != 1:
+        raise RuntimeError(f"expected one QEMU for {cid}, found {qemu}")
+    q, v = cmdline(qemu[0]), (cmdline(vfsd[0]) if vfsd else None)
+    remove(sock, cid)
+    base = tempfile.mkdtemp(prefix="kata-bench-floor-")
+    shared = os.path.join(base, "shared")
+    os.makedirs(os.path.join(shared, "shared"))  # the sandbox's export (mounts/ is not needed)
+
+    def sub(a):
+        return (a.replace(f"/run/vc/vm/{cid}", base)
+                 .replace(f"/run/kata-containers/shared/sandboxes/{cid}", shared)
+                 .replace(f"sandbox-{cid}", "sandbox-bench-floor"))
+
+    q = [sub(a) for a in q]
+    v = [sub(a) for a in v] if v else None
+    samples, idle_pss = [], 0
+    console = os.path.join(base, "console.log")
+    try:
+        for i in range(n):
+            for f in os.listdir(base):
+                if f != "shared":
+                    os.unlink(os.path.join(base, f))
+            vp = None
+            if v:
+                vp = subprocess.Popen(v, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                sock_path = v[v.index("--socket-path") + 1]
+                deadline = time.time() + 10
+                while not os.path.exists(sock_path) and time.time() < deadline:
+                    time.sleep(0.002)
+            t0 = time.perf_counter()
+            qp = subprocess.Popen(q, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            took = None
+            while time.perf_counter() - t0 < 60 and qp.poll() is None:
+                try:
+                    with open(console, "rb") as f:
+                        if b"kata-agent:" in f.read():
+                            took = round((time.perf_counter() - t0) * 1000, 1)
+                            break
+                except OSError:
+                    pass
+                time.sleep(0.002)
+            if i == 0 and took is not None:
+                time.sleep(5)
+                idle_pss = pss_kib(qp.pid)
+            qp.kill()
+            qp.wait()
+            if vp:
+                vp.kill()
+                vp.wait()
+            if took is None:
+                raise RuntimeError(f"raw QEMU never printed the agent's first line; see {console}")
+            samples.append(took)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    return {"ms": summary(samples), "qemu_idle_pss_kib": idle_pss, "argv": q}
