@@ -16,6 +16,11 @@ use ttrpc::r#async::TtrpcContext;
 use crate::container::{self, AgentError, Container};
 use crate::reaper::{self, Reaper};
 
+mod containers;
+mod sandbox;
+
+use sandbox::mount_storages;
+
 /// Agent state.
 #[derive(Debug)]
 pub struct Agent {
@@ -89,142 +94,18 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| AgentError::Failed(format!("worker failed: {e}")))?
 }
 
-fn mount_storages(storages: &[Storage]) -> Result<Vec<PathBuf>, AgentError> {
-    let mut done = Vec::new();
-    for s in storages {
-        let fstype = match s.driver.as_str() {
-            "virtio-fs" => "virtiofs",
-            "9p" => "9p",
-            _ => s.fstype.as_str(),
-        };
-        let dest = PathBuf::from(&s.mount_point);
-        if let Err(e) = crate::mounts::mount_one(&s.source, &dest, fstype, &s.options) {
-            for m in done.iter().rev() {
-                let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
-            }
-            return Err(AgentError::Guest(e));
-        }
-        done.push(dest);
-    }
-    Ok(done)
-}
-
 fn signal(n: u32) -> Result<Signal, AgentError> {
     Signal::try_from(n as i32).map_err(|_| AgentError::Invalid(format!("invalid signal {n}")))
-}
-
-fn online_all(dir: &str, file: &str, value: &str) -> usize {
-    let mut n = 0;
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            let p = e.path().join(file);
-            if let Ok(cur) = std::fs::read_to_string(&p) {
-                let cur = cur.trim();
-                if (cur == "0" || cur == "offline") && std::fs::write(&p, value).is_ok() {
-                    n += 1;
-                }
-            }
-        }
-    }
-    n
-}
-
-/// Onlines every offline memory block, as movable memory where the kernel allows it.
-fn online_memory() {
-    let Ok(entries) = std::fs::read_dir("/sys/devices/system/memory") else {
-        return;
-    };
-    for e in entries.flatten() {
-        let p = e.path().join("state");
-        if std::fs::read_to_string(&p).is_ok_and(|s| s.trim() == "offline")
-            && std::fs::write(&p, "online_movable").is_err()
-        {
-            let _ = std::fs::write(&p, "online");
-        }
-    }
-}
-
-fn online_cpus() -> u32 {
-    std::thread::available_parallelism()
-        .map(|n| n.get() as u32)
-        .unwrap_or(1)
-}
-
-fn mem_total_kb() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("MemTotal:")
-                    .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
-            })
-        })
-        .unwrap_or(0)
 }
 
 #[async_trait]
 impl AgentService for Agent {
     async fn create_sandbox(&self, _: &TtrpcContext, req: CreateSandboxRequest) -> R<Empty> {
-        crate::init::debug(|| "CreateSandbox".to_string());
-        // The pod's containers share the guest's network namespace: its loopback must be up.
-        crate::network::loopback_up()?;
-        if !req.hostname.is_empty() {
-            nix::unistd::sethostname(&req.hostname)
-                .map_err(|e| AgentError::Failed(format!("sethostname: {e}")))?;
-        }
-        for m in &req.kernel_modules {
-            crate::init::modprobe(m).map_err(AgentError::Guest)?;
-        }
-        if !req.guest_hook_path.is_empty() {
-            let dir =
-                crate::guest_hooks::check_dir(&req.guest_hook_path).map_err(AgentError::Guest)?;
-            *self.guest_hooks.lock().unwrap_or_else(|e| e.into_inner()) = Some(dir);
-        }
-        if !req.dns.is_empty() {
-            let text: String = req.dns.iter().map(|l| format!("{l}\n")).collect();
-            let _ = std::fs::create_dir_all("/etc");
-            std::fs::write("/etc/resolv.conf", text)
-                .map_err(|e| AgentError::Failed(format!("write /etc/resolv.conf: {e}")))?;
-        }
-        if req.sandbox_pidns {
-            // No pause container: the pod's IPC, UTS and PID namespaces come from a holder.
-            let (reaper, hostname) = (self.reaper.clone(), req.hostname.clone());
-            let sysctls = req.sysctls.clone();
-            let pid = blocking(move || {
-                crate::podns::start(&reaper, &hostname, &sysctls).map_err(AgentError::Guest)
-            })
-            .await?;
-            crate::init::debug(|| format!("CreateSandbox: pod namespaces held by pid {pid}"));
-        }
-        let storages = req.storages.clone();
-        let mounts = blocking(move || mount_storages(&storages)).await?;
-        crate::init::debug(|| format!("CreateSandbox: {} storages mounted", mounts.len()));
-        self.sandbox_mounts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend(mounts);
-        Ok(Empty::new())
+        self.do_create_sandbox(req).await
     }
 
-    async fn destroy_sandbox(&self, _: &TtrpcContext, _: DestroySandboxRequest) -> R<Empty> {
-        let all: Vec<Arc<Container>> = self
-            .containers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain()
-            .map(|(_, c)| c)
-            .collect();
-        for c in all {
-            for pid in container::cgroup_pids(&c.cgroup) {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-            }
-        }
-        // Answer first, then power off.
-        tokio::spawn(async {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            crate::init::power_off();
-        });
-        Ok(Empty::new())
+    async fn destroy_sandbox(&self, _: &TtrpcContext, req: DestroySandboxRequest) -> R<Empty> {
+        self.do_destroy_sandbox(req).await
     }
 
     async fn create_container(
@@ -232,155 +113,15 @@ impl AgentService for Agent {
         _: &TtrpcContext,
         req: CreateContainerRequest,
     ) -> R<CreateContainerResponse> {
-        let id = req.container_id.clone();
-        if id.is_empty() || id.contains('/') || id == "." || id == ".." {
-            return Err(AgentError::Invalid(format!("invalid container id {id:?}")).into());
-        }
-        if self
-            .containers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(&id)
-        {
-            return Err(AgentError::Exists(format!("container {id} already exists")).into());
-        }
-        crate::init::debug(|| format!("CreateContainer {id}"));
-        let spec: Spec = serde_json::from_slice(&req.oci_spec_json)
-            .map_err(|e| AgentError::Invalid(format!("invalid OCI spec: {e}")))?;
-        let reaper = self.reaper.clone();
-        let storages = req.storages.clone();
-        let cid = id.clone();
-        let hooks = self.guest_hooks();
-        let hook_reaper = self.reaper.clone();
-        let c = blocking(move || {
-            let (blocks, shared): (Vec<Storage>, Vec<Storage>) = storages
-                .into_iter()
-                .partition(|s| crate::volumes::is_block(&s.driver));
-            for b in &blocks {
-                crate::volumes::acquire(
-                    &cid,
-                    &b.driver,
-                    &b.source,
-                    &b.fstype,
-                    &b.options,
-                    Path::new(&b.mount_point),
-                )
-                .map_err(|e| {
-                    crate::volumes::release(&cid);
-                    AgentError::Guest(e)
-                })?;
-            }
-            let mounts = mount_storages(&shared).inspect_err(|_| crate::volumes::release(&cid))?;
-            let c = container::create(&reaper, &cid, spec, mounts.clone()).inspect_err(|_| {
-                for m in mounts.iter().rev() {
-                    let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
-                }
-                crate::volumes::release(&cid);
-            })?;
-            if let Some(dir) = hooks {
-                let state = c.hook_state("created", c.init()?.pid);
-                if let Err(e) =
-                    crate::guest_hooks::run(&dir, "prestart", &state, Some(&hook_reaper))
-                {
-                    container::discard(&c);
-                    crate::volumes::release(&cid);
-                    return Err(AgentError::Guest(e));
-                }
-            }
-            Ok(c)
-        })
-        .await?;
-        let pid = c.init()?.pid as u32;
-        self.containers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, Arc::new(c));
-        Ok(CreateContainerResponse {
-            pid,
-            ..Default::default()
-        })
+        self.do_create_container(req).await
     }
 
     async fn start_container(&self, _: &TtrpcContext, req: StartContainerRequest) -> R<Empty> {
-        let c = self.container(&req.container_id)?;
-        let hooks = self.guest_hooks();
-        let reaper = self.reaper.clone();
-        blocking(move || {
-            container::start(&c)?;
-            if let Some(dir) = hooks {
-                let state = c.hook_state("running", c.init()?.pid);
-                if let Err(e) = crate::guest_hooks::run(&dir, "poststart", &state, Some(&reaper)) {
-                    eprintln!("kata-agent: container {}: {e}", c.id);
-                }
-            }
-            Ok(())
-        })
-        .await?;
-        Ok(Empty::new())
+        self.do_start_container(req).await
     }
 
     async fn remove_container(&self, _: &TtrpcContext, req: RemoveContainerRequest) -> R<Empty> {
-        let c = self.container(&req.container_id)?;
-        let init = c.init()?;
-        if init.exit.borrow().is_none() {
-            for pid in container::cgroup_pids(&c.cgroup) {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-            }
-            let _ = kill(Pid::from_raw(init.pid), Signal::SIGKILL);
-            let wait = reaper::wait(init.exit.clone());
-            let secs = if req.timeout == 0 {
-                10
-            } else {
-                req.timeout.into()
-            };
-            if tokio::time::timeout(std::time::Duration::from_secs(secs), wait)
-                .await
-                .is_err()
-            {
-                return Err(AgentError::Failed(format!(
-                    "container {} did not stop within {secs} s",
-                    c.id
-                ))
-                .into());
-            }
-        }
-        // Let the kernel move the last processes out before removing the cgroup.
-        for _ in 0..50 {
-            if std::fs::remove_dir(&c.cgroup).is_ok() || !c.cgroup.exists() {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-        if let Some(dir) = self.guest_hooks() {
-            let state = c.hook_state("stopped", init.pid);
-            let id = c.id.clone();
-            let reaper = self.reaper.clone();
-            let _ = blocking(move || {
-                if let Err(e) = crate::guest_hooks::run(&dir, "poststop", &state, Some(&reaper)) {
-                    eprintln!("kata-agent: container {id}: {e}");
-                }
-                Ok(())
-            })
-            .await;
-        }
-        for m in c.mounts.iter().rev() {
-            let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
-        }
-        let id = c.id.clone();
-        blocking(move || {
-            crate::volumes::release(&id);
-            Ok(())
-        })
-        .await?;
-        self.containers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&req.container_id);
-        // What the container used is free now, in small pieces all over the guest's RAM; the
-        // host gets back only whole free 2 MiB blocks (free page reporting). In the background:
-        // forget the removed root filesystem's cached inodes, then compact.
-        tokio::task::spawn_blocking(crate::reclaim::reclaim_freed_memory);
-        Ok(Empty::new())
+        self.do_remove_container(req).await
     }
 
     async fn exec_process(
@@ -388,41 +129,11 @@ impl AgentService for Agent {
         _: &TtrpcContext,
         req: ExecProcessRequest,
     ) -> R<ExecProcessResponse> {
-        let c = self.container(&req.container_id)?;
-        let process: Process = serde_json::from_slice(&req.process_json)
-            .map_err(|e| AgentError::Invalid(format!("invalid OCI process: {e}")))?;
-        let reaper = self.reaper.clone();
-        let exec_id = req.exec_id.clone();
-        let pid = blocking(move || container::exec(&reaper, &c, &exec_id, process)).await?;
-        crate::init::debug(|| {
-            format!("ExecProcess {}/{} pid {pid}", req.container_id, req.exec_id)
-        });
-        Ok(ExecProcessResponse {
-            pid: pid as u32,
-            ..Default::default()
-        })
+        self.do_exec_process(req).await
     }
 
     async fn signal_process(&self, _: &TtrpcContext, req: SignalProcessRequest) -> R<Empty> {
-        let c = self.container(&req.container_id)?;
-        let sig = signal(req.signal)?;
-        if req.all {
-            for pid in container::cgroup_pids(&c.cgroup) {
-                let _ = kill(Pid::from_raw(pid), sig);
-            }
-            return Ok(Empty::new());
-        }
-        let p = c.process(&req.exec_id)?;
-        if p.exit.borrow().is_some() {
-            return Err(AgentError::NotFound(format!(
-                "process {} of container {} has exited",
-                req.exec_id, c.id
-            ))
-            .into());
-        }
-        kill(Pid::from_raw(p.pid), sig)
-            .map_err(|e| AgentError::Failed(format!("kill {}: {e}", p.pid)))?;
-        Ok(Empty::new())
+        self.do_signal_process(req).await
     }
 
     async fn wait_process(
@@ -430,28 +141,7 @@ impl AgentService for Agent {
         _: &TtrpcContext,
         req: WaitProcessRequest,
     ) -> R<WaitProcessResponse> {
-        let c = self.container(&req.container_id)?;
-        let p = c.process(&req.exec_id)?;
-        crate::init::debug(|| {
-            format!(
-                "WaitProcess {}/{} pid {}",
-                req.container_id, req.exec_id, p.pid
-            )
-        });
-        let exit = reaper::wait(p.exit.clone())
-            .await
-            .ok_or_else(|| AgentError::Failed("the process was lost".into()))?;
-        p.exited();
-        c.release_if_done(&req.exec_id);
-        let signal = match exit {
-            reaper::Exit::Signal(s) => s as u32,
-            reaper::Exit::Code(_) => 0,
-        };
-        Ok(WaitProcessResponse {
-            status: exit.status(),
-            signal,
-            ..Default::default()
-        })
+        self.do_wait_process(req).await
     }
 
     async fn update_container(&self, _: &TtrpcContext, req: UpdateContainerRequest) -> R<Empty> {
@@ -547,28 +237,7 @@ impl AgentService for Agent {
         _: &TtrpcContext,
         req: OnlineCPUMemRequest,
     ) -> R<OnlineCPUMemResponse> {
-        let want = req.nb_cpus;
-        let cpu_only = req.cpu_only;
-        let deadline = std::time::Instant::now()
-            + std::time::Duration::from_secs(if req.wait { 10 } else { 0 });
-        loop {
-            online_all("/sys/devices/system/cpu", "online", "1");
-            if !cpu_only {
-                // Movable, so the host can take it back (the kernel's own auto-online does the
-                // same with memhp_default_state=online_movable); plain "online" where a block
-                // cannot be movable.
-                online_memory();
-            }
-            if online_cpus() >= want || std::time::Instant::now() >= deadline {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-        Ok(OnlineCPUMemResponse {
-            online_cpus: online_cpus(),
-            memory_total_kb: mem_total_kb(),
-            ..Default::default()
-        })
+        self.do_online_cpu_mem(req).await
     }
 
     async fn get_guest_details(
@@ -576,38 +245,7 @@ impl AgentService for Agent {
         _: &TtrpcContext,
         req: GuestDetailsRequest,
     ) -> R<GuestDetailsResponse> {
-        let block = if req.mem_block_size {
-            std::fs::read_to_string("/sys/devices/system/memory/block_size_bytes")
-                .ok()
-                .and_then(|s| u64::from_str_radix(s.trim(), 16).ok())
-                .unwrap_or(0)
-        } else {
-            0
-        };
-        let release = nix::sys::utsname::uname()
-            .map(|u| u.release().to_string_lossy().to_string())
-            .unwrap_or_default();
-        Ok(GuestDetailsResponse {
-            mem_block_size_bytes: block,
-            support_mem_hotplug_probe: std::path::Path::new("/sys/devices/system/memory/probe")
-                .exists(),
-            agent_details: protobuf::MessageField::some(AgentDetails {
-                version: env!("CARGO_PKG_VERSION").to_string(),
-                init_daemon: std::process::id() == 1,
-                storage_handlers: vec![
-                    "virtio-fs".into(),
-                    "9p".into(),
-                    "bind".into(),
-                    "tmpfs".into(),
-                ],
-                ..Default::default()
-            }),
-            kernel_release: release,
-            online_cpus: online_cpus(),
-            memory_total_kb: mem_total_kb(),
-            boot_time_us: self.boot_time_us,
-            ..Default::default()
-        })
+        self.do_get_guest_details(req).await
     }
 
     async fn set_guest_date_time(
@@ -615,19 +253,7 @@ impl AgentService for Agent {
         _: &TtrpcContext,
         req: SetGuestDateTimeRequest,
     ) -> R<Empty> {
-        let tv = libc::timeval {
-            tv_sec: req.sec,
-            tv_usec: req.usec,
-        };
-        // SAFETY: settimeofday reads a valid timeval; no timezone.
-        if unsafe { libc::settimeofday(&tv, std::ptr::null()) } != 0 {
-            return Err(AgentError::Failed(format!(
-                "settimeofday: {}",
-                std::io::Error::last_os_error()
-            ))
-            .into());
-        }
-        Ok(Empty::new())
+        self.do_set_guest_date_time(req).await
     }
 
     async fn reseed_random_dev(&self, _: &TtrpcContext, req: ReseedRandomDevRequest) -> R<Empty> {
@@ -635,30 +261,8 @@ impl AgentService for Agent {
         Ok(Empty::new())
     }
 
-    async fn get_oom_event(&self, _: &TtrpcContext, _: GetOOMEventRequest) -> R<OOMEvent> {
-        // Long poll: the next container whose cgroup counts a new OOM kill.
-        loop {
-            let containers: Vec<(String, PathBuf)> = self
-                .containers
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .values()
-                .map(|c| (c.id.clone(), c.cgroup.clone()))
-                .collect();
-            for (id, cgroup) in containers {
-                let kills = container::stats(&cgroup).oom_kills;
-                let mut seen = self.oom_seen.lock().unwrap_or_else(|e| e.into_inner());
-                let last = seen.entry(id.clone()).or_insert(0);
-                if kills > *last {
-                    *last = kills;
-                    return Ok(OOMEvent {
-                        container_id: id,
-                        ..Default::default()
-                    });
-                }
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
+    async fn get_oom_event(&self, _: &TtrpcContext, req: GetOOMEventRequest) -> R<OOMEvent> {
+        self.do_get_oom_event(req).await
     }
 
     async fn update_interface(
@@ -771,16 +375,8 @@ impl AgentService for Agent {
         Ok(Empty::new())
     }
 
-    async fn get_metrics(&self, _: &TtrpcContext, _: GetMetricsRequest) -> R<Metrics> {
-        Ok(Metrics {
-            metrics: crate::metrics::render(
-                self.containers
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .len(),
-            ),
-            ..Default::default()
-        })
+    async fn get_metrics(&self, _: &TtrpcContext, req: GetMetricsRequest) -> R<Metrics> {
+        self.do_get_metrics(req).await
     }
 }
 

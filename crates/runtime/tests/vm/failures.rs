@@ -1,4 +1,5 @@
-//! Failures reach the user with their reason and leave nothing: missing assets, a panicking guest, a silent agent.
+//! Failures reach the user with their reason and leave nothing: missing assets, a panicking guest,
+//! a silent agent.
 
 use super::*;
 

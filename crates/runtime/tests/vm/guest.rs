@@ -1,4 +1,5 @@
-//! Guest kernels and shares: the project's kernel, Debian's generic kernel, virtio-9p, a cgroup v2 host.
+//! Guest kernels and shares: the project's kernel, Debian's generic kernel, virtio-9p, a cgroup v2
+//! host.
 
 use super::*;
 

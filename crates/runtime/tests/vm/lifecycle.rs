@@ -1,4 +1,5 @@
-//! A sandbox's life: containers end to end, OCI process and filesystem semantics, streams, reconnection.
+//! A sandbox's life: containers end to end, OCI process and filesystem semantics, streams,
+//! reconnection.
 
 use super::*;
 

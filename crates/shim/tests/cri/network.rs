@@ -1,4 +1,5 @@
-//! The pod's network: TCP on the pod's address, rate limits, the none and macvtap models, the guest's iptables.
+//! The pod's network: TCP on the pod's address, rate limits, the none and macvtap models, the
+//! guest's iptables.
 
 use super::*;
 

@@ -1,4 +1,5 @@
-//! The guest: the VM and its kernel, the rootfs image or the initrd, guest hooks, Kata 3.0's own configuration.
+//! The guest: the VM and its kernel, the rootfs image or the initrd, guest hooks, Kata 3.0's own
+//! configuration.
 
 use super::*;
 

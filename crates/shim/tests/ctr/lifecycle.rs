@@ -1,4 +1,5 @@
-//! A container's life through `ctr`, side by side with runc: output, stdin and exit codes, signals, exec, tty, attach, bad inputs, a killed shim.
+//! A container's life through `ctr`, side by side with runc: output, stdin and exit codes, signals,
+//! exec, tty, attach, bad inputs, a killed shim.
 
 use super::*;
 

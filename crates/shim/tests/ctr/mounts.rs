@@ -1,4 +1,5 @@
-//! What a container sees of the host: bind mounts, read-only volumes, image symlinks, the share and virtiofsd, direct volumes.
+//! What a container sees of the host: bind mounts, read-only volumes, image symlinks, the share and
+//! virtiofsd, direct volumes.
 
 use super::*;
 

@@ -1,4 +1,5 @@
-//! CPU and memory: limits that grow the VM, quotas that hot-plug vCPUs, host cgroups, static sizing, updates, the OOM killer.
+//! CPU and memory: limits that grow the VM, quotas that hot-plug vCPUs, host cgroups, static
+//! sizing, updates, the OOM killer.
 
 use super::*;
 

@@ -1,4 +1,5 @@
-//! Security settings as runc applies them: seccomp, sysctls, devices and the device cgroup, OCI hooks.
+//! Security settings as runc applies them: seccomp, sysctls, devices and the device cgroup, OCI
+//! hooks.
 
 use super::*;
 

@@ -1,0 +1,26 @@
+//! Unit tests of [`super`].
+
+use super::*;
+
+#[test]
+fn sysctls_of_the_containers_namespaces_only() {
+    assert_eq!(
+        sysctl_path("net.ipv4.ip_forward").expect("net"),
+        PathBuf::from("/proc/sys/net/ipv4/ip_forward")
+    );
+    assert_eq!(
+        sysctl_path("kernel.shm_rmid_forced").expect("ipc"),
+        PathBuf::from("/proc/sys/kernel/shm_rmid_forced")
+    );
+    sysctl_path("fs.mqueue.msg_max").expect("mqueue");
+    for refused in ["kernel.panic", "vm.overcommit_memory", "fs.file-max"] {
+        let e = sysctl_path(refused).expect_err(refused);
+        assert!(
+            e.to_string().contains("not in a separate kernel namespace"),
+            "{e}"
+        );
+    }
+    for bad in ["", "net..x", "net./../x", "net.ipv4/../../x", "net.."] {
+        assert!(sysctl_path(bad).is_err(), "{bad:?}");
+    }
+}
