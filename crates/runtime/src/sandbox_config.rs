@@ -54,4 +54,22 @@ impl SandboxConfig {
         };
         Ok(SandboxConfig { config, template })
     }
+
+    /// With `[runtime] static_sandbox_resource_mgmt`: the VM is booted with the first
+    /// container's demand on top of its default size (capped at the maximum), as Kata does,
+    /// since nothing is hot-plugged later. Otherwise unchanged.
+    pub fn sized_for(mut self, demand: crate::sandbox::Demand) -> SandboxConfig {
+        if self.config.runtime.static_resources() {
+            let h = &mut self.config.hypervisor;
+            h.default_memory = h
+                .default_memory
+                .saturating_add(demand.memory_mib)
+                .min(h.default_maxmemory);
+            h.default_vcpus = h
+                .default_vcpus
+                .saturating_add(demand.vcpus)
+                .min(h.default_maxvcpus);
+        }
+        self
+    }
 }

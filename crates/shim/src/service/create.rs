@@ -125,136 +125,41 @@ impl Service {
             )
         })?;
         let annotations = annotations_of(&spec);
-        let role =
-            crate::pod::role(&annotations).map_err(|e| err(ttrpc::Code::INVALID_ARGUMENT, e))?;
-        let (existing, sandbox_pid) = {
-            let st = self.state.lock().await;
-            let pid = st
-                .tasks
-                .get(&self.id)
-                .map(|t| t.init.pid)
-                .filter(|p| *p > 0);
-            (st.sandbox.clone(), pid)
-        };
-        let loaded = match (&role, &existing) {
-            // A pod container runs in the VM its sandbox configured: the pod's annotations,
-            // which the CRI plugin copies into every container, were applied (or refused) then.
-            (crate::pod::Role::Container { sandbox_id }, Some(sb)) if *sandbox_id == self.id => {
-                SandboxConfig {
-                    config: sb.config().clone(),
-                    template: None,
-                }
-            }
-            (crate::pod::Role::Container { sandbox_id }, _) => {
-                return Err(err(
-                    ttrpc::Code::FAILED_PRECONDITION,
-                    format!("container {} belongs to pod sandbox {sandbox_id}, which this shim (sandbox {}) does not run", req.id, self.id),
-                ));
-            }
-            (crate::pod::Role::Sandbox, _) => {
-                let loaded = SandboxConfig::load(
-                    rootfs::config_path(req.options.as_ref()),
-                    annotations.clone().into_iter().collect(),
-                )
-                .map_err(|e| err(ttrpc::Code::INVALID_ARGUMENT, kata_config::error_chain(&e)))?;
-                if loaded.config.runtime.enable_debug {
-                    crate::set_debug_logging();
-                }
-                loaded
-            }
-        };
-        let (mut config, template_config) = (loaded.config, loaded.template);
-        let root_path = spec
-            .root()
-            .as_ref()
-            .map(|r| r.path().clone())
-            .unwrap_or_else(|| PathBuf::from("rootfs"));
-        let rootfs = if root_path.is_absolute() {
-            root_path
-        } else {
-            bundle.join(root_path)
-        };
-        let mounted = if req.rootfs.is_empty() {
-            None
-        } else {
-            tracing::info_span!("rootfs_mount")
-                .in_scope(|| rootfs::mount_rootfs(&req.rootfs, &rootfs))
-                .map_err(|e| err(ttrpc::Code::INTERNAL, e))?;
-            Some(rootfs.clone())
-        };
-        let undo = |mounted: &Option<PathBuf>| {
-            if let Some(r) = mounted {
-                rootfs::unmount_rootfs(r);
-            }
-        };
+        let role = crate::pod::role(&annotations)
+            .map_err(|e| err(ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
+        let existing = self.state.lock().await.sandbox.clone();
+        let loaded = self.config_for(req, &role, existing.as_deref(), &annotations)?;
         let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
-        let demand = Demand::of(resources.as_ref());
-        let placement = Placement {
-            template_config,
-            netns: kata_sandbox::network::netns_of(&spec),
-            new_netns: role == crate::pod::Role::Sandbox
-                && kata_sandbox::network::wants_new_netns(&spec),
-            pod_namespaces: None,
-            netns_by_pid: crate::pod::configures_netns_by_pid(self.publisher.namespace(), &spec),
-            cgroups_path: Some(
-                spec.linux()
-                    .as_ref()
-                    .and_then(|l| l.cgroups_path().as_ref())
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default(),
-            ),
-        };
-        // A pod's sandbox container's limits are not the pod's: not counted in the host cgroup.
-        let counted_cpu = !crate::pod::is_pod_sandbox(&annotations);
-        let shared = if self.state.lock().await.pod.is_some() {
-            crate::pod::PodNamespaces::Holder
-        } else {
-            match sandbox_pid {
-                Some(pid) if req.id != self.id => crate::pod::PodNamespaces::PauseContainer(pid),
-                _ => crate::pod::PodNamespaces::None,
-            }
-        };
-        crate::pod::guest_namespaces(&mut spec, shared);
+        let rootfs = TaskRootfs::mount(req, &bundle, &spec)?;
+        let placement = self.placement_of(&spec, &role, loaded.template.clone());
+        self.join_pod_namespaces(req, &mut spec).await;
         let sb = match existing {
             Some(sb) => sb,
             None => {
-                if config.runtime.static_resources() {
-                    let h = &mut config.hypervisor;
-                    h.default_memory = h
-                        .default_memory
-                        .saturating_add(demand.memory_mib)
-                        .min(h.default_maxmemory);
-                    h.default_vcpus = h
-                        .default_vcpus
-                        .saturating_add(demand.vcpus)
-                        .min(h.default_maxvcpus);
-                }
-                match Sandbox::create_in(&req.id, &config, &placement)
-                    .instrument(tracing::info_span!("vm_boot"))
-                    .await
-                {
-                    Ok(sb) => {
-                        let sb = Arc::new(sb);
-                        self.state.lock().await.sandbox = Some(sb.clone());
-                        self.watch_oom(sb.clone());
-                        tracing::info!(id = %req.id, source = sb.timings().source.name(), timings = ?sb.timings(), accel = ?sb.accel(), "sandbox ready");
-                        sb
-                    }
+                let config = loaded.sized_for(Demand::of(resources.as_ref())).config;
+                match self.boot(&req.id, &config, &placement).await {
+                    Ok(sb) => sb,
                     Err(e) => {
-                        undo(&mounted);
-                        return Err(runtime_err(e));
+                        rootfs.unmount();
+                        return Err(e);
                     }
                 }
             }
         };
+        // From here a failure undoes what this create did (and, for the sandbox's own task,
+        // stops the VM): the guard does it unless the create succeeds.
+        let undo = Undo {
+            service: self,
+            sb: &sb,
+            id: &req.id,
+            rootfs: &rootfs,
+        };
         // The VM gets what the container asks for before the container exists; if it cannot,
-        // the create fails with the reason.
+        // the create fails with the reason. A pod's sandbox container's limits are not the
+        // pod's: not counted in the host cgroup.
+        let counted_cpu = !crate::pod::is_pod_sandbox(&annotations);
         if let Err(e) = sb.reserve(&req.id, resources.as_ref(), counted_cpu).await {
-            undo(&mounted);
-            if req.id == self.id {
-                sb.stop().await;
-                self.state.lock().await.sandbox = None;
-            }
+            undo.run(false).await;
             return Err(runtime_err(e));
         }
         guest_seccomp(sb.config(), &req.id, &mut spec);
@@ -264,7 +169,6 @@ impl Service {
         let oci_version = spec.version().clone();
         let created = async {
             if let Some(h) = &hooks {
-                crate::hooks::check(h).map_err(|e| err(ttrpc::Code::INVALID_ARGUMENT, e))?;
                 let state = crate::hooks::state(
                     &oci_version,
                     &req.id,
@@ -273,15 +177,10 @@ impl Service {
                     &bundle,
                     &annotations,
                 );
-                for (kind, hook) in crate::hooks::create_hooks(h) {
-                    crate::hooks::run(kind, &hook, &state)
-                        .instrument(tracing::info_span!("hook", kind))
-                        .await
-                        .map_err(|e| err(ttrpc::Code::FAILED_PRECONDITION, e))?;
-                }
+                run_create_hooks(h, &state).await?;
             }
             let storages = Self::share_mounts(&sb, &req.id, &mut spec).await?;
-            sb.create_container(&req.id, spec, &rootfs, storages)
+            sb.create_container(&req.id, spec, &rootfs.path, storages)
                 .await
                 .map_err(runtime_err)
         }
@@ -290,14 +189,7 @@ impl Service {
         let pid = match created {
             Ok(pid) => pid,
             Err(e) => {
-                sb.unshare(&req.id);
-                sb.release_volumes(&req.id).await;
-                sb.release(&req.id).await;
-                undo(&mounted);
-                if req.id == self.id {
-                    sb.stop().await;
-                    self.state.lock().await.sandbox = None;
-                }
+                undo.run(true).await;
                 return Err(e);
             }
         };
@@ -315,7 +207,7 @@ impl Service {
         init.input = tasks.input;
         let task = TaskState {
             bundle,
-            rootfs: mounted,
+            rootfs: rootfs.keep(),
             init,
             execs: HashMap::new(),
             hooks,
@@ -324,5 +216,203 @@ impl Service {
         };
         self.state.lock().await.tasks.insert(req.id.clone(), task);
         Ok(sb.host_pid())
+    }
+
+    /// The configuration of the task's sandbox: loaded for the sandbox's own task (files, the
+    /// runtime option's path, the pod's annotations); for a pod container, its sandbox's (the
+    /// pod's annotations, which the CRI plugin copies into every container, were applied or
+    /// refused then).
+    fn config_for(
+        &self,
+        req: &CreateTaskRequest,
+        role: &crate::pod::Role,
+        existing: Option<&Sandbox>,
+        annotations: &HashMap<String, String>,
+    ) -> Result<SandboxConfig, ttrpc::Error> {
+        match (role, existing) {
+            (crate::pod::Role::Container { sandbox_id }, Some(sb)) if *sandbox_id == self.id => {
+                Ok(SandboxConfig {
+                    config: sb.config().clone(),
+                    template: None,
+                })
+            }
+            (crate::pod::Role::Container { sandbox_id }, _) => Err(err(
+                ttrpc::Code::FAILED_PRECONDITION,
+                format!("container {} belongs to pod sandbox {sandbox_id}, which this shim (sandbox {}) does not run", req.id, self.id),
+            )),
+            (crate::pod::Role::Sandbox, _) => {
+                let loaded = SandboxConfig::load(
+                    rootfs::config_path(req.options.as_ref()),
+                    annotations.clone().into_iter().collect(),
+                )
+                .map_err(|e| err(ttrpc::Code::INVALID_ARGUMENT, kata_config::error_chain(&e)))?;
+                if loaded.config.runtime.enable_debug {
+                    crate::set_debug_logging();
+                }
+                Ok(loaded)
+            }
+        }
+    }
+
+    /// Where the sandbox runs on the host, from its spec: the network namespace (named, or one
+    /// of its own for a manager that asks for it), the host cgroups, the template's
+    /// configuration.
+    fn placement_of(
+        &self,
+        spec: &Spec,
+        role: &crate::pod::Role,
+        template_config: Option<kata_config::Config>,
+    ) -> Placement {
+        Placement {
+            template_config,
+            netns: kata_sandbox::network::netns_of(spec),
+            new_netns: *role == crate::pod::Role::Sandbox
+                && kata_sandbox::network::wants_new_netns(spec),
+            pod_namespaces: None,
+            netns_by_pid: crate::pod::configures_netns_by_pid(self.publisher.namespace(), spec),
+            cgroups_path: Some(
+                spec.linux()
+                    .as_ref()
+                    .and_then(|l| l.cgroups_path().as_ref())
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+            ),
+        }
+    }
+
+    /// A pod container joins the pod's namespaces in the guest: the agent's holder's (sandbox
+    /// API) or the pause container's.
+    async fn join_pod_namespaces(&self, req: &CreateTaskRequest, spec: &mut Spec) {
+        let shared = {
+            let st = self.state.lock().await;
+            let sandbox_pid = st
+                .tasks
+                .get(&self.id)
+                .map(|t| t.init.pid)
+                .filter(|p| *p > 0);
+            if st.pod.is_some() {
+                crate::pod::PodNamespaces::Holder
+            } else {
+                match sandbox_pid {
+                    Some(pid) if req.id != self.id => {
+                        crate::pod::PodNamespaces::PauseContainer(pid)
+                    }
+                    _ => crate::pod::PodNamespaces::None,
+                }
+            }
+        };
+        crate::pod::guest_namespaces(spec, shared);
+    }
+
+    /// Boots the sandbox's VM and starts watching its OOM kills.
+    async fn boot(
+        &self,
+        id: &str,
+        config: &kata_config::Config,
+        placement: &Placement,
+    ) -> Result<Arc<Sandbox>, ttrpc::Error> {
+        let sb = Sandbox::create_in(id, config, placement)
+            .instrument(tracing::info_span!("vm_boot"))
+            .await
+            .map_err(runtime_err)?;
+        let sb = Arc::new(sb);
+        self.state.lock().await.sandbox = Some(sb.clone());
+        self.watch_oom(sb.clone());
+        tracing::info!(id = %id, source = sb.timings().source.name(), timings = ?sb.timings(), accel = ?sb.accel(), "sandbox ready");
+        Ok(sb)
+    }
+}
+
+/// Runs the spec's hooks of the create phase (`createRuntime`, `prestart`, then
+/// `createContainer`) on the host, as runc does; the first failure fails the create.
+async fn run_create_hooks(
+    hooks: &oci_spec::runtime::Hooks,
+    state: &crate::hooks::HookState,
+) -> Result<(), ttrpc::Error> {
+    crate::hooks::check(hooks).map_err(|e| err(ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
+    for (kind, hook) in crate::hooks::create_hooks(hooks) {
+        crate::hooks::run(kind, &hook, state)
+            .instrument(tracing::info_span!("hook", kind))
+            .await
+            .map_err(|e| err(ttrpc::Code::FAILED_PRECONDITION, e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// A task's root filesystem: the snapshotter's mounts mounted on the bundle's rootfs, unmounted
+/// again if the create fails.
+struct TaskRootfs {
+    /// Where the container's root is on the host.
+    path: PathBuf,
+    /// Some: mounted here (containerd gave mounts); None: the bundle's rootfs as it is.
+    mounted: Option<PathBuf>,
+}
+
+impl TaskRootfs {
+    fn mount(
+        req: &CreateTaskRequest,
+        bundle: &std::path::Path,
+        spec: &Spec,
+    ) -> Result<TaskRootfs, ttrpc::Error> {
+        let root_path = spec
+            .root()
+            .as_ref()
+            .map(|r| r.path().clone())
+            .unwrap_or_else(|| PathBuf::from("rootfs"));
+        let path = if root_path.is_absolute() {
+            root_path
+        } else {
+            bundle.join(root_path)
+        };
+        if req.rootfs.is_empty() {
+            return Ok(TaskRootfs {
+                path,
+                mounted: None,
+            });
+        }
+        tracing::info_span!("rootfs_mount")
+            .in_scope(|| rootfs::mount_rootfs(&req.rootfs, &path))
+            .map_err(|e| err(ttrpc::Code::INTERNAL, e.to_string()))?;
+        Ok(TaskRootfs {
+            mounted: Some(path.clone()),
+            path,
+        })
+    }
+
+    /// Unmounts it (a failed create).
+    fn unmount(&self) {
+        if let Some(r) = &self.mounted {
+            rootfs::unmount_rootfs(r);
+        }
+    }
+
+    /// Keeps it mounted for the task (unmounted at its Delete).
+    fn keep(self) -> Option<PathBuf> {
+        self.mounted
+    }
+}
+
+/// What a failed create undoes: the task's resources in the VM, its shares and volumes, its
+/// rootfs; for the sandbox's own task, the VM.
+struct Undo<'a> {
+    service: &'a Service,
+    sb: &'a Arc<Sandbox>,
+    id: &'a str,
+    rootfs: &'a TaskRootfs,
+}
+
+impl Undo<'_> {
+    /// `shared`: the create got as far as sharing mounts and volumes.
+    async fn run(self, shared: bool) {
+        if shared {
+            self.sb.unshare(self.id);
+            self.sb.release_volumes(self.id).await;
+            self.sb.release(self.id).await;
+        }
+        self.rootfs.unmount();
+        if self.id == self.service.id {
+            self.sb.stop().await;
+            self.service.state.lock().await.sandbox = None;
+        }
     }
 }
