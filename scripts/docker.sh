@@ -32,7 +32,7 @@ case $cmd in
       kill "$pid" 2>/dev/null || true
       for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     fi
-    rm -f "$base/docker.pid"
+    rm -f "$base/docker.pid" "$base/containerd.pid"
     ip netns del "$netns" 2>/dev/null || true
     exit 0 ;;
   start) ;;
@@ -42,7 +42,16 @@ bin=$(bindir)
 # Its containerd first (it may have been stopped under a running dockerd, which reconnects).
 containerd_sock=$("$here/scripts/containerd.sh" start "$containerd_version")
 containerd_bin=$("$here/scripts/containerd.sh" bin "$containerd_version")
-if [ -S "$sock" ] && "$bin/docker" -H "unix://$sock" version >/dev/null 2>&1; then echo "$sock"; exit 0; fi
+containerd_pid=$(cat "$(dirname "$containerd_sock")/pid" 2>/dev/null || true)
+if [ -S "$sock" ] && "$bin/docker" -H "unix://$sock" version >/dev/null 2>&1; then
+  # A dockerd whose containerd was restarted since it started does not reconnect in time:
+  # it runs only with the containerd it was started with.
+  if [ "$(cat "$base/containerd.pid" 2>/dev/null || true)" = "$containerd_pid" ]; then
+    echo "$sock"; exit 0
+  fi
+  echo "dockerd: its containerd was restarted; restarting dockerd" >&2
+  "$0" stop
+fi
 mkdir -p "$base" "$root" /etc/kata-containers
 # The runtimes stanza is what a user adds to /etc/docker/daemon.json (docs/containerd.md);
 # `docker run --runtime io.containerd.kata.v2` works without it.
@@ -68,7 +77,10 @@ PATH=$bin:$containerd_bin:/usr/local/bin:$PATH nohup nsenter --net="/run/netns/$
   --data-root "$root" --exec-root "$base/exec" --pidfile "$base/docker.pid" \
   -H "unix://$sock" >> "$base/dockerd.log" 2>&1 &
 for _ in $(seq 1 300); do
-  if "$bin/docker" -H "unix://$sock" version >/dev/null 2>&1; then echo "$sock"; exit 0; fi
+  if "$bin/docker" -H "unix://$sock" version >/dev/null 2>&1; then
+    echo "$containerd_pid" > "$base/containerd.pid"
+    echo "$sock"; exit 0
+  fi
   sleep 0.1
 done
 echo "error: dockerd did not start; see $base/dockerd.log" >&2
