@@ -51,6 +51,86 @@ pub(crate) async fn start_share(
     Ok((device, virtiofsd))
 }
 
+/// A VM launched by [`boot_vm`] whose agent answered.
+#[derive(Debug)]
+pub(crate) struct Booted {
+    /// QEMU.
+    pub(crate) vm: Vm,
+    /// virtiofsd, with a virtio-fs share.
+    pub(crate) virtiofsd: Option<Virtiofsd>,
+    /// How the agent is reached.
+    pub(crate) channel: AgentChannel,
+    /// The agent's client (drop it to let the agent wait for another host).
+    pub(crate) agent: AgentClient,
+}
+
+/// What a launch started so far: dropped before [`Launching::done`] (a failure anywhere), it
+/// kills QEMU and virtiofsd and removes the VM's directories, so no error path leaves them.
+struct Launching<'a> {
+    vm: Option<Vm>,
+    virtiofsd: Option<Virtiofsd>,
+    paths: &'a SandboxPaths,
+    /// False once handed over by `done`.
+    armed: bool,
+}
+
+impl Launching<'_> {
+    fn done(mut self) -> (Option<Vm>, Option<Virtiofsd>) {
+        self.armed = false;
+        (self.vm.take(), self.virtiofsd.take())
+    }
+}
+
+impl Drop for Launching<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if let Some(vm) = &self.vm {
+            vm.kill();
+        }
+        if let Some(pid) = self.virtiofsd.as_ref().and_then(Virtiofsd::pid) {
+            kata_hypervisor::qemu::vm::kill_pid(pid);
+        }
+        crate::host::cleanup_paths(self.paths);
+    }
+}
+
+/// Boots VM `id` in the directories `paths` (made already) as `config` says: the share and
+/// virtiofsd, QEMU, until the agent answers. On failure nothing is left: the processes are
+/// killed and the directories removed. (A sandbox's own boot keeps more state and undoes it in
+/// [`crate::sandbox`]; this is the VMCache server's VMs.)
+pub(crate) async fn boot_vm(
+    id: &str,
+    config: &Config,
+    accel: Accel,
+    paths: &SandboxPaths,
+) -> Result<Booted, SandboxError> {
+    let mut launching = Launching {
+        vm: None,
+        virtiofsd: None,
+        paths,
+        armed: true,
+    };
+    let (shared_fs, virtiofsd) = start_share(&config.hypervisor, paths).await?;
+    launching.virtiofsd = virtiofsd;
+    let channel = agent_channel(config, &paths.vm_dir)?;
+    let spec = launch_spec(id, config, accel, &paths.vm_dir, channel.clone(), shared_fs);
+    let vm = launching
+        .vm
+        .insert(start_qemu(config, &spec, &paths.vm_dir).await?);
+    let agent = wait_for_agent(vm, &channel, config.agent.dial_timeout).await?;
+    let (vm, virtiofsd) = launching.done();
+    let vm =
+        vm.ok_or_else(|| SandboxError::Invalid(format!("VM {id} vanished while it booted")))?;
+    Ok(Booted {
+        vm,
+        virtiofsd,
+        channel,
+        agent,
+    })
+}
+
 /// Starts QEMU as `spec` says, its stderr in `dir`; returns once QMP answers.
 pub(crate) async fn start_qemu(
     config: &Config,

@@ -48,55 +48,27 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl Fn(std::io::Error) -> Sand
 async fn boot_one(config: &Config, accel: Accel) -> Result<Cached, SandboxError> {
     let id = format!("{CACHE_ID_PREFIX}{}", random_hex(6));
     let paths = SandboxPaths::for_id(&id);
-    let mut virtiofsd = None;
-    let mut vm = None;
-    let r = async {
-        crate::host::create_private_dirs(&paths)?;
-        let owner = paths.vm_dir.join(OWNER_FILE);
-        std::fs::write(&owner, owner_record()).map_err(io("failed to write", &owner))?;
-        let (shared_fs, v) = crate::launch::start_share(&config.hypervisor, &paths).await?;
-        virtiofsd = v;
-        let channel = crate::launch::agent_channel(config, &paths.vm_dir)?;
-        let spec = crate::launch::launch_spec(
-            &id,
-            config,
-            accel,
-            &paths.vm_dir,
-            channel.clone(),
-            shared_fs,
-        );
-        let started = vm.insert(crate::launch::start_qemu(config, &spec, &paths.vm_dir).await?);
-        let agent =
-            crate::launch::wait_for_agent(started, &channel, config.agent.dial_timeout).await?;
-        // The agent goes back to waiting for a host: the sandbox connects afresh.
-        drop(agent);
-        Ok(crate::launch::agent_url(&channel))
+    let owner = paths.vm_dir.join(OWNER_FILE);
+    let made = crate::host::create_private_dirs(&paths).and_then(|()| {
+        std::fs::write(&owner, owner_record()).map_err(io("failed to write", &owner))
+    });
+    if let Err(e) = made {
+        cleanup_paths(&paths);
+        return Err(e);
     }
-    .await;
-    match r {
-        Ok(agent_url) => match vm {
-            Some(vm) => Ok(Cached {
-                id,
-                paths,
-                vm,
-                virtiofsd,
-                agent_url,
-                cpu: config.hypervisor.default_vcpus,
-                memory: config.hypervisor.default_memory,
-            }),
-            None => Err(SandboxError::Invalid("cached VM vanished".into())),
-        },
-        Err(e) => {
-            if let Some(vm) = vm {
-                vm.stop(Duration::from_millis(200)).await;
-            }
-            if let Some(v) = virtiofsd {
-                v.stop().await;
-            }
-            cleanup_paths(&paths);
-            Err(e)
-        }
-    }
+    // Nothing is left of a failed boot (the launch layer's guard).
+    let booted = crate::launch::boot_vm(&id, config, accel, &paths).await?;
+    // The agent goes back to waiting for a host: the sandbox connects afresh.
+    drop(booted.agent);
+    Ok(Cached {
+        id,
+        paths,
+        vm: booted.vm,
+        virtiofsd: booted.virtiofsd,
+        agent_url: crate::launch::agent_url(&booted.channel),
+        cpu: config.hypervisor.default_vcpus,
+        memory: config.hypervisor.default_memory,
+    })
 }
 
 /// The server's state.
