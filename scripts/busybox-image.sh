@@ -5,6 +5,7 @@
 # the image runs that instead, e.g. the pod sandbox ("pause") image of scripts/containerd.sh.
 # SYMLINKS="path:target ..." adds symlinks to the image (the hostile images of the security
 # tests, e.g. SYMLINKS="escape:/ dots:../../../..").
+# FILES="host-path:image-path ..." copies host files into the image (the tests' static helpers).
 set -euo pipefail
 out=$1
 ref=${2:-kata.local/busybox:latest}
@@ -20,6 +21,7 @@ printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n' 
 printf 'root:x:0:\nnobody:x:65534:\n' > "$root/etc/group"
 chmod 1777 "$root/tmp"
 for link in ${SYMLINKS:-}; do ln -s "${link#*:}" "$root/${link%%:*}"; done
+for f in ${FILES:-}; do install -D -m 0755 "${f%%:*}" "$root/${f#*:}"; done
 tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$root" -cf "$work/layer.tar" .
 diff_id=$(sha256sum "$work/layer.tar" | cut -d' ' -f1)
 cat > "$work/config.json" <<JSON

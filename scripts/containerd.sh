@@ -56,7 +56,6 @@ ctr="$bin/ctr"
 mkdir -p "$base" /etc/kata-containers "$root" "$cni_conf"
 # The CRI plugin reloads the CNI configuration when it changes, also while running.
 cp "$here/config/cni/10-kata.conflist" "$cni_conf/"
-if [ -S "$sock" ] && "$ctr" -a "$sock" version >/dev/null 2>&1; then echo "$sock"; exit 0; fi
 
 # The kata runtime's stanza, the same keys in both versions (only the table's name differs).
 kata_runtime() { # $1: the runtimes table
@@ -86,8 +85,16 @@ state = "$base/state"
 TOML
 }
 
+# CRI gives a pod's sandbox container oom_score_adj -998; lowering it needs CAP_SYS_RESOURCE,
+# which a host that is itself confined (this CI's machines) does not have: runc then fails
+# ("can't get final child's PID from pipe"). There, CRI clamps every container's value to
+# containerd's own, as for rootless containerd; kata and runc get the same values.
+restrict_oom=false
+capeff=$(awk '/^CapEff:/ {print $2}' /proc/self/status)
+if [ $(( 0x$capeff >> 24 & 1 )) -eq 0 ]; then restrict_oom=true; fi
+
 if [ "$version" = 2.1 ]; then
-  cat > "$conf" <<TOML
+  cat > "$conf.new" <<TOML
 $(paths 3)
 [plugins.'io.containerd.cri.v1.images'.pinned_images]
   # No registry here: the pod sandbox image is built locally (scripts/busybox-image.sh).
@@ -95,6 +102,8 @@ $(paths 3)
 [plugins.'io.containerd.cri.v1.runtime'.cni]
   bin_dirs = ["/usr/lib/cni"]
   conf_dir = "$cni_conf"
+[plugins.'io.containerd.cri.v1.runtime']
+  restrict_oom_score_adj = $restrict_oom
 [plugins.'io.containerd.cri.v1.runtime'.containerd]
   default_runtime_name = "runc"
 $(kata_runtime "plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes")
@@ -110,11 +119,12 @@ $(kata_runtime "plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes")
   container_annotations = ["io.katacontainers.*"]
 TOML
 else
-  cat > "$conf" <<TOML
+  cat > "$conf.new" <<TOML
 $(paths 2)
 [plugins."io.containerd.grpc.v1.cri"]
   # No registry here: the pod sandbox image is built locally (scripts/busybox-image.sh).
   sandbox_image = "kata.local/pause:3.6"
+  restrict_oom_score_adj = $restrict_oom
 [plugins."io.containerd.grpc.v1.cri".cni]
   bin_dir = "/usr/lib/cni"
   conf_dir = "$cni_conf"
@@ -123,6 +133,18 @@ $(paths 2)
 $(kata_runtime 'plugins."io.containerd.grpc.v1.cri".containerd.runtimes')
 TOML
 fi
+# A running containerd is used as it is when its configuration is the one this script writes;
+# one started by an older version of this script is restarted with the new configuration.
+if [ -S "$sock" ] && "$ctr" -a "$sock" version >/dev/null 2>&1; then
+  if cmp -s "$conf.new" "$conf"; then
+    rm -f "$conf.new"
+    echo "$sock"
+    exit 0
+  fi
+  echo "containerd $version: its configuration changed; restarting it" >&2
+  "$0" stop "$version"
+fi
+mv "$conf.new" "$conf"
 ip netns add "$netns" 2>/dev/null || true
 ip -n "$netns" link set lo up
 # containerd finds the shim binary on its PATH; its own runc shim comes first.

@@ -20,6 +20,7 @@ packages=(
   tmux              # drives kata-runtime exec in a real terminal in tests
   e2fsprogs xfsprogs          # direct-volume tests (ext4 and xfs on loop devices)
   jq curl
+  gcc libc6-dev     # the linker cargo uses, and the tests' small static helpers
 )
 missing=()
 for p in "${packages[@]}"; do

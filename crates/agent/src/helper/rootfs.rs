@@ -5,6 +5,13 @@
 use super::*;
 
 pub(super) fn setup_rootfs(spec: &Spec, rootfs: &Path) -> Result<(), GuestError> {
+    // A privileged container (CAP_SYS_ADMIN in its bounding set, as CRI and Docker give it).
+    let privileged = spec
+        .process()
+        .as_ref()
+        .and_then(|p| p.capabilities().as_ref())
+        .and_then(|c| c.bounding().as_ref())
+        .is_some_and(|b| b.contains(&oci_spec::runtime::Capability::SysAdmin));
     mount(
         None::<&str>,
         "/",
@@ -64,6 +71,16 @@ pub(super) fn setup_rootfs(spec: &Spec, rootfs: &Path) -> Result<(), GuestError>
             } else {
                 ("cgroup".to_string(), "cgroup2".to_string())
             };
+            // Without a cgroup namespace, an unprivileged container sees its own cgroup at
+            // /sys/fs/cgroup, as runc's do on a cgroup v1 host and with a namespace on a v2 one
+            // (what the kubelet's tools and a JVM sizing its heap read): its cgroup directory,
+            // bound read-only. A privileged one sees the guest's whole tree.
+            if fstype == "cgroup2" && !super::wants_cgroup_namespace(spec) && !privileged {
+                if let Some(own) = own_cgroup_dir() {
+                    mount_in(root.as_fd(), &own.display().to_string(), dest, "bind", &ro)?;
+                    continue;
+                }
+            }
             if mount_in(root.as_fd(), &source, dest, &fstype, &options).is_err() {
                 mount_in(root.as_fd(), src, dest, "bind", &ro)?;
             }
@@ -79,12 +96,6 @@ pub(super) fn setup_rootfs(spec: &Spec, rootfs: &Path) -> Result<(), GuestError>
         make_devices(root.as_fd())?;
     }
     if let Some(linux) = spec.linux() {
-        let privileged = spec
-            .process()
-            .as_ref()
-            .and_then(|p| p.capabilities().as_ref())
-            .and_then(|c| c.bounding().as_ref())
-            .is_some_and(|b| b.contains(&oci_spec::runtime::Capability::SysAdmin));
         for d in linux.devices().iter().flatten() {
             spec_device(root.as_fd(), d, privileged)?;
         }
@@ -333,4 +344,21 @@ pub(super) fn make_devices(root: std::os::fd::BorrowedFd<'_>) -> Result<(), Gues
         unsafe { libc::symlinkat(t.as_ptr(), dev.as_raw_fd(), n.as_ptr()) };
     }
     Ok(())
+}
+
+/// The calling process's cgroup directory under /sys/fs/cgroup (cgroup v2: the `0::` line of
+/// /proc/self/cgroup); None when it cannot be told or is the root.
+fn own_cgroup_dir() -> Option<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    own_cgroup_of(&text).map(|rel| Path::new("/sys/fs/cgroup").join(rel))
+}
+
+/// The cgroup path (relative, never `..`) of a /proc/self/cgroup text, unless it is the root.
+pub(super) fn own_cgroup_of(text: &str) -> Option<PathBuf> {
+    let path = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let rel = Path::new(path.trim()).strip_prefix("/").ok()?;
+    let clean = rel
+        .components()
+        .all(|c| matches!(c, std::path::Component::Normal(_)));
+    (clean && !rel.as_os_str().is_empty()).then(|| rel.to_path_buf())
 }

@@ -24,3 +24,15 @@ fn sysctls_of_the_containers_namespaces_only() {
         assert!(sysctl_path(bad).is_err(), "{bad:?}");
     }
 }
+
+#[test]
+fn the_own_cgroup_is_read_from_the_unified_line() {
+    use super::rootfs::own_cgroup_of;
+    assert_eq!(
+        own_cgroup_of("0::/kata/c1\n"),
+        Some(std::path::PathBuf::from("kata/c1"))
+    );
+    assert_eq!(own_cgroup_of("0::/\n"), None);
+    assert_eq!(own_cgroup_of("0::/kata/../x\n"), None);
+    assert_eq!(own_cgroup_of("1:name=systemd:/x\n"), None);
+}

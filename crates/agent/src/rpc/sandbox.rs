@@ -76,8 +76,13 @@ impl Agent {
         let cpu_only = req.cpu_only;
         let deadline = std::time::Instant::now()
             + std::time::Duration::from_secs(if req.wait { 10 } else { 0 });
+        if req.exact_cpus {
+            blocking(move || set_online_cpus(Path::new(CPU_SYSFS), want)).await?;
+        }
         loop {
-            online_all("/sys/devices/system/cpu", "online", "1");
+            if !req.exact_cpus {
+                online_all(CPU_SYSFS, "online", "1");
+            }
             if !cpu_only {
                 // Movable, so the host can take it back (the kernel's own auto-online does the
                 // same with memhp_default_state=online_movable); plain "online" where a block
@@ -240,10 +245,74 @@ fn online_memory() {
     }
 }
 
+/// Where the kernel lists the CPUs.
+const CPU_SYSFS: &str = "/sys/devices/system/cpu";
+
+/// The CPUs online now (`/sys/devices/system/cpu/online`, a list such as `0-2,4`).
 fn online_cpus() -> u32 {
-    std::thread::available_parallelism()
-        .map(|n| n.get() as u32)
-        .unwrap_or(1)
+    std::fs::read_to_string(Path::new(CPU_SYSFS).join("online"))
+        .map(|s| count_cpu_list(&s))
+        .unwrap_or_else(|_| {
+            std::thread::available_parallelism()
+                .map(|n| n.get() as u32)
+                .unwrap_or(1)
+        })
+}
+
+/// How many CPUs a kernel CPU list (`0-2,4`) names.
+pub(super) fn count_cpu_list(list: &str) -> u32 {
+    list.trim()
+        .split(',')
+        .filter(|r| !r.is_empty())
+        .map(|r| match r.split_once('-') {
+            Some((a, b)) => match (a.parse::<u32>(), b.parse::<u32>()) {
+                (Ok(a), Ok(b)) if b >= a => b - a + 1,
+                _ => 0,
+            },
+            None => u32::from(r.parse::<u32>().is_ok()),
+        })
+        .sum()
+}
+
+/// Brings exactly `want` CPUs online (at least one): the lowest-numbered offline ones are
+/// onlined, the highest-numbered online ones offlined (never cpu0, which has no `online`
+/// file). Used when the VM's vCPUs are all present from boot and "hot-plug" is onlining
+/// (under TCG, where QEMU cannot hot-plug vCPUs reliably). Returns how many are online.
+pub(super) fn set_online_cpus(sysfs: &Path, want: u32) -> Result<u32, AgentError> {
+    let mut cpus: Vec<(u32, PathBuf, bool)> = std::fs::read_dir(sysfs)
+        .map_err(|e| AgentError::Failed(format!("read {}: {e}", sysfs.display())))?
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let n: u32 = name.strip_prefix("cpu")?.parse().ok()?;
+            let file = e.path().join("online");
+            let online = std::fs::read_to_string(&file).ok()?.trim() == "1";
+            Some((n, file, online))
+        })
+        .collect();
+    cpus.sort_by_key(|c| c.0);
+    // cpu0 (no `online` file) is always online.
+    let mut online = 1 + cpus.iter().filter(|c| c.2).count() as u32;
+    let want = want.max(1);
+    let write = |file: &Path, v: &str| {
+        std::fs::write(file, v)
+            .map_err(|e| AgentError::Failed(format!("write {v} to {}: {e}", file.display())))
+    };
+    for (_, file, _) in cpus.iter().filter(|c| !c.2) {
+        if online >= want {
+            break;
+        }
+        write(file, "1")?;
+        online += 1;
+    }
+    for (_, file, _) in cpus.iter().rev().filter(|c| c.2) {
+        if online <= want {
+            break;
+        }
+        write(file, "0")?;
+        online -= 1;
+    }
+    Ok(online)
 }
 
 fn mem_total_kb() -> u64 {
@@ -256,4 +325,56 @@ fn mem_total_kb() -> u64 {
             })
         })
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists_are_counted() {
+        assert_eq!(count_cpu_list("0\n"), 1);
+        assert_eq!(count_cpu_list("0-3"), 4);
+        assert_eq!(count_cpu_list("0-2,4,6-7\n"), 6);
+        assert_eq!(count_cpu_list(""), 0);
+        assert_eq!(count_cpu_list("3-1,x"), 0);
+    }
+
+    /// A fake `/sys/devices/system/cpu` with cpu0 (no `online` file) and cpu1..=n.
+    fn sysfs(online: &[bool]) -> tempfile::TempDir {
+        let d = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(d.path().join("cpu0")).expect("cpu0");
+        for (i, on) in online.iter().enumerate() {
+            let c = d.path().join(format!("cpu{}", i + 1));
+            std::fs::create_dir(&c).expect("cpu dir");
+            std::fs::write(c.join("online"), if *on { "1\n" } else { "0\n" }).expect("online");
+        }
+        std::fs::create_dir(d.path().join("cpufreq")).expect("not a cpu");
+        d
+    }
+
+    fn states(d: &tempfile::TempDir, n: usize) -> Vec<bool> {
+        (1..=n)
+            .map(|i| {
+                std::fs::read_to_string(d.path().join(format!("cpu{i}/online")))
+                    .map(|s| s.trim() == "1")
+                    .unwrap_or(false)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn exactly_the_wanted_cpus_come_online_lowest_first_and_go_highest_first() {
+        let d = sysfs(&[false, false, false]);
+        assert_eq!(set_online_cpus(d.path(), 3).ok(), Some(3));
+        assert_eq!(states(&d, 3), vec![true, true, false]);
+        assert_eq!(set_online_cpus(d.path(), 4).ok(), Some(4));
+        assert_eq!(states(&d, 3), vec![true, true, true]);
+        assert_eq!(set_online_cpus(d.path(), 2).ok(), Some(2));
+        assert_eq!(states(&d, 3), vec![true, false, false]);
+        // cpu0 stays: never fewer than one, never more than there are.
+        assert_eq!(set_online_cpus(d.path(), 0).ok(), Some(1));
+        assert_eq!(states(&d, 3), vec![false, false, false]);
+        assert_eq!(set_online_cpus(d.path(), 9).ok(), Some(4));
+    }
 }

@@ -239,11 +239,18 @@ pub fn build(h: &HypervisorConfig, s: &LaunchSpec) -> Vec<String> {
         format!("{base_cpu},{}", h.cpu_features)
     };
     push(&mut a, "-cpu", cpu);
-    push(
-        &mut a,
-        "-smp",
-        format!("{},maxcpus={}", s.vcpus, h.default_maxvcpus.max(s.vcpus)),
-    );
+    let max_vcpus = h.default_maxvcpus.max(s.vcpus);
+    // Under TCG every vCPU is present from boot and the guest brings up only `s.vcpus` of them
+    // (kernel `maxcpus=`): adding one is onlining it in the guest. QEMU 7.2 cannot hot-plug a
+    // vCPU reliably under TCG: a new vCPU thread whose TCG context finds every code-cache
+    // region taken fails an assertion (tcg_region_initial_alloc__locked) and QEMU dies, and
+    // one plugged again after an unplug is freed twice.
+    let present = if parked_vcpus(s, h) {
+        max_vcpus
+    } else {
+        s.vcpus
+    };
+    push(&mut a, "-smp", format!("{present},maxcpus={max_vcpus}"));
     let boot = Boot::of(h);
     // The NVDIMM lives in the hot-plug memory area: it takes a slot and its size (in whole
     // MiB) on top of the memory hot-plug may add; `memory_offset` is Kata's extra room.
@@ -338,6 +345,9 @@ pub fn build(h: &HypervisorConfig, s: &LaunchSpec) -> Vec<String> {
     } else {
         "quiet".into()
     });
+    if parked_vcpus(s, h) {
+        params.push(format!("maxcpus={}", s.vcpus));
+    }
     params.extend(s.extra_kernel_params.iter().cloned());
     if !h.kernel_params.is_empty() {
         params.push(h.kernel_params.clone());
@@ -554,6 +564,17 @@ pub fn build(h: &HypervisorConfig, s: &LaunchSpec) -> Vec<String> {
         push(&mut a, "-incoming", "defer");
     }
     a
+}
+
+/// Whether the VM's vCPUs beyond `s.vcpus` are present from boot and parked offline in the
+/// guest (TCG, with room to grow) instead of hot-plugged later: see [`build`].
+pub fn parked_vcpus(s: &LaunchSpec, h: &HypervisorConfig) -> bool {
+    parks_vcpus(s.accel, h, s.vcpus)
+}
+
+/// Whether a VM booted with `vcpus` vCPUs under `accel` parks the rest (see [`build`]).
+pub fn parks_vcpus(accel: Accel, h: &HypervisorConfig, vcpus: u32) -> bool {
+    accel == Accel::Tcg && h.default_maxvcpus > vcpus
 }
 
 #[cfg(test)]

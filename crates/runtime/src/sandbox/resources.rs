@@ -30,6 +30,12 @@ impl Plugged {
 }
 
 impl Sandbox {
+    /// Whether the VM's extra vCPUs are present from boot and parked offline (TCG).
+    fn parks_vcpus(&self) -> bool {
+        let h = &self.config.hypervisor;
+        kata_hypervisor::qemu::argv::parks_vcpus(self.accel, h, h.default_vcpus)
+    }
+
     /// vCPUs and memory (MiB) the VM has now.
     pub fn resources(&self) -> (u32, u32) {
         (
@@ -48,35 +54,57 @@ impl Sandbox {
         let h = &self.config.hypervisor;
         let mut plugged = self.plugged.lock().await;
         let vcpus = vcpus.min(h.default_maxvcpus.saturating_sub(h.default_vcpus));
-        let have = plugged.cpus.len() as u32;
+        let parked = self.parks_vcpus();
         let mut grew_cpus = false;
-        if vcpus > have {
-            let added = self.vm.add_vcpus(vcpus - have).await?;
-            plugged.cpus.extend(added);
-            grew_cpus = true;
-        } else if vcpus < have && self.accel == Accel::Tcg {
-            // QEMU 7.2 under TCG frees a vCPU's state twice when a CPU is plugged again after an
-            // unplug ("double free or corruption", QEMU dies): under emulation the vCPUs stay
-            // plugged until the sandbox stops, and later containers reuse them (the VM never
-            // holds more than its largest demand). KVM unplugs them.
-            tracing::debug!(
-                plugged = have,
-                wanted = vcpus,
-                "vCPUs are not unplugged under TCG (QEMU cannot plug one again)"
-            );
-        } else if vcpus < have {
-            let extra = plugged.cpus.split_off(vcpus as usize);
-            let removed = self.vm.remove_vcpus(&extra, UNPLUG_TIMEOUT).await?;
-            let kept: Vec<String> = extra.into_iter().filter(|c| !removed.contains(c)).collect();
-            if !kept.is_empty() {
-                tracing::warn!(?kept, "the guest kept hot-plugged vCPUs");
+        if parked {
+            // Every vCPU is present from boot (see kata_hypervisor::qemu::argv::build): the
+            // guest onlines or offlines them.
+            let want = h.default_vcpus + vcpus;
+            if want != self.vcpus.load(Ordering::Relaxed) {
+                let r = self
+                    .agent
+                    .agent
+                    .online_cpu_mem(
+                        ctx(CALL_TIMEOUT),
+                        &OnlineCPUMemRequest {
+                            wait: true,
+                            nb_cpus: want,
+                            cpu_only: true,
+                            exact_cpus: true,
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                    .map_err(agent_err("OnlineCPUMem"))?;
+                if r.online_cpus != want {
+                    return Err(SandboxError::Invalid(format!(
+                        "the guest has {} vCPUs online, not the {want} asked for",
+                        r.online_cpus
+                    )));
+                }
+                self.vcpus.store(want, Ordering::Relaxed);
             }
-            plugged.cpus.extend(kept);
+        } else {
+            let have = plugged.cpus.len() as u32;
+            if vcpus > have {
+                let added = self.vm.add_vcpus(vcpus - have).await?;
+                plugged.cpus.extend(added);
+                grew_cpus = true;
+            } else if vcpus < have {
+                let extra = plugged.cpus.split_off(vcpus as usize);
+                let removed = self.vm.remove_vcpus(&extra, UNPLUG_TIMEOUT).await?;
+                let kept: Vec<String> =
+                    extra.into_iter().filter(|c| !removed.contains(c)).collect();
+                if !kept.is_empty() {
+                    tracing::warn!(?kept, "the guest kept hot-plugged vCPUs");
+                }
+                plugged.cpus.extend(kept);
+            }
+            self.vcpus.store(
+                h.default_vcpus + plugged.cpus.len() as u32,
+                Ordering::Relaxed,
+            );
         }
-        self.vcpus.store(
-            h.default_vcpus + plugged.cpus.len() as u32,
-            Ordering::Relaxed,
-        );
         if grew_cpus {
             if let Some(cg) = &self.cgroups {
                 place_vcpus(&self.vm, cg).await?;
@@ -155,6 +183,8 @@ impl Sandbox {
             wait: true,
             nb_cpus: self.resources().0,
             cpu_only: grew_mem == 0,
+            // With parked vCPUs, onlining memory must not online them all.
+            exact_cpus: parked,
             ..Default::default()
         };
         // The guest sees hot-plugged memory asynchronously (ACPI): repeat until it is online.
@@ -190,6 +220,9 @@ impl Sandbox {
     pub async fn guest_resources(&self) -> Result<(u32, u64), SandboxError> {
         let req = OnlineCPUMemRequest {
             cpu_only: true,
+            // Parked vCPUs stay parked: the request keeps the count as it is.
+            nb_cpus: self.resources().0,
+            exact_cpus: self.parks_vcpus(),
             ..Default::default()
         };
         let r = self

@@ -45,11 +45,11 @@ fn joined(a: &[String]) -> String {
 #[test]
 fn golden_default_tcg() {
     let a = build(&cfg(), &spec(Accel::Tcg));
-    let expected = "-name sandbox-sb1 -machine q35 -accel tcg,tb-size=32 -cpu max,pmu=off -smp 1,maxcpus=2 \
+    let expected = "-name sandbox-sb1 -machine q35 -accel tcg,tb-size=32 -cpu max,pmu=off -smp 2,maxcpus=2 \
 -m 2048M,slots=10,maxmem=24000M -object memory-backend-memfd,id=ram0,size=2048M,share=on -numa node,memdev=ram0 \
 -nodefaults -no-user-config -nographic -no-reboot -display none -vga none -serial file:/run/s/console.log \
 -qmp unix:/run/s/qmp.sock,server=on,wait=off -pidfile /run/s/pid -kernel /k -initrd /i \
--append console=ttyS0 panic=1 reboot=k tsc=reliable no_timer_check noreplace-smp rcupdate.rcu_expedited=1 cryptomgr.notests i8042.direct=1 i8042.dumbkbd=1 i8042.nopnp=1 i8042.noaux=1 net.ifnames=0 iommu=off memhp_default_state=online_movable quiet agent.x=1 \
+-append console=ttyS0 panic=1 reboot=k tsc=reliable no_timer_check noreplace-smp rcupdate.rcu_expedited=1 cryptomgr.notests i8042.direct=1 i8042.dumbkbd=1 i8042.nopnp=1 i8042.noaux=1 net.ifnames=0 iommu=off memhp_default_state=online_movable quiet maxcpus=1 agent.x=1 \
 -device pci-bridge,bus=pcie.0,id=pci-bridge-0,chassis_nr=1,shpc=off,io-reserve=4k,mem-reserve=1m,pref64-reserve=1m \
 -device virtio-serial-pci,id=serial0 -chardev socket,id=agent,path=/run/s/agent.sock,server=on,wait=off \
 -device virtserialport,bus=serial0.0,chardev=agent,name=agent.channel.0 \
