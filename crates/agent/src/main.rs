@@ -24,6 +24,7 @@ mod metrics;
 mod mounts;
 mod network;
 mod podns;
+mod portforward;
 mod random;
 mod reaper;
 mod reclaim;
@@ -33,6 +34,7 @@ mod spare;
 mod stream;
 mod tools;
 mod volumes;
+mod watched;
 
 use std::sync::Arc;
 

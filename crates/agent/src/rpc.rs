@@ -32,6 +32,8 @@ pub struct Agent {
     oom_seen: Mutex<HashMap<String, u64>>,
     /// `guest_hook_path` from CreateSandbox (see [`crate::guest_hooks`]).
     guest_hooks: Mutex<Option<PathBuf>>,
+    /// Port-forward connections the runtime relays.
+    forwards: crate::portforward::Forwards,
 }
 
 impl Agent {
@@ -44,6 +46,7 @@ impl Agent {
             boot_time_us,
             oom_seen: Mutex::default(),
             guest_hooks: Mutex::default(),
+            forwards: crate::portforward::Forwards::default(),
         }
     }
 
@@ -377,6 +380,58 @@ impl AgentService for Agent {
 
     async fn get_metrics(&self, _: &TtrpcContext, req: GetMetricsRequest) -> R<Metrics> {
         self.do_get_metrics(req).await
+    }
+
+    async fn copy_file(&self, _: &TtrpcContext, req: CopyFileRequest) -> R<Empty> {
+        blocking(move || {
+            crate::watched::copy_file(Path::new(crate::watched::WATCHABLE_ROOT), &req)
+                .map_err(AgentError::Guest)
+        })
+        .await?;
+        Ok(Empty::new())
+    }
+
+    async fn remove_file(&self, _: &TtrpcContext, req: RemoveFileRequest) -> R<Empty> {
+        blocking(move || {
+            crate::watched::remove_file(Path::new(crate::watched::WATCHABLE_ROOT), &req.path)
+                .map_err(AgentError::Guest)
+        })
+        .await?;
+        Ok(Empty::new())
+    }
+
+    async fn port_forward_open(
+        &self,
+        _: &TtrpcContext,
+        req: PortForwardOpenRequest,
+    ) -> R<PortForwardOpenResponse> {
+        let id = self.forwards.open(req.port).await?;
+        Ok(PortForwardOpenResponse {
+            id,
+            ..Default::default()
+        })
+    }
+
+    async fn port_forward_write(&self, _: &TtrpcContext, req: PortForwardWriteRequest) -> R<Empty> {
+        self.forwards.write(req.id, &req.data).await?;
+        Ok(Empty::new())
+    }
+
+    async fn port_forward_read(
+        &self,
+        _: &TtrpcContext,
+        req: PortForwardReadRequest,
+    ) -> R<PortForwardReadResponse> {
+        let data = self.forwards.read(req.id, req.len).await?;
+        Ok(PortForwardReadResponse {
+            data,
+            ..Default::default()
+        })
+    }
+
+    async fn port_forward_close(&self, _: &TtrpcContext, req: PortForwardCloseRequest) -> R<Empty> {
+        self.forwards.close(req.id);
+        Ok(Empty::new())
     }
 }
 

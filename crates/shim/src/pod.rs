@@ -226,8 +226,53 @@ pub fn empty_dir_name(m: &Mount) -> Option<String> {
         .then(|| name.to_string())
 }
 
+/// The kubelet's volume plugins whose content it updates in place by swapping a `..data`
+/// symlink: these volumes are watched (copied into the guest and mirrored) rather than shared.
+pub const WATCHED_PLUGINS: [&str; 4] = [
+    "kubernetes.io~configmap",
+    "kubernetes.io~secret",
+    "kubernetes.io~projected",
+    "kubernetes.io~downward-api",
+];
+
+/// Whether a mount is a whole Kubernetes ConfigMap, Secret, projected or downward-API volume
+/// (`.../volumes/<plugin>/NAME`; a subPath of one is a file or directory elsewhere and, as with
+/// runc, is not updated).
+pub fn is_watched_volume(m: &Mount) -> bool {
+    let Some(source) = m.source().as_ref().and_then(|s| s.to_str()) else {
+        return false;
+    };
+    WATCHED_PLUGINS.iter().any(|p| {
+        source
+            .split_once(&format!("/volumes/{p}/"))
+            .is_some_and(|(_, name)| {
+                let name = name.trim_end_matches('/');
+                !name.is_empty() && !name.contains('/') && name != "." && name != ".."
+            })
+    })
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn watched_volumes() {
+        let m = |s: &str| {
+            let mut m = oci_spec::runtime::Mount::default();
+            m.set_source(Some(s.into()));
+            m
+        };
+        let base = "/var/lib/kubelet/pods/u1/volumes";
+        for p in super::WATCHED_PLUGINS {
+            assert!(super::is_watched_volume(&m(&format!("{base}/{p}/cfg"))), "{p}");
+            assert!(!super::is_watched_volume(&m(&format!("{base}/{p}/cfg/key"))), "{p}");
+            assert!(!super::is_watched_volume(&m(&format!("{base}/{p}/.."))), "{p}");
+        }
+        assert!(!super::is_watched_volume(&m(&format!(
+            "{base}/kubernetes.io~empty-dir/cache"
+        ))));
+        assert!(!super::is_watched_volume(&m("/etc/hosts")));
+    }
+
     #[test]
     fn decodes_the_pods_configuration_as_the_cri_encodes_it() {
         use k8s_cri::v1 as cri;

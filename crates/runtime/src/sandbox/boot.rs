@@ -110,6 +110,17 @@ impl Sandbox {
                 .instrument(tracing::info_span!("guest_network"))
                 .await?;
         }
+        // The kubelet's port-forward dials the pod's loopback in its network namespace.
+        let relay = match spec.netns.as_deref() {
+            Some(ns) => match super::forward::start(ns, &agent) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::warn!("{e}; kubectl port-forward will not reach this pod");
+                    None
+                }
+            },
+            None => None,
+        };
         let Some(vm) = started.vm.take() else {
             return Err(SandboxError::Invalid("the sandbox's VM is gone".into()));
         };
@@ -134,6 +145,8 @@ impl Sandbox {
             volumes: tokio::sync::Mutex::new(super::volumes::Attached::default()),
             ledger: std::sync::Mutex::new(demand::Ledger::default()),
             resizing: tokio::sync::Mutex::new(()),
+            watchers: super::watched::Watchers::default(),
+            _relay: relay,
         })
     }
 }

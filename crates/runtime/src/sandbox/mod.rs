@@ -24,11 +24,13 @@ mod boot;
 mod containers;
 mod demand;
 mod fence;
+mod forward;
 mod net;
 mod resources;
 mod share;
 mod sources;
 pub mod volumes;
+pub mod watched;
 
 pub use crate::host::*;
 pub use crate::launch::{guest_shape, launch_spec, GuestShape, DEBUG_CONSOLE_SOCKET};
@@ -141,6 +143,10 @@ pub struct Sandbox {
     ledger: std::sync::Mutex<demand::Ledger>,
     /// Held while the VM is resized to the ledger's sum, so that resizes apply in order.
     resizing: tokio::sync::Mutex<()>,
+    /// The containers' watched volumes being mirrored (see [`watched`]).
+    watchers: watched::Watchers,
+    /// The port-forward relay in the pod's network namespace (see [`forward`]).
+    _relay: Option<forward::Relay>,
 }
 
 fn ms(since: Instant) -> u64 {

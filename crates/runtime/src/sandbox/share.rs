@@ -56,6 +56,7 @@ impl Sandbox {
         if !crate::ids::is_valid(container_id) {
             return;
         }
+        self.unwatch(container_id);
         let dir = self.paths.mounts_dir().join(container_id);
         unmount_under(&dir);
         unmount_under(&self.paths.export_dir().join(container_id));

@@ -53,11 +53,11 @@ fn is_bind(m: &oci_spec::runtime::Mount) -> bool {
 }
 
 impl Service {
-    /// Rewrites the spec's bind mounts to guest paths of shared copies; a Kubernetes emptyDir
-    /// becomes a directory in guest memory shared by the pod's containers (unless
-    /// `disable_guest_empty_dir`).
-    /// Shares the spec's bind mounts with the guest; a bind of a direct volume becomes its
-    /// block device instead (the returned storages, for the agent to mount).
+    /// Shares the spec's bind mounts with the guest and rewrites them to guest paths: a
+    /// Kubernetes emptyDir becomes a directory in guest memory shared by the pod's containers
+    /// (unless `disable_guest_empty_dir`); a ConfigMap, Secret, projected or downward-API volume
+    /// a mirrored copy in guest memory (see `kata_sandbox::sandbox::watched`); a bind of a
+    /// direct volume its block device (the returned storages, for the agent to mount).
     pub(super) async fn share_mounts(
         sb: &Sandbox,
         cid: &str,
@@ -104,6 +104,17 @@ impl Service {
                         ttrpc::Code::INVALID_ARGUMENT,
                         kata_config::error_chain(&e),
                     ))
+                }
+            }
+            if crate::pod::is_watched_volume(m) && source.is_dir() {
+                let watched = sb
+                    .share_watched(cid, i, &source)
+                    .await
+                    .map_err(|e| err(ttrpc::Code::INTERNAL, kata_config::error_chain(&e)))?;
+                if let Some(guest) = watched {
+                    m.set_source(Some(guest));
+                    m.set_typ(Some("bind".into()));
+                    continue;
                 }
             }
             let guest = sb

@@ -64,6 +64,41 @@ pub fn import_image_with(
     assert!(st.success(), "import {reference}");
 }
 
+/// Builds the busybox image `reference` with extra host `files` (host path, image path) and
+/// imports it into `namespace`: the images of the tests' static helpers.
+pub fn import_image_with_files(
+    sock: &str,
+    namespace: &str,
+    reference: &str,
+    files: &[(&Path, &str)],
+) {
+    let tar: PathBuf = std::env::temp_dir().join(format!(
+        "kata-test-{}-{}.tar",
+        reference.replace(['/', ':'], "_"),
+        std::process::id()
+    ));
+    let list: Vec<String> = files
+        .iter()
+        .map(|(h, i)| format!("{}:{i}", h.display()))
+        .collect();
+    let st = Command::new(repo().join("scripts/busybox-image.sh"))
+        .arg(&tar)
+        .arg(reference)
+        .env("FILES", list.join(" "))
+        .stdout(Stdio::null())
+        .status()
+        .expect("busybox-image.sh");
+    assert!(st.success(), "build {reference}");
+    let st = Command::new("ctr")
+        .args(["-a", sock, "-n", namespace, "images", "import"])
+        .arg(&tar)
+        .stdout(Stdio::null())
+        .status()
+        .expect("ctr images import");
+    let _ = std::fs::remove_file(&tar);
+    assert!(st.success(), "import {reference}");
+}
+
 /// Builds the busybox image `reference` with extra `symlinks` (path in the image, target) and
 /// imports it into the default namespace: the hostile images of the security tests.
 pub fn import_image_with_symlinks(sock: &str, reference: &str, symlinks: &[(&str, &str)]) {

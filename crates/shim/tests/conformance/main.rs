@@ -15,16 +15,49 @@ use tonic::transport::Channel;
 mod common;
 use common::cri;
 
+mod configmap;
 mod lifecycle;
 mod logs;
 mod oom;
 mod resize;
 mod security;
 mod stats;
+mod streaming;
 mod volumes;
 
 /// The runtime handlers compared: the oracle first.
 const HANDLERS: [&str; 2] = ["runc", "kata"];
+
+/// The busybox image with the suite's static helpers (`helpers/*.c`, built here with
+/// `gcc -static`) in `/bin`, imported into CRI's namespace once; its reference.
+fn tools_image() -> String {
+    static IMAGE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    IMAGE
+        .get_or_init(|| {
+            let reference = "kata.local/busybox-tools:latest";
+            let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/conformance/helpers");
+            let out = std::env::temp_dir().join(format!("kata-conformance-helpers-{}", std::process::id()));
+            std::fs::create_dir_all(&out).expect("helpers dir");
+            let mut files = Vec::new();
+            for name in ["inotify-watch"] {
+                let bin = out.join(name);
+                let st = std::process::Command::new("gcc")
+                    .args(["-static", "-O2", "-Wall", "-o"])
+                    .arg(&bin)
+                    .arg(src.join(format!("{name}.c")))
+                    .status()
+                    .expect("gcc (scripts/install-deps.sh installs it)");
+                assert!(st.success(), "build {name}");
+                files.push((bin, format!("bin/{name}")));
+            }
+            let refs: Vec<(&std::path::Path, &str)> =
+                files.iter().map(|(h, i)| (h.as_path(), i.as_str())).collect();
+            common::import_image_with_files(cri::socket(), "k8s.io", reference, &refs);
+            let _ = std::fs::remove_dir_all(&out);
+            reference.to_string()
+        })
+        .clone()
+}
 
 /// A pod of one handler, and the containers started in it.
 struct Pod {
