@@ -114,6 +114,79 @@ pub fn release(container: &str) {
     }
 }
 
+/// The storage driver of a memory-backed emptyDir (Kata's): a tmpfs in the guest.
+pub const EPHEMERAL_DRIVER: &str = "ephemeral";
+/// Where memory-backed emptyDirs are mounted (the runtime's `GUEST_EPHEMERAL_DIR`).
+const EPHEMERAL_ROOT: &str = "/run/kata-containers/sandbox/ephemeral";
+
+static EPHEMERAL: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// The tmpfs options an ephemeral storage may carry (`size=BYTES`, `nr_inodes=N`, `mode=OCTAL`):
+/// anything else is refused.
+pub fn ephemeral_options(options: &[String]) -> Result<Vec<String>, GuestError> {
+    options
+        .iter()
+        .map(|o| {
+            let ok = match o.split_once('=') {
+                Some(("size" | "nr_inodes", v)) => v.parse::<u64>().is_ok(),
+                Some(("mode", v)) => u32::from_str_radix(v, 8).is_ok_and(|m| m <= 0o7777),
+                _ => false,
+            };
+            if ok {
+                Ok(o.clone())
+            } else {
+                Err(invalid(format!(
+                    "ephemeral storage option {o:?} (size=BYTES, nr_inodes=N or mode=OCTAL)"
+                )))
+            }
+        })
+        .collect()
+}
+
+/// Mounts a memory-backed emptyDir's tmpfs at `mount_point` (a name under
+/// [`EPHEMERAL_ROOT`]) the first time a container of the pod asks for it; later containers
+/// share it. It lives as long as the pod (an emptyDir outlives its containers' restarts).
+pub fn mount_ephemeral(mount_point: &str, options: &[String]) -> Result<(), GuestError> {
+    mount_ephemeral_in(
+        Path::new(EPHEMERAL_ROOT),
+        mount_point,
+        options,
+        &mut |dest, opts| crate::mounts::mount_one("tmpfs", dest, "tmpfs", opts),
+    )
+}
+
+/// What mounts a tmpfs at a path with options (a fake in the unit tests).
+type MountTmpfs<'a> = dyn FnMut(&Path, &[String]) -> Result<(), GuestError> + 'a;
+
+fn mount_ephemeral_in(
+    root: &Path,
+    mount_point: &str,
+    options: &[String],
+    mount: &mut MountTmpfs<'_>,
+) -> Result<(), GuestError> {
+    let dest = Path::new(mount_point);
+    let name_ok = dest.parent() == Some(root)
+        && dest
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| !n.is_empty() && n != "." && n != "..");
+    if !name_ok {
+        return Err(invalid(format!(
+            "ephemeral storage at {mount_point}: not a name under {}",
+            root.display()
+        )));
+    }
+    let options = ephemeral_options(options)?;
+    let mut done = EPHEMERAL.lock().unwrap_or_else(|e| e.into_inner());
+    if done.iter().any(|d| d == dest) {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dest).map_err(step(format!("create {mount_point}")))?;
+    mount(dest, &options)?;
+    done.push(dest.to_path_buf());
+    Ok(())
+}
+
 /// The block device for an address, waiting for it to appear.
 pub fn find_device(driver: &str, address: &str, timeout: Duration) -> Result<PathBuf, GuestError> {
     let deadline = Instant::now() + timeout;
@@ -435,5 +508,32 @@ mod tests {
             Some("sdb".to_string())
         );
         assert_eq!(scsi_block_device(d.path(), "4:0").expect("find"), None);
+    }
+
+    #[test]
+    fn ephemeral_storages_are_checked_and_mounted_once_per_pod() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let root = t.path().join("ephemeral");
+        let mounted = std::cell::RefCell::new(Vec::new());
+        let mut record = |d: &Path, o: &[String]| {
+            mounted.borrow_mut().push((d.to_path_buf(), o.to_vec()));
+            Ok(())
+        };
+        let size = vec!["size=16777216".to_string()];
+        let mp = root.join("mem").display().to_string();
+        mount_ephemeral_in(&root, &mp, &size, &mut record).expect("first");
+        mount_ephemeral_in(&root, &mp, &size, &mut record).expect("second container");
+        assert_eq!(*mounted.borrow(), vec![(root.join("mem"), size.clone())]);
+        for bad in [root.join("a/b"), root.join(".."), t.path().join("x")] {
+            let bad = bad.display().to_string();
+            assert!(
+                mount_ephemeral_in(&root, &bad, &size, &mut record).is_err(),
+                "{bad}"
+            );
+        }
+        for bad in ["size=1g", "exec", "uid=0", "mode=999"] {
+            assert!(ephemeral_options(&[bad.to_string()]).is_err(), "{bad}");
+        }
+        assert!(ephemeral_options(&["mode=1777".into(), "nr_inodes=100".into()]).is_ok());
     }
 }

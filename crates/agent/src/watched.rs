@@ -32,11 +32,7 @@ pub fn confine<'a>(root: &Path, path: &'a str) -> Result<(PathBuf, &'a OsStr), G
         ))
     };
     let rel = Path::new(path).strip_prefix(root).map_err(|_| bad())?;
-    if rel
-        .components()
-        .any(|c| !matches!(c, Component::Normal(_)))
-        || rel.as_os_str().is_empty()
-    {
+    if rel.components().any(|c| !matches!(c, Component::Normal(_))) || rel.as_os_str().is_empty() {
         return Err(bad());
     }
     let name = rel.file_name().ok_or_else(bad)?;
@@ -58,8 +54,9 @@ fn temp_name(name: &OsStr) -> Vec<u8> {
 fn parent_dir(root: &Path, parent: &Path) -> Result<OwnedFd, GuestError> {
     std::fs::create_dir_all(root).map_err(step(format!("create {}", root.display())))?;
     let root_fd = kata_mount::open_dir(root).map_err(step(format!("open {}", root.display())))?;
-    kata_mount::create_in_root(root_fd.as_fd(), parent, kata_mount::Kind::Dir)
-        .map_err(step(format!("create {}/{}", root.display(), parent.display())))
+    kata_mount::create_in_root(root_fd.as_fd(), parent, kata_mount::Kind::Dir).map_err(step(
+        format!("create {}/{}", root.display(), parent.display()),
+    ))
 }
 
 fn lstat_at(dir: BorrowedFd<'_>, name: &[u8]) -> Result<Option<libc::mode_t>, GuestError> {
@@ -280,11 +277,21 @@ mod tests {
     fn paths_are_confined_to_the_root() {
         let root = Path::new("/w");
         assert!(confine(root, "/w/a/b").is_ok());
-        for bad in ["/w", "/w/", "/x/a", "/w/../etc/passwd", "/w/a/../../b", "w/a"] {
+        for bad in [
+            "/w",
+            "/w/",
+            "/x/a",
+            "/w/../etc/passwd",
+            "/w/a/../../b",
+            "w/a",
+        ] {
             assert!(confine(root, bad).is_err(), "{bad} accepted");
         }
         let (parent, name) = confine(root, "/w/v/..data").expect("plain");
-        assert_eq!((parent.as_path(), name), (Path::new("v"), OsStr::new("..data")));
+        assert_eq!(
+            (parent.as_path(), name),
+            (Path::new("v"), OsStr::new("..data"))
+        );
     }
 
     #[test]
@@ -292,26 +299,46 @@ mod tests {
         let t = tempfile::tempdir().expect("tempdir");
         let root = t.path().join("watchable");
         let v = root.join("c1/0");
-        copy_file(&root, &req(&v.join("..2026_1"), libc::S_IFDIR | 0o755, b"", 0, 0))
-            .expect("dir");
+        copy_file(
+            &root,
+            &req(&v.join("..2026_1"), libc::S_IFDIR | 0o755, b"", 0, 0),
+        )
+        .expect("dir");
         // A file in two chunks: not visible under its name until complete.
         let f = v.join("..2026_1/key");
         copy_file(&root, &req(&f, libc::S_IFREG | 0o644, b"hel", 0, 5)).expect("chunk 1");
         assert!(!f.exists());
         copy_file(&root, &req(&f, libc::S_IFREG | 0o644, b"lo", 3, 5)).expect("chunk 2");
         assert_eq!(std::fs::read(&f).expect("read"), b"hello");
-        copy_file(&root, &req(&v.join("..data"), libc::S_IFLNK, b"..2026_1", 0, 0)).expect("ln");
-        copy_file(&root, &req(&v.join("key"), libc::S_IFLNK, b"..data/key", 0, 0)).expect("ln");
+        copy_file(
+            &root,
+            &req(&v.join("..data"), libc::S_IFLNK, b"..2026_1", 0, 0),
+        )
+        .expect("ln");
+        copy_file(
+            &root,
+            &req(&v.join("key"), libc::S_IFLNK, b"..data/key", 0, 0),
+        )
+        .expect("ln");
         assert_eq!(std::fs::read(v.join("key")).expect("read"), b"hello");
         // The update: a new directory, the ..data link swapped, the old one removed.
-        copy_file(&root, &req(&v.join("..2026_2/key"), libc::S_IFREG | 0o600, b"bye", 0, 3))
-            .expect("file");
-        copy_file(&root, &req(&v.join("..data"), libc::S_IFLNK, b"..2026_2", 0, 0)).expect("ln");
+        copy_file(
+            &root,
+            &req(&v.join("..2026_2/key"), libc::S_IFREG | 0o600, b"bye", 0, 3),
+        )
+        .expect("file");
+        copy_file(
+            &root,
+            &req(&v.join("..data"), libc::S_IFLNK, b"..2026_2", 0, 0),
+        )
+        .expect("ln");
         remove_file(&root, &v.join("..2026_1").display().to_string()).expect("rm");
         assert_eq!(std::fs::read(v.join("key")).expect("read"), b"bye");
         assert!(!v.join("..2026_1").exists());
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(v.join("..2026_2/key")).expect("stat").permissions();
+        let mode = std::fs::metadata(v.join("..2026_2/key"))
+            .expect("stat")
+            .permissions();
         assert_eq!(mode.mode() & 0o7777, 0o600);
         // Removing what is gone is fine; removing the whole volume too.
         remove_file(&root, &v.join("..2026_1").display().to_string()).expect("rm again");
@@ -334,10 +361,27 @@ mod tests {
         );
         assert!(!outside.join("x").exists());
         // The link itself replaced by a directory, the target untouched.
-        copy_file(&root, &req(&root.join("v/escape"), libc::S_IFDIR | 0o755, b"", 0, 0))
-            .expect("dir over link");
-        assert!(root.join("v/escape").symlink_metadata().expect("stat").is_dir());
+        copy_file(
+            &root,
+            &req(&root.join("v/escape"), libc::S_IFDIR | 0o755, b"", 0, 0),
+        )
+        .expect("dir over link");
+        assert!(root
+            .join("v/escape")
+            .symlink_metadata()
+            .expect("stat")
+            .is_dir());
         assert!(outside.exists());
-        assert!(copy_file(&root, &req(&root.join("v/big"), libc::S_IFREG, &vec![0; MAX_CHUNK + 1], 0, 0)).is_err());
+        assert!(copy_file(
+            &root,
+            &req(
+                &root.join("v/big"),
+                libc::S_IFREG,
+                &vec![0; MAX_CHUNK + 1],
+                0,
+                0
+            )
+        )
+        .is_err());
     }
 }

@@ -226,6 +226,14 @@ pub fn empty_dir_name(m: &Mount) -> Option<String> {
         .then(|| name.to_string())
 }
 
+/// The size in bytes of the tmpfs mounted at `path` (a `medium: Memory` emptyDir, which the
+/// kubelet mounts with the volume's size limit), or None when `path` is not a tmpfs.
+pub fn tmpfs_size(path: &Path) -> Option<u64> {
+    let st = nix::sys::statfs::statfs(path).ok()?;
+    (st.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+        .then(|| st.blocks() * st.block_size() as u64)
+}
+
 /// The kubelet's volume plugins whose content it updates in place by swapping a `..data`
 /// symlink: these volumes are watched (copied into the guest and mirrored) rather than shared.
 pub const WATCHED_PLUGINS: [&str; 4] = [
@@ -263,9 +271,18 @@ mod tests {
         };
         let base = "/var/lib/kubelet/pods/u1/volumes";
         for p in super::WATCHED_PLUGINS {
-            assert!(super::is_watched_volume(&m(&format!("{base}/{p}/cfg"))), "{p}");
-            assert!(!super::is_watched_volume(&m(&format!("{base}/{p}/cfg/key"))), "{p}");
-            assert!(!super::is_watched_volume(&m(&format!("{base}/{p}/.."))), "{p}");
+            assert!(
+                super::is_watched_volume(&m(&format!("{base}/{p}/cfg"))),
+                "{p}"
+            );
+            assert!(
+                !super::is_watched_volume(&m(&format!("{base}/{p}/cfg/key"))),
+                "{p}"
+            );
+            assert!(
+                !super::is_watched_volume(&m(&format!("{base}/{p}/.."))),
+                "{p}"
+            );
         }
         assert!(!super::is_watched_volume(&m(&format!(
             "{base}/kubernetes.io~empty-dir/cache"

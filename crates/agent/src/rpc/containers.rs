@@ -46,6 +46,15 @@ impl Agent {
                     AgentError::Guest(e)
                 })?;
             }
+            let (ephemeral, shared): (Vec<Storage>, Vec<Storage>) = shared
+                .into_iter()
+                .partition(|s| s.driver == crate::volumes::EPHEMERAL_DRIVER);
+            for e in &ephemeral {
+                crate::volumes::mount_ephemeral(&e.mount_point, &e.options).map_err(|e| {
+                    crate::volumes::release(&cid);
+                    AgentError::Guest(e)
+                })?;
+            }
             let mounts = mount_storages(&shared).inspect_err(|_| crate::volumes::release(&cid))?;
             let c = container::create(&reaper, &cid, spec, mounts.clone()).inspect_err(|_| {
                 for m in mounts.iter().rev() {

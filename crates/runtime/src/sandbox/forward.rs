@@ -56,8 +56,7 @@ fn fail(netns: &Path, what: &str, e: impl std::fmt::Display) -> SandboxError {
 pub fn redirect_rule(v6: bool, port: u16) -> Vec<String> {
     let dst = if v6 { "::1/128" } else { "127.0.0.1/32" };
     [
-        "-w", "5", "-t", "nat", "-A", "OUTPUT", "-o", "lo", "-p", "tcp", "-d", dst, "!",
-        "--dport",
+        "-w", "5", "-t", "nat", "-A", "OUTPUT", "-o", "lo", "-p", "tcp", "-d", dst, "!", "--dport",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -284,6 +283,8 @@ mod tests {
             redirect_rule(false, 4000).join(" "),
             "-w 5 -t nat -A OUTPUT -o lo -p tcp -d 127.0.0.1/32 ! --dport 4000 -j REDIRECT --to-ports 4000"
         );
-        assert!(redirect_rule(true, 5).join(" ").contains("-d ::1/128 ! --dport 5"));
+        assert!(redirect_rule(true, 5)
+            .join(" ")
+            .contains("-d ::1/128 ! --dport 5"));
     }
 }

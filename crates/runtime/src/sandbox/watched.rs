@@ -328,7 +328,10 @@ impl Sandbox {
                     Ok(Ok(t)) => t,
                     Ok(Err(e)) => {
                         if !warned {
-                            tracing::warn!("watched volume {}: {e}; kept as it was", mirror.guest.display());
+                            tracing::warn!(
+                                "watched volume {}: {e}; kept as it was",
+                                mirror.guest.display()
+                            );
                             warned = true;
                         }
                         continue;

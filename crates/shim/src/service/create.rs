@@ -72,9 +72,20 @@ impl Service {
             }
             if !sb.config().runtime.disable_guest_empty_dir {
                 if let Some(name) = crate::pod::empty_dir_name(m) {
-                    m.set_source(Some(
-                        std::path::Path::new(crate::pod::GUEST_EPHEMERAL_DIR).join(name),
-                    ));
+                    let guest = std::path::Path::new(crate::pod::GUEST_EPHEMERAL_DIR).join(name);
+                    // `medium: Memory`: the kubelet's tmpfs, with its size limit, becomes a
+                    // tmpfs of the same size in the guest.
+                    if let Some(size) = m.source().as_deref().and_then(crate::pod::tmpfs_size) {
+                        storages.push(Storage {
+                            driver: "ephemeral".into(),
+                            source: "tmpfs".into(),
+                            fstype: "tmpfs".into(),
+                            options: vec![format!("size={size}")],
+                            mount_point: guest.display().to_string(),
+                            ..Default::default()
+                        });
+                    }
+                    m.set_source(Some(guest));
                     m.set_typ(Some("bind".into()));
                     m.set_options(Some(vec!["rbind".into(), "rw".into()]));
                     continue;

@@ -71,7 +71,10 @@ async fn configmap_updates_reach_the_container_with_inotify_events() {
                 .await;
             let deadline = Instant::now() + Duration::from_secs(20);
             while pod.sh(&app, "cat /tmp/events 2>/dev/null").await != "ready" {
-                assert!(Instant::now() < deadline, "{handler}: the watcher never started");
+                assert!(
+                    Instant::now() < deadline,
+                    "{handler}: the watcher never started"
+                );
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             let before = pod.sh(&app, "cat /etc/cfg/key").await;
@@ -86,7 +89,10 @@ async fn configmap_updates_reach_the_container_with_inotify_events() {
             let mut events = String::new();
             while t.elapsed() < Duration::from_secs(10) {
                 events = pod.sh(&app, "cat /tmp/events").await;
-                if events.lines().any(|l| l == "MOVED_TO ..data" || l == "CREATE ..data") {
+                if events
+                    .lines()
+                    .any(|l| l == "MOVED_TO ..data" || l == "CREATE ..data")
+                {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -110,7 +116,9 @@ async fn configmap_updates_reach_the_container_with_inotify_events() {
     .await;
     let latency: BTreeMap<_, _> = seen.iter().map(|(h, (_, d))| (*h, *d)).collect();
     let seen: BTreeMap<_, _> = seen.into_iter().map(|(h, (s, _))| (h, s)).collect();
-    eprintln!("ConfigMap update seen in the container after (an ExecSync poll each ~100 ms): {latency:?}");
+    eprintln!(
+        "ConfigMap update seen in the container after (an ExecSync poll each ~100 ms): {latency:?}"
+    );
     assert_eq!(
         seen.get("runc"),
         Some(&Seen {

@@ -28,6 +28,9 @@ mod volumes;
 /// The runtime handlers compared: the oracle first.
 const HANDLERS: [&str; 2] = ["runc", "kata"];
 
+/// The suite's static helpers (`helpers/NAME.c`).
+const HELPERS: &[&str] = &["inotify-watch"];
+
 /// The busybox image with the suite's static helpers (`helpers/*.c`, built here with
 /// `gcc -static`) in `/bin`, imported into CRI's namespace once; its reference.
 fn tools_image() -> String {
@@ -36,10 +39,11 @@ fn tools_image() -> String {
         .get_or_init(|| {
             let reference = "kata.local/busybox-tools:latest";
             let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/conformance/helpers");
-            let out = std::env::temp_dir().join(format!("kata-conformance-helpers-{}", std::process::id()));
+            let out = std::env::temp_dir()
+                .join(format!("kata-conformance-helpers-{}", std::process::id()));
             std::fs::create_dir_all(&out).expect("helpers dir");
             let mut files = Vec::new();
-            for name in ["inotify-watch"] {
+            for name in HELPERS {
                 let bin = out.join(name);
                 let st = std::process::Command::new("gcc")
                     .args(["-static", "-O2", "-Wall", "-o"])
@@ -50,8 +54,10 @@ fn tools_image() -> String {
                 assert!(st.success(), "build {name}");
                 files.push((bin, format!("bin/{name}")));
             }
-            let refs: Vec<(&std::path::Path, &str)> =
-                files.iter().map(|(h, i)| (h.as_path(), i.as_str())).collect();
+            let refs: Vec<(&std::path::Path, &str)> = files
+                .iter()
+                .map(|(h, i)| (h.as_path(), i.as_str()))
+                .collect();
             common::import_image_with_files(cri::socket(), "k8s.io", reference, &refs);
             let _ = std::fs::remove_dir_all(&out);
             reference.to_string()

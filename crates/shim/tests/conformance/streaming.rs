@@ -10,11 +10,24 @@ use tokio_tungstenite::tungstenite::Message;
 
 use super::*;
 
-type Ws = tokio_tungstenite::WebSocketStream<
-    tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
->;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-/// Connects to a streaming URL (`http://...`) with the kubelet's channel protocol.
+/// A TCP connection to `addr` made inside containerd's network namespace (the test set-up
+/// runs containerd in one of its own, where its streaming server listens on 127.0.0.1).
+fn connect_in_containerd_netns(addr: &str) -> std::net::TcpStream {
+    let ns = format!("/run/netns/{}", common::containerd(&["netns"]));
+    let ns = std::fs::File::open(&ns).unwrap_or_else(|e| panic!("{ns}: {e}"));
+    let addr = addr.to_string();
+    std::thread::spawn(move || {
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        std::net::TcpStream::connect(&addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"))
+    })
+    .join()
+    .expect("connect thread")
+}
+
+/// Connects to a streaming URL (`http://HOST:PORT/...`) with the kubelet's channel protocol.
 async fn connect(url: &str) -> Ws {
     let url = url.replacen("http://", "ws://", 1);
     let mut req = url.as_str().into_client_request().expect("request");
@@ -22,9 +35,14 @@ async fn connect(url: &str) -> Ws {
         "Sec-WebSocket-Protocol",
         "v4.channel.k8s.io".parse().expect("header"),
     );
-    let (ws, _) = tokio_tungstenite::connect_async(req)
-        .await
-        .unwrap_or_else(|e| panic!("websocket {url}: {e}"));
+    let authority = req.uri().authority().expect("host:port").to_string();
+    let tcp = connect_in_containerd_netns(&authority);
+    tcp.set_nonblocking(true).expect("nonblocking");
+    let tcp = tokio::net::TcpStream::from_std(tcp).expect("tokio stream");
+    let (ws, _) =
+        tokio_tungstenite::client_async(req, tokio_tungstenite::MaybeTlsStream::Plain(tcp))
+            .await
+            .unwrap_or_else(|e| panic!("websocket {url}: {e}"));
     ws
 }
 
@@ -119,7 +137,12 @@ async fn get_forwarded(pod: &mut Pod, port: i32, path: &str) -> (String, usize, 
         .url;
     let mut ws = connect(&format!("{url}?port={port}")).await;
     let t = Instant::now();
-    send(&mut ws, 0, format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).await;
+    send(
+        &mut ws,
+        0,
+        format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes(),
+    )
+    .await;
     let got = drain(&mut ws, Duration::from_secs(120)).await;
     let took = t.elapsed();
     let data = got.get(&0).cloned().unwrap_or_default();
@@ -259,7 +282,10 @@ async fn exec_attach_and_port_forward_over_the_streaming_server() {
             ));
             forward.push((status, size));
         }
-        eprintln!("{handler}: port-forward of {BLOB_MIB} MiB: {}", speed.join(", "));
+        eprintln!(
+            "{handler}: port-forward of {BLOB_MIB} MiB: {}",
+            speed.join(", ")
+        );
         pod.remove().await;
         Seen {
             exec,
@@ -277,7 +303,7 @@ async fn exec_attach_and_port_forward_over_the_streaming_server() {
     assert_eq!(seen["runc"].tty, ("40 100".to_string(), 5), "the oracle");
     assert_eq!(
         seen["runc"].forward,
-        vec![("HTTP/1.0 200 OK".to_string(), BLOB_MIB << 20); 2],
+        vec![("HTTP/1.1 200 OK".to_string(), BLOB_MIB << 20); 2],
         "the oracle"
     );
     assert_same("exec, attach and port-forward", &seen);

@@ -144,3 +144,134 @@ async fn volumes_and_propagation_as_with_runc() {
     );
     assert_same("volumes", &seen);
 }
+
+/// What a memory-backed emptyDir and a Bidirectional volume gave one handler.
+#[derive(Debug, PartialEq)]
+struct Special {
+    /// `df -k` of the emptyDir: its size in KiB.
+    empty_dir_kib: u64,
+    /// Writing past the size limit failed.
+    over_limit_fails: bool,
+    /// The pod's second container sees the first one's file in the emptyDir.
+    shared_in_pod: String,
+    /// A mount the privileged container made under its Bidirectional volume, seen inside it.
+    bidi_inside: String,
+    /// ... and on the host.
+    bidi_on_host: bool,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, containerd, QEMU and make install (make test runs it)"]
+async fn memory_backed_empty_dir_and_bidirectional_propagation() {
+    let seen = each_handler(|handler| async move {
+        let dir = scratch("special", handler);
+        // The kubelet mounts a `medium: Memory` emptyDir as a tmpfs with the size limit.
+        let mem = dir.join("pods/u1/volumes/kubernetes.io~empty-dir/mem");
+        std::fs::create_dir_all(&mem).expect("mkdir");
+        let mem_s = mem.display().to_string();
+        run(&[
+            "mount",
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=16m",
+            "kata-test",
+            &mem_s,
+        ]);
+        let bidi = dir.join("bidi");
+        std::fs::create_dir_all(bidi.join("inner")).expect("mkdir");
+        let bidi_s = bidi.display().to_string();
+        run(&["mount", "--bind", &bidi_s, &bidi_s]);
+        run(&["mount", "--make-shared", &bidi_s]);
+        // CRI allows a privileged container only in a privileged pod.
+        let mut pod = Pod::run(handler, "cf-vol2", |p| {
+            p.linux
+                .get_or_insert_with(Default::default)
+                .security_context
+                .get_or_insert_with(Default::default)
+                .privileged = true;
+        })
+        .await;
+        let empty_dir = |c: &mut ContainerConfig| {
+            c.mounts.push(mount(
+                &mem,
+                "/cache",
+                false,
+                MountPropagation::PropagationPrivate,
+            ));
+        };
+        let app = pod
+            .start("app", cri::IDLE, |c| {
+                empty_dir(c);
+                c.mounts.push(mount(
+                    &bidi,
+                    "/bidi",
+                    false,
+                    MountPropagation::PropagationBidirectional,
+                ));
+                security(c).privileged = true;
+            })
+            .await;
+        let other = pod.start("other", cri::IDLE, empty_dir).await;
+        let empty_dir_kib = pod
+            .sh(&app, "df -k /cache | tail -1 | awk '{print $2}'")
+            .await
+            .parse()
+            .unwrap_or(0);
+        let (_, code) = pod
+            .exec(
+                &app,
+                &["sh", "-c", "head -c 20971520 /dev/zero > /cache/big"],
+            )
+            .await;
+        pod.sh(&app, "rm -f /cache/big; echo from-app > /cache/shared")
+            .await;
+        let shared_in_pod = pod.sh(&other, "cat /cache/shared").await;
+        pod.sh(
+            &app,
+            "mount -t tmpfs -o size=1m made-inside /bidi/inner && echo in > /bidi/inner/f",
+        )
+        .await;
+        let bidi_inside = pod.sh(&app, "cat /bidi/inner/f").await;
+        let bidi_on_host = bidi.join("inner/f").exists();
+        pod.remove().await;
+        let _ = Command::new("umount").arg("-R").arg(&bidi).output();
+        let _ = Command::new("umount").arg(&mem).output();
+        let _ = std::fs::remove_dir_all(&dir);
+        Special {
+            empty_dir_kib,
+            over_limit_fails: code != 0,
+            shared_in_pod,
+            bidi_inside,
+            bidi_on_host,
+        }
+    })
+    .await;
+    assert_eq!(
+        seen["runc"],
+        Special {
+            empty_dir_kib: 16384,
+            over_limit_fails: true,
+            shared_in_pod: "from-app".into(),
+            bidi_inside: "in".into(),
+            bidi_on_host: true,
+        },
+        "the oracle"
+    );
+    // By design, a mount made in the guest cannot appear on the host: the VM is the boundary.
+    // Everything else is runc's.
+    assert_eq!(
+        seen["kata"],
+        Special {
+            bidi_on_host: false,
+            ..Special {
+                empty_dir_kib: 16384,
+                over_limit_fails: true,
+                shared_in_pod: "from-app".into(),
+                bidi_inside: "in".into(),
+                bidi_on_host: true,
+            }
+        },
+        "kata"
+    );
+}
