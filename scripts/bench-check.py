@@ -83,6 +83,12 @@ def check(r, png):
         d = ps.get(handler, {})
         need(d.get("run_pod_ms", {}).get("median", 1) <= d.get("pod_ready_ms", {}).get("median", 0),
              f"{handler}: RunPodSandbox at most the pod's readiness")
+    cs = r.get("cri_streaming", {})
+    for rt in ("runc", "kata"):
+        for key in ("exec_ms", "port_forward_mib_s", "configmap_ms"):
+            d = cs.get(rt, {}).get(key, {})
+            need(len(d.get("samples", [])) == cs.get("iterations") and d.get("min", 0) > 0,
+                 f"CRI {key} of {rt}, once per iteration")
     need(r.get("guest_memory_mib", 0) > 0, "the guest memory from the configuration")
     with open(png, "rb") as f:
         need(f.read(8) == b"\x89PNG\r\n\x1a\n", f"{png} is a PNG")

@@ -12,7 +12,7 @@ from .memory import bench_memory, guest_meminfo
 from .metrics import bench_scrape
 from .report import chart, generated, targets, write_markdown
 from .seccomp import bench_seccomp
-from .starts import bench_cold_start, bench_exec, bench_floor, bench_pod_start
+from .starts import bench_cold_start, bench_cri_streaming, bench_exec, bench_floor, bench_pod_start
 from .storage import bench_direct_volume, bench_fs
 
 
@@ -21,13 +21,18 @@ DESCRIPTION = """Benchmarks kata against runc on this machine (see BENCHMARKS.md
 Measures, with the real containerd, kata against runc: cold start (`ctr run --rm IMAGE true`)
 with its breakdown from the shim's tracing spans, the raw-QEMU floor (the sandbox's own QEMU
 command line replayed to the agent's first console line), exec latency, the pod start through
-the CRI, idle host memory (PSS) of 1 and N sandboxes at once, the metrics path, shared-filesystem
+the CRI, exec, port-forward and ConfigMap updates through the CRI, idle host memory (PSS) of 1 and N sandboxes at once, the metrics path, shared-filesystem
 and direct-volume throughput, seccomp's cost and the VM factory. Writes every sample to a JSON
 file, the tables into a Markdown file (between its bench markers) and a PNG chart.
 
-    scripts/bench.py [--iterations N] [--concurrent N] [--fs-mib N] [--files N] [--only pod_start]
+    scripts/bench.py [--iterations N] [--concurrent N] [--fs-mib N] [--files N]
+                     [--only pod_start|cri_streaming]
                      [--out bench/results.json] [--markdown BENCHMARKS.md] [--chart bench/chart.png]
 """
+
+
+# The parts `--only` can run alone.
+ONLY = {"pod_start": bench_pod_start, "cri_streaming": bench_cri_streaming}
 
 
 def main():
@@ -39,7 +44,7 @@ def main():
     p.add_argument("--out", default=os.path.join(HERE, "bench", "results.json"))
     p.add_argument("--markdown", default=os.path.join(HERE, "BENCHMARKS.md"))
     p.add_argument("--chart", default=os.path.join(HERE, "bench", "chart.png"))
-    p.add_argument("--only", choices=["pod_start"],
+    p.add_argument("--only", choices=list(ONLY),
                    help="run this part only and update it in --out (the rest is kept as measured)")
     a = p.parse_args()
     if a.iterations < 1 or a.concurrent < 1 or a.fs_mib < 1 or a.files < 1:
@@ -47,7 +52,7 @@ def main():
     if a.only:
         with open(a.out) as f:
             r = json.load(f)
-        r[a.only] = bench_pod_start(a.iterations)
+        r[a.only] = ONLY[a.only](a.iterations)
         r[a.only]["iterations"] = a.iterations
         r[a.only]["date"] = machine()["date"]
         r["targets"] = [{"target": t, "measured": m, "met": ok} for t, m, ok in targets(r)]
@@ -98,6 +103,8 @@ def main():
     r["scrape"] = bench_scrape(sock, counts)
     r["pod_start"] = bench_pod_start(a.iterations)
     r["pod_start"]["iterations"] = a.iterations
+    r["cri_streaming"] = bench_cri_streaming(a.iterations)
+    r["cri_streaming"]["iterations"] = a.iterations
     work = tempfile.mkdtemp(prefix="kata-bench-")
     try:
         r["factory"] = bench_factory(sock, a.iterations, counts, work)

@@ -85,7 +85,7 @@ PHASE_LABELS = {
 
 def generated(r):
     """BENCHMARKS.md's generated part: one section per measurement."""
-    sections = (header_md, latency_md, pod_start_md, guests_md, breakdown_md, memory_md, factory_md,
+    sections = (header_md, latency_md, pod_start_md, cri_streaming_md, guests_md, breakdown_md, memory_md, factory_md,
                 scrape_md, fs_md, direct_volume_md, seccomp_md)
     return "\n".join(line for section in sections for line in section(r))
 
@@ -150,6 +150,33 @@ def pod_start_md(r):
         for key, what in (("run_pod_ms", "RunPodSandbox"), ("pod_ready_ms", "pod with its container running")):
             d = ps[handler][key]
             lines.append(f"| {handler} | {what} | {d['min']:.0f} | {d['median']:.0f} | {d['max']:.0f} |")
+    return lines
+
+
+def cri_streaming_md(r):
+    cs = r.get("cri_streaming")
+    if not cs:
+        return []
+    lines = [
+        "",
+        f"## Exec, port-forward and ConfigMap updates through the CRI (containerd {cs['containerd']}, "
+        f"{cs.get('iterations', '?')} each{', ' + cs['date'] if cs.get('date') else ''})",
+        "",
+        "As a kubelet's users feel them (crates/shim/examples/cri_streaming.rs): ExecSync of `true`; an HTTP "
+        "GET of a 32 MiB body from a server on the pod's 127.0.0.1 through PortForward and containerd's "
+        "streaming server (websocket, as `kubectl port-forward` through a kubelet; kata relays it through "
+        "the agent, docs/kubernetes.md); a ConfigMap update, from the host's swap of `..data` to the "
+        "container's log line with the new value (the container polls every 10 ms; kata copies the "
+        "volume into the guest, scanned every 100 ms).",
+        "",
+        "| what | runtime | min | median | max |",
+        "|---|---|---|---|---|",
+    ]
+    for key, what in (("exec_ms", "ExecSync `true` (ms)"), ("port_forward_mib_s", "port-forward (MiB/s)"),
+                      ("configmap_ms", "ConfigMap update to the container (ms)")):
+        for rt in ("runc", "kata"):
+            d = cs[rt][key]
+            lines.append(f"| {what} | {rt} | {d['min']:.1f} | {d['median']:.1f} | {d['max']:.1f} |")
     return lines
 
 

@@ -66,6 +66,30 @@ def bench_pod_start(n, version="2.1"):
     return res
 
 
+def bench_cri_streaming(n, version="1.6"):
+    """What a kubelet's users feel through containerd VERSION's CRI plugin, `runc` beside `kata`:
+    ExecSync latency, port-forward throughput over the streaming server's websocket, and a
+    ConfigMap update's time to the container (crates/shim/examples/cri_streaming.rs)."""
+    cs = os.path.join(HERE, "scripts", "containerd.sh")
+    sock = sh(cs, "start", version).stdout.strip()
+    netns = sh(cs, "netns", version).stdout.strip()
+    ctr_bin = os.path.join(sh(cs, "bin", version).stdout.strip(), "ctr")
+    pause = '["/bin/sh","-c","trap \'exit 0\' TERM INT; while :; do sleep 3600 & wait $!; done"]'
+    for ref, entry in ((IMAGE, None), ("kata.local/pause:3.6", pause)):
+        tar = f"/tmp/kata-bench-stream-{ref.replace('/', '_').replace(':', '_')}.tar"
+        sh(os.path.join(HERE, "scripts", "busybox-image.sh"), tar, ref, *([entry] if entry else []))
+        sh(ctr_bin, "-a", sock, "-n", "k8s.io", "images", "import", tar)
+        os.unlink(tar)
+    sh("cargo", "build", "--quiet", "--manifest-path", os.path.join(HERE, "Cargo.toml"),
+       "-p", "containerd-shim-kata-v2", "--example", "cri_streaming")
+    tool = os.path.join(HERE, "target", "debug", "examples", "cri_streaming")
+    res = {"containerd": version}
+    for handler in ("runc", "kata"):
+        out = json.loads(sh(tool, sock, netns, handler, str(n)).stdout)
+        res[handler] = {k: summary(v) for k, v in out.items()}
+    return res
+
+
 def bench_exec(sock, n):
     res = {}
     for name, rt in RUNTIMES.items():

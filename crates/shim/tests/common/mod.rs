@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 pub mod cri;
+pub mod ws;
 
 /// The repository root.
 pub fn repo() -> &'static Path {

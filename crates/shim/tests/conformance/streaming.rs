@@ -4,90 +4,9 @@
 //! byte per message, 0 stdin, 1 stdout, 2 stderr, 3 the status, 4 terminal resize; port-forward:
 //! a data and an error channel per port, each opened with the port's two bytes).
 
-use futures_util::{SinkExt, StreamExt};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::Message;
-
 use super::*;
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-/// A TCP connection to `addr` made inside containerd's network namespace (the test set-up
-/// runs containerd in one of its own, where its streaming server listens on 127.0.0.1).
-fn connect_in_containerd_netns(addr: &str) -> std::net::TcpStream {
-    let ns = format!("/run/netns/{}", common::containerd(&["netns"]));
-    let ns = std::fs::File::open(&ns).unwrap_or_else(|e| panic!("{ns}: {e}"));
-    let addr = addr.to_string();
-    std::thread::spawn(move || {
-        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        std::net::TcpStream::connect(&addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"))
-    })
-    .join()
-    .expect("connect thread")
-}
-
-/// Connects to a streaming URL (`http://HOST:PORT/...`) with the kubelet's channel protocol.
-async fn connect(url: &str) -> Ws {
-    let url = url.replacen("http://", "ws://", 1);
-    let mut req = url.as_str().into_client_request().expect("request");
-    req.headers_mut().insert(
-        "Sec-WebSocket-Protocol",
-        "v4.channel.k8s.io".parse().expect("header"),
-    );
-    let authority = req.uri().authority().expect("host:port").to_string();
-    let tcp = connect_in_containerd_netns(&authority);
-    tcp.set_nonblocking(true).expect("nonblocking");
-    let tcp = tokio::net::TcpStream::from_std(tcp).expect("tokio stream");
-    let (ws, _) =
-        tokio_tungstenite::client_async(req, tokio_tungstenite::MaybeTlsStream::Plain(tcp))
-            .await
-            .unwrap_or_else(|e| panic!("websocket {url}: {e}"));
-    ws
-}
-
-async fn send(ws: &mut Ws, channel: u8, data: &[u8]) {
-    let mut m = vec![channel];
-    m.extend_from_slice(data);
-    ws.send(Message::Binary(m)).await.expect("send");
-}
-
-/// Everything received per channel until the server closes (at most `within`).
-async fn drain(ws: &mut Ws, within: Duration) -> BTreeMap<u8, Vec<u8>> {
-    let mut got: BTreeMap<u8, Vec<u8>> = BTreeMap::new();
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        match tokio::time::timeout_at(deadline, ws.next()).await {
-            Ok(Some(Ok(Message::Binary(m)))) => {
-                if let Some((c, rest)) = m.split_first() {
-                    got.entry(*c).or_default().extend_from_slice(rest);
-                }
-            }
-            Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Ok(Some(Err(_))) => return got,
-            Ok(Some(Ok(_))) => {}
-            Err(_) => panic!("the stream did not end in {within:?}; got {got:?}"),
-        }
-    }
-}
-
-/// Reads until channel `channel` holds `needle` (at most `within`); what was read.
-async fn read_until(ws: &mut Ws, channel: u8, needle: &str, within: Duration) -> String {
-    let mut got = Vec::new();
-    let deadline = tokio::time::Instant::now() + within;
-    while !String::from_utf8_lossy(&got).contains(needle) {
-        match tokio::time::timeout_at(deadline, ws.next()).await {
-            Ok(Some(Ok(Message::Binary(m)))) if m.first() == Some(&channel) => {
-                got.extend_from_slice(&m[1..])
-            }
-            Ok(Some(Ok(_))) => {}
-            other => panic!(
-                "no {needle:?} on channel {channel}: {other:?}; got {:?}",
-                String::from_utf8_lossy(&got)
-            ),
-        }
-    }
-    String::from_utf8_lossy(&got).into_owned()
-}
+use common::ws::{connect, drain, read_until, send, text};
 
 /// The exit code in a v4 status message (`{"status":"Success"}` is 0).
 fn exit_code(status: &[u8]) -> i32 {
@@ -101,10 +20,6 @@ fn exit_code(status: &[u8]) -> i32 {
         .and_then(|r| r.split('"').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no exit code in the status {s}"))
-}
-
-fn text(got: &BTreeMap<u8, Vec<u8>>, channel: u8) -> String {
-    String::from_utf8_lossy(got.get(&channel).map(Vec::as_slice).unwrap_or_default()).into_owned()
 }
 
 /// What one handler's streams gave.
