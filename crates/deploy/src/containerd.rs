@@ -1,0 +1,246 @@
+//! The node's containerd configuration: the runtimes `kata` and `kata-qemu` added, as a drop-in
+//! where the configuration imports a directory of them, else by a minimal edit of the file that
+//! keeps the rest of it, comments included (parsed and written with `toml_edit`, never by text
+//! substitution). Version 2 (containerd 1.6 and 1.7) and version 3 (2.x) each have their own
+//! table path; version 1 is refused.
+
+use std::path::{Path, PathBuf};
+
+use toml_edit::{value, Array, DocumentMut, Item, Table};
+
+use crate::DeployError;
+
+/// The runtime handlers added, with the configuration file each one runs.
+pub const HANDLERS: [(&str, &str); 2] = [
+    ("kata", "configuration.toml"),
+    ("kata-qemu", "configuration-qemu.toml"),
+];
+
+/// The file name of the drop-in written into an imported directory.
+pub const DROP_IN: &str = "kata-deploy.toml";
+
+/// The CRI plugin's table that holds runtimes, for a configuration version.
+pub fn runtimes_path(version: i64) -> Result<[&'static str; 4], DeployError> {
+    match version {
+        2 => Ok([
+            "plugins",
+            "io.containerd.grpc.v1.cri",
+            "containerd",
+            "runtimes",
+        ]),
+        3 => Ok([
+            "plugins",
+            "io.containerd.cri.v1.runtime",
+            "containerd",
+            "runtimes",
+        ]),
+        v => Err(DeployError::Config(format!(
+            "containerd configuration version {v} is not supported (2 for containerd 1.6/1.7, 3 for 2.x); \
+             migrate it with `containerd config migrate`"
+        ))),
+    }
+}
+
+/// How the runtimes get into the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    /// A drop-in file at this path (the configuration imports its directory); the
+    /// configuration itself is untouched.
+    DropIn(PathBuf),
+    /// The configuration file edited in place, to this text.
+    Edit(String),
+}
+
+/// The `version` of a configuration text (containerd's default for none is 1).
+pub fn version_of(doc: &DocumentMut) -> i64 {
+    doc.get("version").and_then(Item::as_integer).unwrap_or(1)
+}
+
+fn handler_table(prefix: &Path, config_file: &str) -> Table {
+    let mut t = Table::new();
+    t.insert("runtime_type", value("io.containerd.kata.v2"));
+    t.insert(
+        "runtime_path",
+        value(
+            prefix
+                .join("bin/containerd-shim-kata-v2")
+                .display()
+                .to_string(),
+        ),
+    );
+    t.insert("privileged_without_host_devices", value(true));
+    let mut ann = Array::new();
+    ann.push("io.katacontainers.*");
+    t.insert("pod_annotations", value(ann));
+    let mut opts = Table::new();
+    opts.insert(
+        "ConfigPath",
+        value(
+            prefix
+                .join("share/defaults/kata-containers")
+                .join(config_file)
+                .display()
+                .to_string(),
+        ),
+    );
+    t.insert("options", Item::Table(opts));
+    t
+}
+
+/// Adds the handlers to `doc` at the runtimes table of `version` (tables made as needed,
+/// implicit so that no empty headers appear); an existing handler of the same name is replaced.
+fn add_handlers(doc: &mut DocumentMut, version: i64, prefix: &Path) -> Result<(), DeployError> {
+    let path = runtimes_path(version)?;
+    let mut cur: &mut Table = doc.as_table_mut();
+    for key in path {
+        let entry = cur.entry(key).or_insert_with(|| {
+            let mut t = Table::new();
+            t.set_implicit(true);
+            Item::Table(t)
+        });
+        cur = entry.as_table_mut().ok_or_else(|| {
+            DeployError::Config(format!(
+                "containerd configuration: `{key}` is not a table (under {})",
+                path.join(".")
+            ))
+        })?;
+    }
+    for (name, file) in HANDLERS {
+        cur.insert(name, Item::Table(handler_table(prefix, file)));
+    }
+    Ok(())
+}
+
+/// The directory of the first `imports` entry of the form `DIR/*.toml`, if any.
+pub fn import_dir(doc: &DocumentMut) -> Option<PathBuf> {
+    doc.get("imports")?.as_array()?.iter().find_map(|v| {
+        let s = v.as_str()?;
+        let dir = s.strip_suffix("/*.toml")?;
+        (!dir.is_empty() && !dir.contains('*')).then(|| PathBuf::from(dir))
+    })
+}
+
+/// What to do with the configuration `text` (the node's, as read) for runtimes installed at
+/// `prefix`; with the drop-in, also its text.
+pub fn plan(text: &str, prefix: &Path) -> Result<(Plan, Option<String>), DeployError> {
+    let doc: DocumentMut = text
+        .parse()
+        .map_err(|e| DeployError::Config(format!("containerd configuration is not TOML: {e}")))?;
+    let version = version_of(&doc);
+    runtimes_path(version)?;
+    if let Some(dir) = import_dir(&doc) {
+        let mut drop_in = DocumentMut::new();
+        drop_in.insert("version", value(version));
+        add_handlers(&mut drop_in, version, prefix)?;
+        let text =
+            format!("# Written by kata-deploy; removed by `kata-deploy uninstall`.\n{drop_in}");
+        return Ok((Plan::DropIn(dir.join(DROP_IN)), Some(text)));
+    }
+    let mut doc = doc;
+    add_handlers(&mut doc, version, prefix)?;
+    Ok((Plan::Edit(doc.to_string()), None))
+}
+
+/// The runtime handlers a configuration (with its drop-in, if given) defines.
+pub fn handlers_in(text: &str) -> Result<Vec<String>, DeployError> {
+    let doc: DocumentMut = text
+        .parse()
+        .map_err(|e| DeployError::Config(format!("containerd configuration is not TOML: {e}")))?;
+    let path = runtimes_path(version_of(&doc))?;
+    let mut cur = doc.as_item();
+    for key in path {
+        match cur.get(key) {
+            Some(next) => cur = next,
+            None => return Ok(Vec::new()),
+        }
+    }
+    Ok(cur
+        .as_table_like()
+        .map(|t| t.iter().map(|(k, _)| k.to_string()).collect())
+        .unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const V2: &str = r#"# The node's own settings.
+version = 2
+root = "/var/lib/containerd"  # where images live
+
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "registry.k8s.io/pause:3.9"
+
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+    runtime_type = "io.containerd.runc.v2"
+"#;
+
+    #[test]
+    fn a_version_2_file_is_edited_keeping_everything_else() {
+        let (plan, drop_in) = plan(V2, Path::new("/opt/kata")).expect("plan");
+        assert!(drop_in.is_none());
+        let Plan::Edit(text) = plan else {
+            panic!("expected an edit")
+        };
+        // Every line of the original is still there, comments and indentation included.
+        for line in V2.lines() {
+            assert!(text.contains(line), "lost {line:?} in\n{text}");
+        }
+        assert_eq!(
+            handlers_in(&text).expect("parse"),
+            ["runc", "kata", "kata-qemu"]
+        );
+        let doc: DocumentMut = text.parse().expect("toml");
+        let kata = &doc["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"]["kata"];
+        assert_eq!(kata["runtime_type"].as_str(), Some("io.containerd.kata.v2"));
+        assert_eq!(
+            kata["runtime_path"].as_str(),
+            Some("/opt/kata/bin/containerd-shim-kata-v2")
+        );
+        assert_eq!(
+            kata["options"]["ConfigPath"].as_str(),
+            Some("/opt/kata/share/defaults/kata-containers/configuration.toml")
+        );
+        assert_eq!(
+            kata["privileged_without_host_devices"].as_bool(),
+            Some(true)
+        );
+        // Planning again on the result changes nothing more.
+        let Plan::Edit(again) = super::plan(&text, Path::new("/opt/kata")).expect("plan").0 else {
+            panic!("expected an edit")
+        };
+        assert_eq!(again, text);
+    }
+
+    #[test]
+    fn a_version_3_file_with_imports_gets_a_drop_in() {
+        let v3 = "version = 3\nimports = [\"/etc/containerd/conf.d/*.toml\"]\n";
+        let (plan, drop_in) = plan(v3, Path::new("/opt/kata")).expect("plan");
+        assert_eq!(
+            plan,
+            Plan::DropIn(PathBuf::from("/etc/containerd/conf.d/kata-deploy.toml"))
+        );
+        let drop_in = drop_in.expect("drop-in text");
+        assert_eq!(handlers_in(&drop_in).expect("parse"), ["kata", "kata-qemu"]);
+        assert!(
+            drop_in.contains("[plugins.\"io.containerd.cri.v1.runtime\".containerd.runtimes.kata]")
+        );
+    }
+
+    #[test]
+    fn an_empty_or_old_or_broken_configuration() {
+        // No file: containerd's defaults are version 1, which has no place for them.
+        assert!(matches!(
+            plan("", Path::new("/opt/kata")),
+            Err(DeployError::Config(_))
+        ));
+        assert!(plan("version = 1\n", Path::new("/opt/kata")).is_err());
+        assert!(plan("version = 2\n[plugins\n", Path::new("/opt/kata")).is_err());
+        // A key in the way that is not a table.
+        assert!(plan("version = 2\nplugins = 3\n", Path::new("/opt/kata")).is_err());
+        let (Plan::Edit(text), _) = plan("version = 2\n", Path::new("/x")).expect("plan") else {
+            panic!("expected an edit")
+        };
+        assert_eq!(handlers_in(&text).expect("parse"), ["kata", "kata-qemu"]);
+    }
+}
