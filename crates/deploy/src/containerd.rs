@@ -87,9 +87,37 @@ fn handler_table(prefix: &Path, config_file: &str) -> Table {
     t
 }
 
+/// The default runtime's name in `doc` (`containerd.default_runtime_name` of the CRI plugin,
+/// `runc` unless set) and whether `doc` configures it.
+fn default_runtime(doc: &DocumentMut, version: i64) -> Result<(String, bool), DeployError> {
+    let path = runtimes_path(version)?;
+    let containerd = doc
+        .get(path[0])
+        .and_then(|p| p.get(path[1]))
+        .and_then(|c| c.get(path[2]));
+    let name = containerd
+        .and_then(|c| c.get("default_runtime_name"))
+        .and_then(Item::as_str)
+        .unwrap_or("runc")
+        .to_string();
+    let present = containerd
+        .and_then(|c| c.get(path[3]))
+        .and_then(|r| r.get(&name))
+        .is_some();
+    Ok((name, present))
+}
+
 /// Adds the handlers to `doc` at the runtimes table of `version` (tables made as needed,
 /// implicit so that no empty headers appear); an existing handler of the same name is replaced.
-fn add_handlers(doc: &mut DocumentMut, version: i64, prefix: &Path) -> Result<(), DeployError> {
+/// With `default_runc`, also containerd's built-in `runc` stanza: a configured runtimes table
+/// replaces containerd's built-in one, and a node whose default runtime came from it would
+/// otherwise lose it (containerd refuses to start its CRI plugin then).
+fn add_handlers(
+    doc: &mut DocumentMut,
+    version: i64,
+    prefix: &Path,
+    default_runc: bool,
+) -> Result<(), DeployError> {
     let path = runtimes_path(version)?;
     let mut cur: &mut Table = doc.as_table_mut();
     for key in path {
@@ -104,6 +132,11 @@ fn add_handlers(doc: &mut DocumentMut, version: i64, prefix: &Path) -> Result<()
                 path.join(".")
             ))
         })?;
+    }
+    if default_runc && !cur.contains_key("runc") {
+        let mut runc = Table::new();
+        runc.insert("runtime_type", value("io.containerd.runc.v2"));
+        cur.insert("runc", Item::Table(runc));
     }
     for (name, file) in HANDLERS {
         cur.insert(name, Item::Table(handler_table(prefix, file)));
@@ -127,17 +160,23 @@ pub fn plan(text: &str, prefix: &Path) -> Result<(Plan, Option<String>), DeployE
         .parse()
         .map_err(|e| DeployError::Config(format!("containerd configuration is not TOML: {e}")))?;
     let version = version_of(&doc);
-    runtimes_path(version)?;
+    let (default, configured) = default_runtime(&doc, version)?;
+    if !configured && default != "runc" {
+        return Err(DeployError::Config(format!(
+            "containerd's default runtime {default:?} is not configured in this file;              configure it before adding kata"
+        )));
+    }
+    let default_runc = !configured;
     if let Some(dir) = import_dir(&doc) {
         let mut drop_in = DocumentMut::new();
         drop_in.insert("version", value(version));
-        add_handlers(&mut drop_in, version, prefix)?;
+        add_handlers(&mut drop_in, version, prefix, default_runc)?;
         let text =
             format!("# Written by kata-deploy; removed by `kata-deploy uninstall`.\n{drop_in}");
         return Ok((Plan::DropIn(dir.join(DROP_IN)), Some(text)));
     }
     let mut doc = doc;
-    add_handlers(&mut doc, version, prefix)?;
+    add_handlers(&mut doc, version, prefix, default_runc)?;
     Ok((Plan::Edit(doc.to_string()), None))
 }
 
@@ -221,7 +260,11 @@ root = "/var/lib/containerd"  # where images live
             Plan::DropIn(PathBuf::from("/etc/containerd/conf.d/kata-deploy.toml"))
         );
         let drop_in = drop_in.expect("drop-in text");
-        assert_eq!(handlers_in(&drop_in).expect("parse"), ["kata", "kata-qemu"]);
+        // containerd's built-in runc written out: a configured table replaces the built-in one.
+        assert_eq!(
+            handlers_in(&drop_in).expect("parse"),
+            ["runc", "kata", "kata-qemu"]
+        );
         assert!(
             drop_in.contains("[plugins.\"io.containerd.cri.v1.runtime\".containerd.runtimes.kata]")
         );
@@ -241,6 +284,12 @@ root = "/var/lib/containerd"  # where images live
         let (Plan::Edit(text), _) = plan("version = 2\n", Path::new("/x")).expect("plan") else {
             panic!("expected an edit")
         };
-        assert_eq!(handlers_in(&text).expect("parse"), ["kata", "kata-qemu"]);
+        assert_eq!(
+            handlers_in(&text).expect("parse"),
+            ["runc", "kata", "kata-qemu"]
+        );
+        // A default runtime of the node's own that this file does not configure: refused.
+        let other = "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  default_runtime_name = \"crun\"\n";
+        assert!(plan(other, Path::new("/x")).is_err());
     }
 }
