@@ -10,6 +10,7 @@
 
 pub mod containerd;
 pub mod cri;
+pub mod label;
 pub mod payload;
 
 use std::path::{Path, PathBuf};
@@ -58,6 +59,10 @@ pub struct Node {
     pub restart: String,
     /// How long containerd may take to answer after a restart.
     pub restart_timeout: Duration,
+    /// The node's name in the cluster (labelled through the Kubernetes API); None: not labelled.
+    pub node_name: Option<String>,
+    /// The Kubernetes API's URL; None: the in-cluster service account's.
+    pub kube_api: Option<String>,
 }
 
 impl Node {
@@ -219,6 +224,13 @@ pub fn install(node: &Node, payload_dir: &Path, release: &str) -> Result<(), Dep
 
 /// `kata-deploy uninstall`.
 pub fn uninstall(node: &Node) -> Result<(), DeployError> {
+    if let Some(name) = &node.node_name {
+        label::set(name, None, node.kube_api.as_deref())?;
+        eprintln!(
+            "kata-deploy: label {} removed from node {name}",
+            label::LABEL
+        );
+    }
     if restore_original(node)? {
         restart(node)?;
         let handlers = wait_for_manager(node)?;

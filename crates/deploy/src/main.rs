@@ -38,6 +38,13 @@ struct NodeArgs {
     /// Seconds containerd may take to answer after a restart.
     #[arg(long, default_value_t = 60)]
     restart_timeout: u64,
+    /// The node's name, to label it `katacontainers.io/kata-runtime=true` (the DaemonSet passes
+    /// `spec.nodeName`); unset: the node is not labelled.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// The Kubernetes API's URL (default: the in-cluster service account's).
+    #[arg(long)]
+    kube_api: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -52,6 +59,9 @@ enum Command {
         /// The release's name (its directory next to earlier ones).
         #[arg(long, env = "KATA_RELEASE")]
         release: String,
+        /// After installing, stay (until SIGTERM): the DaemonSet's container keeps running.
+        #[arg(long)]
+        stay: bool,
     },
     /// Restores containerd's configuration byte for byte, restarts it, removes the payload.
     Uninstall {
@@ -78,6 +88,8 @@ fn node(a: NodeArgs) -> Node {
         containerd_socket: a.containerd_socket,
         restart: a.restart,
         restart_timeout: Duration::from_secs(a.restart_timeout),
+        node_name: a.node_name,
+        kube_api: a.kube_api,
     }
 }
 
@@ -87,7 +99,15 @@ fn main() {
             node: n,
             payload,
             release,
-        } => kata_deploy::install(&node(n), &payload, &release),
+            stay,
+        } => kata_deploy::install(&node(n), &payload, &release).map(|()| {
+            if stay {
+                eprintln!("kata-deploy: installed; staying until stopped");
+                loop {
+                    std::thread::park();
+                }
+            }
+        }),
         Command::Uninstall { node: n } => kata_deploy::uninstall(&node(n)),
         Command::Status { node: n } => kata_deploy::status(&node(n)).map(|s| print!("{s}")),
         Command::Manifest { payload: p } => payload::write_manifest(&p),
