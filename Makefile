@@ -42,6 +42,7 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	/usr/bin/python3 scripts/check-layers.py
+	scripts/check-manifests.sh
 
 # Unit tests only (no root, no QEMU).
 unit:

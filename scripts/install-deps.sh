@@ -21,6 +21,7 @@ packages=(
   e2fsprogs xfsprogs          # direct-volume tests (ext4 and xfs on loop devices)
   jq curl
   gcc libc6-dev     # the linker cargo uses, and the tests' small static helpers
+  python3-venv      # the offline schema check of deploy/ (scripts/check-manifests.sh)
 )
 missing=()
 for p in "${packages[@]}"; do

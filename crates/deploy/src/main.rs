@@ -67,6 +67,10 @@ enum Command {
     Uninstall {
         #[command(flatten)]
         node: NodeArgs,
+        /// After uninstalling, stay (until SIGTERM): the cleanup DaemonSet's container keeps
+        /// running instead of being restarted.
+        #[arg(long)]
+        stay: bool,
     },
     /// The current release, containerd's runtime handlers, where QEMU is.
     Status {
@@ -93,6 +97,16 @@ fn node(a: NodeArgs) -> Node {
     }
 }
 
+/// With `--stay`: waits until the process is stopped (a DaemonSet's container must keep running).
+fn stay_if(stay: bool) {
+    if stay {
+        eprintln!("kata-deploy: done; staying until stopped");
+        loop {
+            std::thread::park();
+        }
+    }
+}
+
 fn main() {
     let r = match Cli::parse().command {
         Command::Install {
@@ -100,15 +114,10 @@ fn main() {
             payload,
             release,
             stay,
-        } => kata_deploy::install(&node(n), &payload, &release).map(|()| {
-            if stay {
-                eprintln!("kata-deploy: installed; staying until stopped");
-                loop {
-                    std::thread::park();
-                }
-            }
-        }),
-        Command::Uninstall { node: n } => kata_deploy::uninstall(&node(n)),
+        } => kata_deploy::install(&node(n), &payload, &release).map(|()| stay_if(stay)),
+        Command::Uninstall { node: n, stay } => {
+            kata_deploy::uninstall(&node(n)).map(|()| stay_if(stay))
+        }
         Command::Status { node: n } => kata_deploy::status(&node(n)).map(|s| print!("{s}")),
         Command::Manifest { payload: p } => payload::write_manifest(&p),
     };
