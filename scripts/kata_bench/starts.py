@@ -42,23 +42,36 @@ def bench_cold_start(sock, n, name, rt, cfg=None):
     return summary(samples)
 
 
+def cri_containerd(version):
+    """containerd VERSION started, the busybox and pause images in its CRI namespace: its socket and
+    network namespace."""
+    cs = os.path.join(HERE, "scripts", "containerd.sh")
+    sock = sh(cs, "start", version).stdout.strip()
+    netns = sh(cs, "netns", version).stdout.strip()
+    ctr_bin = os.path.join(sh(cs, "bin", version).stdout.strip(), "ctr")
+    pause = '["/bin/sh","-c","trap \'exit 0\' TERM INT; while :; do sleep 3600 & wait $!; done"]'
+    for ref, entry in ((IMAGE, None), ("kata.local/pause:3.6", pause)):
+        tar = f"/tmp/kata-bench-cri-{ref.replace('/', '_').replace(':', '_')}.tar"
+        sh(os.path.join(HERE, "scripts", "busybox-image.sh"), tar, ref, *([entry] if entry else []))
+        sh(ctr_bin, "-a", sock, "-n", "k8s.io", "images", "import", tar)
+        os.unlink(tar)
+    return sock, netns
+
+
+def build_example(name):
+    """Builds the shim crate's example NAME; its path."""
+    sh("cargo", "build", "--quiet", "--manifest-path", os.path.join(HERE, "Cargo.toml"),
+       "-p", "containerd-shim-kata-v2", "--example", name)
+    return os.path.join(HERE, "target", "debug", "examples", name)
+
+
 def bench_pod_start(n, version="2.1"):
     """A CRI pod (RunPodSandbox, then one container running, then stop and remove) through
     containerd VERSION's CRI plugin, with the `kata` handler (containerd runs a pause container
     in the VM) and `kata-sandbox-api` (containerd 2.x's sandbox API: the shim is asked for the
     pod, no pause container); crates/shim/examples/pod_start.rs drives it as a kubelet would."""
-    cs = os.path.join(HERE, "scripts", "containerd.sh")
-    sock = sh(cs, "start", version).stdout.strip()
-    ctr_bin = os.path.join(sh(cs, "bin", version).stdout.strip(), "ctr")
-    pause = '["/bin/sh","-c","trap \'exit 0\' TERM INT; while :; do sleep 3600 & wait $!; done"]'
-    for ref, entry in ((IMAGE, None), ("kata.local/pause:3.6", pause)):
-        tar = f"/tmp/kata-bench-pod-{ref.replace('/', '_').replace(':', '_')}.tar"
-        sh(os.path.join(HERE, "scripts", "busybox-image.sh"), tar, ref, *([entry] if entry else []))
-        sh(ctr_bin, "-a", sock, "-n", "k8s.io", "images", "import", tar)
-        os.unlink(tar)
-    sh("cargo", "build", "--quiet", "--manifest-path", os.path.join(HERE, "Cargo.toml"),
-       "-p", "containerd-shim-kata-v2", "--example", "pod_start")
-    tool = os.path.join(HERE, "target", "debug", "examples", "pod_start")
+    sock, _ = cri_containerd(version)
+    tool = build_example("pod_start")
     res = {"containerd": version}
     for handler in ("kata", "kata-sandbox-api"):
         out = json.loads(sh(tool, sock, handler, str(n)).stdout)
@@ -70,19 +83,8 @@ def bench_cri_streaming(n, version="1.6"):
     """What a kubelet's users feel through containerd VERSION's CRI plugin, `runc` beside `kata`:
     ExecSync latency, port-forward throughput over the streaming server's websocket, and a
     ConfigMap update's time to the container (crates/shim/examples/cri_streaming.rs)."""
-    cs = os.path.join(HERE, "scripts", "containerd.sh")
-    sock = sh(cs, "start", version).stdout.strip()
-    netns = sh(cs, "netns", version).stdout.strip()
-    ctr_bin = os.path.join(sh(cs, "bin", version).stdout.strip(), "ctr")
-    pause = '["/bin/sh","-c","trap \'exit 0\' TERM INT; while :; do sleep 3600 & wait $!; done"]'
-    for ref, entry in ((IMAGE, None), ("kata.local/pause:3.6", pause)):
-        tar = f"/tmp/kata-bench-stream-{ref.replace('/', '_').replace(':', '_')}.tar"
-        sh(os.path.join(HERE, "scripts", "busybox-image.sh"), tar, ref, *([entry] if entry else []))
-        sh(ctr_bin, "-a", sock, "-n", "k8s.io", "images", "import", tar)
-        os.unlink(tar)
-    sh("cargo", "build", "--quiet", "--manifest-path", os.path.join(HERE, "Cargo.toml"),
-       "-p", "containerd-shim-kata-v2", "--example", "cri_streaming")
-    tool = os.path.join(HERE, "target", "debug", "examples", "cri_streaming")
+    sock, netns = cri_containerd(version)
+    tool = build_example("cri_streaming")
     res = {"containerd": version}
     for handler in ("runc", "kata"):
         out = json.loads(sh(tool, sock, netns, handler, str(n)).stdout)

@@ -119,6 +119,15 @@ pub fn copy_file(root: &Path, req: &CopyFileRequest) -> Result<(), GuestError> {
             req.data.len()
         )));
     }
+    // Missing parents are made 0755; another mode for them is not honoured, so refused (the
+    // runtime copies each directory itself, with its mode, before what is in it).
+    if req.dir_mode != 0 && req.dir_mode & 0o7777 != 0o755 {
+        return Err(invalid(format!(
+            "CopyFile {}: dir_mode {:o} is not supported (0 or 0755); copy the directory first \
+             with its mode (file_mode S_IFDIR)",
+            req.path, req.dir_mode
+        )));
+    }
     let dir = parent_dir(root, &parent)?;
     let cname = cstr(name.as_bytes())?;
     let perm = req.file_mode & 0o7777;

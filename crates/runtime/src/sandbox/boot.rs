@@ -111,16 +111,10 @@ impl Sandbox {
                 .await?;
         }
         // The kubelet's port-forward dials the pod's loopback in its network namespace.
-        let relay = match spec.netns.as_deref() {
-            Some(ns) => match super::forward::start(ns, &agent) {
-                Ok(r) => Some(r),
-                Err(e) => {
-                    tracing::warn!("{e}; kubectl port-forward will not reach this pod");
-                    None
-                }
-            },
-            None => None,
-        };
+        let relay = spec
+            .netns
+            .as_deref()
+            .map(|ns| super::forward::start(ns, &agent));
         let Some(vm) = started.vm.take() else {
             return Err(SandboxError::Invalid("the sandbox's VM is gone".into()));
         };

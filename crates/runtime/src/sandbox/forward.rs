@@ -27,14 +27,12 @@ const CHUNK: usize = 128 * 1024;
 /// The relay of a sandbox: stops when dropped.
 #[derive(Debug)]
 pub struct Relay {
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for Relay {
     fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
+        self.task.abort();
     }
 }
 
@@ -174,34 +172,64 @@ fn original_port(sock: &tokio::net::TcpStream, v6: bool) -> std::io::Result<u16>
     }
 }
 
-/// Starts the relay in the pod's network namespace `netns`.
-pub fn start(netns: &Path, agent: &AgentClient) -> Result<Relay, SandboxError> {
-    let l = listen_in(netns)?;
-    let mut tasks = Vec::new();
-    for (std_listener, v6) in std::iter::once((l.v4, false)).chain(l.v6.map(|l| (l, true))) {
-        let listener = tokio::net::TcpListener::from_std(std_listener)
-            .map_err(|e| fail(netns, "listener", e))?;
-        let agent = agent.clone();
-        tasks.push(tokio::spawn(async move {
-            let own = listener.local_addr().map(|a| a.port()).unwrap_or(0);
-            loop {
-                let Ok((sock, _)) = listener.accept().await else {
-                    continue;
-                };
-                let port = match original_port(&sock, v6) {
-                    Ok(p) if p != own => p,
-                    _ => continue, // Not redirected: nobody's connection to forward.
-                };
-                let agent = agent.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = relay(&agent, sock, port).await {
-                        tracing::warn!("port-forward to port {port}: {e}");
-                    }
-                });
+/// Starts the relay in the pod's network namespace `netns`. The namespace's set-up (the
+/// listeners, two `iptables` runs) happens in the relay's own task, off the sandbox's boot; a
+/// failure there is logged (port-forward then fails as it did without the relay).
+pub fn start(netns: &Path, agent: &AgentClient) -> Relay {
+    let netns = netns.to_path_buf();
+    let agent = agent.clone();
+    let task = tokio::spawn(async move {
+        let ns = netns.clone();
+        let l = match tokio::task::spawn_blocking(move || listen_in(&ns)).await {
+            Ok(Ok(l)) => l,
+            Ok(Err(e)) => {
+                tracing::warn!("{e}; kubectl port-forward will not reach this pod");
+                return;
             }
-        }));
+            Err(_) => return,
+        };
+        let v4 = serve(l.v4, false, &agent, &netns);
+        let v6 = async {
+            if let Some(l) = l.v6 {
+                serve(l, true, &agent, &netns).await;
+            }
+        };
+        tokio::join!(v4, v6);
+    });
+    Relay { task }
+}
+
+/// Accepts redirected connections on one listener and relays each.
+async fn serve(l: std::net::TcpListener, v6: bool, agent: &AgentClient, netns: &Path) {
+    let listener = match tokio::net::TcpListener::from_std(l) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!("{}", fail(netns, "listener", e));
+            return;
+        }
+    };
+    let own = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+    loop {
+        let sock = match listener.accept().await {
+            Ok((sock, _)) => sock,
+            Err(e) => {
+                // Out of descriptors, say: wait rather than spin.
+                tracing::warn!("{}", fail(netns, "accept", e));
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let port = match original_port(&sock, v6) {
+            Ok(p) if p != own => p,
+            _ => continue, // Not redirected: nobody's connection to forward.
+        };
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            if let Err(e) = relay(&agent, sock, port).await {
+                tracing::warn!("port-forward to port {port}: {e}");
+            }
+        });
     }
-    Ok(Relay { tasks })
 }
 
 /// Relays one connection to `port` in the guest until both sides closed.

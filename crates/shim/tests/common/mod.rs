@@ -41,6 +41,19 @@ pub fn import_image_with(
     reference: &str,
     entrypoint: Option<&str>,
 ) {
+    build_and_import(ctr, sock, namespace, reference, entrypoint, &[]);
+}
+
+/// scripts/busybox-image.sh for `reference` (with `entrypoint`, and `env` for its FILES or
+/// SYMLINKS), imported into `namespace` with `ctr`.
+fn build_and_import(
+    ctr: &Path,
+    sock: &str,
+    namespace: &str,
+    reference: &str,
+    entrypoint: Option<&str>,
+    env: &[(&str, String)],
+) {
     // A file of this call's own: tests running side by side import the same reference.
     static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -54,7 +67,13 @@ pub fn import_image_with(
     if let Some(e) = entrypoint {
         cmd.arg(e);
     }
-    assert!(cmd.status().expect("busybox-image.sh").success());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    assert!(
+        cmd.status().expect("busybox-image.sh").success(),
+        "build {reference}"
+    );
     let st = Command::new(ctr)
         .args(["-a", sock, "-n", namespace, "images", "import"])
         .arg(&tar)
@@ -73,31 +92,18 @@ pub fn import_image_with_files(
     reference: &str,
     files: &[(&Path, &str)],
 ) {
-    let tar: PathBuf = std::env::temp_dir().join(format!(
-        "kata-test-{}-{}.tar",
-        reference.replace(['/', ':'], "_"),
-        std::process::id()
-    ));
     let list: Vec<String> = files
         .iter()
         .map(|(h, i)| format!("{}:{i}", h.display()))
         .collect();
-    let st = Command::new(repo().join("scripts/busybox-image.sh"))
-        .arg(&tar)
-        .arg(reference)
-        .env("FILES", list.join(" "))
-        .stdout(Stdio::null())
-        .status()
-        .expect("busybox-image.sh");
-    assert!(st.success(), "build {reference}");
-    let st = Command::new("ctr")
-        .args(["-a", sock, "-n", namespace, "images", "import"])
-        .arg(&tar)
-        .stdout(Stdio::null())
-        .status()
-        .expect("ctr images import");
-    let _ = std::fs::remove_file(&tar);
-    assert!(st.success(), "import {reference}");
+    build_and_import(
+        Path::new("ctr"),
+        sock,
+        namespace,
+        reference,
+        None,
+        &[("FILES", list.join(" "))],
+    );
 }
 
 /// Builds the busybox image `reference` with extra `symlinks` (path in the image, target) and

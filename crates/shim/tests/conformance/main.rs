@@ -213,6 +213,15 @@ fn limits(memory_mib: i64, cpus: f64) -> LinuxContainerResources {
     }
 }
 
+/// A pod config tweak: a privileged pod (CRI allows a privileged container only in one).
+fn privileged_pod(p: &mut PodSandboxConfig) {
+    p.linux
+        .get_or_insert_with(Default::default)
+        .security_context
+        .get_or_insert_with(Default::default)
+        .privileged = true;
+}
+
 /// The container's Linux settings, made if absent.
 fn linux(c: &mut ContainerConfig) -> &mut LinuxContainerConfig {
     c.linux.get_or_insert_with(Default::default)

@@ -21,15 +21,7 @@ async fn the_security_context_as_with_runc() {
     let seen = each_handler(|handler| {
         let profile_path = profile_path.clone();
         async move {
-            // CRI allows a privileged container only in a privileged pod.
-            let mut pod = Pod::run(handler, "cf-sec", |p| {
-                p.linux
-                    .get_or_insert_with(Default::default)
-                    .security_context
-                    .get_or_insert_with(Default::default)
-                    .privileged = true;
-            })
-            .await;
+            let mut pod = Pod::run(handler, "cf-sec", privileged_pod).await;
             let user = pod
                 .start("user", cri::IDLE, |c| {
                     let s = security(c);

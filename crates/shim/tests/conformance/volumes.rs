@@ -183,15 +183,7 @@ async fn memory_backed_empty_dir_and_bidirectional_propagation() {
         let bidi_s = bidi.display().to_string();
         run(&["mount", "--bind", &bidi_s, &bidi_s]);
         run(&["mount", "--make-shared", &bidi_s]);
-        // CRI allows a privileged container only in a privileged pod.
-        let mut pod = Pod::run(handler, "cf-vol2", |p| {
-            p.linux
-                .get_or_insert_with(Default::default)
-                .security_context
-                .get_or_insert_with(Default::default)
-                .privileged = true;
-        })
-        .await;
+        let mut pod = Pod::run(handler, "cf-vol2", privileged_pod).await;
         let empty_dir = |c: &mut ContainerConfig| {
             c.mounts.push(mount(
                 &mem,
