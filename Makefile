@@ -3,7 +3,7 @@ PREFIX ?= /opt/kata
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all build kernel guest virtiofsd managers install setup test lint unit bench soak generate fuzz clean
+.PHONY: all build kernel guest virtiofsd managers install deploy-image setup test lint unit bench soak generate fuzz clean
 
 all: build
 
@@ -33,6 +33,13 @@ managers:
 
 install: build guest virtiofsd
 	PREFIX=$(PREFIX) scripts/install.sh
+
+# The kata-deploy image of this build (deploy/kata-deploy.yaml runs it): a docker-archive of
+# the installed /opt/kata tree and the installer, tagged kata.local/kata-deploy:$(RELEASE),
+# reproducible (same inputs, same digest). Load it on a node: ctr -n k8s.io images import FILE.
+RELEASE ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
+deploy-image: install
+	scripts/deploy-image.sh build/kata-deploy-$(RELEASE).tar $(RELEASE)
 
 # One command: packages, build, guest, /opt/kata, host check.
 setup:

@@ -15,6 +15,9 @@ install -d "$PREFIX/bin" "$PREFIX/libexec" "$PREFIX/share/defaults/kata-containe
 for bin in kata-runtime containerd-shim-kata-v2 kata-monitor; do
   install -m 0755 "$target/$bin" "$PREFIX/bin/$bin"
 done
+# One shim name per handler, as Kata installs them: containerd resolves the runtime type
+# io.containerd.kata-qemu.v2 to containerd-shim-kata-qemu-v2 (the same shim).
+ln -sfn containerd-shim-kata-v2 "$PREFIX/bin/containerd-shim-kata-qemu-v2"
 
 # Kata users' files name /opt/kata/bin/qemu-system-x86_64: point it at Debian's QEMU.
 ln -sfn /usr/bin/qemu-system-x86_64 "$PREFIX/bin/qemu-system-x86_64"

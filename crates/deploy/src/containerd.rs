@@ -1,7 +1,7 @@
 //! The node's containerd configuration: the runtimes `kata` and `kata-qemu` added, as a drop-in
-//! where the configuration imports a directory of them, else by a minimal edit of the file that
-//! keeps the rest of it, comments included (parsed and written with `toml_edit`, never by text
-//! substitution). Version 2 (containerd 1.6 and 1.7) and version 3 (2.x) each have their own
+//! where a version 3 configuration (containerd 2.x, which merges imports key by key) imports a
+//! directory of them, else by a minimal edit of the file that keeps the rest of it, comments
+//! included (parsed and written with `toml_edit`, never by text substitution). Version 2 (containerd 1.6 and 1.7) and version 3 (2.x) each have their own
 //! table path; version 1 is refused.
 
 use std::path::{Path, PathBuf};
@@ -10,11 +10,7 @@ use toml_edit::{value, Array, DocumentMut, Item, Table};
 
 use crate::DeployError;
 
-/// The runtime handlers added, with the configuration file each one runs.
-pub const HANDLERS: [(&str, &str); 2] = [
-    ("kata", "configuration.toml"),
-    ("kata-qemu", "configuration-qemu.toml"),
-];
+use crate::{Handler, HANDLERS};
 
 /// The file name of the drop-in written into an imported directory.
 pub const DROP_IN: &str = "kata-deploy.toml";
@@ -56,33 +52,16 @@ pub fn version_of(doc: &DocumentMut) -> i64 {
     doc.get("version").and_then(Item::as_integer).unwrap_or(1)
 }
 
-fn handler_table(prefix: &Path, config_file: &str) -> Table {
+fn handler_table(prefix: &Path, h: &Handler) -> Table {
     let mut t = Table::new();
-    t.insert("runtime_type", value("io.containerd.kata.v2"));
-    t.insert(
-        "runtime_path",
-        value(
-            prefix
-                .join("bin/containerd-shim-kata-v2")
-                .display()
-                .to_string(),
-        ),
-    );
+    t.insert("runtime_type", value(h.runtime_type));
+    t.insert("runtime_path", value(h.shim_path(prefix)));
     t.insert("privileged_without_host_devices", value(true));
     let mut ann = Array::new();
     ann.push("io.katacontainers.*");
     t.insert("pod_annotations", value(ann));
     let mut opts = Table::new();
-    opts.insert(
-        "ConfigPath",
-        value(
-            prefix
-                .join("share/defaults/kata-containers")
-                .join(config_file)
-                .display()
-                .to_string(),
-        ),
-    );
+    opts.insert("ConfigPath", value(h.config_path(prefix)));
     t.insert("options", Item::Table(opts));
     t
 }
@@ -138,8 +117,8 @@ fn add_handlers(
         runc.insert("runtime_type", value("io.containerd.runc.v2"));
         cur.insert("runc", Item::Table(runc));
     }
-    for (name, file) in HANDLERS {
-        cur.insert(name, Item::Table(handler_table(prefix, file)));
+    for h in &HANDLERS {
+        cur.insert(h.name, Item::Table(handler_table(prefix, h)));
     }
     Ok(())
 }
@@ -163,11 +142,16 @@ pub fn plan(text: &str, prefix: &Path) -> Result<(Plan, Option<String>), DeployE
     let (default, configured) = default_runtime(&doc, version)?;
     if !configured && default != "runc" {
         return Err(DeployError::Config(format!(
-            "containerd's default runtime {default:?} is not configured in this file;              configure it before adding kata"
+            "containerd's default runtime {default:?} is not configured in this file; \
+             configure it before adding kata"
         )));
     }
     let default_runc = !configured;
-    if let Some(dir) = import_dir(&doc) {
+    // A drop-in only where containerd merges it key by key: 2.x (configuration version 3).
+    // containerd 1.6/1.7 replace a plugin's whole section with an imported file's, so a
+    // drop-in there would take the node's own CRI settings away (its sandbox image, CNI,
+    // registries): version 2 is edited in place even when it imports a directory.
+    if let Some(dir) = import_dir(&doc).filter(|_| version >= 3) {
         let mut drop_in = DocumentMut::new();
         drop_in.insert("version", value(version));
         add_handlers(&mut drop_in, version, prefix, default_runc)?;
@@ -178,6 +162,33 @@ pub fn plan(text: &str, prefix: &Path) -> Result<(Plan, Option<String>), DeployE
     let mut doc = doc;
     add_handlers(&mut doc, version, prefix, default_runc)?;
     Ok((Plan::Edit(doc.to_string()), None))
+}
+
+/// The `imports` entries of a configuration text (file paths or `DIR/PATTERN` globs).
+pub fn imports(text: &str) -> Vec<String> {
+    text.parse::<DocumentMut>()
+        .ok()
+        .and_then(|doc| {
+            doc.get("imports")?.as_array().map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+/// Whether a configuration text sets the CRI plugin of configuration version 2 (whose section
+/// an imported file replaces whole in containerd 1.x).
+pub fn sets_cri_v2(text: &str) -> bool {
+    text.parse::<DocumentMut>()
+        .ok()
+        .and_then(|doc| {
+            doc.get("plugins")?
+                .get("io.containerd.grpc.v1.cri")
+                .map(|_| ())
+        })
+        .is_some()
 }
 
 /// The runtime handlers a configuration (with its drop-in, if given) defines.
@@ -252,6 +263,27 @@ root = "/var/lib/containerd"  # where images live
     }
 
     #[test]
+    fn a_version_2_file_with_imports_is_edited_not_given_a_drop_in() {
+        // containerd 1.x would replace the file's whole CRI section with the drop-in's.
+        let v2 = format!("imports = [\"/etc/containerd/conf.d/*.toml\"]\n{V2}");
+        let (plan, drop_in) = plan(&v2, Path::new("/opt/kata")).expect("plan");
+        assert!(drop_in.is_none());
+        let Plan::Edit(text) = plan else {
+            panic!("a drop-in for version 2: {plan:?}")
+        };
+        assert!(text.contains("sandbox_image = \"registry.k8s.io/pause:3.9\""));
+        assert_eq!(
+            handlers_in(&text).expect("parse"),
+            ["runc", "kata", "kata-qemu"]
+        );
+        assert_eq!(imports(&v2), ["/etc/containerd/conf.d/*.toml"]);
+        assert!(sets_cri_v2(&v2));
+        assert!(!sets_cri_v2(
+            "version = 2\n[plugins.\"io.containerd.cri.v1.runtime\"]\n"
+        ));
+    }
+
+    #[test]
     fn a_version_3_file_with_imports_gets_a_drop_in() {
         let v3 = "version = 3\nimports = [\"/etc/containerd/conf.d/*.toml\"]\n";
         let (plan, drop_in) = plan(v3, Path::new("/opt/kata")).expect("plan");
@@ -267,6 +299,22 @@ root = "/var/lib/containerd"  # where images live
         );
         assert!(
             drop_in.contains("[plugins.\"io.containerd.cri.v1.runtime\".containerd.runtimes.kata]")
+        );
+        // One shim name per handler, as containerd resolves `io.containerd.<name>.v2`.
+        let doc: DocumentMut = drop_in.parse().expect("toml");
+        let qemu =
+            &doc["plugins"]["io.containerd.cri.v1.runtime"]["containerd"]["runtimes"]["kata-qemu"];
+        assert_eq!(
+            qemu["runtime_type"].as_str(),
+            Some("io.containerd.kata-qemu.v2")
+        );
+        assert_eq!(
+            qemu["runtime_path"].as_str(),
+            Some("/opt/kata/bin/containerd-shim-kata-qemu-v2")
+        );
+        assert_eq!(
+            qemu["options"]["ConfigPath"].as_str(),
+            Some("/opt/kata/share/defaults/kata-containers/configuration-qemu.toml")
         );
     }
 

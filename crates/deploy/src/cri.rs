@@ -1,6 +1,7 @@
-//! Asks the running containerd which runtime handlers its CRI plugin has (`Status` with
-//! `verbose`, whose `config` is the plugin's configuration as it runs), as a kubelet would see
-//! them: the proof that a restart took the new configuration.
+//! Asks the running manager which runtime handlers it has, the proof that a restart took the
+//! new configuration. containerd: CRI `Status` with `verbose`, whose `config` is the CRI
+//! plugin's configuration as it runs. CRI-O: CRI `Status` (it answers), then its own HTTP API's
+//! `GET /config` on the same socket ([`crate::crio::running_config`]).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -8,11 +9,12 @@ use std::time::{Duration, Instant};
 use hyper_util::rt::TokioIo;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::StatusRequest;
-use tonic::transport::{Endpoint, Uri};
+use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::DeployError;
+use crate::{crio, DeployError, Manager};
 
-async fn handlers_once(socket: &Path) -> Result<Vec<String>, String> {
+/// A CRI client on the manager's unix socket.
+pub async fn connect(socket: &Path) -> Result<RuntimeServiceClient<Channel>, String> {
     let path: PathBuf = socket.to_path_buf();
     let channel = Endpoint::try_from("http://[::]")
         .map_err(|e| e.to_string())?
@@ -24,11 +26,21 @@ async fn handlers_once(socket: &Path) -> Result<Vec<String>, String> {
         }))
         .await
         .map_err(|e| format!("connect: {e}"))?;
-    let status = RuntimeServiceClient::new(channel)
-        .status(StatusRequest { verbose: true })
+    Ok(RuntimeServiceClient::new(channel))
+}
+
+async fn handlers_once(manager: Manager, socket: &Path) -> Result<Vec<String>, String> {
+    let status = connect(socket)
+        .await?
+        .status(StatusRequest {
+            verbose: manager == Manager::Containerd,
+        })
         .await
         .map_err(|e| format!("CRI Status: {}", e.message()))?
         .into_inner();
+    if manager == Manager::Crio {
+        return crio::handlers_in(&crio::running_config(socket).await?);
+    }
     let config = status
         .info
         .get("config")
@@ -49,8 +61,12 @@ pub fn handlers_in_status_config(config: &str) -> Result<Vec<String>, String> {
     Ok(names)
 }
 
-/// The handlers of the containerd at `socket`, waiting up to `timeout` for it to answer.
-pub fn runtime_handlers(socket: &Path, timeout: Duration) -> Result<Vec<String>, DeployError> {
+/// The handlers of the manager at `socket`, waiting up to `timeout` for it to answer.
+pub fn runtime_handlers(
+    manager: Manager,
+    socket: &Path,
+    timeout: Duration,
+) -> Result<Vec<String>, DeployError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -59,7 +75,7 @@ pub fn runtime_handlers(socket: &Path, timeout: Duration) -> Result<Vec<String>,
     let mut last = String::new();
     while Instant::now() < deadline {
         match rt.block_on(async {
-            tokio::time::timeout(Duration::from_secs(5), handlers_once(socket)).await
+            tokio::time::timeout(Duration::from_secs(5), handlers_once(manager, socket)).await
         }) {
             Ok(Ok(h)) => return Ok(h),
             Ok(Err(e)) => last = e,
@@ -68,7 +84,7 @@ pub fn runtime_handlers(socket: &Path, timeout: Duration) -> Result<Vec<String>,
         std::thread::sleep(Duration::from_millis(250));
     }
     Err(DeployError::Manager(format!(
-        "containerd at {} did not answer in {timeout:?}: {last}",
+        "{manager} at {} did not answer in {timeout:?}: {last}",
         socket.display()
     )))
 }

@@ -2,14 +2,16 @@
 //! DaemonSet's container) with the host's root mounted at a path it is given.
 //!
 //! `install`: the payload copied next to earlier releases and made current by one rename
-//! ([`payload`]); the runtimes added to containerd's configuration, as a drop-in or a minimal
-//! edit ([`containerd`]), its original bytes kept; the manager restarted and waited for until
-//! its CRI plugin lists the runtime, the configuration rolled back if it does not come up.
-//! `uninstall`: the configuration's original bytes restored, the manager restarted, the payload
-//! removed. Both can be run again, and after a kill at any point.
+//! ([`payload`]); the shims linked where the manager finds them by name; the runtimes added to
+//! containerd's configuration, as a drop-in or a minimal edit ([`containerd`]), its original
+//! bytes kept, or to CRI-O's as a drop-in ([`crio`]); the manager restarted and waited for
+//! until it lists the runtimes, the configuration rolled back if it does not come up; the node
+//! labelled. `uninstall`: all of it taken back, the configuration byte for byte. Both can be
+//! run again, and after a kill at any point.
 
 pub mod containerd;
 pub mod cri;
+pub mod crio;
 pub mod label;
 pub mod payload;
 
@@ -44,6 +46,119 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DeployError {
     move |source| DeployError::Io { what, source }
 }
 
+/// A runtime handler the installer adds: its name in the manager, the shim binary the manager
+/// runs for it (containerd resolves `runtime_type` `io.containerd.<x>.v2` to
+/// `containerd-shim-<x>-v2`), and the configuration file it runs with.
+#[derive(Debug)]
+pub struct Handler {
+    /// The handler's name (a RuntimeClass's `handler`).
+    pub name: &'static str,
+    /// The shim binary's name in `<prefix>/bin`.
+    pub shim: &'static str,
+    /// containerd's `runtime_type`.
+    pub runtime_type: &'static str,
+    /// The configuration file in `<prefix>/share/defaults/kata-containers`.
+    pub config: &'static str,
+}
+
+impl Handler {
+    /// The shim's path under `prefix`.
+    pub fn shim_path(&self, prefix: &Path) -> String {
+        prefix.join("bin").join(self.shim).display().to_string()
+    }
+
+    /// The configuration file's path under `prefix`.
+    pub fn config_path(&self, prefix: &Path) -> String {
+        prefix
+            .join("share/defaults/kata-containers")
+            .join(self.config)
+            .display()
+            .to_string()
+    }
+}
+
+/// The handlers added: `kata` (the default configuration) and `kata-qemu`, as Kata names them.
+pub const HANDLERS: [Handler; 2] = [
+    Handler {
+        name: "kata",
+        shim: "containerd-shim-kata-v2",
+        runtime_type: "io.containerd.kata.v2",
+        config: "configuration.toml",
+    },
+    Handler {
+        name: "kata-qemu",
+        shim: "containerd-shim-kata-qemu-v2",
+        runtime_type: "io.containerd.kata-qemu.v2",
+        config: "configuration-qemu.toml",
+    },
+];
+
+/// The node's container manager.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Manager {
+    /// containerd 1.6, 1.7 (configuration version 2) or 2.x (version 3).
+    Containerd,
+    /// CRI-O (a drop-in in `crio.conf.d`).
+    Crio,
+}
+
+impl std::fmt::Display for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Manager::Containerd => "containerd",
+            Manager::Crio => "crio",
+        })
+    }
+}
+
+impl Manager {
+    /// The manager of the node at `host_root`: containerd when its configuration file exists,
+    /// CRI-O when `crio.conf` or a file in `crio.conf.d` does, else an error that says which
+    /// files were looked for (`--manager` names it).
+    pub fn detect(
+        host_root: &Path,
+        containerd_config: &Path,
+        crio_dir: &Path,
+    ) -> Result<Manager, DeployError> {
+        let host = |p: &Path| host_root.join(p.strip_prefix("/").unwrap_or(p));
+        if host(containerd_config).exists() {
+            return Ok(Manager::Containerd);
+        }
+        let crio_conf = crio_dir.with_file_name("crio.conf");
+        let drop_ins = std::fs::read_dir(host(crio_dir))
+            .map(|d| d.flatten().any(|e| e.file_name() != crio::DROP_IN))
+            .unwrap_or(false);
+        if host(&crio_conf).exists() || drop_ins {
+            return Ok(Manager::Crio);
+        }
+        Err(DeployError::Config(format!(
+            "found neither containerd's configuration {} nor CRI-O's {} or {}: \
+             pass --manager containerd|crio (and --containerd-config or --crio-config-dir)",
+            containerd_config.display(),
+            crio_conf.display(),
+            crio_dir.display()
+        )))
+    }
+
+    /// The manager's CRI socket by default.
+    pub fn default_socket(self) -> &'static str {
+        match self {
+            Manager::Containerd => "/run/containerd/containerd.sock",
+            Manager::Crio => "/run/crio/crio.sock",
+        }
+    }
+
+    /// The command that restarts the manager by default: systemd's, through the host's root
+    /// when that is mounted elsewhere (the DaemonSet's container).
+    pub fn default_restart(self, host_root: &Path) -> String {
+        if host_root == Path::new("/") {
+            format!("systemctl restart {self}")
+        } else {
+            format!("chroot {} systemctl restart {self}", host_root.display())
+        }
+    }
+}
+
 /// Where and how to install, as the command line says.
 #[derive(Debug, Clone)]
 pub struct Node {
@@ -51,14 +166,21 @@ pub struct Node {
     pub host_root: PathBuf,
     /// Where the runtime lives on the host (`/opt/kata`).
     pub prefix: PathBuf,
+    /// The node's container manager.
+    pub manager: Manager,
     /// containerd's configuration file, a host path.
     pub containerd_config: PathBuf,
-    /// containerd's socket, a host path.
-    pub containerd_socket: PathBuf,
-    /// The command that restarts containerd (run with `sh -c`).
+    /// CRI-O's drop-in directory, a host path.
+    pub crio_config_dir: PathBuf,
+    /// The manager's CRI socket, a host path.
+    pub socket: PathBuf,
+    /// The command that restarts the manager (run with `sh -c`).
     pub restart: String,
-    /// How long containerd may take to answer after a restart.
+    /// How long the manager may take to answer after a restart.
     pub restart_timeout: Duration,
+    /// Where the shims are linked by name, a host path on the manager's `PATH`
+    /// (`/usr/local/bin`): `ctr run --runtime io.containerd.kata.v2` and Docker find them there.
+    pub shim_dir: PathBuf,
     /// The node's name in the cluster (labelled through the Kubernetes API); None: not labelled.
     pub node_name: Option<String>,
     /// The Kubernetes API's URL; None: the in-cluster service account's.
@@ -149,77 +271,217 @@ fn restart(node: &Node) -> Result<(), DeployError> {
     Ok(())
 }
 
-/// The handlers the running containerd's CRI plugin has, once it answers.
+/// The handlers the running manager has, once it answers.
 fn wait_for_manager(node: &Node) -> Result<Vec<String>, DeployError> {
-    let socket = node.host(&node.containerd_socket);
-    cri::runtime_handlers(&socket, node.restart_timeout)
+    let socket = node.host(&node.socket);
+    cri::runtime_handlers(node.manager, &socket, node.restart_timeout)
+}
+
+/// Replaces `link` by a symlink to `target` in one rename.
+fn symlink_atomic(target: &Path, link: &Path) -> Result<(), DeployError> {
+    let tmp = link.with_file_name(format!(
+        ".{}.kata-deploy.tmp",
+        link.file_name().and_then(|n| n.to_str()).unwrap_or("link")
+    ));
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(target, &tmp).map_err(io(format!("link {}", tmp.display())))?;
+    std::fs::rename(&tmp, link).map_err(io(format!("rename to {}", link.display())))
+}
+
+/// Copies `from` (a file or a symlink, not followed) to `to`.
+fn copy_entry(from: &Path, to: &Path) -> Result<(), DeployError> {
+    let md = std::fs::symlink_metadata(from).map_err(io(format!("stat {}", from.display())))?;
+    if md.file_type().is_symlink() {
+        let t = std::fs::read_link(from).map_err(io(format!("readlink {}", from.display())))?;
+        symlink_atomic(&t, to)
+    } else {
+        let tmp = to.with_file_name(format!(
+            ".{}.kata-deploy.tmp",
+            to.file_name().and_then(|n| n.to_str()).unwrap_or("file")
+        ));
+        std::fs::copy(from, &tmp).map_err(io(format!("copy {}", from.display())))?;
+        std::fs::rename(&tmp, to).map_err(io(format!("rename to {}", to.display())))
+    }
+}
+
+/// Links each handler's shim into the shim directory (`containerd-shim-kata-v2` ->
+/// `<prefix>/bin/containerd-shim-kata-v2`). A file of that name that is not such a link is
+/// kept in kata-deploy's records first, and put back by `uninstall`.
+fn link_shims(node: &Node) -> Result<(), DeployError> {
+    let dir = node.host(&node.shim_dir);
+    std::fs::create_dir_all(&dir).map_err(io(format!("create {}", dir.display())))?;
+    let saved_dir = node.state_dir().join("shims.orig");
+    for h in &HANDLERS {
+        let link = dir.join(h.shim);
+        let target = PathBuf::from(h.shim_path(&node.prefix));
+        match std::fs::symlink_metadata(&link) {
+            Ok(md) => {
+                let ours = md.file_type().is_symlink()
+                    && std::fs::read_link(&link).ok().as_deref() == Some(target.as_path());
+                if ours {
+                    continue;
+                }
+                let saved = saved_dir.join(h.shim);
+                if std::fs::symlink_metadata(&saved).is_err() {
+                    std::fs::create_dir_all(&saved_dir)
+                        .map_err(io(format!("create {}", saved_dir.display())))?;
+                    copy_entry(&link, &saved)?;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(format!("stat {}", link.display()))(e)),
+        }
+        symlink_atomic(&target, &link)?;
+    }
+    Ok(())
+}
+
+/// Removes the shims' links that point into the prefix and puts back what they replaced.
+fn unlink_shims(node: &Node) -> Result<(), DeployError> {
+    let dir = node.host(&node.shim_dir);
+    let saved_dir = node.state_dir().join("shims.orig");
+    for h in &HANDLERS {
+        let link = dir.join(h.shim);
+        let target = PathBuf::from(h.shim_path(&node.prefix));
+        if std::fs::read_link(&link).ok().as_deref() == Some(target.as_path()) {
+            std::fs::remove_file(&link).map_err(io(format!("remove {}", link.display())))?;
+        }
+        let saved = saved_dir.join(h.shim);
+        if std::fs::symlink_metadata(&saved).is_ok() {
+            copy_entry(&saved, &link)?;
+            std::fs::remove_file(&saved).map_err(io(format!("remove {}", saved.display())))?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes a drop-in (recorded first, so that an uninstall after a kill still removes it).
+fn write_drop_in(node: &Node, path: &Path, text: &str) -> Result<(), DeployError> {
+    let on_host = node.host(path);
+    if let Some(dir) = on_host.parent() {
+        std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
+    }
+    std::fs::write(node.state_dir().join("drop-in"), path.display().to_string())
+        .map_err(io("record the drop-in"))?;
+    write_atomic(&on_host, text.as_bytes())?;
+    eprintln!(
+        "kata-deploy: runtimes kata, kata-qemu in {}",
+        path.display()
+    );
+    Ok(())
+}
+
+/// An imported file (a host path) that sets the version 2 CRI plugin, if the configuration
+/// `text` imports one: it would replace the section the runtimes are added to.
+fn cri_section_imported(node: &Node, text: &str) -> Option<PathBuf> {
+    containerd::imports(text).into_iter().find_map(|pattern| {
+        let pattern = PathBuf::from(pattern);
+        let dir = pattern.parent()?.to_path_buf();
+        let name = pattern.file_name()?.to_str()?.to_string();
+        let files: Vec<PathBuf> = match name.split_once('*') {
+            Some((head, tail)) => std::fs::read_dir(node.host(&dir))
+                .ok()?
+                .flatten()
+                .filter_map(|e| {
+                    let n = e.file_name().to_str()?.to_string();
+                    (n.len() >= head.len() + tail.len() && n.starts_with(head) && n.ends_with(tail))
+                        .then(|| dir.join(n))
+                })
+                .collect(),
+            None => vec![pattern.clone()],
+        };
+        files.into_iter().find(|f| {
+            std::fs::read_to_string(node.host(f))
+                .map(|t| containerd::sets_cri_v2(&t))
+                .unwrap_or(false)
+        })
+    })
+}
+
+/// Adds the runtimes to the manager's configuration.
+fn configure(node: &Node) -> Result<(), DeployError> {
+    let state = node.state_dir();
+    std::fs::create_dir_all(&state).map_err(io(format!("create {}", state.display())))?;
+    if node.manager == Manager::Crio {
+        let path = crio::drop_in_path(&node.crio_config_dir);
+        return write_drop_in(node, &path, &crio::drop_in(&node.prefix));
+    }
+    let config = node.host(&node.containerd_config);
+    save_original(node, &config)?;
+    // Planned from the original, so that a second install writes the same bytes.
+    let original =
+        std::fs::read_to_string(state.join("containerd-config.orig")).unwrap_or_default();
+    match containerd::plan(&original, &node.prefix)? {
+        (containerd::Plan::DropIn(path), Some(text)) => write_drop_in(node, &path, &text),
+        (containerd::Plan::Edit(text), _) => {
+            if let Some(file) = cri_section_imported(node, &original) {
+                return Err(DeployError::Config(format!(
+                    "{} imports {}, which sets the CRI plugin: containerd 1.x replaces the \
+                     plugin's whole section with an imported file's, so the runtimes added to \
+                     {} would be lost; pass --containerd-config {}",
+                    node.containerd_config.display(),
+                    file.display(),
+                    node.containerd_config.display(),
+                    file.display()
+                )));
+            }
+            write_atomic(&config, text.as_bytes())?;
+            eprintln!(
+                "kata-deploy: runtimes kata, kata-qemu added to {}",
+                node.containerd_config.display()
+            );
+            Ok(())
+        }
+        (containerd::Plan::DropIn(_), None) => {
+            Err(DeployError::Config("a drop-in without text".into()))
+        }
+    }
 }
 
 /// `kata-deploy install`.
 pub fn install(node: &Node, payload_dir: &Path, release: &str) -> Result<(), DeployError> {
     let dest = payload::install(payload_dir, &node.host_root, &node.prefix, release)?;
     eprintln!("kata-deploy: release {release} in {}", dest.display());
-    let config = node.host(&node.containerd_config);
-    save_original(node, &config)?;
-    // Planned from the original, so that a second install writes the same bytes.
-    let original = std::fs::read_to_string(node.state_dir().join("containerd-config.orig"))
-        .unwrap_or_default();
-    let (plan, drop_in) = containerd::plan(&original, &node.prefix)?;
-    match (plan, drop_in) {
-        (containerd::Plan::DropIn(path), Some(text)) => {
-            let on_host = node.host(&path);
-            if let Some(dir) = on_host.parent() {
-                std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
-            }
-            std::fs::write(node.state_dir().join("drop-in"), path.display().to_string())
-                .map_err(io("record the drop-in"))?;
-            write_atomic(&on_host, text.as_bytes())?;
-            eprintln!(
-                "kata-deploy: runtimes kata, kata-qemu in {}",
-                path.display()
-            );
-        }
-        (containerd::Plan::Edit(text), _) => {
-            write_atomic(&config, text.as_bytes())?;
-            eprintln!(
-                "kata-deploy: runtimes kata, kata-qemu added to {}",
-                node.containerd_config.display()
-            );
-        }
-        (containerd::Plan::DropIn(_), None) => {
-            return Err(DeployError::Config("a drop-in without text".into()))
-        }
-    }
+    link_shims(node)?;
+    configure(node)?;
     let up = restart(node).and_then(|()| wait_for_manager(node));
     match up {
         Ok(handlers)
-            if containerd::HANDLERS
+            if HANDLERS
                 .iter()
-                .all(|(h, _)| handlers.iter().any(|x| x == h)) =>
+                .all(|h| handlers.iter().any(|x| x == h.name)) =>
         {
             eprintln!(
-                "kata-deploy: containerd answers with handlers {}",
+                "kata-deploy: {} answers with handlers {}",
+                node.manager,
                 handlers.join(", ")
             );
-            Ok(())
         }
         other => {
             let why = match other {
-                Ok(h) => format!("containerd came back without the kata handlers (it has {h:?})"),
+                Ok(h) => format!(
+                    "{} came back without the kata handlers (it has {h:?})",
+                    node.manager
+                ),
                 Err(e) => e.to_string(),
             };
             // Roll back: the node's manager must keep running.
             restore_original(node)?;
             let back = restart(node).and_then(|()| wait_for_manager(node));
-            Err(DeployError::Manager(format!(
+            return Err(DeployError::Manager(format!(
                 "{why}; the configuration was rolled back{}",
                 match back {
-                    Ok(_) => " and containerd runs again".to_string(),
-                    Err(e) => format!(", but containerd did not come back either: {e}"),
+                    Ok(_) => format!(" and {} runs again", node.manager),
+                    Err(e) => format!(", but {} did not come back either: {e}", node.manager),
                 }
-            )))
+            )));
         }
     }
+    if let Some(name) = &node.node_name {
+        label::set(name, Some("true"), node.kube_api.as_deref())?;
+        eprintln!("kata-deploy: node {name} labelled {}=true", label::LABEL);
+    }
+    Ok(())
 }
 
 /// `kata-deploy uninstall`.
@@ -235,10 +497,12 @@ pub fn uninstall(node: &Node) -> Result<(), DeployError> {
         restart(node)?;
         let handlers = wait_for_manager(node)?;
         eprintln!(
-            "kata-deploy: containerd answers with handlers {}",
+            "kata-deploy: {} answers with handlers {}",
+            node.manager,
             handlers.join(", ")
         );
     }
+    unlink_shims(node)?;
     payload::uninstall(&node.host_root, &node.prefix)?;
     eprintln!("kata-deploy: removed {}", node.prefix.display());
     Ok(())
@@ -251,10 +515,13 @@ pub fn status(node: &Node) -> Result<String, DeployError> {
         .ok()
         .and_then(|t| t.file_name().map(|n| n.to_string_lossy().into_owned()))
         .unwrap_or_else(|| "none".into());
-    let handlers =
-        cri::runtime_handlers(&node.host(&node.containerd_socket), Duration::from_secs(5))
-            .map(|h| h.join(", "))
-            .unwrap_or_else(|e| format!("unknown ({e})"));
+    let handlers = cri::runtime_handlers(
+        node.manager,
+        &node.host(&node.socket),
+        Duration::from_secs(5),
+    )
+    .map(|h| h.join(", "))
+    .unwrap_or_else(|e| format!("unknown ({e})"));
     let qemu = [
         "/usr/bin/qemu-system-x86_64",
         "/usr/local/bin/qemu-system-x86_64",
@@ -264,7 +531,132 @@ pub fn status(node: &Node) -> Result<String, DeployError> {
     .map(|q| q.to_string())
     .unwrap_or_else(|| "missing (install Debian's qemu-system-x86 on the node)".into());
     Ok(format!(
-        "release: {release}\nprefix: {}\ncontainerd handlers: {handlers}\nqemu: {qemu}\n",
-        node.prefix.display()
+        "release: {release}\nprefix: {}\n{} handlers: {handlers}\nqemu: {qemu}\n",
+        node.prefix.display(),
+        node.manager
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(host_root: &Path) -> Node {
+        Node {
+            host_root: host_root.to_path_buf(),
+            prefix: PathBuf::from("/opt/kata"),
+            manager: Manager::Containerd,
+            containerd_config: PathBuf::from("/etc/containerd/config.toml"),
+            crio_config_dir: PathBuf::from("/etc/crio/crio.conf.d"),
+            socket: PathBuf::from(Manager::Containerd.default_socket()),
+            restart: "true".into(),
+            restart_timeout: Duration::from_secs(1),
+            shim_dir: PathBuf::from("/usr/local/bin"),
+            node_name: None,
+            kube_api: None,
+        }
+    }
+
+    #[test]
+    fn the_manager_is_found_by_its_configuration() {
+        let host = tempfile::tempdir().expect("tempdir");
+        let h = host.path();
+        let detect = || {
+            Manager::detect(
+                h,
+                Path::new("/etc/containerd/config.toml"),
+                Path::new("/etc/crio/crio.conf.d"),
+            )
+        };
+        // Nothing: an error that names what was looked for and the flag.
+        let e = detect().expect_err("no manager").to_string();
+        assert!(
+            e.contains("/etc/containerd/config.toml") && e.contains("--manager"),
+            "{e}"
+        );
+        // An empty crio.conf.d (the DaemonSet's hostPath creates it) or only our own drop-in
+        // is not CRI-O.
+        std::fs::create_dir_all(h.join("etc/crio/crio.conf.d")).expect("mkdir");
+        std::fs::write(h.join("etc/crio/crio.conf.d").join(crio::DROP_IN), "").expect("write");
+        assert!(detect().is_err());
+        std::fs::write(h.join("etc/crio/crio.conf.d/00-default"), "").expect("write");
+        assert_eq!(detect().expect("crio"), Manager::Crio);
+        // containerd's configuration wins.
+        std::fs::create_dir_all(h.join("etc/containerd")).expect("mkdir");
+        std::fs::write(h.join("etc/containerd/config.toml"), "version = 2\n").expect("write");
+        assert_eq!(detect().expect("containerd"), Manager::Containerd);
+        assert_eq!(
+            Manager::Crio.default_restart(Path::new("/host")),
+            "chroot /host systemctl restart crio"
+        );
+        assert_eq!(
+            Manager::Containerd.default_restart(Path::new("/")),
+            "systemctl restart containerd"
+        );
+    }
+
+    #[test]
+    fn an_imported_cri_section_is_named_not_silently_overridden() {
+        let host = tempfile::tempdir().expect("tempdir");
+        let n = node(host.path());
+        let etc = host.path().join("etc/containerd");
+        std::fs::create_dir_all(etc.join("conf.d")).expect("mkdir");
+        let config = "version = 2\nimports = [\"/etc/containerd/conf.d/*.toml\"]\n";
+        std::fs::write(etc.join("config.toml"), config).expect("write");
+        // Another file in conf.d, without the CRI plugin: the edit goes ahead.
+        std::fs::write(
+            etc.join("conf.d/metrics.toml"),
+            "[metrics]\naddress = \"\"\n",
+        )
+        .expect("write");
+        assert_eq!(cri_section_imported(&n, config), None);
+        // One that sets it would replace the edited section in containerd 1.x.
+        std::fs::write(
+            etc.join("conf.d/cri.toml"),
+            "[plugins.\"io.containerd.grpc.v1.cri\"]\nsandbox_image = \"pause\"\n",
+        )
+        .expect("write");
+        assert_eq!(
+            cri_section_imported(&n, config),
+            Some(PathBuf::from("/etc/containerd/conf.d/cri.toml"))
+        );
+        let e = configure(&n).expect_err("refused").to_string();
+        assert!(
+            e.contains("conf.d/cri.toml") && e.contains("--containerd-config"),
+            "{e}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(etc.join("config.toml")).expect("read"),
+            config,
+            "the configuration changed"
+        );
+    }
+
+    #[test]
+    fn shims_are_linked_and_what_they_replaced_comes_back() {
+        let host = tempfile::tempdir().expect("tempdir");
+        let n = node(host.path());
+        let bin = host.path().join("usr/local/bin");
+        std::fs::create_dir_all(&bin).expect("mkdir");
+        // A shim of the node's own (an install from source, say) under the first name.
+        let own = bin.join("containerd-shim-kata-v2");
+        std::fs::write(&own, b"#!/bin/sh\necho own\n").expect("write");
+        link_shims(&n).expect("link");
+        for h in &HANDLERS {
+            assert_eq!(
+                std::fs::read_link(bin.join(h.shim)).expect("link"),
+                PathBuf::from(h.shim_path(&n.prefix))
+            );
+        }
+        // Linking again keeps the first record of the node's own file.
+        link_shims(&n).expect("link again");
+        unlink_shims(&n).expect("unlink");
+        assert_eq!(
+            std::fs::read(&own).expect("own shim back"),
+            b"#!/bin/sh\necho own\n"
+        );
+        assert!(std::fs::symlink_metadata(bin.join("containerd-shim-kata-qemu-v2")).is_err());
+        // Nothing left to do: fine.
+        unlink_shims(&n).expect("unlink again");
+    }
 }

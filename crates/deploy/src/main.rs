@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
-use kata_deploy::{payload, Node};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use kata_deploy::{payload, DeployError, Manager, Node};
 
 #[derive(Parser)]
 #[command(
@@ -26,18 +26,31 @@ struct NodeArgs {
     /// Where the runtime lives on the host.
     #[arg(long, default_value = "/opt/kata")]
     prefix: PathBuf,
+    /// The node's container manager: `auto` takes containerd when its configuration file
+    /// exists, else CRI-O when its configuration does.
+    #[arg(long, value_enum, default_value_t = ManagerArg::Auto)]
+    manager: ManagerArg,
     /// containerd's configuration file (a host path).
     #[arg(long, default_value = "/etc/containerd/config.toml")]
     containerd_config: PathBuf,
-    /// containerd's socket (a host path).
-    #[arg(long, default_value = "/run/containerd/containerd.sock")]
-    containerd_socket: PathBuf,
-    /// The command that restarts containerd, run with `sh -c`.
-    #[arg(long, default_value = "systemctl restart containerd")]
-    restart: String,
-    /// Seconds containerd may take to answer after a restart.
+    /// CRI-O's drop-in directory (a host path); kata-deploy writes `99-kata-deploy` there.
+    #[arg(long, default_value = "/etc/crio/crio.conf.d")]
+    crio_config_dir: PathBuf,
+    /// The manager's CRI socket (a host path; default: /run/containerd/containerd.sock for
+    /// containerd, /run/crio/crio.sock for CRI-O).
+    #[arg(long, alias = "containerd-socket")]
+    socket: Option<PathBuf>,
+    /// The command that restarts the manager, run with `sh -c` (default: `systemctl restart
+    /// containerd` or `crio`, through `chroot <host-root>` when the host's root is elsewhere).
+    #[arg(long)]
+    restart: Option<String>,
+    /// Seconds the manager may take to answer after a restart.
     #[arg(long, default_value_t = 60)]
     restart_timeout: u64,
+    /// Where the shims are linked by name (a host path on the manager's PATH), so that
+    /// `ctr run --runtime io.containerd.kata.v2` and Docker find them.
+    #[arg(long, default_value = "/usr/local/bin")]
+    shim_dir: PathBuf,
     /// The node's name, to label it `katacontainers.io/kata-runtime=true` (the DaemonSet passes
     /// `spec.nodeName`); unset: the node is not labelled.
     #[arg(long, env = "NODE_NAME")]
@@ -45,6 +58,13 @@ struct NodeArgs {
     /// The Kubernetes API's URL (default: the in-cluster service account's).
     #[arg(long)]
     kube_api: Option<String>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ManagerArg {
+    Auto,
+    Containerd,
+    Crio,
 }
 
 #[derive(Subcommand)]
@@ -84,17 +104,31 @@ enum Command {
     },
 }
 
-fn node(a: NodeArgs) -> Node {
-    Node {
+fn node(a: NodeArgs) -> Result<Node, DeployError> {
+    let manager = match a.manager {
+        ManagerArg::Containerd => Manager::Containerd,
+        ManagerArg::Crio => Manager::Crio,
+        ManagerArg::Auto => {
+            Manager::detect(&a.host_root, &a.containerd_config, &a.crio_config_dir)?
+        }
+    };
+    Ok(Node {
+        manager,
+        socket: a
+            .socket
+            .unwrap_or_else(|| PathBuf::from(manager.default_socket())),
+        restart: a
+            .restart
+            .unwrap_or_else(|| manager.default_restart(&a.host_root)),
         host_root: a.host_root,
         prefix: a.prefix,
         containerd_config: a.containerd_config,
-        containerd_socket: a.containerd_socket,
-        restart: a.restart,
+        crio_config_dir: a.crio_config_dir,
         restart_timeout: Duration::from_secs(a.restart_timeout),
+        shim_dir: a.shim_dir,
         node_name: a.node_name,
         kube_api: a.kube_api,
-    }
+    })
 }
 
 /// With `--stay`: waits until the process is stopped (a DaemonSet's container must keep running).
@@ -114,11 +148,15 @@ fn main() {
             payload,
             release,
             stay,
-        } => kata_deploy::install(&node(n), &payload, &release).map(|()| stay_if(stay)),
-        Command::Uninstall { node: n, stay } => {
-            kata_deploy::uninstall(&node(n)).map(|()| stay_if(stay))
-        }
-        Command::Status { node: n } => kata_deploy::status(&node(n)).map(|s| print!("{s}")),
+        } => node(n)
+            .and_then(|n| kata_deploy::install(&n, &payload, &release))
+            .map(|()| stay_if(stay)),
+        Command::Uninstall { node: n, stay } => node(n)
+            .and_then(|n| kata_deploy::uninstall(&n))
+            .map(|()| stay_if(stay)),
+        Command::Status { node: n } => node(n)
+            .and_then(|n| kata_deploy::status(&n))
+            .map(|s| print!("{s}")),
         Command::Manifest { payload: p } => payload::write_manifest(&p),
     };
     if let Err(e) = r {
