@@ -63,7 +63,7 @@ test:
 	$(MAKE) install
 	KATA_TEST_KERNEL_DIR=$(CURDIR)/build/kernel $(CARGO) test --workspace -- --include-ignored
 	# A short run of the benchmark (3 iterations, every guest: rootfs image, initrd, Debian kernel), so it cannot rot (figures go to /tmp, not the repo).
-	/usr/bin/python3 scripts/bench.py --iterations 3 --concurrent 2 --fs-mib 32 --files 200 \
+	/usr/bin/python3 scripts/bench.py --iterations 3 --concurrent 2 --fs-mib 32 --files 200 --bisect-iterations 1 --density 3 \
 	  --out /tmp/kata-bench-smoke.json --markdown /tmp/kata-bench-smoke.md --chart /tmp/kata-bench-smoke.png > /dev/null
 	/usr/bin/python3 scripts/bench-check.py /tmp/kata-bench-smoke.json /tmp/kata-bench-smoke.png
 

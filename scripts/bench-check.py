@@ -49,7 +49,22 @@ def check(r, png):
     need(dv.get("hotplug_qmp_ms", {}).get("max", 0) > 0, "the direct volume's hot-plug time")
     need(dv.get("start_with_volume_ms", {}).get("median", 0) > 0 and dv.get("start_without_ms", {}).get("median", 0) > 0,
          "starts with and without a direct volume")
-    need(len(r["targets"]) == 15, "the fifteen targets")
+    need(len(r["targets"]) == 19, "the nineteen targets")
+    qf = r.get("qemu_floor", {})
+    need(qf.get("ms", {}).get("median", 0) > 0 and qf.get("qemu_idle_pss_kib", 0) > 0, "QEMU's own floor")
+    # QEMU's own floor boots less than the runtime's command line: above the replay it is broken.
+    need(0 < qf.get("ms", {}).get("median", 0) <= r["floor"]["ms"]["median"], "QEMU's own floor at most the replay")
+    bis = r.get("floor_bisect", [])
+    need(len(bis) == 13 and bis[0].get("ms", {}).get("median", 0) > 0,
+         "the bisection of the runtime's command line (the line as is and twelve options)")
+    need(all(b.get("ms", {}).get("median", 0) > 0 or (b.get("needed") and b.get("why")) for b in bis),
+         "each option's boot time, or why the guest needs it")
+    den = r.get("density", {})
+    need(den.get("count", 0) > 0 and len(den.get("start_ms", [])) == den.get("count")
+         and min(den.get("start_ms", [0])) > 0, "density: a start time per sandbox")
+    need(den.get("total_pss_kib", 0) > 0 and den.get("idle_cpu_pct_of_one_core", -1) >= 0,
+         "density: the idle sandboxes' PSS and CPU")
+    need("left" in den, "density: what was left after removing them")
     fac = r.get("factory", {})
     need(fac.get("template_create_ms", 0) > 0 and fac.get("template_used_mib", 0) > 0
          and fac.get("template_state_kib", 0) > 0, "the VM template's own cost")

@@ -54,6 +54,10 @@ esac
 bin=$(bindir)
 ctr="$bin/ctr"
 mkdir -p "$base" /etc/kata-containers "$root" "$cni_conf"
+# One start at a time per version: tests running in parallel each ask for the same containerd,
+# and two writers of the configuration (or two containerds on one socket) must not race.
+exec 9>"$base.lock"
+flock 9
 # The CRI plugin reloads the CNI configuration when it changes, also while running.
 cp "$here/config/cni/10-kata.conflist" "$cni_conf/"
 
@@ -149,7 +153,7 @@ ip netns add "$netns" 2>/dev/null || true
 ip -n "$netns" link set lo up
 # containerd finds the shim binary on its PATH; its own runc shim comes first.
 ln -sfn /opt/kata/bin/containerd-shim-kata-v2 /usr/local/bin/containerd-shim-kata-v2
-PATH=$bin:/usr/local/bin:$PATH nohup nsenter --net="/run/netns/$netns" "$bin/containerd" --config "$conf" >> "$base/containerd.log" 2>&1 &
+PATH=$bin:/usr/local/bin:$PATH nohup nsenter --net="/run/netns/$netns" "$bin/containerd" --config "$conf" >> "$base/containerd.log" 2>&1 9>&- &
 echo $! > "$base/pid"
 for _ in $(seq 1 150); do
   if "$ctr" -a "$sock" version >/dev/null 2>&1; then echo "$sock"; exit 0; fi

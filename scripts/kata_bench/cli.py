@@ -13,6 +13,8 @@ from .metrics import bench_scrape
 from .report import chart, generated, targets, write_markdown
 from .seccomp import bench_seccomp
 from .starts import bench_cold_start, bench_cri_streaming, bench_exec, bench_floor, bench_pod_start
+from .density import bench_density
+from .floors import qemu_floor
 from .storage import bench_direct_volume, bench_fs
 
 
@@ -20,19 +22,34 @@ DESCRIPTION = """Benchmarks kata against runc on this machine (see BENCHMARKS.md
 
 Measures, with the real containerd, kata against runc: cold start (`ctr run --rm IMAGE true`)
 with its breakdown from the shim's tracing spans, the raw-QEMU floor (the sandbox's own QEMU
-command line replayed to the agent's first console line), exec latency, the pod start through
+command line replayed to the agent's first console line), QEMU's own floor (a minimal machine
+booting a busybox init) and what each option of the runtime's QEMU command line costs, exec latency, the pod start through
 the CRI, exec, port-forward and ConfigMap updates through the CRI, idle host memory (PSS) of 1 and N sandboxes at once, the metrics path, shared-filesystem
-and direct-volume throughput, seccomp's cost and the VM factory. Writes every sample to a JSON
+and direct-volume throughput, seccomp's cost, the VM factory and density (N sandboxes started
+one after another and kept idle). Writes every sample to a JSON
 file, the tables into a Markdown file (between its bench markers) and a PNG chart.
 
     scripts/bench.py [--iterations N] [--concurrent N] [--fs-mib N] [--files N]
-                     [--only pod_start|cri_streaming]
+                     [--bisect-iterations N] [--density N]
+                     [--only pod_start|cri_streaming|floors|density]
                      [--out bench/results.json] [--markdown BENCHMARKS.md] [--chart bench/chart.png]
 """
 
 
-# The parts `--only` can run alone.
-ONLY = {"pod_start": bench_pod_start, "cri_streaming": bench_cri_streaming}
+def only_floors(a, sock):
+    """QEMU's own floor, the replay of the default guest's command line and its bisection."""
+    fl = bench_floor(sock, a.iterations, None, a.bisect_iterations)
+    return {"qemu_floor": qemu_floor(a.iterations), "floor_bisect": fl.pop("bisect"),
+            "bisect_iterations": a.bisect_iterations, "floor": fl}
+
+
+# The parts `--only` can run alone: each gives the keys of the results it replaces.
+ONLY = {
+    "pod_start": lambda a, sock: {"pod_start": dict(bench_pod_start(a.iterations), iterations=a.iterations)},
+    "cri_streaming": lambda a, sock: {"cri_streaming": dict(bench_cri_streaming(a.iterations), iterations=a.iterations)},
+    "floors": only_floors,
+    "density": lambda a, sock: {"density": bench_density(sock, a.density)},
+}
 
 
 def main():
@@ -44,17 +61,29 @@ def main():
     p.add_argument("--out", default=os.path.join(HERE, "bench", "results.json"))
     p.add_argument("--markdown", default=os.path.join(HERE, "BENCHMARKS.md"))
     p.add_argument("--chart", default=os.path.join(HERE, "bench", "chart.png"))
+    p.add_argument("--bisect-iterations", type=int, default=5,
+                   help="boots per option when bisecting the runtime's QEMU command line")
+    p.add_argument("--density", type=int, default=50, help="sandboxes started and kept idle for the density figures")
     p.add_argument("--only", choices=list(ONLY),
                    help="run this part only and update it in --out (the rest is kept as measured)")
     a = p.parse_args()
-    if a.iterations < 1 or a.concurrent < 1 or a.fs_mib < 1 or a.files < 1:
-        p.error("--iterations, --concurrent, --fs-mib and --files must be at least 1")
+    if min(a.iterations, a.concurrent, a.fs_mib, a.files, a.bisect_iterations, a.density) < 1:
+        p.error("--iterations, --concurrent, --fs-mib, --files, --bisect-iterations and --density must be at least 1")
     if a.only:
         with open(a.out) as f:
             r = json.load(f)
-        r[a.only] = ONLY[a.only](a.iterations)
-        r[a.only]["iterations"] = a.iterations
-        r[a.only]["date"] = machine()["date"]
+        sock = None
+        if a.only in ("floors", "density"):
+            sock = sh(os.path.join(HERE, "scripts", "containerd.sh"), "start").stdout.strip()
+            tar = "/tmp/kata-bench-busybox.tar"
+            sh(os.path.join(HERE, "scripts", "busybox-image.sh"), tar, IMAGE)
+            ctr(sock, "images", "import", tar)
+        for key, value in ONLY[a.only](a, sock).items():
+            if isinstance(value, dict):
+                value["date"] = machine()["date"]
+            r[key] = value
+        if a.only == "floors":
+            r["guests"][r["default_guest"]]["floor"] = r["floor"]
         r["targets"] = [{"target": t, "measured": m, "met": ok} for t, m, ok in targets(r)]
         with open(a.out, "w") as f:
             json.dump(r, f, indent=2)
@@ -84,7 +113,7 @@ def main():
             k["cold_start_ms"] = bench_cold_start(sock, a.iterations, f"kata-{tag}", RUNTIMES["kata"], cfg)
             ids = {f"bench-start-kata-{tag}-{i}" for i in range(a.iterations)}
             k["breakdown_ms"] = spans(containerd_log_since(log_before), ids)
-            k["floor"] = bench_floor(sock, a.iterations, cfg)
+            k["floor"] = bench_floor(sock, a.iterations, cfg, a.bisect_iterations if cfg is None else 0)
             k["memory"] = bench_memory(sock, counts, [(f"kata {name}", RUNTIMES["kata"], cfg)])[f"kata {name}"]
             k["meminfo"] = guest_meminfo(sock, cfg)
             r["guests"][name] = k
@@ -94,6 +123,9 @@ def main():
     r["cold_start_ms"]["kata"] = default["cold_start_ms"]
     r["breakdown_ms"] = default["breakdown_ms"]
     r["floor"] = default["floor"]
+    r["floor_bisect"] = r["floor"].pop("bisect")
+    r["bisect_iterations"] = a.bisect_iterations
+    r["qemu_floor"] = qemu_floor(a.iterations)
     r["exec_ms"] = bench_exec(sock, a.iterations)
     r["memory"] = bench_memory(sock, counts, [("runc", RUNTIMES["runc"], None)])
     r["memory"]["kata"] = default["memory"]
@@ -110,6 +142,7 @@ def main():
         r["factory"] = bench_factory(sock, a.iterations, counts, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    r["density"] = bench_density(sock, a.density)
     r["targets"] = [{"target": t, "measured": m, "met": ok} for t, m, ok in targets(r)]
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:

@@ -2,12 +2,12 @@
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 
 from .config import HERE, IMAGE, RUNTIMES, runtime_args
-from .host import cmdline, ctr, pss_kib, sandbox_pids, sh, summary, timed
+from .floors import AGENT_LINE, bisect, boot_ms
+from .host import cmdline, ctr, sandbox_pids, sh, summary, timed
 
 
 def wait_running(sock, cid):
@@ -103,9 +103,10 @@ def bench_exec(sock, n):
     return res
 
 
-def bench_floor(sock, n, cfg=None):
+def bench_floor(sock, n, cfg=None, bisect_n=0):
     """Replays the exact QEMU and virtiofsd command lines of a kata sandbox (same kernel, initrd,
-    accelerator, memory and devices), started by the bench, to the agent's first console line."""
+    accelerator, memory and devices), started by the bench, to the agent's first console line;
+    with `bisect_n`, also each option of that command line removed in turn (floors.bisect)."""
     cid = "bench-floor-src"
     start_detached(sock, RUNTIMES["kata"], cid, cfg)
     _, qemu, vfsd = sandbox_pids(cid)
@@ -124,43 +125,18 @@ def bench_floor(sock, n, cfg=None):
 
     q = [sub(a) for a in q]
     v = [sub(a) for a in v] if v else None
-    samples, idle_pss = [], 0
+    helper = (v, v[v.index("--socket-path") + 1]) if v else None
     console = os.path.join(base, "console.log")
+    samples, keep = [], {}
     try:
         for i in range(n):
-            for f in os.listdir(base):
-                if f != "shared":
-                    os.unlink(os.path.join(base, f))
-            vp = None
-            if v:
-                vp = subprocess.Popen(v, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                sock_path = v[v.index("--socket-path") + 1]
-                deadline = time.time() + 10
-                while not os.path.exists(sock_path) and time.time() < deadline:
-                    time.sleep(0.002)
-            t0 = time.perf_counter()
-            qp = subprocess.Popen(q, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            took = None
-            while time.perf_counter() - t0 < 60 and qp.poll() is None:
-                try:
-                    with open(console, "rb") as f:
-                        if b"kata-agent:" in f.read():
-                            took = round((time.perf_counter() - t0) * 1000, 1)
-                            break
-                except OSError:
-                    pass
-                time.sleep(0.002)
-            if i == 0 and took is not None:
-                time.sleep(5)
-                idle_pss = pss_kib(qp.pid)
-            qp.kill()
-            qp.wait()
-            if vp:
-                vp.kill()
-                vp.wait()
+            took = boot_ms(q, console, AGENT_LINE, helper, keep=keep if i == 0 else None)
             if took is None:
                 raise RuntimeError(f"raw QEMU never printed the agent's first line; see {console}")
             samples.append(took)
+        out = {"ms": summary(samples), "qemu_idle_pss_kib": keep.get("pss_kib", 0), "argv": q}
+        if bisect_n:
+            out["bisect"] = bisect(q, v, base, bisect_n)
+        return out
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    return {"ms": summary(samples), "qemu_idle_pss_kib": idle_pss, "argv": q}
