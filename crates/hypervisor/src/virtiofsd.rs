@@ -38,6 +38,9 @@ pub struct Virtiofsd {
     owner: Owner,
     /// Its pid.
     pub pid: u32,
+    /// Its process group (its own, led by `pid`): the namespace sandbox forks, and a child can
+    /// outlive the parent; [`Virtiofsd::stop`] ends the whole group.
+    group: Option<u32>,
 }
 
 /// How a virtiofsd is held: started here, or taken over from the VMCache server.
@@ -45,6 +48,43 @@ pub struct Virtiofsd {
 enum Owner {
     Child(tokio::process::Child),
     Adopted(crate::pidfd::PidFd),
+}
+
+/// Kills every process of group `pgid` still running and waits (at most `limit`) until none
+/// is (a zombie waiting for its reaper counts as gone).
+pub fn kill_group_and_wait(pgid: u32, limit: Duration) {
+    if pgid == 0 {
+        return;
+    }
+    let running = || {
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+                    return false;
+                };
+                // After the command's closing parenthesis: state, ppid, pgrp.
+                let fields: Vec<&str> = stat
+                    .rsplit_once(')')
+                    .map(|(_, rest)| rest.split_whitespace().take(3).collect())
+                    .unwrap_or_default();
+                fields.len() == 3
+                    && fields[2] == pgid.to_string()
+                    && fields[0] != "Z"
+                    && fields[0] != "X"
+            })
+    };
+    if !running() {
+        return;
+    }
+    // SAFETY: kill(2) on a process group this process started (led by its virtiofsd).
+    unsafe { libc::kill(-(pgid as i32), libc::SIGKILL) };
+    let deadline = Instant::now() + limit;
+    while running() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// virtiofsd's arguments (pure).
@@ -99,6 +139,7 @@ impl Virtiofsd {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log_file))
+            .process_group(0)
             .spawn()
             .map_err(|source| VirtiofsdError::Spawn {
                 path: bin.clone(),
@@ -124,6 +165,7 @@ impl Virtiofsd {
         Ok(Virtiofsd {
             owner: Owner::Child(child),
             pid,
+            group: (pid > 0).then_some(pid),
         })
     }
 
@@ -141,9 +183,12 @@ impl Virtiofsd {
                 "process {pid} is not the virtiofsd serving {socket}"
             )));
         }
+        // SAFETY: getpgid(2) on a pid.
+        let pgid = unsafe { libc::getpgid(pid as i32) };
         Ok(Virtiofsd {
             owner: Owner::Adopted(p),
             pid,
+            group: (pgid == pid as i32).then_some(pid),
         })
     }
 
@@ -179,6 +224,22 @@ impl Virtiofsd {
 
     /// Stops it (it normally exits by itself when QEMU goes away).
     pub async fn stop(self) {
+        let group = self.group;
+        self.stop_started().await;
+        if let Some(pgid) = group {
+            let _ = tokio::task::spawn_blocking(move || {
+                kill_group_and_wait(pgid, Duration::from_secs(2))
+            })
+            .await;
+        }
+    }
+
+    /// Its process group, if it leads one.
+    pub fn group(&self) -> Option<u32> {
+        self.group
+    }
+
+    async fn stop_started(self) {
         match self.owner {
             Owner::Child(mut child) => {
                 if tokio::time::timeout(Duration::from_millis(500), child.wait())

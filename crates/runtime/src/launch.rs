@@ -89,8 +89,19 @@ impl Drop for Launching<'_> {
         if let Some(vm) = &self.vm {
             vm.kill();
         }
-        if let Some(pid) = self.virtiofsd.as_ref().and_then(Virtiofsd::pid) {
-            kata_hypervisor::qemu::vm::kill_pid(pid);
+        if let Some(v) = &self.virtiofsd {
+            // All of its processes, until they have exited: the failure is reported with
+            // nothing running.
+            match v.group() {
+                Some(pgid) => {
+                    kata_hypervisor::virtiofsd::kill_group_and_wait(pgid, Duration::from_secs(2))
+                }
+                None => {
+                    if let Some(pid) = v.pid() {
+                        kata_hypervisor::qemu::vm::kill_pid(pid);
+                    }
+                }
+            }
         }
         crate::host::cleanup_paths(self.paths);
     }

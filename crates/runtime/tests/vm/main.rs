@@ -73,7 +73,17 @@ fn processes_named(name: &str) -> Vec<String> {
         if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
             let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
             if cmd.contains(name) {
-                out.push(format!("{}: {cmd}", e.file_name().to_string_lossy()));
+                let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+                let state = stat.rsplit_once(')').map(|(_, r)| r.trim()).unwrap_or("");
+                let state: String = state
+                    .split_whitespace()
+                    .take(2)
+                    .collect::<Vec<_>>()
+                    .join(" ppid ");
+                out.push(format!(
+                    "{} ({state}): {cmd}",
+                    e.file_name().to_string_lossy()
+                ));
             }
         }
     }
@@ -86,13 +96,10 @@ fn assert_no_leftovers(id: &str) {
         "QEMU left: {:?}",
         processes_named(&format!("sandbox-{id}"))
     );
-    assert!(
-        processes_named(&format!(
-            "virtiofsd --socket-path /run/vc/vm/{id}/vfsd.sock"
-        ))
-        .is_empty(),
-        "virtiofsd left"
-    );
+    let vfsd = processes_named(&format!(
+        "virtiofsd --socket-path /run/vc/vm/{id}/vfsd.sock"
+    ));
+    assert!(vfsd.is_empty(), "virtiofsd left after {id}: {vfsd:?}");
     assert!(
         !Path::new("/run/vc/vm").join(id).exists(),
         "VM state directory left"
