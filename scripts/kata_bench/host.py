@@ -134,19 +134,6 @@ PHASES = ["config_load", "rootfs_mount", "vm_boot", "accel_choose", "virtiofsd_s
           "process_start", "teardown"]
 
 
-UNIT_MS = {"ns": 1e-6, "µs": 1e-3, "ms": 1.0, "s": 1000.0}
-PHASES = ["config_load", "rootfs_mount", "vm_boot", "accel_choose", "virtiofsd_start", "qemu_start",
-          "template_clone", "vmcache_take", "agent_connect", "clone_personalize", "cache_personalize",
-          "agent_create_sandbox", "container_create",
-          "process_start", "teardown"]
-
-
-PHASES = ["config_load", "rootfs_mount", "vm_boot", "accel_choose", "virtiofsd_start", "qemu_start",
-          "template_clone", "vmcache_take", "agent_connect", "clone_personalize", "cache_personalize",
-          "agent_create_sandbox", "container_create",
-          "process_start", "teardown"]
-
-
 def spans(log_text, ids):
     """{phase: [ms per run]} for the spans of the given task ids (busy + idle = wall time)."""
     out = {p: [] for p in PHASES}
