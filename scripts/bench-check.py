@@ -65,6 +65,10 @@ def check(r, png):
     need(den.get("total_pss_kib", 0) > 0 and den.get("idle_cpu_pct_of_one_core", -1) >= 0,
          "density: the idle sandboxes' PSS and CPU")
     need("left" in den, "density: what was left after removing them")
+    by = den.get("idle_cpu_pct_by_process", {})
+    need(set(by) == {"qemu", "shim", "virtiofsd"}
+         and abs(sum(by.values()) - den.get("idle_cpu_pct_of_one_core", -1)) < 0.5,
+         "density: the idle CPU split by process (QEMU, shims, virtiofsd)")
     fac = r.get("factory", {})
     need(fac.get("template_create_ms", 0) > 0 and fac.get("template_used_mib", 0) > 0
          and fac.get("template_state_kib", 0) > 0, "the VM template's own cost")

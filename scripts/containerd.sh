@@ -40,8 +40,10 @@ case $cmd in
   config) echo "$conf"; exit 0 ;;
   bin) bindir; exit 0 ;;
   stop)
-    if [ -f "$base/pid" ]; then
-      pid=$(cat "$base/pid")
+    # The pid file outlives a reboot where /run is not a tmpfs: its number may be another
+    # process by now, which is never signalled.
+    pid=$(cat "$base/pid" 2>/dev/null || true)
+    if [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = containerd ]; then
       kill "$pid" 2>/dev/null || true
       for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     fi
@@ -149,7 +151,12 @@ if [ -S "$sock" ] && "$ctr" -a "$sock" version >/dev/null 2>&1; then
   "$0" stop "$version"
 fi
 mv "$conf.new" "$conf"
-ip netns add "$netns" 2>/dev/null || true
+# A name left in /run/netns by a previous boot (where /run is not a tmpfs) is a plain file, no
+# longer a namespace: it is made again.
+if ! ip netns exec "$netns" true 2>/dev/null; then
+  ip netns del "$netns" 2>/dev/null || true
+  ip netns add "$netns"
+fi
 ip -n "$netns" link set lo up
 # containerd finds the shim binary on its PATH; its own runc shim comes first.
 ln -sfn /opt/kata/bin/containerd-shim-kata-v2 /usr/local/bin/containerd-shim-kata-v2

@@ -27,8 +27,10 @@ case $cmd in
   config) echo "$conf"; exit 0 ;;
   bin) bindir; exit 0 ;;
   stop)
-    if [ -f "$base/docker.pid" ]; then
-      pid=$(cat "$base/docker.pid")
+    # The pid file outlives a reboot where /run is not a tmpfs: its number may be another
+    # process by now, which is never signalled.
+    pid=$(cat "$base/docker.pid" 2>/dev/null || true)
+    if [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = dockerd ]; then
       kill "$pid" 2>/dev/null || true
       for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     fi
@@ -52,6 +54,9 @@ if [ -S "$sock" ] && "$bin/docker" -H "unix://$sock" version >/dev/null 2>&1; th
   echo "dockerd: its containerd was restarted; restarting dockerd" >&2
   "$0" stop
 fi
+# Nothing answers on the socket: a dockerd left from before (hung, or the pid file of one that
+# died or of a previous boot, which dockerd refuses to start over) is cleared first.
+"$0" stop
 mkdir -p "$base" "$root" /etc/kata-containers
 # The runtimes stanza is what a user adds to /etc/docker/daemon.json (docs/containerd.md);
 # `docker run --runtime io.containerd.kata.v2` works without it.
@@ -69,7 +74,12 @@ cat > "$conf" <<'JSON'
   }
 }
 JSON
-ip netns add "$netns" 2>/dev/null || true
+# A name left in /run/netns by a previous boot (where /run is not a tmpfs) is a plain file, no
+# longer a namespace: it is made again.
+if ! ip netns exec "$netns" true 2>/dev/null; then
+  ip netns del "$netns" 2>/dev/null || true
+  ip netns add "$netns"
+fi
 ip -n "$netns" link set lo up
 # dockerd finds docker-proxy (published ports) on its PATH.
 PATH=$bin:$containerd_bin:/usr/local/bin:$PATH nohup nsenter --net="/run/netns/$netns" \

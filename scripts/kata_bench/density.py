@@ -34,20 +34,29 @@ def bench_density(sock, count, idle_s=30):
     ids = [f"{prefix}{i}" for i in range(count)]
     for cid in ids:
         remove(sock, cid)
-    starts, pids = [], []
+    starts = []
+    parts = {"shim": [], "qemu": [], "virtiofsd": []}
     try:
         for cid in ids:
             def start(cid=cid):
                 ctr(sock, "run", "-d", "--runtime", RUNTIMES["kata"], IMAGE, cid, "sleep", "100000")
                 wait_running(sock, cid)
             starts.append(timed(start))
-            shim, qemu, vfsd = sandbox_pids(cid)
-            pids.extend(shim + qemu + vfsd)
+            for part, found in zip(parts, sandbox_pids(cid)):
+                parts[part].extend(found)
+        pids = [p for found in parts.values() for p in found]
         time.sleep(10)  # the last guests finish booting their services
-        t0, before = time.monotonic(), sum(cpu_ticks(p) for p in pids)
+        t0 = time.monotonic()
+        before = {part: sum(cpu_ticks(p) for p in found) for part, found in parts.items()}
         time.sleep(idle_s)
-        used = (sum(cpu_ticks(p) for p in pids) - before) / CLK_TCK
-        cpu_pct = round(100 * used / (time.monotonic() - t0), 1)
+        elapsed = time.monotonic() - t0
+        # Which process the idle CPU goes to: the guest (QEMU), the shim or virtiofsd.
+        cpu_by_part = {
+            part: round(100 * (sum(cpu_ticks(p) for p in found) - before[part]) / CLK_TCK
+                        / elapsed, 1)
+            for part, found in parts.items()
+        }
+        cpu_pct = round(sum(cpu_by_part.values()), 1)
         pss = sum(pss_kib(p) for p in pids)
     finally:
         t = time.perf_counter()
@@ -62,6 +71,7 @@ def bench_density(sock, count, idle_s=30):
         "last_ms": starts[-1],
         "idle_seconds": idle_s,
         "idle_cpu_pct_of_one_core": cpu_pct,
+        "idle_cpu_pct_by_process": cpu_by_part,
         "total_pss_kib": pss,
         "removed_in_s": removed_s,
         "left": leftovers(prefix),

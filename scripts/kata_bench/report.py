@@ -451,6 +451,9 @@ def density_md(r):
         "|---|---|",
         f"| start of the first / median / last | {s[0]:.0f} / {med(s):.0f} / {s[-1]:.0f} ms ({s[-1] / s[0]:.2f}x) |",
         f"| host CPU of the {d['count']} idle sandboxes (shims, QEMU, virtiofsd) | {d['idle_cpu_pct_of_one_core']}% of one core |",
+        *([f"| of which QEMU (the guests) / shims / virtiofsd | "
+           f"{by['qemu']}% / {by['shim']}% / {by['virtiofsd']}% |"]
+          if (by := d.get("idle_cpu_pct_by_process")) else []),
         f"| their total PSS | {d['total_pss_kib'] / 1048576:.2f} GiB ({d['total_pss_kib'] / 1024 / d['count']:.0f} MiB each) |",
         f"| all removed in | {d['removed_in_s']} s |",
         f"| left afterwards | {len(d['left']['processes'])} processes, {len(d['left']['directories'])} directories |",

@@ -237,7 +237,9 @@ impl Node {
         )
         .expect("restart script");
         run(Command::new("chmod").arg("+x").arg(node.restart_script()));
-        let _ = Command::new("ip").args(["netns", "add", ns]).output();
+        // Made anew: a name left by a previous boot is a plain file, no longer a namespace.
+        let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        run(Command::new("ip").args(["netns", "add", ns]));
         run(Command::new("ip").args(["-n", ns, "link", "set", "lo", "up"]));
         // The restart requests from the installer's container.
         let (stop, script, req) = (node.stop.clone(), node.restart_script(), node.run.clone());
@@ -313,7 +315,10 @@ impl Node {
     }
 
     fn stop_containerd(&self) {
-        if let Ok(pid) = std::fs::read_to_string(self.run.join("pid")) {
+        // Only a containerd is signalled: the number may be another process's after a reboot.
+        let pid = std::fs::read_to_string(self.run.join("pid")).unwrap_or_default();
+        let comm = std::fs::read_to_string(format!("/proc/{}/comm", pid.trim())).unwrap_or_default();
+        if !pid.trim().is_empty() && comm.trim() == "containerd" {
             let _ = Command::new("kill").arg(pid.trim()).output();
             let deadline = Instant::now() + Duration::from_secs(10);
             while Path::new(&format!("/proc/{}", pid.trim())).exists() && Instant::now() < deadline
