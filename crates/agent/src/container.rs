@@ -348,7 +348,9 @@ pub fn resize(entry: &ProcessEntry, rows: u16, cols: u16) -> Result<(), AgentErr
 mod cgroup;
 mod spawn;
 
-pub use cgroup::{apply_resources, cgroup_pids, create_cgroup, prepare_cgroup_root, stats};
+pub use cgroup::{
+    apply_resources, cgroup_pids, create_cgroup, oom_kills, prepare_cgroup_root, stats,
+};
 pub use spawn::await_exec;
 use spawn::{clone_flags, spawn};
 

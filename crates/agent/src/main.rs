@@ -23,6 +23,7 @@ mod iptables;
 mod metrics;
 mod mounts;
 mod network;
+mod oom;
 mod podns;
 mod portforward;
 mod random;

@@ -30,6 +30,8 @@ pub struct Agent {
     boot_time_us: u64,
     /// OOM kills already reported, per container.
     oom_seen: Mutex<HashMap<String, u64>>,
+    /// Told when a container is added (GetOOMEvent then watches its cgroup too).
+    created: tokio::sync::Notify,
     /// `guest_hook_path` from CreateSandbox (see [`crate::guest_hooks`]).
     guest_hooks: Mutex<Option<PathBuf>>,
     /// Port-forward connections the runtime relays.
@@ -45,6 +47,7 @@ impl Agent {
             sandbox_mounts: Mutex::default(),
             boot_time_us,
             oom_seen: Mutex::default(),
+            created: tokio::sync::Notify::new(),
             guest_hooks: Mutex::default(),
             forwards: crate::portforward::Forwards::default(),
         }

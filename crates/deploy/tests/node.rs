@@ -317,7 +317,8 @@ impl Node {
     fn stop_containerd(&self) {
         // Only a containerd is signalled: the number may be another process's after a reboot.
         let pid = std::fs::read_to_string(self.run.join("pid")).unwrap_or_default();
-        let comm = std::fs::read_to_string(format!("/proc/{}/comm", pid.trim())).unwrap_or_default();
+        let comm =
+            std::fs::read_to_string(format!("/proc/{}/comm", pid.trim())).unwrap_or_default();
         if !pid.trim().is_empty() && comm.trim() == "containerd" {
             let _ = Command::new("kill").arg(pid.trim()).output();
             let deadline = Instant::now() + Duration::from_secs(10);

@@ -120,13 +120,18 @@ pub(super) fn keyed(dir: &Path, file: &str, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The OOM kills counted in cgroup `dir` (memory.events' oom_kill).
+pub fn oom_kills(dir: &Path) -> u64 {
+    keyed(dir, "memory.events", "oom_kill ")
+}
+
 /// Statistics of a container's cgroup.
 pub fn stats(dir: &Path) -> kata_protocols::agent::StatsContainerResponse {
     let limit = std::fs::read_to_string(dir.join("memory.max"))
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(u64::MAX);
-    let oom_kills = keyed(dir, "memory.events", "oom_kill ");
+    let oom_kills = oom_kills(dir);
     kata_protocols::agent::StatsContainerResponse {
         memory_usage: read_u64(dir, "memory.current"),
         memory_limit: limit,

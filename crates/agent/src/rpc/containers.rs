@@ -80,6 +80,7 @@ impl Agent {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id, Arc::new(c));
+        self.created.notify_waiters();
         Ok(CreateContainerResponse {
             pid,
             ..Default::default()

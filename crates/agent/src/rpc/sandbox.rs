@@ -156,8 +156,15 @@ impl Agent {
     }
 
     pub(super) async fn do_get_oom_event(&self, _req: GetOOMEventRequest) -> R<OOMEvent> {
-        // Long poll: the next container whose cgroup counts a new OOM kill.
+        // Long poll: the next container whose cgroup counts a new OOM kill. Between looks it
+        // sleeps on the cgroups' memory.events (inotify) and on new containers, never a timer.
+        let watch = crate::oom::OomWatch::new()
+            .map_err(|e| AgentError::Failed(format!("inotify for OOM events: {e}")))?;
         loop {
+            // Registered before the look, so a container made during it still wakes the wait.
+            let created = self.created.notified();
+            tokio::pin!(created);
+            created.as_mut().enable();
             let containers: Vec<(String, PathBuf)> = self
                 .containers
                 .lock()
@@ -166,7 +173,8 @@ impl Agent {
                 .map(|c| (c.id.clone(), c.cgroup.clone()))
                 .collect();
             for (id, cgroup) in containers {
-                let kills = container::stats(&cgroup).oom_kills;
+                watch.add(&cgroup);
+                let kills = container::oom_kills(&cgroup);
                 let mut seen = self.oom_seen.lock().unwrap_or_else(|e| e.into_inner());
                 let last = seen.entry(id.clone()).or_insert(0);
                 if kills > *last {
@@ -177,7 +185,11 @@ impl Agent {
                     });
                 }
             }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            tokio::select! {
+                changed = watch.changed() => changed
+                    .map_err(|e| AgentError::Failed(format!("inotify for OOM events: {e}")))?,
+                _ = &mut created => {}
+            }
         }
     }
 
