@@ -11,13 +11,13 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::StatusRequest;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::{crio, DeployError, Manager};
+use crate::{crio, manager, DeployError, Manager};
 
 /// A CRI client on the manager's unix socket.
-pub async fn connect(socket: &Path) -> Result<RuntimeServiceClient<Channel>, String> {
+pub async fn connect(socket: &Path) -> Result<RuntimeServiceClient<Channel>, DeployError> {
     let path: PathBuf = socket.to_path_buf();
     let channel = Endpoint::try_from("http://[::]")
-        .map_err(|e| e.to_string())?
+        .map_err(|e| manager(format!("CRI endpoint: {e}")))?
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let p = path.clone();
             async move {
@@ -25,37 +25,37 @@ pub async fn connect(socket: &Path) -> Result<RuntimeServiceClient<Channel>, Str
             }
         }))
         .await
-        .map_err(|e| format!("connect: {e}"))?;
+        .map_err(|e| manager(format!("connect to {}: {e}", socket.display())))?;
     Ok(RuntimeServiceClient::new(channel))
 }
 
-async fn handlers_once(manager: Manager, socket: &Path) -> Result<Vec<String>, String> {
+async fn handlers_once(which: Manager, socket: &Path) -> Result<Vec<String>, DeployError> {
     let status = connect(socket)
         .await?
         .status(StatusRequest {
-            verbose: manager == Manager::Containerd,
+            verbose: which == Manager::Containerd,
         })
         .await
-        .map_err(|e| format!("CRI Status: {}", e.message()))?
+        .map_err(|e| manager(format!("CRI Status: {}", e.message())))?
         .into_inner();
-    if manager == Manager::Crio {
+    if which == Manager::Crio {
         return crio::handlers_in(&crio::running_config(socket).await?);
     }
     let config = status
         .info
         .get("config")
-        .ok_or("CRI Status has no `config`")?;
+        .ok_or_else(|| manager("CRI Status has no `config`"))?;
     handlers_in_status_config(config)
 }
 
 /// The handler names in the `config` of a verbose CRI Status (JSON).
-pub fn handlers_in_status_config(config: &str) -> Result<Vec<String>, String> {
+pub fn handlers_in_status_config(config: &str) -> Result<Vec<String>, DeployError> {
     let v: serde_json::Value =
-        serde_json::from_str(config).map_err(|e| format!("CRI Status config: {e}"))?;
+        serde_json::from_str(config).map_err(|e| manager(format!("CRI Status config: {e}")))?;
     let runtimes = v
         .pointer("/containerd/runtimes")
         .and_then(|r| r.as_object())
-        .ok_or("CRI Status config has no containerd.runtimes")?;
+        .ok_or_else(|| manager("CRI Status config has no containerd.runtimes"))?;
     let mut names: Vec<String> = runtimes.keys().cloned().collect();
     names.sort();
     Ok(names)
@@ -78,7 +78,7 @@ pub fn runtime_handlers(
             tokio::time::timeout(Duration::from_secs(5), handlers_once(manager, socket)).await
         }) {
             Ok(Ok(h)) => return Ok(h),
-            Ok(Err(e)) => last = e,
+            Ok(Err(e)) => last = e.to_string(),
             Err(_) => last = "no answer in 5 s".into(),
         }
         std::thread::sleep(Duration::from_millis(250));

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use toml_edit::{value, DocumentMut, Item, Table};
 
-use crate::HANDLERS;
+use crate::{manager, DeployError, HANDLERS};
 
 /// The drop-in's name in CRI-O's configuration directory (Kata's own name for it).
 pub const DROP_IN: &str = "99-kata-deploy";
@@ -43,48 +43,48 @@ pub fn drop_in(prefix: &Path) -> String {
 }
 
 /// The runtime names in a CRI-O configuration's text (`crio.runtime.runtimes`).
-pub fn handlers_in(text: &str) -> Result<Vec<String>, String> {
+pub fn handlers_in(text: &str) -> Result<Vec<String>, DeployError> {
     let doc: DocumentMut = text
         .parse()
-        .map_err(|e| format!("CRI-O's configuration is not TOML: {e}"))?;
+        .map_err(|e| manager(format!("CRI-O's configuration is not TOML: {e}")))?;
     let runtimes = doc
         .get("crio")
         .and_then(|c| c.get("runtime"))
         .and_then(|r| r.get("runtimes"))
         .and_then(Item::as_table_like)
-        .ok_or("CRI-O's configuration has no crio.runtime.runtimes")?;
+        .ok_or_else(|| manager("CRI-O's configuration has no crio.runtime.runtimes"))?;
     let mut names: Vec<String> = runtimes.iter().map(|(k, _)| k.to_string()).collect();
     names.sort();
     Ok(names)
 }
 
 /// The body of an HTTP/1.0 response, if its status is 200.
-pub fn http_body(response: &[u8]) -> Result<&[u8], String> {
+pub fn http_body(response: &[u8]) -> Result<&[u8], DeployError> {
     let end = response
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
-        .ok_or("an HTTP response without a header's end")?;
+        .ok_or_else(|| manager("CRI-O's answer is not HTTP: no end of its header"))?;
     let head = String::from_utf8_lossy(&response[..end]);
     let status = head.lines().next().unwrap_or_default();
     if status.split_whitespace().nth(1) != Some("200") {
-        return Err(format!("CRI-O answered `{status}`"));
+        return Err(manager(format!("CRI-O answered `{status}`")));
     }
     Ok(&response[end + 4..])
 }
 
 /// CRI-O's running configuration, from its HTTP API on `socket`.
-pub async fn running_config(socket: &Path) -> Result<String, String> {
+pub async fn running_config(socket: &Path) -> Result<String, DeployError> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::UnixStream::connect(socket)
         .await
-        .map_err(|e| format!("connect: {e}"))?;
+        .map_err(|e| manager(format!("connect to {}: {e}", socket.display())))?;
     s.write_all(b"GET /config HTTP/1.0\r\nHost: crio\r\n\r\n")
         .await
-        .map_err(|e| format!("GET /config: {e}"))?;
+        .map_err(|e| manager(format!("CRI-O's GET /config: {e}")))?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf)
         .await
-        .map_err(|e| format!("GET /config: {e}"))?;
+        .map_err(|e| manager(format!("CRI-O's GET /config: {e}")))?;
     Ok(String::from_utf8_lossy(http_body(&buf)?).into_owned())
 }
 

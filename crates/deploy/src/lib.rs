@@ -41,6 +41,11 @@ pub enum DeployError {
     },
 }
 
+/// A [`DeployError::Manager`] saying `what`.
+pub(crate) fn manager(what: impl Into<String>) -> DeployError {
+    DeployError::Manager(what.into())
+}
+
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DeployError {
     let what = what.into();
     move |source| DeployError::Io { what, source }
