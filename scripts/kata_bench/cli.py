@@ -36,10 +36,16 @@ file, the tables into a Markdown file (between its bench markers) and a PNG char
 """
 
 
+def floor_accel():
+    """The accelerator QEMU's own floor boots with: the one the runtime uses on this machine (KVM
+    where it boots the guest, else TCG), so the floor and kata are compared like with like."""
+    return "kvm" if machine()["accelerator"] == "kvm" else "tcg"
+
+
 def only_floors(a, sock):
     """QEMU's own floor, the replay of the default guest's command line and its bisection."""
     fl = bench_floor(sock, a.iterations, None, a.bisect_iterations)
-    return {"qemu_floor": qemu_floor(a.iterations), "floor_bisect": fl.pop("bisect"),
+    return {"qemu_floor": qemu_floor(a.iterations, floor_accel()), "floor_bisect": fl.pop("bisect"),
             "bisect_iterations": a.bisect_iterations, "floor": fl}
 
 
@@ -125,7 +131,7 @@ def main():
     r["floor"] = default["floor"]
     r["floor_bisect"] = r["floor"].pop("bisect")
     r["bisect_iterations"] = a.bisect_iterations
-    r["qemu_floor"] = qemu_floor(a.iterations)
+    r["qemu_floor"] = qemu_floor(a.iterations, floor_accel())
     r["exec_ms"] = bench_exec(sock, a.iterations)
     r["memory"] = bench_memory(sock, counts, [("runc", RUNTIMES["runc"], None)])
     r["memory"]["kata"] = default["memory"]

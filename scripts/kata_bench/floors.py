@@ -102,8 +102,8 @@ def boot_ms(argv, console, marker, helper=None, keep=None, timeout=60, why=None)
     return took
 
 
-def qemu_floor(n, accel="tcg"):
-    """QEMU's own floor: `-M q35 -m 2048 -nodefaults`, the installed guest kernel, the busybox
+def qemu_floor(n, accel):
+    """QEMU's own floor: `-accel ACCEL -M q35 -m 2048 -nodefaults`, the installed guest kernel, the busybox
     initrd, the runtime's kernel parameters; spawn to the init's line."""
     base = tempfile.mkdtemp(prefix="kata-bench-qemu-floor-")
     try:
