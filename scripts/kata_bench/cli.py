@@ -31,7 +31,7 @@ file, the tables into a Markdown file (between its bench markers) and a PNG char
 
     scripts/bench.py [--iterations N] [--concurrent N] [--fs-mib N] [--files N]
                      [--bisect-iterations N] [--density N]
-                     [--only pod_start|cri_streaming|floors|density]
+                     [--only pod_start|cri_streaming|floors|density|factory]
                      [--out bench/results.json] [--markdown BENCHMARKS.md] [--chart bench/chart.png]
 """
 
@@ -49,12 +49,23 @@ def only_floors(a, sock):
             "bisect_iterations": a.bisect_iterations, "floor": fl}
 
 
+def only_factory(a, sock):
+    """The VM factory: cold boots, template clones and VMCache VMs with the same guest."""
+    counts = [1, a.concurrent] if a.concurrent > 1 else [1]
+    work = tempfile.mkdtemp(prefix="kata-bench-")
+    try:
+        return {"factory": bench_factory(sock, a.iterations, counts, work)}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 # The parts `--only` can run alone: each gives the keys of the results it replaces.
 ONLY = {
     "pod_start": lambda a, sock: {"pod_start": dict(bench_pod_start(a.iterations), iterations=a.iterations)},
     "cri_streaming": lambda a, sock: {"cri_streaming": dict(bench_cri_streaming(a.iterations), iterations=a.iterations)},
     "floors": only_floors,
     "density": lambda a, sock: {"density": bench_density(sock, a.density)},
+    "factory": only_factory,
 }
 
 
@@ -79,7 +90,7 @@ def main():
         with open(a.out) as f:
             r = json.load(f)
         sock = None
-        if a.only in ("floors", "density"):
+        if a.only in ("floors", "density", "factory"):
             sock = sh(os.path.join(HERE, "scripts", "containerd.sh"), "start").stdout.strip()
             tar = "/tmp/kata-bench-busybox.tar"
             sh(os.path.join(HERE, "scripts", "busybox-image.sh"), tar, IMAGE)

@@ -58,9 +58,17 @@ async fn boot_one(config: &Config, accel: Accel) -> Result<Cached, SandboxError>
     }
     // Nothing is left of a failed boot (the launch layer's guard).
     let booted = crate::launch::boot_vm(&id, config, accel, &paths).await?;
+    let t = Instant::now();
+    let warm = warm_up(&booted.agent)
+        .instrument(tracing::info_span!("vmcache_warm_up"))
+        .await;
+    if warm.is_ok() {
+        let ms = t.elapsed().as_millis() as u64;
+        tracing::info!(vm = %id, warm_up_ms = ms, "warm-up container created, started and removed");
+    }
     // The agent goes back to waiting for a host: the sandbox connects afresh.
     drop(booted.agent);
-    Ok(Cached {
+    let cached = Cached {
         id,
         paths,
         vm: booted.vm,
@@ -68,7 +76,98 @@ async fn boot_one(config: &Config, accel: Accel) -> Result<Cached, SandboxError>
         agent_url: crate::launch::agent_url(&booted.channel),
         cpu: config.hypervisor.default_vcpus,
         memory: config.hypervisor.default_memory,
-    })
+    };
+    match warm {
+        Ok(()) => Ok(cached),
+        Err(e) => {
+            cached.discard().await;
+            Err(e)
+        }
+    }
+}
+
+/// The throw-away container a cached VM runs before it is offered.
+const WARM_UP_ID: &str = "vmcache-warm-up";
+/// Its root in the guest: an empty tmpfs.
+const WARM_UP_ROOT: &str = "/run/kata-containers/vmcache-warm-up";
+/// Its program, which does not exist: the start fails at `execve`, after everything else.
+const WARM_UP_PROGRAM: &str = "/vmcache-warm-up-exits-at-exec";
+
+/// The OCI spec of the throw-away container: the default namespaces (the network one is the
+/// VM's own, as for every container), mounts, masked and read-only paths of an OCI runtime.
+fn warm_up_spec() -> oci_spec::runtime::Spec {
+    use oci_spec::runtime::{LinuxNamespaceType, Process, Root, Spec};
+    let mut spec = Spec::default();
+    let mut process = Process::default();
+    process.set_args(Some(vec![WARM_UP_PROGRAM.to_string()]));
+    spec.set_process(Some(process));
+    let mut root = Root::default();
+    root.set_path(WARM_UP_ROOT.into());
+    root.set_readonly(Some(false));
+    spec.set_root(Some(root));
+    if let Some(linux) = spec.linux_mut() {
+        let kept = linux.namespaces().clone().map(|list| {
+            list.into_iter()
+                .filter(|n| n.typ() != LinuxNamespaceType::Network)
+                .collect()
+        });
+        linux.set_namespaces(kept);
+    }
+    spec
+}
+
+/// One throw-away container cycle in a freshly booted VM: create (namespaces, cgroup, mounts,
+/// `pivot_root`), start (fails at `execve`), remove. Under TCG a new QEMU starts with an empty
+/// translation cache, and the guest kernel's and the agent's container paths are translated
+/// the first time they run: here, in the background, instead of in the first sandbox's
+/// container create. An error means the VM is not offered (the agent may hold the container).
+async fn warm_up(agent: &crate::agent::AgentClient) -> Result<(), SandboxError> {
+    use crate::agent::{agent_err, ctx, CALL_TIMEOUT};
+    use kata_protocols::agent::{
+        CreateContainerRequest, RemoveContainerRequest, StartContainerRequest, Storage,
+    };
+    let spec = serde_json::to_vec(&warm_up_spec())
+        .map_err(|e| SandboxError::Invalid(format!("encode the warm-up OCI spec: {e}")))?;
+    let root = Storage {
+        driver: "local".into(),
+        source: "tmpfs".into(),
+        fstype: "tmpfs".into(),
+        options: vec!["size=1m".into(), "mode=0755".into()],
+        mount_point: WARM_UP_ROOT.into(),
+        ..Default::default()
+    };
+    let create = CreateContainerRequest {
+        container_id: WARM_UP_ID.into(),
+        oci_spec_json: spec,
+        storages: vec![root],
+        ..Default::default()
+    };
+    agent
+        .agent
+        .create_container(ctx(CALL_TIMEOUT), &create)
+        .await
+        .map_err(agent_err("CreateContainer (cache warm-up)"))?;
+    let start = StartContainerRequest {
+        container_id: WARM_UP_ID.into(),
+        ..Default::default()
+    };
+    // Expected to fail: the program does not exist.
+    let started = agent.agent.start_container(ctx(CALL_TIMEOUT), &start).await;
+    tracing::debug!(
+        failed_as_expected = started.is_err(),
+        "warm-up container started"
+    );
+    let remove = RemoveContainerRequest {
+        container_id: WARM_UP_ID.into(),
+        timeout: 10,
+        ..Default::default()
+    };
+    agent
+        .agent
+        .remove_container(ctx(CALL_TIMEOUT), &remove)
+        .await
+        .map_err(agent_err("RemoveContainer (cache warm-up)"))?;
+    Ok(())
 }
 
 /// The server's state.
@@ -340,4 +439,43 @@ pub async fn serve(
         .unwrap_or_default();
     let _ = std::fs::remove_file(&endpoint);
     result
+}
+
+#[cfg(test)]
+mod warm_up_tests {
+    use super::*;
+    use oci_spec::runtime::LinuxNamespaceType;
+
+    #[test]
+    fn the_warm_up_container_fails_at_exec_in_the_vms_network_namespace() {
+        let spec = warm_up_spec();
+        let args = spec.process().as_ref().and_then(|p| p.args().clone());
+        assert_eq!(args, Some(vec![WARM_UP_PROGRAM.to_string()]));
+        let root = spec.root().as_ref().map(|r| r.path().clone());
+        assert_eq!(root, Some(PathBuf::from(WARM_UP_ROOT)));
+        let types: Vec<LinuxNamespaceType> = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.namespaces().clone())
+            .unwrap_or_default()
+            .iter()
+            .map(|n| n.typ())
+            .collect();
+        assert!(!types.contains(&LinuxNamespaceType::Network), "{types:?}");
+        for t in [
+            LinuxNamespaceType::Pid,
+            LinuxNamespaceType::Mount,
+            LinuxNamespaceType::Ipc,
+        ] {
+            assert!(types.contains(&t), "{t:?} missing from {types:?}");
+        }
+        let mounts: Vec<PathBuf> = spec
+            .mounts()
+            .clone()
+            .unwrap_or_default()
+            .iter()
+            .map(|m| m.destination().clone())
+            .collect();
+        assert!(mounts.contains(&PathBuf::from("/proc")), "{mounts:?}");
+    }
 }

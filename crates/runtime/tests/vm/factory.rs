@@ -325,6 +325,16 @@ async fn vmcache_hands_booted_vms_to_sandboxes() {
         );
     }
     assert_eq!(lines[3], "vm factory not enabled");
+    // Each VM ran its throw-away container before it was offered.
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        logged
+            .lines()
+            .filter(|l| l.contains("warm-up container created, started and removed"))
+            .count()
+            >= 2,
+        "{logged}"
+    );
     let mode = std::fs::metadata(endpoint).expect("socket").permissions();
     assert_eq!(
         std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
