@@ -10,7 +10,8 @@
 //! session and answers with its id and pids; the sandbox renames its directories to its own,
 //! adopts QEMU and virtiofsd (process descriptors: they stay the server's children), moves
 //! them into its cgroups and hot-plugs the pod's NICs by descriptor (QEMU is not in the pod's
-//! network namespace). The server boots a replacement at once.
+//! network namespace). The server boots a replacement a moment later (at once when the pool
+//! is empty).
 //!
 //! Failures never fail a pod: an unreachable server, an empty cache or a pod whose VM settings
 //! differ from the cache's means a cold boot. A cached VM whose QEMU dies is dropped from the

@@ -170,6 +170,12 @@ async fn warm_up(agent: &crate::agent::AgentClient) -> Result<(), SandboxError> 
     Ok(())
 }
 
+/// How long the refill waits after a VM was taken, while the pool still holds one: the
+/// sandbox that took it creates its container meanwhile, and on a small host a VM booting beside
+/// it slows that down (on 2 CPUs under TCG a VMCache start took 545-571 ms with the refill at
+/// once, 423-442 ms with it a moment later). With the pool empty the refill starts at once.
+const REFILL_QUIET: Duration = Duration::from_millis(1000);
+
 /// The server's state.
 struct Server {
     config: Config,
@@ -179,6 +185,8 @@ struct Server {
     pool: Mutex<VecDeque<Cached>>,
     booting: AtomicU32,
     refill: Notify,
+    /// When a VM was last taken.
+    last_take: Mutex<Option<Instant>>,
     stop: watch::Sender<Option<&'static str>>,
 }
 
@@ -194,6 +202,10 @@ impl Server {
             let have = self.pool().len() as u32 + self.booting.load(Ordering::SeqCst);
             if have >= self.number {
                 self.refill.notified().await;
+                continue;
+            }
+            if let Some(wait) = self.refill_wait() {
+                tokio::time::sleep(wait).await;
                 continue;
             }
             self.booting.fetch_add(1, Ordering::SeqCst);
@@ -239,6 +251,16 @@ impl Server {
         }
     }
 
+    /// How long the refill still waits after the last take (see [`REFILL_QUIET`]).
+    fn refill_wait(&self) -> Option<Duration> {
+        if self.pool().is_empty() {
+            return None;
+        }
+        let last = *self.last_take.lock().unwrap_or_else(|e| e.into_inner());
+        last.and_then(|t| REFILL_QUIET.checked_sub(t.elapsed()))
+            .filter(|d| !d.is_zero())
+    }
+
     /// Takes the oldest live VM out of the pool.
     fn take(&self) -> Option<Cached> {
         let mut dead = Vec::new();
@@ -255,6 +277,9 @@ impl Server {
         for c in dead {
             tracing::warn!(vm = %c.id, "a cached VM's QEMU died; replacing it");
             tokio::spawn(c.discard());
+        }
+        if taken.is_some() {
+            *self.last_take.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
         }
         self.refill.notify_one();
         taken
@@ -388,6 +413,7 @@ pub async fn serve(
         pool: Mutex::new(VecDeque::new()),
         booting: AtomicU32::new(0),
         refill: Notify::new(),
+        last_take: Mutex::new(None),
         stop,
     });
     let filler = tokio::spawn(server.clone().fill());
