@@ -118,6 +118,9 @@ pub struct Container {
     pub seccomp: Option<crate::seccomp::Program>,
     /// What guest hooks read on stdin, less `status` and `pid`.
     pub hook_state: serde_json::Value,
+    /// The OOM kills of its cgroup already reported by GetOOMEvent (kept with the container,
+    /// so a container created again under the same id starts from zero).
+    pub oom_reported: std::sync::atomic::AtomicU64,
 }
 
 impl Container {
@@ -245,6 +248,7 @@ pub fn create(
         mounts,
         seccomp,
         hook_state,
+        oom_reported: Default::default(),
     })
 }
 

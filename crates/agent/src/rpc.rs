@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -28,8 +29,6 @@ pub struct Agent {
     containers: Mutex<HashMap<String, Arc<Container>>>,
     sandbox_mounts: Mutex<Vec<PathBuf>>,
     boot_time_us: u64,
-    /// OOM kills already reported, per container.
-    oom_seen: Mutex<HashMap<String, u64>>,
     /// Told when a container is added (GetOOMEvent then watches its cgroup too).
     created: tokio::sync::Notify,
     /// `guest_hook_path` from CreateSandbox (see [`crate::guest_hooks`]).
@@ -46,7 +45,6 @@ impl Agent {
             containers: Mutex::default(),
             sandbox_mounts: Mutex::default(),
             boot_time_us,
-            oom_seen: Mutex::default(),
             created: tokio::sync::Notify::new(),
             guest_hooks: Mutex::default(),
             forwards: crate::portforward::Forwards::default(),

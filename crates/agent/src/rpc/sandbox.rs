@@ -165,22 +165,20 @@ impl Agent {
             let created = self.created.notified();
             tokio::pin!(created);
             created.as_mut().enable();
-            let containers: Vec<(String, PathBuf)> = self
+            let containers: Vec<Arc<Container>> = self
                 .containers
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .values()
-                .map(|c| (c.id.clone(), c.cgroup.clone()))
+                .cloned()
                 .collect();
-            for (id, cgroup) in containers {
-                watch.add(&cgroup);
-                let kills = container::oom_kills(&cgroup);
-                let mut seen = self.oom_seen.lock().unwrap_or_else(|e| e.into_inner());
-                let last = seen.entry(id.clone()).or_insert(0);
-                if kills > *last {
-                    *last = kills;
+            for c in containers {
+                watch.add(&c.cgroup);
+                let kills = container::oom_kills(&c.cgroup);
+                let last = c.oom_reported.fetch_max(kills, Ordering::SeqCst);
+                if kills > last {
                     return Ok(OOMEvent {
-                        container_id: id,
+                        container_id: c.id.clone(),
                         ..Default::default()
                     });
                 }
