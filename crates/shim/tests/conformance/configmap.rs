@@ -70,7 +70,9 @@ async fn configmap_updates_reach_the_container_with_inotify_events() {
                 )
                 .await;
             let deadline = Instant::now() + Duration::from_secs(20);
-            while pod.sh(&app, "cat /tmp/events 2>/dev/null").await != "ready" {
+            // The file appears when the container's shell has started the watcher, which may
+            // be after the first look.
+            while pod.sh(&app, "cat /tmp/events 2>/dev/null || true").await != "ready" {
                 assert!(
                     Instant::now() < deadline,
                     "{handler}: the watcher never started"
