@@ -49,9 +49,14 @@ def only_floors(a, sock):
             "bisect_iterations": a.bisect_iterations, "floor": fl}
 
 
+def sandbox_counts(a):
+    """The numbers of sandboxes at once the memory figures are taken with."""
+    return [1, a.concurrent] if a.concurrent > 1 else [1]
+
+
 def only_factory(a, sock):
     """The VM factory: cold boots, template clones and VMCache VMs with the same guest."""
-    counts = [1, a.concurrent] if a.concurrent > 1 else [1]
+    counts = sandbox_counts(a)
     work = tempfile.mkdtemp(prefix="kata-bench-")
     try:
         return {"factory": bench_factory(sock, a.iterations, counts, work)}
@@ -115,7 +120,7 @@ def main():
     r = {"iterations": a.iterations, "concurrent": a.concurrent, "machine": machine()}
     r["guest_memory_mib"] = guest_memory_mib()
     work = tempfile.mkdtemp(prefix="kata-bench-")
-    counts = [1, a.concurrent] if a.concurrent > 1 else [1]
+    counts = sandbox_counts(a)
     try:
         guests = guest_configs(work)
         r["cold_start_ms"] = {"runc": bench_cold_start(sock, a.iterations, "runc", RUNTIMES["runc"])}
@@ -154,11 +159,7 @@ def main():
     r["pod_start"]["iterations"] = a.iterations
     r["cri_streaming"] = bench_cri_streaming(a.iterations)
     r["cri_streaming"]["iterations"] = a.iterations
-    work = tempfile.mkdtemp(prefix="kata-bench-")
-    try:
-        r["factory"] = bench_factory(sock, a.iterations, counts, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    r.update(only_factory(a, sock))
     r["density"] = bench_density(sock, a.density)
     r["targets"] = [{"target": t, "measured": m, "met": ok} for t, m, ok in targets(r)]
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
